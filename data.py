@@ -1,0 +1,246 @@
+"""The dataset of sections 6.2-6.3: download, parse, balance, split, tokenize, batch.
+
+Hand-written replacements for the chapter's pandas calls: a TSV reader that keeps
+every line (pandas merges two quoted lines of the SMS collection), a seeded
+balancing and split, and CSV files written with the standard csv module.
+"""
+import csv
+import io
+import os
+import random
+import zipfile
+from pathlib import Path
+
+from gpt import InputError, download_file  # first: it silences torch's NumPy warning
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+url = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+zip_path = "sms_spam_collection.zip"
+extracted_path = "sms_spam_collection"
+data_file_path = Path(extracted_path) / "SMSSpamCollection.tsv"
+ZIP_MEMBER = "SMSSpamCollection"
+SPAM_LABELS = {"ham": 0, "spam": 1}     # the chapter's map of string labels to ids
+SPAM_CLASS_NAMES = ["not spam", "spam"]  # what classify_review returns for 0 and 1
+PAD_TOKEN_ID = 50256                     # "<|endoftext|>"
+
+
+def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
+    """Listing 6.1. Reads only the SMSSpamCollection member of the zip (a member
+    path such as ../x is never written anywhere) and writes it atomically."""
+    data_file_path = Path(data_file_path)
+    if data_file_path.exists():
+        print(f"{data_file_path} already exists. Skipping download and extraction.")
+        return
+    download_file(url, zip_path, "the SMS Spam Collection",
+                  "pass a local copy of SMSSpamCollection (or the UCI zip) with --data PATH")
+    extract_member(zip_path, data_file_path)
+    os.remove(zip_path)
+    print(f"File downloaded and saved as {data_file_path}")
+
+
+def extract_member(zip_file, destination, member=ZIP_MEMBER):
+    """Writes the one expected member of zip_file to destination, atomically."""
+    try:
+        with zipfile.ZipFile(zip_file) as zip_ref:
+            if member not in zip_ref.namelist():
+                raise InputError(f"{zip_file} has no member {member!r} "
+                                 f"(it has: {', '.join(zip_ref.namelist()[:5]) or 'nothing'}).")
+            content = zip_ref.read(member)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
+        raise InputError(f"{zip_file} is not a readable zip file ({e}).") from None
+    write_atomically(destination, content)
+
+
+def write_atomically(path, content):
+    """Bytes or str to path via a temporary file, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_tsv(path, labels=None):
+    """label<TAB>text per line -> [(label, text)]. The text is kept verbatim,
+    quotes included. A UTF-8 BOM, CRLF endings and empty lines are tolerated; a
+    line without a tab, an empty or unknown label (when labels is given) or bytes
+    that are not UTF-8 are errors naming the file and the line."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}.") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}, line {line}: not UTF-8 text "
+                         f"(byte {raw[e.start]:#04x}).") from None
+    rows = []
+    # split on "\n" only: a lone "\r" or other line separators are part of a message
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        label, tab, message = line.partition("\t")
+        if not tab:
+            raise InputError(f"{path}, line {number}: no tab between label and text.")
+        if not label.strip() or (labels is not None and label not in labels):
+            expected = f" (expected one of {', '.join(labels)})" if labels else ""
+            raise InputError(f"{path}, line {number}: unknown label {label!r}{expected}.")
+        rows.append((label, message))
+    if not rows:
+        raise InputError(f"{path} holds no messages.")
+    return rows
+
+
+def load_messages(path):
+    """[(label, text)] from a TSV file, or from the UCI zip's SMSSpamCollection."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file {path} does not exist.")
+    if zipfile.is_zipfile(path):
+        tsv = path.with_suffix(".tsv.extracted")
+        try:
+            extract_member(path, tsv)
+            return read_tsv(tsv, labels=SPAM_LABELS)
+        finally:
+            if tsv.exists():
+                tsv.unlink()
+    return read_tsv(path, labels=SPAM_LABELS)
+
+
+def count_labels(rows):
+    counts = {}
+    for label, _ in rows:
+        counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def create_balanced_dataset(rows, seed=123):
+    """Listing 6.2: undersamples "ham" to the number of "spam" messages."""
+    spam = [row for row in rows if row[0] == "spam"]
+    ham = [row for row in rows if row[0] == "ham"]
+    if not spam or not ham:
+        raise InputError("the data needs both ham and spam messages to train a classifier "
+                         f"(it has {len(ham)} ham, {len(spam)} spam).")
+    ham_subset = random.Random(seed).sample(ham, min(len(spam), len(ham)))
+    return ham_subset + spam
+
+
+def random_split(rows, train_frac, validation_frac, seed=123):
+    """Listing 6.3: a seeded shuffle, then the first 70% train, 10% validation,
+    the rest test."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    train_end = int(len(rows) * train_frac)
+    validation_end = train_end + int(len(rows) * validation_frac)
+    train, validation, test = rows[:train_end], rows[train_end:validation_end], rows[validation_end:]
+    if not train or not validation or not test:
+        raise InputError(f"{len(rows)} messages are too few to split {train_frac:.0%} / "
+                         f"{validation_frac:.0%} / rest into non-empty training, validation "
+                         f"and test sets.")
+    return train, validation, test
+
+
+def write_csv(rows, path, label_ids=SPAM_LABELS):
+    """Columns Label,Text with integer labels, like the chapter's to_csv; commas,
+    quotes and newlines inside texts are quoted by the csv module."""
+    out = io.StringIO(newline="")
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["Label", "Text"])
+    for label, text in rows:
+        writer.writerow([label_ids[label], text])
+    write_atomically(path, out.getvalue())
+
+
+def read_csv(path, num_classes=2):
+    """[(label_id, text)] from a Label,Text CSV; bad rows are errors naming the row."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            for column in ("Label", "Text"):
+                if column not in columns:
+                    raise InputError(f"{path} has no {column!r} column "
+                                     f"(its header is {','.join(columns) or 'empty'}).")
+            rows = []
+            for number, row in enumerate(reader, start=2):
+                label = row["Label"]
+                if not (label or "").strip().isdigit() or not 0 <= int(label) < num_classes:
+                    raise InputError(f"{path}, row {number}: label {label!r} is not a class "
+                                     f"id from 0 to {num_classes - 1}.")
+                if row["Text"] is None:
+                    raise InputError(f"{path}, row {number}: no Text value.")
+                rows.append((int(label), row["Text"]))
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}.") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path} is not a readable UTF-8 CSV file ({e}).") from None
+    return rows
+
+
+class SpamDataset(Dataset):
+    """Listing 6.4: pre-tokenized messages, truncated to max_length (the longest
+    message when None) and padded with pad_token_id. With pad=False messages keep
+    their own length and pad_batch pads each batch to its longest message."""
+
+    def __init__(self, csv_file, tokenizer, max_length=None, pad_token_id=PAD_TOKEN_ID,
+                 num_classes=2, pad=True):
+        self.data = read_csv(csv_file, num_classes)
+        # disallowed_special=(): a message containing "<|endoftext|>" is plain text
+        self.encoded_texts = [tokenizer.encode(text, disallowed_special=())
+                              for _, text in self.data]
+        if max_length is None:
+            self.max_length = self._longest_encoded_length()
+        else:
+            self.max_length = max_length
+            self.encoded_texts = [encoded_text[:self.max_length]
+                                  for encoded_text in self.encoded_texts]
+        if pad:
+            self.encoded_texts = [
+                encoded_text + [pad_token_id] * (self.max_length - len(encoded_text))
+                for encoded_text in self.encoded_texts
+            ]
+
+    def __getitem__(self, index):
+        encoded = self.encoded_texts[index]
+        label = self.data[index][0]
+        return (torch.tensor(encoded, dtype=torch.long),
+                torch.tensor(label, dtype=torch.long))
+
+    def __len__(self):
+        return len(self.data)
+
+    def _longest_encoded_length(self):
+        return max((len(encoded_text) for encoded_text in self.encoded_texts), default=0)
+
+
+def pad_batch(batch, pad_token_id=PAD_TOKEN_ID):
+    """Collates (ids, label) pairs, padding ids to the batch's longest: (b, T), (b,)."""
+    longest = max(max(len(ids) for ids, _ in batch), 1)
+    inputs = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)
+    for i, (ids, _) in enumerate(batch):
+        inputs[i, :len(ids)] = ids
+    return inputs, torch.stack([label for _, label in batch])
+
+
+def create_data_loaders(train_dataset, val_dataset, test_dataset, batch_size=8,
+                        seed=123, num_workers=0):
+    """Listing 6.5: the training loader shuffles (seeded) and drops the last
+    incomplete batch; validation and test keep every message."""
+    collate = pad_batch  # stacks padded datasets as they are, pads the others per batch
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(dataset=train_dataset, batch_size=batch_size, shuffle=True,
+                              num_workers=num_workers, drop_last=True, generator=generator,
+                              collate_fn=collate)
+    val_loader = DataLoader(dataset=val_dataset, batch_size=batch_size,
+                            num_workers=num_workers, drop_last=False, collate_fn=collate)
+    test_loader = DataLoader(dataset=test_dataset, batch_size=batch_size,
+                             num_workers=num_workers, drop_last=False, collate_fn=collate)
+    return train_loader, val_loader, test_loader

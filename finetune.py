@@ -1,0 +1,572 @@
+"""Sections 6.4-6.8: load GPT-2, swap its head, fine-tune it as a spam classifier,
+evaluate, plot and save it.
+
+python finetune.py                      # the whole chapter, with its defaults
+python finetune.py --device cuda --out runs/a
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from gpt import (InputError, MODEL_NAMES, build_gpt, get_tokenizer, run_cli,
+                 save_safetensors, take_positions)
+import torch
+from data import (PAD_TOKEN_ID, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, count_labels,
+                  create_balanced_dataset, create_data_loaders, data_file_path,
+                  download_and_unzip_spam_data, extracted_path, load_messages, random_split,
+                  read_tsv, url, write_atomically, write_csv, zip_path)
+
+CHECKPOINT_NAME = "review_classifier.safetensors"
+CHECKPOINT_FORMAT = "gpt2-classifier/1"
+TRAINABLE = {  # which parts train (appendix B's layer experiments; Exercise 6.2 is "all")
+    "last_layer": "only the new output layer",
+    "last_block": "the last transformer block, final_norm and the new head (the chapter)",
+    "last_two_blocks": "the last two transformer blocks, final_norm and the head",
+    "all": "every parameter (Exercise 6.2)",
+}
+POOLS = {  # which output position the head reads
+    "last": "the last position of the padded sequence (the chapter)",
+    "first": "the first token (Exercise 6.3)",
+    "flexible": "the last real, non-padding token; batches padded to their own longest",
+    "mean": "the average over the real tokens",
+}
+
+
+# ---------------------------------------------------- 6.5 adding a classification head
+
+def prepare_for_classification(model, num_classes, trainable="last_block", seed=123):
+    """Freezes the model, replaces out_head by a num_classes head (listing 6.7),
+    then unfreezes what `trainable` names."""
+    for param in model.parameters():
+        param.requires_grad = False
+    torch.manual_seed(seed)
+    emb_dim = model.tok_emb.weight.shape[1]
+    model.out_head = torch.nn.Linear(in_features=emb_dim, out_features=num_classes)
+    unfrozen = {"last_layer": [],
+                "last_block": [model.trf_blocks[-1], model.final_norm],
+                "last_two_blocks": [*model.trf_blocks[-2:], model.final_norm],
+                "all": [model]}[trainable]
+    for module in unfrozen:
+        for param in module.parameters():
+            param.requires_grad = True
+    return model
+
+
+def frozen_prefix_length(gpt):
+    """How many leading blocks (after the embeddings) never change, or None when
+    their output cannot be cached: trainable embeddings or dropout."""
+    if any(p.requires_grad for p in [gpt.tok_emb.weight, gpt.pos_emb.weight]):
+        return None
+    if any(m.p > 0 for m in gpt.modules() if isinstance(m, torch.nn.Dropout)):
+        return None
+    n = 0
+    while n < len(gpt.trf_blocks) and not any(
+            p.requires_grad for p in gpt.trf_blocks[n].parameters()):
+        n += 1
+    return n or None
+
+
+def real_lengths(input_batch, pad_token_id):
+    # messages are encoded without special tokens, so pad ids only ever trail
+    return (input_batch != pad_token_id).sum(dim=1)  # (b,)
+
+
+def pool_positions(input_batch, pool, pad_token_id):
+    """The one position per message the head reads, (b,); None for "mean"."""
+    b, num_tokens = input_batch.shape
+    if pool == "last":
+        return torch.full((b,), num_tokens - 1, device=input_batch.device)
+    if pool == "first":
+        return torch.zeros(b, dtype=torch.long, device=input_batch.device)
+    if pool == "flexible":
+        return (real_lengths(input_batch, pad_token_id) - 1).clamp(min=0)
+    return None
+
+
+def mean_over_real_tokens(x, input_batch, pad_token_id):
+    # (b, T, d) -> (b, d)
+    lengths = real_lengths(input_batch, pad_token_id)
+    mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+    return (x * mask[..., None]).sum(dim=1) / lengths.clamp(min=1)[:, None]
+
+
+class GPTClassifier(torch.nn.Module):
+    """The chapter's `model(input_batch)[:, -1, :]` as one module: token ids
+    (b, T) -> class logits (b, num_classes), read at the `pool` position.
+
+    With fast=True (the default) it computes the same thing with less work:
+    - the output of the frozen prefix (embeddings and the first, frozen blocks)
+      never changes when dropout is off, so it is computed once per message and
+      kept in prefix_cache;
+    - the last block computes its query, attention output and feed-forward at
+      the pooled position only (keys and values still come from all positions).
+    fast=False is the chapter's plain forward pass, for teaching and timing."""
+
+    def __init__(self, gpt, pool="last", pad_token_id=PAD_TOKEN_ID, fast=True):
+        super().__init__()
+        self.gpt = gpt
+        self.pool = pool
+        self.pad_token_id = pad_token_id
+        self.fast = fast
+        self.n_cached = frozen_prefix_length(gpt) if fast else None
+        self.prefix_cache = {}
+
+    def forward(self, input_batch):
+        if not self.fast:
+            return self.pool_outputs(self.gpt(input_batch), input_batch)
+        x = self.frozen_prefix(input_batch)  # (b, T, emb_dim)
+        blocks = self.gpt.trf_blocks[self.n_cached or 0:]
+        positions = pool_positions(input_batch, self.pool, self.pad_token_id)
+        if positions is None or len(blocks) == 0:
+            x = self.gpt.final_norm(blocks(x))
+            return self.gpt.out_head(self.pool_outputs(x, input_batch))
+        x = blocks[:-1](x)
+        x = blocks[-1](x, query_positions=positions)  # (b, 1, emb_dim)
+        return self.gpt.out_head(self.gpt.final_norm(x[:, 0, :]))
+
+    def pool_outputs(self, outputs, input_batch):
+        # (b, T, n) -> (b, n): the chapter's outputs[:, -1, :] and its variants
+        positions = pool_positions(input_batch, self.pool, self.pad_token_id)
+        if positions is None:
+            return mean_over_real_tokens(outputs, input_batch, self.pad_token_id)
+        return take_positions(outputs, positions)[:, 0, :]
+
+    def frozen_prefix(self, input_batch):
+        """Output of the embeddings and the first n_cached blocks, (b, T, emb_dim),
+        each message computed once. Key and value: the message's token ids and
+        hidden states, including the padding when pool is "last" (it reads a
+        padding position), only the real tokens otherwise (later padding cannot
+        change them, through the causal mask)."""
+        if self.n_cached is None:
+            return self.gpt.embed(input_batch)
+        b, num_tokens = input_batch.shape
+        if self.pool == "last":
+            keep = [num_tokens] * b
+        else:
+            keep = real_lengths(input_batch, self.pad_token_id).tolist()
+        keys = [tuple(ids[:n]) for ids, n in zip(input_batch.tolist(), keep)]
+        missing = [i for i, key in enumerate(keys) if key not in self.prefix_cache]
+        if missing:
+            # outside inference mode: cached tensors are later used in training
+            with torch.inference_mode(False), torch.no_grad():
+                hidden = self.gpt.embed(input_batch[missing].clone())
+                hidden = self.gpt.trf_blocks[:self.n_cached](hidden)
+                for row, i in enumerate(missing):
+                    self.prefix_cache[keys[i]] = hidden[row, :keep[i]].clone()
+        x = torch.zeros(b, num_tokens, self.gpt.tok_emb.weight.shape[1],
+                        device=input_batch.device)
+        for i, key in enumerate(keys):
+            x[i, :keep[i]] = self.prefix_cache[key]
+        return x
+
+
+# ------------------------------------------- 6.6 classification loss and accuracy
+
+def calc_accuracy_loader(data_loader, model, device, num_batches=None):
+    """Listing 6.8."""
+    model.eval()
+    correct_predictions, num_examples = 0, 0
+    if num_batches is None:
+        num_batches = len(data_loader)
+    else:
+        num_batches = min(num_batches, len(data_loader))
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i < num_batches:
+            input_batch = input_batch.to(device)
+            target_batch = target_batch.to(device)
+            with torch.inference_mode():
+                logits = model(input_batch)  # logits of the last (pooled) output token
+            predicted_labels = torch.argmax(logits, dim=-1)
+            num_examples += predicted_labels.shape[0]
+            correct_predictions += (predicted_labels == target_batch).sum().item()
+        else:
+            break
+    return correct_predictions / num_examples if num_examples else float("nan")
+
+
+def calc_loss_batch(input_batch, target_batch, model, device):
+    input_batch = input_batch.to(device)
+    target_batch = target_batch.to(device)
+    logits = model(input_batch)  # logits of the last (pooled) output token
+    loss = torch.nn.functional.cross_entropy(logits, target_batch)
+    return loss
+
+
+def calc_loss_loader(data_loader, model, device, num_batches=None):
+    """Listing 6.9."""
+    total_loss = 0.
+    if len(data_loader) == 0:
+        return float("nan")
+    elif num_batches is None:
+        num_batches = len(data_loader)
+    else:
+        num_batches = min(num_batches, len(data_loader))
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i < num_batches:
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            total_loss += loss.item()
+        else:
+            break
+    return total_loss / num_batches
+
+
+# --------------------------------------------------- 6.7 fine-tuning the model
+
+def train_classifier_simple(model, train_loader, val_loader, optimizer, device,
+                            num_epochs, eval_freq, eval_iter):
+    """Listing 6.10."""
+    train_losses, val_losses, train_accs, val_accs = [], [], [], []
+    examples_seen, global_step = 0, -1
+
+    for epoch in range(num_epochs):
+        model.train()
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss.backward()
+            optimizer.step()
+            examples_seen += input_batch.shape[0]  # examples instead of tokens
+            global_step += 1
+
+            if global_step % eval_freq == 0:
+                train_loss, val_loss = evaluate_model(
+                    model, train_loader, val_loader, device, eval_iter)
+                train_losses.append(train_loss)
+                val_losses.append(val_loss)
+                print(f"Ep {epoch+1} (Step {global_step:06d}): "
+                      f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+
+        train_accuracy = calc_accuracy_loader(train_loader, model, device, num_batches=eval_iter)
+        val_accuracy = calc_accuracy_loader(val_loader, model, device, num_batches=eval_iter)
+        print(f"Training accuracy: {train_accuracy*100:.2f}% | ", end="")
+        print(f"Validation accuracy: {val_accuracy*100:.2f}%")
+        train_accs.append(train_accuracy)
+        val_accs.append(val_accuracy)
+
+    return train_losses, val_losses, train_accs, val_accs, examples_seen
+
+
+def evaluate_model(model, train_loader, val_loader, device, eval_iter):
+    model.eval()
+    with torch.inference_mode():
+        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+    model.train()
+    return train_loss, val_loss
+
+
+# ------------------------------------------------------- listing 6.11, as SVG
+
+def nice_ticks(lo, hi, count=5):
+    """About `count` round tick values covering [lo, hi]."""
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    raw = (hi - lo) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(s * magnitude for s in (1, 2, 2.5, 5, 10) if s * magnitude >= raw)
+    first = math.floor(lo / step + 1e-9)
+    ticks = []
+    while not ticks or ticks[-1] < hi - 1e-9:
+        ticks.append(round((first + len(ticks)) * step, 10))
+    return ticks
+
+
+def plot_values(epochs_seen, examples_seen, train_values, val_values, label="loss",
+                out_dir="."):
+    """Listing 6.11 without Matplotlib: training (solid) and validation (dashed)
+    values against epochs (bottom axis) and examples seen (top axis), written
+    as <label>-plot.svg."""
+    width, height = 500, 300
+    left, right, top, bottom = 64, 16, 48, 44
+    epochs_seen, examples_seen = list(map(float, epochs_seen)), list(map(float, examples_seen))
+    values = [v for v in list(train_values) + list(val_values) if math.isfinite(v)]
+    y_ticks = nice_ticks(min(values, default=0.0), max(values, default=1.0))
+    x_ticks = nice_ticks(0.0, epochs_seen[-1] if epochs_seen[-1] > 0 else 1.0)
+    x_max, y_min, y_max = x_ticks[-1], y_ticks[0], y_ticks[-1]
+
+    def sx(epoch):
+        return left + (width - left - right) * epoch / x_max
+
+    def sy(value):
+        return height - bottom - (height - top - bottom) * (value - y_min) / (y_max - y_min)
+
+    def line(ys, style):
+        points = [(sx(x), sy(y)) for x, y in zip(epochs_seen, ys) if math.isfinite(y)]
+        if len(points) == 1:  # a polyline of one point is invisible
+            return f'<circle cx="{points[0][0]:.1f}" cy="{points[0][1]:.1f}" r="3" {style}/>'
+        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+        return f'<polyline points="{coords}" fill="none" stroke-width="1.8" {style}/>'
+
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<rect x="{left}" y="{top}" width="{width - left - right}" '
+           f'height="{height - top - bottom}" fill="none" stroke="black"/>']
+    for x in x_ticks:
+        svg.append(f'<line x1="{sx(x):.1f}" y1="{height - bottom}" x2="{sx(x):.1f}" '
+                   f'y2="{height - bottom + 4}" stroke="black"/>')
+        svg.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 16}" '
+                   f'text-anchor="middle">{x:g}</text>')
+    # the top axis: examples seen grow linearly with the epochs
+    per_epoch = examples_seen[-1] / epochs_seen[-1] if epochs_seen[-1] else 0
+    for n in nice_ticks(0.0, max(per_epoch * x_max, 1.0)) if per_epoch else []:
+        if n <= per_epoch * x_max + 1e-9:
+            x = sx(n / per_epoch)
+            svg.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top - 4}" stroke="black"/>')
+            svg.append(f'<text x="{x:.1f}" y="{top - 7}" text-anchor="middle">{n:g}</text>')
+    for y in y_ticks:
+        svg.append(f'<line x1="{left - 4}" y1="{sy(y):.1f}" x2="{left}" y2="{sy(y):.1f}" '
+                   f'stroke="black"/>')
+        svg.append(f'<text x="{left - 7}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
+    svg += [
+        f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">Epochs</text>',
+        f'<text x="{(left + width - right) / 2}" y="14" text-anchor="middle">Examples seen</text>',
+        f'<text transform="translate(16 {(top + height - bottom) / 2}) rotate(-90)" '
+        f'text-anchor="middle">{label.capitalize()}</text>',
+        line(train_values, 'stroke="#1f77b4"'),
+        line(val_values, 'stroke="#ff7f0e" stroke-dasharray="7 4"'),
+    ]
+    lx, ly = width - right - 150, top + 10  # the legend, top right
+    svg += [f'<rect x="{lx}" y="{ly}" width="140" height="40" fill="white" stroke="#ccc"/>',
+            f'<line x1="{lx + 8}" y1="{ly + 13}" x2="{lx + 34}" y2="{ly + 13}" '
+            f'stroke="#1f77b4" stroke-width="1.8"/>',
+            f'<text x="{lx + 40}" y="{ly + 17}">Training {label}</text>',
+            f'<line x1="{lx + 8}" y1="{ly + 29}" x2="{lx + 34}" y2="{ly + 29}" '
+            f'stroke="#ff7f0e" stroke-width="1.8" stroke-dasharray="7 4"/>',
+            f'<text x="{lx + 40}" y="{ly + 33}">Validation {label}</text>',
+            '</svg>']
+    path = Path(out_dir) / f"{label}-plot.svg"
+    write_atomically(path, "\n".join(svg) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------- saving
+
+def save_classifier(classifier, path, config, max_length, class_names):
+    """The chapter's torch.save(model.state_dict(), "review_classifier.pth"),
+    without pickle: a safetensors file whose metadata describes the model, so
+    classify.py needs nothing else. Written atomically."""
+    gpt = classifier.gpt
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "config": json.dumps(config),
+        "num_classes": str(gpt.out_head.out_features),
+        "max_length": str(max_length),
+        "pad_token_id": str(classifier.pad_token_id),
+        "labels": json.dumps(class_names),
+        "pool": classifier.pool,
+    }
+    tensors = {name: t for name, t in gpt.state_dict().items()}
+    save_safetensors(tensors, path, metadata)
+
+
+# -------------------------------------------------------------------- the CLI
+
+def torch_version():
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def select_device(name):
+    """auto: cuda, then mps (only from torch 2.9: earlier versions were reported
+    to compute differently there), then cpu. An unavailable device is an error."""
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available.append("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        available.append("mps")
+    if name == "auto":
+        if "cuda" in available:
+            return torch.device("cuda")
+        if "mps" in available and torch_version() >= (2, 9):
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in available:
+        raise InputError(f"--device {name} is not available on this machine; "
+                         f"available: {', '.join(available)} (or auto).")
+    return torch.device(name)
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Fine-tune GPT-2 to classify SMS messages as spam or not spam, "
+                    "as chapter 6 does. With no flags it runs the whole chapter: "
+                    "downloads the data and the gpt2-small weights, fine-tunes for 5 "
+                    "epochs, writes train/validation/test.csv, loss-plot.svg, "
+                    "accuracy-plot.svg and review_classifier.safetensors.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="where to train; auto picks cuda, then mps (torch >= 2.9), "
+                             "then cpu")
+    parser.add_argument("--model", default="gpt2-small", choices=list(MODEL_NAMES),
+                        help="GPT-2 size (section 6.4's CHOOSE_MODEL); a config.json beside "
+                             "--weights PATH overrides it")
+    parser.add_argument("--weights", default="pretrained",
+                        help="'pretrained' (the Hub's model.safetensors, downloaded once "
+                             "into gpt2/<size>/), 'random' (untrained, for timing), or the "
+                             "path of a local model.safetensors")
+    parser.add_argument("--data", metavar="PATH",
+                        help="a local SMSSpamCollection TSV or the UCI zip, instead of "
+                             "downloading it into sms_spam_collection/")
+    parser.add_argument("--out", default=".", metavar="DIR",
+                        help="where the CSV splits, plots and checkpoint are written")
+    parser.add_argument("--epochs", type=positive_int, default=5, help="training epochs")
+    parser.add_argument("--batch-size", type=positive_int, default=8,
+                        help="messages per batch (listing 6.5)")
+    parser.add_argument("--lr", type=positive_float, default=5e-5,
+                        help="AdamW learning rate (weight decay 0.1)")
+    parser.add_argument("--seed", type=int, default=123,
+                        help="seed of the balancing, split, shuffling and new head")
+    parser.add_argument("--max-length", type=positive_int, default=None,
+                        help="pad/truncate messages to N tokens (Exercise 6.1; 1024 is "
+                             "the full context); default: the longest training message")
+    parser.add_argument("--trainable", default="last_block", choices=list(TRAINABLE),
+                        help="what trains: " + "; ".join(f"{k}: {v}" for k, v in TRAINABLE.items()))
+    parser.add_argument("--pool", default="last", choices=list(POOLS),
+                        help="which output the head reads: " + "; ".join(
+                            f"{k}: {v}" for k, v in POOLS.items()))
+    parser.add_argument("--plain", action="store_true",
+                        help="run every layer on every batch as the chapter does, instead "
+                             "of caching the frozen layers' output and computing the last "
+                             "block at the pooled position only (same results, slower)")
+    return parser
+
+
+def load_rows(args):
+    """[(label, text)] from --data, or downloaded as listing 6.1 does."""
+    if args.data:
+        return load_messages(args.data)
+    download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path)
+    return read_tsv(data_file_path, labels=SPAM_LABELS)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = select_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 6.2 Preparing the dataset
+    rows = load_rows(args)
+    print(f"Dataset: {len(rows)} messages, label counts {count_labels(rows)}")
+    balanced = create_balanced_dataset(rows, seed=args.seed)
+    print(f"Balanced: label counts {count_labels(balanced)}")
+    train_rows, validation_rows, test_rows = random_split(balanced, 0.7, 0.1, seed=args.seed)
+    for name, split in [("train", train_rows), ("validation", validation_rows),
+                        ("test", test_rows)]:
+        write_csv(split, out / f"{name}.csv")
+
+    # 6.4 Initializing a model with pretrained weights (before the data loaders,
+    # whose max_length cannot exceed the model's context)
+    torch.manual_seed(args.seed)
+    gpt, config = build_gpt(args.model, args.weights)
+    context_length = config["context_length"]
+    if args.max_length and args.max_length > context_length:
+        parser.error(f"--max-length {args.max_length} is above the model's context "
+                     f"length {context_length}")
+
+    # 6.3 Creating data loaders
+    tokenizer = get_tokenizer()
+    pad = args.pool == "last"  # the other pools read real tokens only: pad per batch
+    train_dataset = SpamDataset(out / "train.csv", tokenizer, max_length=args.max_length,
+                                pad=pad)
+    if train_dataset.max_length > context_length:
+        train_dataset = SpamDataset(out / "train.csv", tokenizer, max_length=context_length,
+                                    pad=pad)
+    max_length = train_dataset.max_length
+    val_dataset = SpamDataset(out / "validation.csv", tokenizer, max_length=max_length, pad=pad)
+    test_dataset = SpamDataset(out / "test.csv", tokenizer, max_length=max_length, pad=pad)
+    print(f"Longest training sequence (max_length): {max_length} tokens")
+    train_loader, val_loader, test_loader = create_data_loaders(
+        train_dataset, val_dataset, test_dataset, batch_size=args.batch_size, seed=args.seed)
+    print(f"{len(train_loader)} training batches")
+    print(f"{len(val_loader)} validation batches")
+    print(f"{len(test_loader)} test batches")
+    if len(train_loader) == 0:
+        raise InputError(f"the training set has {len(train_dataset)} messages, fewer than "
+                         f"one batch of {args.batch_size}: lower --batch-size.")
+
+    # 6.5 Adding a classification head
+    prepare_for_classification(gpt, num_classes=len(SPAM_CLASS_NAMES),
+                               trainable=args.trainable, seed=args.seed)
+    model = GPTClassifier(gpt, pool=args.pool, fast=not args.plain).to(device)
+
+    # 6.6 Calculating the classification loss and accuracy, before fine-tuning
+    torch.manual_seed(args.seed)
+    for name, loader in [("Training", train_loader), ("Validation", val_loader),
+                         ("Test", test_loader)]:
+        print(f"{name} accuracy: "
+              f"{calc_accuracy_loader(loader, model, device, num_batches=10)*100:.2f}%")
+    with torch.inference_mode():
+        for name, loader in [("Training", train_loader), ("Validation", val_loader),
+                             ("Test", test_loader)]:
+            print(f"{name} loss: {calc_loss_loader(loader, model, device, num_batches=5):.3f}")
+
+    # 6.7 Fine-tuning the model on supervised data
+    start_time = time.time()
+    torch.manual_seed(args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    num_epochs = args.epochs
+    checkpoint = out / CHECKPOINT_NAME
+    try:
+        train_losses, val_losses, train_accs, val_accs, examples_seen = \
+            train_classifier_simple(model, train_loader, val_loader, optimizer, device,
+                                    num_epochs=num_epochs, eval_freq=50, eval_iter=5)
+    except KeyboardInterrupt:
+        kept = f"{checkpoint} is unchanged" if checkpoint.exists() else "no checkpoint was written"
+        print(f"\ninterrupted during training: nothing of this run was saved but the CSV "
+              f"splits in {out}; {kept}.", file=sys.stderr)
+        sys.exit(130)
+    end_time = time.time()
+    execution_time_minutes = (end_time - start_time) / 60
+    print(f"Training completed in {execution_time_minutes:.2f} minutes.")
+
+    for label, train_values, val_values in [("loss", train_losses, val_losses),
+                                            ("accuracy", train_accs, val_accs)]:
+        epochs_tensor = torch.linspace(0, num_epochs, len(train_values))
+        examples_seen_tensor = torch.linspace(0, examples_seen, len(train_values))
+        plot_values(epochs_tensor.tolist(), examples_seen_tensor.tolist(), train_values,
+                    val_values, label=label, out_dir=out)
+
+    train_accuracy = calc_accuracy_loader(train_loader, model, device)
+    val_accuracy = calc_accuracy_loader(val_loader, model, device)
+    test_accuracy = calc_accuracy_loader(test_loader, model, device)
+    print(f"Training accuracy: {train_accuracy*100:.2f}%")
+    print(f"Validation accuracy: {val_accuracy*100:.2f}%")
+    print(f"Test accuracy: {test_accuracy*100:.2f}%")
+
+    # 6.8 Using the LLM as a spam classifier
+    save_classifier(model, checkpoint, config, max_length, SPAM_CLASS_NAMES)
+    print(f"Saved {checkpoint}, loss-plot.svg, accuracy-plot.svg and the CSV splits in {out}")
+    from classify import classify_review
+    for text in ["You are a winner you have been specially selected to receive $1000 cash "
+                 "or a $2000 award.",
+                 "Hey, just wanted to check if we're still on for dinner tonight? Let me know!"]:
+        print(f"{classify_review(text, model, tokenizer, device, max_length=max_length)}: {text}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
