@@ -33,7 +33,7 @@ def classify_review(text, model, tokenizer, device, max_length=None,
 
 
 def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD_TOKEN_ID,
-                   batch_size=32):
+                   batch_size=16):
     """Class probabilities (one list per text) for many texts, in batches of
     similar length. Padded to max_length only where the checkpoint's pooling
     reads a padding position ("last"); otherwise to each batch's longest."""
@@ -87,6 +87,21 @@ def read_checkpoint_metadata(path, metadata):
     return dict(info, config=config, labels=labels, pool=pool)
 
 
+def empty_gpt(config, num_classes):
+    """A GPTModel with a num_classes head whose parameters take no memory and no
+    time: "meta" tensors, to be replaced by a checkpoint's."""
+    reset = torch.nn.Embedding.reset_parameters
+    # normal_ on meta tensors imports torch._dynamo, a second of start-up
+    torch.nn.Embedding.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            gpt = GPTModel(config)
+            gpt.out_head = torch.nn.Linear(config["emb_dim"], num_classes)
+    finally:
+        torch.nn.Embedding.reset_parameters = reset
+    return gpt
+
+
 def load_classifier(path, device="cpu"):
     """A GPTClassifier and its metadata from a checkpoint written by finetune.py.
     The tensors' names and shapes are checked against the config on an empty
@@ -101,9 +116,7 @@ def load_classifier(path, device="cpu"):
                              f"--checkpoint PATH.") from None
         raise
     info = read_checkpoint_metadata(path, metadata)
-    with torch.device("meta"):
-        gpt = GPTModel(info["config"])
-        gpt.out_head = torch.nn.Linear(info["config"]["emb_dim"], info["num_classes"])
+    gpt = empty_gpt(info["config"], info["num_classes"])
     expected = {name: tuple(t.shape) for name, t in gpt.state_dict().items()}
     found = {name: entry[1] for name, entry in entries.items()}
     for name, shape in expected.items():

@@ -1,0 +1,193 @@
+"""Times the chapter's fine-tune three ways in one run, and classification.
+
+python bench.py --data ../shared/sms_spam_collection/SMSSpamCollection --json bench.json
+
+Modes, each the chapter's whole schedule (data, initial evaluations, --epochs
+epochs with their evaluations, final accuracies, saving) with random weights,
+each in a child process so its peak memory is its own:
+  plain     the chapter's loop: every layer on every batch (finetune.py --plain)
+  cache     frozen-prefix cache + last block at the last position only (the default)
+  flexible  cache + dynamic padding + the last real token (--pool flexible)
+Then classify's throughput on the 300 test messages, one at a time as the
+chapter's classify_review does vs batched, and the wall-clock of
+`python classify.py "text"` against importing torch and tiktoken alone.
+Speed does not depend on the weights' values: random weights time the same.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODES = {"plain": ["--plain"], "cache": [], "flexible": ["--pool", "flexible"]}
+TEXT = "You are a winner you have been specially selected to receive $1000 cash or a $2000 award."
+
+
+def run_mode(mode, args, out_dir):
+    """One fine-tune in this (child) process; prints its figures as JSON."""
+    import finetune
+    argv = ["--weights", "random", "--model", args.model, "--data", args.data,
+            "--epochs", str(args.epochs), "--device", args.device, "--out", str(out_dir),
+            *MODES[mode]]
+    start = time.time()
+    result = finetune.main(argv)
+    seconds = time.time() - start
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("BENCH " + json.dumps({
+        "mode": mode, "seconds": round(seconds, 1),
+        "seconds_per_epoch": round(result["train_seconds"] / args.epochs, 1),
+        "peak_rss_mb": round(peak_rss_mb), "test_accuracy": result["test_accuracy"],
+        "checkpoint": result["checkpoint"]}))
+
+
+def child(mode, args, out_dir):
+    command = [sys.executable, __file__, "--child", mode, "--model", args.model,
+               "--data", args.data, "--epochs", str(args.epochs), "--device", args.device,
+               "--out", str(out_dir)]
+    log = Path(out_dir) / "log.txt"
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=HERE)
+    lines = log.read_text().splitlines()
+    if done.returncode != 0:
+        sys.exit(f"mode {mode} failed; its log ({log}) ends:\n" + "\n".join(lines[-15:]))
+    return json.loads(next(line for line in reversed(lines) if line.startswith("BENCH "))[6:])
+
+
+def classify_throughput(checkpoint, test_csv, device):
+    """Messages per second: the chapter's classify_review one message at a time on
+    the chapter's plain forward pass, vs classify_texts in batches."""
+    from classify import classify_review, classify_texts, load_classifier
+    from data import read_csv
+    from gpt import get_tokenizer
+    model, info = load_classifier(checkpoint, device)
+    tokenizer = get_tokenizer()
+    texts = [text for _, text in read_csv(test_csv)]
+    model.fast = False  # the chapter's forward pass
+    start = time.time()
+    for text in texts:
+        classify_review(text, model, tokenizer, device, max_length=info["max_length"])
+    one_at_a_time = len(texts) / (time.time() - start)
+    model.fast = True
+    start = time.time()
+    classify_texts(texts, model, tokenizer, device, info["max_length"])
+    batched = len(texts) / (time.time() - start)
+    return {"one_at_a_time_msgs_per_s": round(one_at_a_time, 1),
+            "batched_msgs_per_s": round(batched, 1)}
+
+
+def best_wall_clock(command, repeats=3):
+    """Fastest of a few runs (the first warms the file cache)."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.time()
+        subprocess.run(command, cwd=HERE, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        times.append(time.time() - start)
+    return min(times[1:])
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def quick_sample(data, path):
+    """40 ham and 40 spam messages: a few training steps per mode."""
+    from data import load_messages
+    rows = load_messages(data)
+    sample = [r for r in rows if r[0] == "ham"][:40] + [r for r in rows if r[0] == "spam"][:40]
+    path.write_text("".join(f"{label}\t{text}\n" for label, text in sample), encoding="utf-8")
+    return str(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="gpt2-small",
+                        help="GPT-2 size, with random weights")
+    parser.add_argument("--data", default=str(HERE.parent / "shared/sms_spam_collection/SMSSpamCollection"),
+                        help="the SMS Spam Collection TSV (or UCI zip)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs per mode")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 80 messages and 1 epoch per mode")
+    parser.add_argument("--modes", default="plain,cache,flexible",
+                        help="comma-separated modes to run")
+    parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    parser.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return run_mode(args.child, args, args.out)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    if args.quick:
+        args.data, args.epochs = quick_sample(args.data, work / "sample.tsv"), 1
+    runs = []
+    for mode in args.modes.split(","):
+        print(f"running {mode} ...", flush=True)
+        runs.append(child(mode, args, work / mode))
+        print(f"  {runs[-1]}", flush=True)
+
+    import torch
+    # classify.py pads per batch where the pooling allows it: the flexible checkpoint
+    # shows that; the chapter-pooling one ("last") must pad every message to max_length
+    by_mode = {r["mode"]: r["checkpoint"] for r in runs}
+    checkpoint = by_mode.get("flexible", runs[-1]["checkpoint"])
+    throughput = classify_throughput(checkpoint, Path(checkpoint).parent / "test.csv",
+                                     args.device)
+    if "cache" in by_mode:
+        last_pool = classify_throughput(by_mode["cache"],
+                                        Path(by_mode["cache"]).parent / "test.csv", args.device)
+        throughput["last_pool_one_at_a_time_msgs_per_s"] = last_pool["one_at_a_time_msgs_per_s"]
+        throughput["last_pool_batched_msgs_per_s"] = last_pool["batched_msgs_per_s"]
+    checkpoint = by_mode.get("cache", checkpoint)
+    import_seconds = best_wall_clock(
+        [sys.executable, "-c", "import torch, tiktoken; tiktoken.get_encoding('gpt2')"])
+    cli_seconds = best_wall_clock(
+        [sys.executable, "classify.py", "--checkpoint", checkpoint, TEXT])
+
+    plain = next((r["seconds"] for r in runs if r["mode"] == "plain"), None)
+    print(f"\n{machine()}, torch {torch.__version__}, {args.model}, random weights, "
+          f"{args.epochs} epoch(s), device {args.device}")
+    print(f"{'mode':<10}{'seconds':>10}{'s/epoch':>10}{'speed-up':>10}{'peak RSS MB':>13}"
+          f"{'test acc':>10}")
+    for r in runs:
+        speedup = f"{plain / r['seconds']:.1f}x" if plain else "-"
+        print(f"{r['mode']:<10}{r['seconds']:>10.1f}{r['seconds_per_epoch']:>10.1f}"
+              f"{speedup:>10}{r['peak_rss_mb']:>13.0f}{r['test_accuracy']*100:>9.2f}%")
+    print(f"classify, flexible checkpoint: {throughput['one_at_a_time_msgs_per_s']} msgs/s "
+          f"one at a time (chapter), {throughput['batched_msgs_per_s']} msgs/s batched "
+          f"({throughput['batched_msgs_per_s'] / throughput['one_at_a_time_msgs_per_s']:.1f}x)")
+    if "last_pool_batched_msgs_per_s" in throughput:
+        print(f"classify, chapter-pooling checkpoint: "
+              f"{throughput['last_pool_one_at_a_time_msgs_per_s']} msgs/s one at a time, "
+              f"{throughput['last_pool_batched_msgs_per_s']} msgs/s batched")
+    print(f"python classify.py \"text\": {cli_seconds:.2f} s; importing torch + tiktoken: "
+          f"{import_seconds:.2f} s (+{cli_seconds - import_seconds:.2f} s)")
+    if args.json:
+        report = {"machine": machine(), "torch": torch.__version__, "model": args.model,
+                  "epochs": args.epochs,
+                  "runs": [{k: r[k] for k in ("mode", "seconds", "seconds_per_epoch",
+                                              "peak_rss_mb", "test_accuracy")} for r in runs],
+                  "classify": throughput, "classify_cli_seconds": round(cli_seconds, 2),
+                  "import_seconds": round(import_seconds, 2)}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
