@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from gpt import (InputError, MODEL_NAMES, build_gpt, get_tokenizer, run_cli,
-                 save_safetensors, take_positions)
+                 save_safetensors, take_positions, weights_config)
 import torch
 from data import (PAD_TOKEN_ID, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, count_labels,
                   create_balanced_dataset, create_data_loaders, data_file_path,
@@ -487,14 +487,18 @@ def main(argv=None):
                         ("test", test_rows)]:
         write_csv(split, out / f"{name}.csv")
 
-    # 6.4 Initializing a model with pretrained weights (before the data loaders,
-    # whose max_length cannot exceed the model's context)
-    torch.manual_seed(args.seed)
-    gpt, config = build_gpt(args.model, args.weights)
+    if len(train_rows) < args.batch_size:
+        raise InputError(f"the training set has {len(train_rows)} messages, fewer than one "
+                         f"batch of {args.batch_size}: lower --batch-size or add data.")
+    config = weights_config(args.model, args.weights)
     context_length = config["context_length"]
     if args.max_length and args.max_length > context_length:
         parser.error(f"--max-length {args.max_length} is above the model's context "
                      f"length {context_length}")
+
+    # 6.4 Initializing a model with pretrained weights
+    torch.manual_seed(args.seed)
+    gpt, config = build_gpt(args.model, args.weights)
 
     # 6.3 Creating data loaders
     tokenizer = get_tokenizer()
@@ -513,9 +517,6 @@ def main(argv=None):
     print(f"{len(train_loader)} training batches")
     print(f"{len(val_loader)} validation batches")
     print(f"{len(test_loader)} test batches")
-    if len(train_loader) == 0:
-        raise InputError(f"the training set has {len(train_dataset)} messages, fewer than "
-                         f"one batch of {args.batch_size}: lower --batch-size.")
 
     # 6.5 Adding a classification head
     prepare_for_classification(gpt, num_classes=len(SPAM_CLASS_NAMES),

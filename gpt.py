@@ -258,7 +258,7 @@ def read_safetensors_header(path):
         raise InputError(f"cannot read {path}: {e.strerror or e}.") from None
     try:
         header = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise bad(f"its header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise bad("its header is not a JSON object")
@@ -558,19 +558,26 @@ def check_gpt2_size(entries, config, source):
             f"({found}).")
 
 
+def weights_config(model_name, weights):
+    """The model config for --weights: a config.json beside a weights file sets
+    the hyper-parameters, otherwise model_name does."""
+    if weights not in ("pretrained", "random"):
+        hub_config = Path(weights).parent / "config.json"
+        if hub_config.is_file():
+            return config_from_hub_json(hub_config)
+    return model_config(model_name)
+
+
 def build_gpt(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
     """GPTModel with its weights: "pretrained" (downloaded once), "random", or a
-    path to a Hub-layout model.safetensors; a config.json beside that file sets
-    the hyper-parameters, otherwise model_name does. Returns (model, config)."""
+    path to a Hub-layout model.safetensors. Returns (model, config)."""
+    config = weights_config(model_name, weights)
     if weights == "random":
-        config = model_config(model_name)
         return GPTModel(config), config
     path = download_gpt2(model_name, models_dir) if weights == "pretrained" else Path(weights)
     if not path.is_file():
         raise InputError(f"weights file {path} does not exist (--weights takes "
                          f"'pretrained', 'random' or the path of a model.safetensors).")
-    hub_config = path.parent / "config.json"
-    config = config_from_hub_json(hub_config) if hub_config.is_file() else model_config(model_name)
     entries, _ = read_safetensors_header(path)
     check_gpt2_size(entries, config, path)
     model = GPTModel(config)

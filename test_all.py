@@ -1,0 +1,733 @@
+"""Offline tests: no network, no pretrained weights, under 3 minutes on 2 cores.
+Tests that need ../shared (the real dataset, tiktoken's files, the tiny Hub-layout
+GPT-2) skip with a reason where it is absent."""
+import http.server
+import io
+import json
+import os
+import random
+import re
+import struct
+import subprocess
+import sys
+import threading
+import xml.etree.ElementTree as ET
+import zipfile
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared"
+SMS = SHARED / "sms_spam_collection" / "SMSSpamCollection"
+SMS_ZIP = SHARED / "sms_spam_collection" / "sms+spam+collection.zip"
+TINY = SHARED / "gpt2-tiny-hf"
+if (SHARED / "tiktoken").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+
+import gpt  # noqa: E402  (after TIKTOKEN_CACHE_DIR; gpt silences torch's NumPy warning)
+import torch  # noqa: E402
+import data  # noqa: E402
+import finetune  # noqa: E402
+import classify  # noqa: E402
+from gpt import InputError  # noqa: E402
+
+needs_sms = pytest.mark.skipif(not SMS.is_file(), reason="../shared/sms_spam_collection absent")
+needs_tiny = pytest.mark.skipif(not TINY.is_dir(), reason="../shared/gpt2-tiny-hf absent")
+TINY_CONFIG = {"vocab_size": 50257, "context_length": 64, "emb_dim": 16, "n_layers": 2,
+               "n_heads": 2, "drop_rate": 0.0, "qkv_bias": True}
+SPAM_TEXT = ("You are a winner you have been specially selected to receive $1000 cash "
+             "or a $2000 award.")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    try:
+        return gpt.get_tokenizer()
+    except InputError as e:
+        pytest.skip(f"tiktoken's gpt2 files unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def sample_tsv(tmp_path_factory):
+    """60 ham and 60 spam messages of the real collection, or made-up ones."""
+    if SMS.is_file():
+        rows = data.read_tsv(SMS)
+        rows = [r for r in rows if r[0] == "ham"][:60] + [r for r in rows if r[0] == "spam"][:60]
+    else:
+        rows = ([("ham", f"see you at {i} tonight, ok?") for i in range(60)]
+                + [("spam", f"WIN ${i}000 cash now! call 0800 {i}") for i in range(60)])
+    path = tmp_path_factory.mktemp("data") / "sample.tsv"
+    path.write_text("".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8")
+    return path
+
+
+def run(*args, cwd=HERE, env=None, stdin=None):
+    """A CLI of this project as a subprocess: (returncode, stdout, stderr)."""
+    full_env = dict(os.environ, **(env or {}))
+    done = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, input=stdin, timeout=300)
+    return done.returncode, done.stdout, done.stderr
+
+
+def offline_env():
+    # a proxy on a closed port: every download fails at once, network or not
+    return {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+            "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+            "no_proxy": "", "NO_PROXY": ""}
+
+
+def tiny_classifier(num_classes=2, pool="last", trainable="last_block", seed=0):
+    torch.manual_seed(seed)
+    model = gpt.GPTModel(TINY_CONFIG)
+    finetune.prepare_for_classification(model, num_classes, trainable=trainable, seed=seed)
+    return finetune.GPTClassifier(model, pool=pool)
+
+
+# ------------------------------------------------------------------------ gpt.py
+
+@needs_tiny
+def test_tiny_hub_model_reproduces_reference_logits():
+    model, config = gpt.build_gpt(weights=str(TINY / "model.safetensors"))
+    assert config["emb_dim"] == 32 and config["n_layers"] == 2 and config["context_length"] == 128
+    expected, _ = gpt.load_safetensors(TINY / "expected.safetensors")
+    with torch.no_grad():
+        logits = model.eval()(expected["input_ids"].long())
+    assert logits.shape == (2, 4, 50257)
+    assert torch.allclose(logits, expected["logits"], atol=1e-4)
+
+
+@needs_tiny
+def test_gpt_cli_prints_reference_greedy_continuation(tokenizer):
+    expected = json.loads((TINY / "expected.json").read_text())["greedy_5_new_tokens"]
+    code, out, err = run("gpt.py", "--weights", TINY / "model.safetensors",
+                         "--max-new-tokens", "5", expected["prompt"])
+    assert code == 0, err
+    assert out.strip() == expected["prompt"] + expected["continuation"]
+
+
+def test_printed_model_shows_the_chapters_module_names():
+    printed = str(gpt.GPTModel(TINY_CONFIG))
+    for name in ["(tok_emb): Embedding(50257, 16)", "(pos_emb): Embedding(64, 16)", "(drop_emb)",
+                 "(trf_blocks): Sequential", "TransformerBlock", "(att): MultiHeadAttention",
+                 "(W_query)", "(W_key)", "(W_value)", "(out_proj)", "(dropout)",
+                 "(ff): FeedForward", "(layers): Sequential", "GELU()", "(norm1): LayerNorm()",
+                 "(norm2): LayerNorm()", "(drop_resid)", "(final_norm): LayerNorm()",
+                 "(out_head): Linear(in_features=16, out_features=50257, bias=False)"]:
+        assert name in printed
+
+
+def test_chapter_model_sizes_have_the_chapters_parameter_counts():
+    with torch.device("meta"):
+        model = gpt.GPTModel(gpt.model_config("gpt2-small"))
+    total = sum(p.numel() for p in model.parameters())
+    tied = total - model.out_head.weight.numel()
+    assert tied == 124_439_808  # GPT-2 small with its output layer tied to tok_emb
+    assert gpt.model_config("gpt2-xl")["n_heads"] == 25
+
+
+def test_fused_gelu_and_layer_norm_equal_the_chapters_formulas():
+    x = torch.randn(4, 7, 16) * 3
+    gelu = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))
+    assert torch.allclose(gpt.GELU()(x), gelu, atol=1e-6)
+    norm = gpt.LayerNorm(16)
+    with torch.no_grad():
+        norm.scale.uniform_(0.5, 2)
+        norm.shift.uniform_(-1, 1)
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
+    expected = norm.scale * (x - mean) / torch.sqrt(var + 1e-5) + norm.shift
+    assert torch.allclose(norm(x), expected, atol=1e-5)
+
+
+def test_sdpa_attention_equals_the_explicit_masked_softmax():
+    torch.manual_seed(1)
+    att = gpt.MultiHeadAttention(16, 16, 64, 0.0, num_heads=4, qkv_bias=True).eval()
+    x = torch.randn(3, 9, 16)
+    queries, keys, values = (att.split_heads(w(x)) for w in (att.W_query, att.W_key, att.W_value))
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()
+    context = gpt.explicit_causal_attention(queries, keys, values, mask, att.dropout)
+    expected = att.out_proj(context.transpose(1, 2).reshape(3, 9, 16))
+    assert torch.allclose(att(x), expected, atol=1e-5)
+
+
+def test_last_block_at_one_position_equals_the_full_block():
+    torch.manual_seed(2)
+    block = gpt.TransformerBlock(TINY_CONFIG).eval()
+    x = torch.randn(4, 10, 16)
+    positions = torch.tensor([9, 0, 4, 7])
+    full = block(x)
+    one = block(x, query_positions=positions)
+    assert one.shape == (4, 1, 16)
+    assert torch.allclose(one[:, 0], full[torch.arange(4), positions], atol=1e-5)
+
+
+@needs_tiny
+def test_loader_accepts_a_transformer_prefix_and_ignores_extra_keys():
+    tensors, _ = gpt.load_safetensors(TINY / "model.safetensors")
+    prefixed = [("transformer." + k, v) for k, v in tensors.items()]
+    prefixed.append(("lm_head.weight", tensors["wte.weight"]))
+    config = gpt.config_from_hub_json(TINY / "config.json")
+    model = gpt.GPTModel(config)
+    gpt.load_weights_into_gpt(model, prefixed)
+    assert torch.equal(model.tok_emb.weight, tensors["wte.weight"])
+    assert torch.equal(model.out_head.weight, tensors["wte.weight"])  # tied
+    assert torch.equal(model.trf_blocks[1].att.W_key.weight,
+                       tensors["h.1.attn.c_attn.weight"][:, 32:64].T)
+
+
+@needs_tiny
+def test_loader_rejects_weights_missing_a_tensor():
+    tensors, _ = gpt.load_safetensors(TINY / "model.safetensors")
+    del tensors["h.1.mlp.c_fc.bias"]
+    model = gpt.GPTModel(gpt.config_from_hub_json(TINY / "config.json"))
+    with pytest.raises(InputError, match=r"trf_blocks\.1\.ff\.layers\.0\.bias"):
+        gpt.load_weights_into_gpt(model, tensors.items())
+
+
+@needs_tiny
+def test_weights_of_another_size_name_the_tensor_shapes_and_the_right_model():
+    entries, _ = gpt.read_safetensors_header(TINY / "model.safetensors")
+    with pytest.raises(InputError) as error:
+        gpt.check_gpt2_size(entries, gpt.model_config("gpt2-small"), "w.safetensors")
+    assert "wte.weight" in str(error.value)
+    assert "(50257, 32)" in str(error.value) and "(50257, 768)" in str(error.value)
+    # gpt2-medium's header against --model gpt2-small: the error suggests gpt2-medium
+    medium = {"wte.weight": ("F32", (50257, 1024), 0, 0)}
+    medium.update({f"h.{i}.ln_1.weight": ("F32", (1024,), 0, 0) for i in range(24)})
+    with pytest.raises(InputError, match="use --model gpt2-medium"):
+        gpt.check_gpt2_size(medium, gpt.model_config("gpt2-small"), "w.safetensors")
+
+
+def test_safetensors_round_trip_of_f32_f16_bf16_and_metadata(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).half(),
+               "c": torch.randn(2, 2).bfloat16(), "empty": torch.zeros(0, 3)}
+    gpt.save_safetensors(tensors, tmp_path / "t.safetensors", {"k": "v"})
+    loaded, metadata = gpt.load_safetensors(tmp_path / "t.safetensors")
+    assert metadata == {"k": "v"}
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t)
+    streamed = dict(gpt.iter_safetensors(tmp_path / "t.safetensors"))
+    assert all(torch.equal(streamed[n], t) for n, t in tensors.items())
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def safetensors_bytes(header, data=b""):
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"\x10\x00\x00", "fewer than the 8-byte header length"),
+    (struct.pack("<Q", 200_000_000) + b"{}", "more than 100 MB"),
+    (struct.pack("<Q", 500) + b"{}", "truncated"),
+    (struct.pack("<Q", 4) + b"nope", "not JSON"),
+    (safetensors_bytes({"x": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+     "unknown dtype"),
+    (safetensors_bytes({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
+     "ends at byte 16"),
+    (safetensors_bytes({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                        "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
+     "overlap"),
+    (safetensors_bytes({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
+     "needs 12"),
+    (safetensors_bytes({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}),
+     "invalid shape"),
+])
+def test_broken_safetensors_files_name_the_file_and_the_problem(tmp_path, content, problem):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=re.escape(problem)) as error:
+        gpt.read_safetensors_header(path)
+    assert str(path) in str(error.value)
+
+
+def test_fuzzed_safetensors_bytes_parse_or_raise_the_projects_error(tmp_path):
+    rng = random.Random(0)
+    gpt.save_safetensors({"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4).half()},
+                         tmp_path / "valid.safetensors", {"m": "x"})
+    valid = (tmp_path / "valid.safetensors").read_bytes()
+    path = tmp_path / "fuzz.safetensors"
+    for i in range(300):
+        if i % 3 == 0:
+            content = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+        elif i % 3 == 1:
+            content = bytearray(valid)
+            for _ in range(rng.randrange(1, 6)):
+                content[rng.randrange(len(content))] = rng.randrange(256)
+        else:
+            content = valid[:rng.randrange(len(valid))]
+        path.write_bytes(bytes(content))
+        try:
+            for _name, tensor in gpt.iter_safetensors(path):
+                tensor.sum()
+            gpt.load_safetensors(path)
+        except InputError:
+            pass
+
+
+def test_failed_download_leaves_no_file_and_names_the_flag(tmp_path, monkeypatch):
+    destination = tmp_path / "gpt2" / "124M" / "model.safetensors"
+    monkeypatch.setattr(gpt, "HUB_URL", "http://127.0.0.1:9/{}")
+    with pytest.raises(InputError, match="--weights PATH"):
+        gpt.download_gpt2("gpt2-small", tmp_path / "gpt2")
+    assert not destination.exists() and not list(tmp_path.rglob("*.part"))
+
+
+class Server:
+    """A local HTTP server that can cut its answer half-way."""
+
+    def __init__(self, body, cut):
+        outer = self
+        self.cut = cut
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:len(body) // 2] if outer.cut else body)
+                self.wfile.flush()
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/file"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_download_cut_half_way_leaves_nothing_and_the_next_run_succeeds(tmp_path):
+    body = os.urandom(300_000)
+    server = Server(body, cut=True)
+    destination = tmp_path / "model.safetensors"
+    try:
+        with pytest.raises(InputError, match="Nothing was saved|stopped after"):
+            gpt.download_file(server.url, destination, "the weights", "use --weights PATH")
+        assert not destination.exists() and not list(tmp_path.iterdir())
+        server.cut = False
+        gpt.download_file(server.url, destination, "the weights", "use --weights PATH")
+        assert destination.read_bytes() == body
+    finally:
+        server.httpd.shutdown()
+
+
+def test_ctrl_c_during_a_download_leaves_no_partial_file(tmp_path, monkeypatch):
+    class Response(io.BytesIO):
+        headers = {"Content-Length": str(3 << 20)}
+        reads = 0
+
+        def read(self, size=-1):
+            Response.reads += 1
+            if Response.reads == 2:
+                raise KeyboardInterrupt
+            return b"x" * size
+
+    monkeypatch.setattr(gpt.urllib.request, "urlopen", lambda url, timeout: Response())
+    destination = tmp_path / "model.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        gpt.download_file("http://example.invalid/m", destination, "the weights", "hint")
+    assert Response.reads == 2
+    assert not destination.exists() and not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------ data.py
+
+@needs_sms
+def test_real_tsv_keeps_every_line_balances_and_splits_as_the_chapter():
+    rows = data.read_tsv(SMS, labels=data.SPAM_LABELS)
+    assert len(rows) == 5574
+    assert data.count_labels(rows) == {"ham": 4827, "spam": 747}
+    assert any(text.startswith('"') for _, text in rows)  # quotes kept verbatim
+    balanced = data.create_balanced_dataset(rows)
+    assert data.count_labels(balanced) == {"ham": 747, "spam": 747}
+    train, validation, test = data.random_split(balanced, 0.7, 0.1)
+    assert (len(train), len(validation), len(test)) == (1045, 149, 300)
+
+
+@needs_sms
+def test_uci_zip_reads_the_same_messages_as_the_tsv():
+    assert data.load_messages(SMS_ZIP) == data.read_tsv(SMS)
+
+
+@needs_sms
+def test_download_and_unzip_from_a_file_url_writes_only_the_tsv(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tsv = Path("sms_spam_collection") / "SMSSpamCollection.tsv"
+    data.download_and_unzip_spam_data(SMS_ZIP.as_uri(), "sms.zip", "sms_spam_collection", tsv)
+    assert tsv.read_bytes() == SMS.read_bytes()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["SMSSpamCollection.tsv",
+                                                           "sms_spam_collection"]
+
+
+def test_zip_members_with_escaping_paths_are_never_written(tmp_path):
+    zip_file = tmp_path / "evil.zip"
+    with zipfile.ZipFile(zip_file, "w") as z:
+        z.writestr("../escaped.txt", "x")
+        z.writestr("/tmp/absolute-evil.txt", "x")
+        z.writestr("SMSSpamCollection", "ham\thello\nspam\tWIN\n")
+    (tmp_path / "work").mkdir()
+    rows = data.load_messages(zip_file)
+    assert rows == [("ham", "hello"), ("spam", "WIN")]
+    assert not (tmp_path / "escaped.txt").exists()
+    assert not Path("/tmp/absolute-evil.txt").exists()
+    empty = tmp_path / "empty.zip"
+    with zipfile.ZipFile(empty, "w") as z:
+        z.writestr("other.txt", "x")
+    with pytest.raises(InputError, match="no member 'SMSSpamCollection'"):
+        data.load_messages(empty)
+
+
+def test_tsv_tolerates_bom_crlf_and_blank_lines(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_bytes(b'\xef\xbb\xbfham\tHi "there", ok\r\n\r\nspam\tWIN\tnow\r\n\n\n')
+    assert data.read_tsv(path, data.SPAM_LABELS) == [("ham", 'Hi "there", ok'),
+                                                     ("spam", "WIN\tnow")]
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"ham\tok\nthis line has no tab\n", "line 2: no tab"),
+    (b"ham\tok\n\nspma\ttypo\n", "line 3: unknown label 'spma'"),
+    (b"ham\tok\nspam\t\xff\xfe bad\n", "line 2: not UTF-8"),
+    (b"", "holds no messages"),
+    (b"\n\r\n\n", "holds no messages"),
+])
+def test_bad_tsv_lines_name_the_file_and_line(tmp_path, content, problem):
+    path = tmp_path / "bad.tsv"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=re.escape(problem)) as error:
+        data.read_tsv(path, data.SPAM_LABELS)
+    assert str(path) in str(error.value)
+
+
+def test_fuzzed_tsv_bytes_parse_or_raise_the_projects_error(tmp_path):
+    rng = random.Random(1)
+    alphabet = b"hamspm\t\n\r\" ,\xef\xbb\xbf\xff\xc3\xa9x"
+    path = tmp_path / "fuzz.tsv"
+    for _ in range(300):
+        path.write_bytes(bytes(rng.choice(alphabet) for _ in range(rng.randrange(60))))
+        for labels in (data.SPAM_LABELS, None):
+            try:
+                data.read_tsv(path, labels)
+            except InputError:
+                pass
+
+
+def test_tricky_texts_round_trip_through_csv(tmp_path):
+    rows = [("ham", 'He said "hi", then left'), ("spam", "line one\nline two"),
+            ("ham", "comma, comma,, \"\"quotes\"\""), ("spam", " leading and trailing "),
+            ("ham", "emoji 😀 and 日本語"), ("spam", "carriage\r\nreturn")]
+    data.write_csv(rows, tmp_path / "t.csv")
+    assert data.read_csv(tmp_path / "t.csv") == [(data.SPAM_LABELS[l], t) for l, t in rows]
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("Lab,Text\n0,hi\n", "no 'Label' column"),
+    ("Label,Body\n0,hi\n", "no 'Text' column"),
+    ("Label,Text\n0,hi\nspam,hello\n", "row 3: label 'spam'"),
+    ("Label,Text\n0,hi\n7,hello\n", "row 3: label '7'"),
+])
+def test_bad_csv_splits_name_the_file_and_row(tmp_path, content, problem):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(InputError, match=re.escape(problem)) as error:
+        data.read_csv(path)
+    assert str(path) in str(error.value)
+
+
+def test_single_class_or_too_few_messages_fail_before_any_model():
+    with pytest.raises(InputError, match="both ham and spam"):
+        data.create_balanced_dataset([("ham", "a"), ("ham", "b")])
+    with pytest.raises(InputError, match="too few"):
+        data.random_split([("ham", "a"), ("spam", "b"), ("ham", "c"), ("spam", "d")], 0.7, 0.1)
+
+
+def test_dataset_pads_with_50256_and_truncates(tmp_path, tokenizer):
+    data.write_csv([("ham", "Hi"), ("spam", "This is a longer message, really")],
+                   tmp_path / "t.csv")
+    longest = len(tokenizer.encode("This is a longer message, really"))
+    dataset = data.SpamDataset(tmp_path / "t.csv", tokenizer)
+    assert dataset.max_length == longest
+    ids, label = dataset[0]
+    assert ids.tolist() == tokenizer.encode("Hi") + [50256] * (longest - 1) and label.item() == 0
+    short = data.SpamDataset(tmp_path / "t.csv", tokenizer, max_length=3)
+    assert short[1][0].tolist() == tokenizer.encode("This is a longer message, really")[:3]
+    unpadded = data.SpamDataset(tmp_path / "t.csv", tokenizer, pad=False)
+    inputs, labels = data.pad_batch([unpadded[0], unpadded[1]])
+    assert inputs.shape == (2, longest) and labels.tolist() == [0, 1]
+
+
+def test_end_of_text_inside_a_message_is_plain_text(tmp_path, tokenizer):
+    data.write_csv([("ham", "a <|endoftext|> b")], tmp_path / "t.csv")
+    ids = data.SpamDataset(tmp_path / "t.csv", tokenizer)[0][0].tolist()
+    assert 50256 not in ids
+
+
+@needs_sms
+def test_data_loaders_give_the_chapters_batch_counts(tmp_path, tokenizer):
+    balanced = data.create_balanced_dataset(data.read_tsv(SMS))
+    for name, rows in zip(["train", "validation", "test"], data.random_split(balanced, 0.7, 0.1)):
+        data.write_csv(rows, tmp_path / f"{name}.csv")
+    train = data.SpamDataset(tmp_path / "train.csv", tokenizer)
+    val = data.SpamDataset(tmp_path / "validation.csv", tokenizer, max_length=train.max_length)
+    test = data.SpamDataset(tmp_path / "test.csv", tokenizer, max_length=train.max_length)
+    loaders = data.create_data_loaders(train, val, test)
+    assert [len(loader) for loader in loaders] == [130, 19, 38]
+    inputs, labels = next(iter(loaders[0]))
+    assert inputs.shape == (8, train.max_length) and labels.shape == (8,)
+
+
+# -------------------------------------------------------------------- finetune.py
+
+def test_freezing_leaves_exactly_last_block_final_norm_and_head_trainable():
+    torch.manual_seed(0)
+    model = finetune.prepare_for_classification(gpt.GPTModel(TINY_CONFIG), num_classes=2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n for n, _ in model.named_parameters()
+                if n.startswith(("trf_blocks.1.", "final_norm.", "out_head."))}
+    assert trainable == expected
+    assert model.out_head.out_features == 2 and model.out_head.bias is not None
+
+
+def random_batches(n_batches, batch_size=4, length=12, seed=0, ragged=False):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        ids = torch.randint(0, 50000, (batch_size, length), generator=g)
+        if ragged:  # trailing padding of random lengths
+            for row in range(batch_size):
+                ids[row, int(torch.randint(1, length + 1, (1,), generator=g)):] = 50256
+        batches.append((ids, torch.randint(0, 2, (batch_size,), generator=g)))
+    return batches
+
+
+def train_briefly(model, batches, epochs=3):
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    return finetune.train_classifier_simple(model, batches, batches[:2], optimizer, "cpu",
+                                            num_epochs=epochs, eval_freq=2, eval_iter=2)
+
+
+def test_a_short_training_run_lowers_the_loss(capsys):
+    model = tiny_classifier()
+    batches = random_batches(6)
+    before = finetune.calc_loss_loader(batches, model, "cpu")
+    train_losses, *_ = train_briefly(model, batches, epochs=6)
+    assert finetune.calc_loss_loader(batches, model, "cpu") < before - 0.05
+    assert "Ep 1 (Step 000000): Train loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pool, trainable", [("last", "last_block"), ("flexible", "last_block"),
+                                             ("first", "last_two_blocks"), ("mean", "last_block"),
+                                             ("last", "last_layer")])
+def test_cached_fast_loop_equals_the_plain_loop(pool, trainable, capsys):
+    batches = random_batches(5, ragged=pool != "last")
+    plain = tiny_classifier(pool=pool, trainable=trainable)
+    plain.fast = False
+    fast = tiny_classifier(pool=pool, trainable=trainable)
+    assert fast.enable_prefix_cache()
+    plain_curves = train_briefly(plain, batches)
+    fast_curves = train_briefly(fast, batches)
+    for a, b in zip(plain_curves[:4], fast_curves[:4]):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert len(fast.prefix_cache) == 5 * 4
+    with torch.no_grad():
+        for ids, _ in batches:
+            assert torch.allclose(plain(ids), fast(ids), atol=1e-4)
+
+
+def test_prefix_cache_switches_itself_off_when_every_layer_trains_or_dropout_is_on():
+    assert not tiny_classifier(trainable="all").enable_prefix_cache()
+    torch.manual_seed(0)
+    model = gpt.GPTModel(dict(TINY_CONFIG, drop_rate=0.1))
+    finetune.prepare_for_classification(model, 2)
+    assert not finetune.GPTClassifier(model).enable_prefix_cache()
+    assert tiny_classifier().enable_prefix_cache()
+
+
+def test_flexible_pooling_reads_the_last_real_token_whatever_the_padding():
+    model = tiny_classifier(pool="flexible").eval()
+    ids = torch.tensor([[5, 6, 7, 50256, 50256], [8, 9, 10, 11, 12]])
+    positions = finetune.pool_positions(ids, "flexible", 50256)
+    assert positions.tolist() == [2, 4]
+    more_padding = torch.cat([ids, torch.full((2, 6), 50256)], dim=1)
+    with torch.no_grad():
+        alone = model(ids[:1, :3])
+        assert torch.allclose(model(ids)[0], alone[0], atol=1e-5)
+        assert torch.allclose(model(more_padding), model(ids), atol=1e-5)
+        model.fast = False  # the same through the full forward pass
+        assert torch.allclose(model(more_padding), model(ids), atol=1e-5)
+
+
+def test_plot_values_writes_a_well_formed_svg_with_both_axes(tmp_path):
+    path = finetune.plot_values([0, 1.25, 2.5, 3.75, 5], [0, 1300, 2600, 3900, 5200],
+                                [0.7, 0.5, 0.4, 0.2, 0.1], [0.75, 0.6, 0.4, 0.3, float("nan")],
+                                label="loss", out_dir=tmp_path)
+    root = ET.parse(path).getroot()
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert {"Epochs", "Examples seen", "Loss", "Training loss", "Validation loss"} <= set(texts)
+    lines = list(root.iter("{http://www.w3.org/2000/svg}polyline"))
+    assert len(lines) == 2 and "stroke-dasharray" in lines[1].attrib
+    assert len(lines[1].attrib["points"].split()) == 4  # the NaN point is left out
+
+
+def test_saved_checkpoint_loads_with_the_same_logits(tmp_path, tokenizer):
+    model = tiny_classifier().eval()
+    path = tmp_path / "c.safetensors"
+    finetune.save_classifier(model, path, TINY_CONFIG, 20, ["not spam", "spam"])
+    loaded, info = classify.load_classifier(path)
+    assert info["max_length"] == 20 and info["labels"] == ["not spam", "spam"]
+    ids = torch.tensor([tokenizer.encode(SPAM_TEXT)[:20]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    label = classify.classify_review(SPAM_TEXT, loaded, tokenizer, "cpu", max_length=20)
+    assert label in ("spam", "not spam")
+    probas = classify.classify_texts([SPAM_TEXT, "hi", "x" * 20000, "😀 日本語 привет"],
+                                     loaded, tokenizer, "cpu", 20)
+    assert all(len(p) == 2 and sum(p) == pytest.approx(1) for p in probas)
+
+
+def test_batched_classification_equals_one_at_a_time(tokenizer):
+    for pool in ("last", "flexible"):
+        model = tiny_classifier(pool=pool).eval()
+        texts = ["hi", SPAM_TEXT, "see you at the station at 5", "ok " * 40]
+        batched = classify.classify_texts(texts, model, tokenizer, "cpu", 30, batch_size=3)
+        for text, probas in zip(texts, batched):
+            ids = tokenizer.encode(text)[:30]
+            ids += [50256] * (30 - len(ids)) if pool == "last" else []
+            with torch.no_grad():
+                expected = torch.softmax(model(torch.tensor([ids])), dim=-1)[0]
+            assert torch.allclose(torch.tensor(probas), expected, atol=1e-5)
+
+
+def checkpoint_with(tmp_path, **changes):
+    model = tiny_classifier()
+    path = tmp_path / "c.safetensors"
+    finetune.save_classifier(model, path, TINY_CONFIG, 20, ["not spam", "spam"])
+    tensors, metadata = gpt.load_safetensors(path)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    metadata.update(changes)
+    gpt.save_safetensors(tensors, path, metadata)
+    return path
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"format": "gpt2-classifier/99"}, "its format is"),
+    ({"config": json.dumps(dict(TINY_CONFIG, n_layers=10**9))}, "n_layers=1000000000"),
+    ({"config": json.dumps(dict(TINY_CONFIG, n_layers=3))}, "lacks tensor trf_blocks.2"),
+    ({"config": json.dumps(dict(TINY_CONFIG, emb_dim=32))}, "has shape"),
+    ({"max_length": "1000"}, "max_length 1000"),
+    ({"labels": json.dumps(["spam"])}, "labels"),
+    ({"pool": "middle"}, "unknown pooling"),
+    ({"num_classes": "two"}, "malformed"),
+])
+def test_bad_checkpoints_fail_before_allocating(tmp_path, changes, problem):
+    path = checkpoint_with(tmp_path, **changes)
+    with pytest.raises(InputError, match=re.escape(problem)):
+        classify.load_classifier(path)
+
+
+def test_missing_and_truncated_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(InputError, match="Fine-tune one first"):
+        classify.load_classifier(tmp_path / "nothing.safetensors")
+    path = checkpoint_with(tmp_path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(InputError, match="truncated"):
+        classify.load_classifier(path)
+
+
+def test_a_failed_save_leaves_the_existing_checkpoint_intact(tmp_path, monkeypatch):
+    path = checkpoint_with(tmp_path)
+    before = path.read_bytes()
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gpt.ctypes, "string_at", fail)
+    with pytest.raises(OSError):
+        finetune.save_classifier(tiny_classifier(seed=5), path, TINY_CONFIG, 20,
+                                 ["not spam", "spam"])
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
+
+
+def test_unavailable_device_names_the_available_ones(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match="--device cuda is not available.*available: cpu"):
+        finetune.select_device("cuda")
+    assert finetune.select_device("auto").type in ("cpu", "mps")
+
+
+# ---------------------------------------------------------------------- the CLIs
+
+@needs_tiny
+def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokenizer):
+    out = tmp_path / "run"
+    code, stdout, stderr = run("finetune.py", "--data", sample_tsv, "--weights",
+                               TINY / "model.safetensors", "--epochs", "2", "--device", "cpu",
+                               "--out", out)
+    assert code == 0, stderr
+    for line in ["10 training batches", "2 validation batches", "3 test batches",
+                 "Ep 1 (Step 000000): Train loss"]:
+        assert line in stdout
+    assert re.search(r"Training accuracy: \d+\.\d\d% \| Validation accuracy: \d+\.\d\d%", stdout)
+    assert re.search(r"Training completed in \d+\.\d\d minutes\.", stdout)
+    assert re.search(r"Test accuracy: \d+\.\d\d%", stdout)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "accuracy-plot.svg", "loss-plot.svg", "review_classifier.safetensors", "test.csv",
+        "train.csv", "validation.csv"]
+    checkpoint = out / "review_classifier.safetensors"
+    code, stdout, stderr = run("classify.py", "--checkpoint", checkpoint, SPAM_TEXT, "hi there")
+    assert code == 0, stderr
+    lines = stdout.strip().split("\n")
+    assert len(lines) == 2 and re.match(r"(spam|not spam)\tP\(spam\)=0\.\d{3}\t", lines[0])
+    code, stdout, stderr = run("classify.py", "--checkpoint", checkpoint, "--json", "-",
+                               stdin="first message\n\nsecond 😀\n" + "long " * 4000 + "\n")
+    assert code == 0, stderr
+    results = [json.loads(line) for line in stdout.strip().split("\n")]
+    assert [r["text"][:6] for r in results] == ["first ", "second", "long l"]
+    code, stdout, stderr = run("classify.py", "--checkpoint", checkpoint, "   ")
+    assert code == 1 and "empty or only whitespace" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["--epochs", "0"], "--epochs: must be at least 1"),
+    (["--lr", "-1e-5"], "--lr: must be a positive number"),
+    (["--max-length", "5000"], "--max-length 5000 is above the model's context length 1024"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),
+])
+def test_bad_flags_are_argparse_errors(tmp_path, sample_tsv, flags, message):
+    code, _, stderr = run("finetune.py", "--data", sample_tsv, "--weights", "random",
+                          "--out", tmp_path, *flags)
+    assert code == 2 and message in stderr and "Traceback" not in stderr
+
+
+def test_finetune_without_network_or_local_files_names_what_is_missing(tmp_path, sample_tsv):
+    code, _, stderr = run(HERE / "finetune.py", "--weights", "random", cwd=tmp_path,
+                          env=offline_env())
+    assert code == 1 and "Traceback" not in stderr
+    assert "SMS Spam Collection" in stderr and "--data PATH" in stderr
+    assert not list(tmp_path.rglob("*.part")) and not (tmp_path / "sms_spam_collection.zip").exists()
+    code, _, stderr = run(HERE / "finetune.py", "--data", sample_tsv, cwd=tmp_path,
+                          env=offline_env())
+    assert code == 1 and "gpt2-small weights" in stderr and "--weights PATH" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "gpt2" / "124M" / "model.safetensors").exists()
+
+
+def test_classify_without_a_checkpoint_says_how_to_make_one(tmp_path):
+    code, _, stderr = run(HERE / "classify.py", "hello", cwd=tmp_path)
+    assert code == 1 and "python finetune.py" in stderr and "Traceback" not in stderr
+
+
+@needs_tiny
+def test_same_seed_gives_identical_splits_and_metrics(tmp_path, sample_tsv, capsys):
+    outputs = []
+    for name in ("a", "b"):
+        finetune.main(["--data", str(sample_tsv), "--weights", str(TINY / "model.safetensors"),
+                       "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / name)])
+        printed = capsys.readouterr().out.replace(str(tmp_path / name), "OUT")
+        outputs.append(re.sub(r"Training completed in .*", "", printed))
+    assert outputs[0] == outputs[1]
+    for split in ("train.csv", "validation.csv", "test.csv"):
+        assert (tmp_path / "a" / split).read_bytes() == (tmp_path / "b" / split).read_bytes()
