@@ -7,11 +7,12 @@ import argparse
 import json
 import sys
 
-from gpt import (GPTModel, InputError, check_config, get_tokenizer, load_safetensors,
-                 read_safetensors_header, run_cli)
+from gpt import (MODEL_NAMES, GPTModel, InputError, build_gpt, check_config, get_tokenizer,
+                 load_safetensors, read_safetensors_header, run_cli)
 import torch
 from data import PAD_TOKEN_ID, SPAM_CLASS_NAMES
-from finetune import CHECKPOINT_FORMAT, CHECKPOINT_NAME, POOLS, GPTClassifier, select_device
+from finetune import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, POOLS, GPTClassifier,
+                      prepare_for_classification, select_device)
 
 
 def classify_review(text, model, tokenizer, device, max_length=None,
@@ -33,7 +34,7 @@ def classify_review(text, model, tokenizer, device, max_length=None,
 
 
 def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD_TOKEN_ID,
-                   batch_size=16):
+                   batch_size=32):
     """Class probabilities (one list per text) for many texts, in batches of
     similar length. Padded to max_length only where the checkpoint's pooling
     reads a padding position ("last"); otherwise to each batch's longest."""
@@ -84,7 +85,18 @@ def read_checkpoint_metadata(path, metadata):
         raise bad(f"pad_token_id {info['pad_token_id']} is outside the vocabulary")
     if pool not in POOLS:
         raise bad(f"unknown pooling {pool!r}")
-    return dict(info, config=config, labels=labels, pool=pool)
+    lora = None
+    if "lora" in metadata:
+        try:
+            lora = json.loads(metadata["lora"])
+            valid = (1 <= lora["rank"] <= 4096 and lora["alpha"] > 0
+                     and lora["model"] in MODEL_NAMES and isinstance(lora["weights"], str)
+                     and isinstance(lora["seed"], int))
+        except (ValueError, TypeError, KeyError):
+            valid = False
+        if not valid:
+            raise bad("its LoRA description is malformed")
+    return dict(info, config=config, labels=labels, pool=pool, lora=lora)
 
 
 def empty_gpt(config, num_classes):
@@ -102,6 +114,21 @@ def empty_gpt(config, num_classes):
     return gpt
 
 
+def lora_base(info, path):
+    """The base GPT-2 a LoRA checkpoint records (pretrained, random with its seed,
+    or a local file), with the head and adapters of --trainable lora."""
+    lora = info["lora"]
+    if lora["weights"] == "random":
+        torch.manual_seed(lora["seed"])  # finetune.py seeds the same way
+    gpt, config = build_gpt(lora["model"], lora["weights"])
+    if config != info["config"]:
+        raise InputError(f"{path} was fine-tuned on base weights ({lora['weights']}) whose "
+                         f"config differs from the ones found now.")
+    return prepare_for_classification(gpt, info["num_classes"], trainable="lora",
+                                      seed=lora["seed"], lora_rank=lora["rank"],
+                                      lora_alpha=lora["alpha"])
+
+
 def load_classifier(path, device="cpu"):
     """A GPTClassifier and its metadata from a checkpoint written by finetune.py.
     The tensors' names and shapes are checked against the config on an empty
@@ -116,8 +143,14 @@ def load_classifier(path, device="cpu"):
                              f"--checkpoint PATH.") from None
         raise
     info = read_checkpoint_metadata(path, metadata)
-    gpt = empty_gpt(info["config"], info["num_classes"])
-    expected = {name: tuple(t.shape) for name, t in gpt.state_dict().items()}
+    lora = info["lora"]
+    if lora:  # adapters and head only: rebuild the base model they sit on
+        gpt = lora_base(info, path)
+        expected = {name: tuple(t.shape) for name, t in gpt.state_dict().items()
+                    if ".lora." in name or name.startswith("out_head.")}
+    else:
+        gpt = empty_gpt(info["config"], info["num_classes"])
+        expected = {name: tuple(t.shape) for name, t in gpt.state_dict().items()}
     found = {name: entry[1] for name, entry in entries.items()}
     for name, shape in expected.items():
         if name not in found:
@@ -127,7 +160,7 @@ def load_classifier(path, device="cpu"):
                              f"config needs {shape}.")
     tensors, _ = load_safetensors(path)
     state = {name: tensors[name].float() for name in expected}
-    gpt.load_state_dict(state, assign=True)
+    gpt.load_state_dict(state, assign=True, strict=not lora)
     model = GPTClassifier(gpt, pool=info["pool"], pad_token_id=info["pad_token_id"])
     return model.to(device).eval(), info
 

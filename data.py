@@ -99,8 +99,32 @@ def read_tsv(path, labels=None):
     return rows
 
 
+def read_labeled_csv(path):
+    """[(label, text)] from a CSV with Label and Text columns; labels are strings."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            for column in ("Label", "Text"):
+                if column not in columns:
+                    raise InputError(f"{path} has no {column!r} column "
+                                     f"(its header is {','.join(columns) or 'empty'}).")
+            rows = []
+            for number, row in enumerate(reader, start=2):
+                if not (row["Label"] or "").strip() or row["Text"] is None:
+                    raise InputError(f"{path}, row {number}: an empty label or a missing text.")
+                rows.append((row["Label"], row["Text"]))
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}.") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path} is not a readable UTF-8 CSV file ({e}).") from None
+    return rows
+
+
 def load_messages(path):
-    """[(label, text)] from a TSV file, or from the UCI zip's SMSSpamCollection."""
+    """[(label, text)] from --data: the SMS collection (TSV, or the UCI zip), whose
+    labels must be ham or spam, or your own label<TAB>text TSV or Label,Text CSV,
+    whose distinct labels are the classes."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file {path} does not exist.")
@@ -112,7 +136,12 @@ def load_messages(path):
         finally:
             if tsv.exists():
                 tsv.unlink()
-    return read_tsv(path, labels=SPAM_LABELS)
+    if path.suffix.lower() == ".csv":
+        rows = read_labeled_csv(path)
+        if not rows:
+            raise InputError(f"{path} holds no messages.")
+        return rows
+    return read_tsv(path, labels=SPAM_LABELS if path.name.startswith(ZIP_MEMBER) else None)
 
 
 def count_labels(rows):
@@ -122,15 +151,33 @@ def count_labels(rows):
     return counts
 
 
+def class_ids(rows):
+    """label -> class id, in sorted label order (ham 0, spam 1, as in the chapter)."""
+    labels = sorted(count_labels(rows))
+    if len(labels) < 2:
+        raise InputError(f"the data has a single class ({', '.join(labels)}); a classifier "
+                         f"needs at least two.")
+    return {label: i for i, label in enumerate(labels)}
+
+
+def class_names(label_ids):
+    """What classify prints for each class id: the chapter's "not spam"/"spam"
+    for ham/spam, the labels themselves otherwise."""
+    if set(label_ids) == set(SPAM_LABELS):
+        return SPAM_CLASS_NAMES
+    return sorted(label_ids, key=label_ids.get)
+
+
 def create_balanced_dataset(rows, seed=123):
-    """Listing 6.2: undersamples "ham" to the number of "spam" messages."""
-    spam = [row for row in rows if row[0] == "spam"]
-    ham = [row for row in rows if row[0] == "ham"]
-    if not spam or not ham:
-        raise InputError("the data needs both ham and spam messages to train a classifier "
-                         f"(it has {len(ham)} ham, {len(spam)} spam).")
-    ham_subset = random.Random(seed).sample(ham, min(len(spam), len(ham)))
-    return ham_subset + spam
+    """Listing 6.2, for any number of classes: undersamples every class to the
+    size of the smallest (for the SMS data: ham to the number of spam)."""
+    groups = {label: [row for row in rows if row[0] == label] for label in class_ids(rows)}
+    smallest = min(len(group) for group in groups.values())
+    rng = random.Random(seed)
+    balanced = []
+    for group in groups.values():
+        balanced += group if len(group) == smallest else rng.sample(group, smallest)
+    return balanced
 
 
 def random_split(rows, train_frac, validation_frac, seed=123):
@@ -160,28 +207,14 @@ def write_csv(rows, path, label_ids=SPAM_LABELS):
 
 
 def read_csv(path, num_classes=2):
-    """[(label_id, text)] from a Label,Text CSV; bad rows are errors naming the row."""
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            for column in ("Label", "Text"):
-                if column not in columns:
-                    raise InputError(f"{path} has no {column!r} column "
-                                     f"(its header is {','.join(columns) or 'empty'}).")
-            rows = []
-            for number, row in enumerate(reader, start=2):
-                label = row["Label"]
-                if not (label or "").strip().isdigit() or not 0 <= int(label) < num_classes:
-                    raise InputError(f"{path}, row {number}: label {label!r} is not a class "
-                                     f"id from 0 to {num_classes - 1}.")
-                if row["Text"] is None:
-                    raise InputError(f"{path}, row {number}: no Text value.")
-                rows.append((int(label), row["Text"]))
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror or e}.") from None
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"{path} is not a readable UTF-8 CSV file ({e}).") from None
+    """[(label_id, text)] from a split written by write_csv; a label that is not a
+    class id is an error naming the row."""
+    rows = []
+    for number, (label, text) in enumerate(read_labeled_csv(path), start=2):
+        if not label.strip().isdigit() or not 0 <= int(label) < num_classes:
+            raise InputError(f"{path}, row {number}: label {label!r} is not a class id "
+                             f"from 0 to {num_classes - 1}.")
+        rows.append((int(label), text))
     return rows
 
 

@@ -7,6 +7,7 @@ python finetune.py --device cuda --out runs/a
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -14,10 +15,11 @@ from pathlib import Path
 from gpt import (InputError, MODEL_NAMES, build_gpt, get_tokenizer, run_cli,
                  save_safetensors, take_positions, weights_config)
 import torch
-from data import (PAD_TOKEN_ID, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, count_labels,
-                  create_balanced_dataset, create_data_loaders, data_file_path,
-                  download_and_unzip_spam_data, extracted_path, load_messages, random_split,
-                  read_tsv, url, write_atomically, write_csv, zip_path)
+from data import (PAD_TOKEN_ID, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_ids,
+                  class_names, count_labels, create_balanced_dataset, create_data_loaders,
+                  data_file_path, download_and_unzip_spam_data, extracted_path,
+                  load_messages, pad_batch, random_split, read_tsv, url, write_atomically,
+                  write_csv, zip_path)
 
 CHECKPOINT_NAME = "review_classifier.safetensors"
 CHECKPOINT_FORMAT = "gpt2-classifier/1"
@@ -26,6 +28,7 @@ TRAINABLE = {  # which parts train (appendix B's layer experiments; Exercise 6.2
     "last_block": "the last transformer block, final_norm and the new head (the chapter)",
     "last_two_blocks": "the last two transformer blocks, final_norm and the head",
     "all": "every parameter (Exercise 6.2)",
+    "lora": "low-rank adapters on every Linear of the blocks, and the head (appendix E)",
 }
 POOLS = {  # which output position the head reads
     "last": "the last position of the padded sequence (the chapter)",
@@ -37,14 +40,18 @@ POOLS = {  # which output position the head reads
 
 # ---------------------------------------------------- 6.5 adding a classification head
 
-def prepare_for_classification(model, num_classes, trainable="last_block", seed=123):
+def prepare_for_classification(model, num_classes, trainable="last_block", seed=123,
+                               lora_rank=16, lora_alpha=16):
     """Freezes the model, replaces out_head by a num_classes head (listing 6.7),
-    then unfreezes what `trainable` names."""
+    then unfreezes what `trainable` names (or adds LoRA adapters, which train)."""
     for param in model.parameters():
         param.requires_grad = False
     torch.manual_seed(seed)
     emb_dim = model.tok_emb.weight.shape[1]
     model.out_head = torch.nn.Linear(in_features=emb_dim, out_features=num_classes)
+    if trainable == "lora":
+        replace_linear_with_lora(model.trf_blocks, lora_rank, lora_alpha)
+        return model
     unfrozen = {"last_layer": [],
                 "last_block": [model.trf_blocks[-1], model.final_norm],
                 "last_two_blocks": [*model.trf_blocks[-2:], model.final_norm],
@@ -53,6 +60,39 @@ def prepare_for_classification(model, num_classes, trainable="last_block", seed=
         for param in module.parameters():
             param.requires_grad = True
     return model
+
+
+class LoRALayer(torch.nn.Module):
+    """Appendix E: a low-rank update alpha/rank * (x A B); B starts at zero, so
+    training starts from the pretrained model exactly."""
+
+    def __init__(self, in_dim, out_dim, rank, alpha):
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.empty(in_dim, rank))
+        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = torch.nn.Parameter(torch.zeros(rank, out_dim))
+        self.scaling = alpha / rank
+
+    def forward(self, x):
+        return self.scaling * (x @ self.A @ self.B)
+
+
+class LinearWithLoRA(torch.nn.Module):
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+
+    def forward(self, x):
+        return self.linear(x) + self.lora(x)
+
+
+def replace_linear_with_lora(module, rank, alpha):
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear):
+            setattr(module, name, LinearWithLoRA(child, rank, alpha))
+        else:
+            replace_linear_with_lora(child, rank, alpha)
 
 
 def frozen_prefix_length(gpt):
@@ -141,6 +181,18 @@ class GPTClassifier(torch.nn.Module):
         if positions is None:
             return mean_over_real_tokens(outputs, input_batch, self.pad_token_id)
         return take_positions(outputs, positions)[:, 0, :]
+
+    def fill_prefix_cache(self, datasets, batch_size=32):
+        """Computes the frozen prefix of every message once, up front, in batches
+        of similar length: far less padding than the shuffled training batches."""
+        if self.n_cached is None:
+            return
+        messages = sorted((ids for dataset in datasets for ids, _ in dataset), key=len)
+        device = self.gpt.tok_emb.weight.device
+        with torch.no_grad():
+            for start in range(0, len(messages), batch_size):
+                batch = [(ids, torch.tensor(0)) for ids in messages[start:start + batch_size]]
+                self.frozen_prefix(pad_batch(batch, self.pad_token_id)[0].to(device))
 
     def frozen_prefix(self, input_batch):
         """Output of the embeddings and the first n_cached blocks, (b, T, emb_dim),
@@ -266,6 +318,77 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter):
     return train_loss, val_loss
 
 
+# ------------------------------------------- metrics a spam filter needs, a baseline
+
+def confusion_matrix_loader(data_loader, model, device, num_classes):
+    """counts[true class][predicted class] over a whole loader."""
+    model.eval()
+    counts = [[0] * num_classes for _ in range(num_classes)]
+    with torch.inference_mode():
+        for input_batch, target_batch in data_loader:
+            predicted = torch.argmax(model(input_batch.to(device)), dim=-1)
+            for true, guess in zip(target_batch.tolist(), predicted.tolist()):
+                counts[true][guess] += 1
+    return counts
+
+
+def per_class_metrics(counts, names):
+    """Precision, recall and F1 of each class from a confusion matrix."""
+    metrics = {}
+    for i, name in enumerate(names):
+        predicted = sum(row[i] for row in counts)
+        actual = sum(counts[i])
+        precision = counts[i][i] / predicted if predicted else 0.0
+        recall = counts[i][i] / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        metrics[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    return metrics
+
+
+def print_test_metrics(metrics, counts, names):
+    width = max(len(name) for name in names) + 2
+    print(f"{'Test set':<{width}}{'precision':>10}{'recall':>8}{'F1':>8}{'support':>9}")
+    for name, m in metrics.items():
+        print(f"{name:<{width}}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>8.3f}"
+              f"{m['support']:>9}")
+    print("Confusion matrix (rows: true class, columns: predicted):")
+    print(" " * width + "".join(f"{name[:10]:>11}" for name in names))
+    for name, row in zip(names, counts):
+        print(f"{name:<{width}}" + "".join(f"{n:>11}" for n in row))
+
+
+def words(text):
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def fit_naive_bayes(rows):
+    """Multinomial naive Bayes over lower-cased word counts, Laplace smoothing:
+    the baseline a GPT classifier has to beat. rows: [(class id, text)]."""
+    counts, totals, docs, vocabulary = {}, {}, {}, set()
+    for label, text in rows:
+        docs[label] = docs.get(label, 0) + 1
+        class_counts = counts.setdefault(label, {})
+        for word in words(text):
+            class_counts[word] = class_counts.get(word, 0) + 1
+            totals[label] = totals.get(label, 0) + 1
+            vocabulary.add(word)
+    return {"counts": counts, "totals": totals, "vocabulary_size": len(vocabulary),
+            "log_priors": {c: math.log(n / len(rows)) for c, n in docs.items()}}
+
+
+def predict_naive_bayes(model, text):
+    def log_likelihood(label):
+        counts, total = model["counts"][label], model["totals"].get(label, 0)
+        denominator = math.log(total + model["vocabulary_size"] + 1)
+        return model["log_priors"][label] + sum(
+            math.log(counts.get(word, 0) + 1) - denominator for word in words(text))
+    return max(model["log_priors"], key=log_likelihood)
+
+
+def naive_bayes_accuracy(model, rows):
+    return sum(predict_naive_bayes(model, text) == label for label, text in rows) / len(rows)
+
+
 # ------------------------------------------------------- listing 6.11, as SVG
 
 def nice_ticks(lo, hi, count=5):
@@ -353,10 +476,13 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, label="los
 
 # ------------------------------------------------------------------- saving
 
-def save_classifier(classifier, path, config, max_length, class_names):
+def save_classifier(classifier, path, config, max_length, class_names, lora=None):
     """The chapter's torch.save(model.state_dict(), "review_classifier.pth"),
     without pickle: a safetensors file whose metadata describes the model, so
-    classify.py needs nothing else. Written atomically."""
+    classify.py needs nothing else. Written atomically.
+
+    With lora={"rank", "alpha", "model", "weights", "seed"} only the adapters
+    and the head are saved, with the base weights they sit on."""
     gpt = classifier.gpt
     metadata = {
         "format": CHECKPOINT_FORMAT,
@@ -367,7 +493,11 @@ def save_classifier(classifier, path, config, max_length, class_names):
         "labels": json.dumps(class_names),
         "pool": classifier.pool,
     }
-    tensors = {name: t for name, t in gpt.state_dict().items()}
+    tensors = gpt.state_dict()
+    if lora:
+        metadata["lora"] = json.dumps(lora)
+        tensors = {name: t for name, t in tensors.items()
+                   if ".lora." in name or name.startswith("out_head.")}
     save_safetensors(tensors, path, metadata)
 
 
@@ -437,16 +567,18 @@ def build_parser():
                              "path of a local model.safetensors")
     parser.add_argument("--data", metavar="PATH",
                         help="a local SMSSpamCollection TSV or the UCI zip, instead of "
-                             "downloading it into sms_spam_collection/")
+                             "downloading it into sms_spam_collection/ (listing 6.1); or your own data: "
+                             "a label<TAB>text TSV or a CSV with Label,Text columns, whose "
+                             "distinct labels (2 or more) are the classes")
     parser.add_argument("--out", default=".", metavar="DIR",
-                        help="where the CSV splits, plots and checkpoint are written")
-    parser.add_argument("--epochs", type=positive_int, default=5, help="training epochs")
+                        help="where the CSV splits, plots, metrics.json and the checkpoint are written (the chapter: the current directory)")
+    parser.add_argument("--epochs", type=positive_int, default=5, help="training epochs (section 6.7: num_epochs)")
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="messages per batch (listing 6.5)")
     parser.add_argument("--lr", type=positive_float, default=5e-5,
-                        help="AdamW learning rate (weight decay 0.1)")
+                        help="AdamW learning rate, weight decay 0.1 (section 6.7)")
     parser.add_argument("--seed", type=int, default=123,
-                        help="seed of the balancing, split, shuffling and new head")
+                        help="seed of the balancing, split, shuffling, new head and random weights (the chapter uses 123)")
     parser.add_argument("--max-length", type=positive_int, default=None,
                         help="pad/truncate messages to N tokens (Exercise 6.1; 1024 is "
                              "the full context); default: the longest training message")
@@ -455,6 +587,16 @@ def build_parser():
     parser.add_argument("--pool", default="last", choices=list(POOLS),
                         help="which output the head reads: " + "; ".join(
                             f"{k}: {v}" for k, v in POOLS.items()))
+    parser.add_argument("--lora-rank", type=positive_int, default=16,
+                        help="rank r of the LoRA adapters (--trainable lora; appendix E)")
+    parser.add_argument("--lora-alpha", type=positive_float, default=16,
+                        help="LoRA scale alpha: the update is alpha/r * x A B (appendix E)")
+    parser.add_argument("--no-balance", action="store_true",
+                        help="keep the data as it is instead of undersampling every class "
+                             "to the smallest (listing 6.2)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the naive Bayes baseline printed beside the GPT's "
+                             "accuracy at the end")
     parser.add_argument("--plain", action="store_true",
                         help="run every layer on every batch as the chapter does, instead "
                              "of caching the frozen layers' output and computing the last "
@@ -480,12 +622,15 @@ def main(argv=None):
     # 6.2 Preparing the dataset
     rows = load_rows(args)
     print(f"Dataset: {len(rows)} messages, label counts {count_labels(rows)}")
-    balanced = create_balanced_dataset(rows, seed=args.seed)
-    print(f"Balanced: label counts {count_labels(balanced)}")
-    train_rows, validation_rows, test_rows = random_split(balanced, 0.7, 0.1, seed=args.seed)
+    label_ids = class_ids(rows)
+    names = class_names(label_ids)
+    if not args.no_balance:
+        rows = create_balanced_dataset(rows, seed=args.seed)
+        print(f"Balanced: label counts {count_labels(rows)}")
+    train_rows, validation_rows, test_rows = random_split(rows, 0.7, 0.1, seed=args.seed)
     for name, split in [("train", train_rows), ("validation", validation_rows),
                         ("test", test_rows)]:
-        write_csv(split, out / f"{name}.csv")
+        write_csv(split, out / f"{name}.csv", label_ids)
 
     if len(train_rows) < args.batch_size:
         raise InputError(f"the training set has {len(train_rows)} messages, fewer than one "
@@ -502,15 +647,17 @@ def main(argv=None):
 
     # 6.3 Creating data loaders
     tokenizer = get_tokenizer()
-    pad = args.pool == "last"  # the other pools read real tokens only: pad per batch
+    settings = {"pad": args.pool == "last",  # other pools read real tokens: pad per batch
+                "num_classes": len(label_ids)}
     train_dataset = SpamDataset(out / "train.csv", tokenizer, max_length=args.max_length,
-                                pad=pad)
+                                **settings)
     if train_dataset.max_length > context_length:
         train_dataset = SpamDataset(out / "train.csv", tokenizer, max_length=context_length,
-                                    pad=pad)
+                                    **settings)
     max_length = train_dataset.max_length
-    val_dataset = SpamDataset(out / "validation.csv", tokenizer, max_length=max_length, pad=pad)
-    test_dataset = SpamDataset(out / "test.csv", tokenizer, max_length=max_length, pad=pad)
+    val_dataset = SpamDataset(out / "validation.csv", tokenizer, max_length=max_length,
+                              **settings)
+    test_dataset = SpamDataset(out / "test.csv", tokenizer, max_length=max_length, **settings)
     print(f"Longest training sequence (max_length): {max_length} tokens")
     train_loader, val_loader, test_loader = create_data_loaders(
         train_dataset, val_dataset, test_dataset, batch_size=args.batch_size, seed=args.seed)
@@ -519,12 +666,14 @@ def main(argv=None):
     print(f"{len(test_loader)} test batches")
 
     # 6.5 Adding a classification head
-    prepare_for_classification(gpt, num_classes=len(SPAM_CLASS_NAMES),
-                               trainable=args.trainable, seed=args.seed)
+    prepare_for_classification(gpt, num_classes=len(label_ids), trainable=args.trainable,
+                               seed=args.seed, lora_rank=args.lora_rank,
+                               lora_alpha=args.lora_alpha)
     model = GPTClassifier(gpt, pool=args.pool, fast=not args.plain).to(device)
     if model.enable_prefix_cache():
         print(f"Caching the output of the frozen embeddings and first {model.n_cached} "
               f"blocks (--plain recomputes them on every batch, as the chapter does)")
+        model.fill_prefix_cache([train_dataset, val_dataset, test_dataset])
 
     # 6.6 Calculating the classification loss and accuracy, before fine-tuning
     torch.manual_seed(args.seed)
@@ -569,18 +718,43 @@ def main(argv=None):
     print(f"Training accuracy: {train_accuracy*100:.2f}%")
     print(f"Validation accuracy: {val_accuracy*100:.2f}%")
     print(f"Test accuracy: {test_accuracy*100:.2f}%")
+    counts = confusion_matrix_loader(test_loader, model, device, len(label_ids))
+    metrics = {"train_accuracy": train_accuracy, "val_accuracy": val_accuracy,
+               "test_accuracy": test_accuracy, "labels": names,
+               "test_per_class": per_class_metrics(counts, names),
+               "test_confusion_matrix": counts,
+               "train_seconds": round(end_time - start_time, 1), "args": vars(args)}
+    print_test_metrics(metrics["test_per_class"], counts, names)
+    if not args.no_baseline:
+        as_ids = [[(label_ids[label], text) for label, text in split]
+                  for split in (train_rows, validation_rows, test_rows)]
+        baseline = fit_naive_bayes(as_ids[0])
+        metrics["naive_bayes"] = {"val_accuracy": naive_bayes_accuracy(baseline, as_ids[1]),
+                                  "test_accuracy": naive_bayes_accuracy(baseline, as_ids[2])}
+        print(f"Naive Bayes baseline (word counts, same split): validation accuracy "
+              f"{metrics['naive_bayes']['val_accuracy']*100:.2f}%, test accuracy "
+              f"{metrics['naive_bayes']['test_accuracy']*100:.2f}%")
 
     # 6.8 Using the LLM as a spam classifier
-    save_classifier(model, checkpoint, config, max_length, SPAM_CLASS_NAMES)
-    print(f"Saved {checkpoint}, loss-plot.svg, accuracy-plot.svg and the CSV splits in {out}")
-    from classify import classify_review
-    for text in ["You are a winner you have been specially selected to receive $1000 cash "
-                 "or a $2000 award.",
-                 "Hey, just wanted to check if we're still on for dinner tonight? Let me know!"]:
-        print(f"{classify_review(text, model, tokenizer, device, max_length=max_length)}: {text}")
-    return {"train_accuracy": train_accuracy, "val_accuracy": val_accuracy,
-            "test_accuracy": test_accuracy, "train_seconds": end_time - start_time,
-            "checkpoint": str(checkpoint)}
+    lora = None
+    if args.trainable == "lora":
+        weights = args.weights if args.weights in ("pretrained", "random") else \
+            str(Path(args.weights).resolve())
+        lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "model": args.model,
+                "weights": weights, "seed": args.seed}
+    save_classifier(model, checkpoint, config, max_length, names, lora=lora)
+    write_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    print(f"Saved {checkpoint}, metrics.json, loss-plot.svg, accuracy-plot.svg and the "
+          f"CSV splits in {out}")
+    if names == SPAM_CLASS_NAMES:
+        from classify import classify_review
+        for text in ["You are a winner you have been specially selected to receive $1000 "
+                     "cash or a $2000 award.",
+                     "Hey, just wanted to check if we're still on for dinner tonight? "
+                     "Let me know!"]:
+            label = classify_review(text, model, tokenizer, device, max_length=max_length)
+            print(f"{label}: {text}")
+    return dict(metrics, checkpoint=str(checkpoint))
 
 
 if __name__ == "__main__":

@@ -77,9 +77,9 @@ def offline_env():
             "no_proxy": "", "NO_PROXY": ""}
 
 
-def tiny_classifier(num_classes=2, pool="last", trainable="last_block", seed=0):
+def tiny_classifier(num_classes=2, pool="last", trainable="last_block", seed=0, n_layers=2):
     torch.manual_seed(seed)
-    model = gpt.GPTModel(TINY_CONFIG)
+    model = gpt.GPTModel(dict(TINY_CONFIG, n_layers=n_layers))
     finetune.prepare_for_classification(model, num_classes, trainable=trainable, seed=seed)
     return finetune.GPTClassifier(model, pool=pool)
 
@@ -436,7 +436,7 @@ def test_bad_csv_splits_name_the_file_and_row(tmp_path, content, problem):
 
 
 def test_single_class_or_too_few_messages_fail_before_any_model():
-    with pytest.raises(InputError, match="both ham and spam"):
+    with pytest.raises(InputError, match="single class"):
         data.create_balanced_dataset([("ham", "a"), ("ham", "b")])
     with pytest.raises(InputError, match="too few"):
         data.random_split([("ham", "a"), ("spam", "b"), ("ham", "c"), ("spam", "d")], 0.7, 0.1)
@@ -522,10 +522,13 @@ def test_a_short_training_run_lowers_the_loss(capsys):
                                              ("last", "last_layer")])
 def test_cached_fast_loop_equals_the_plain_loop(pool, trainable, capsys):
     batches = random_batches(5, ragged=pool != "last")
-    plain = tiny_classifier(pool=pool, trainable=trainable)
+    plain = tiny_classifier(pool=pool, trainable=trainable, n_layers=3)
     plain.fast = False
-    fast = tiny_classifier(pool=pool, trainable=trainable)
+    fast = tiny_classifier(pool=pool, trainable=trainable, n_layers=3)
     assert fast.enable_prefix_cache()
+    assert fast.n_cached == {"last_block": 2, "last_two_blocks": 1, "last_layer": 3}[trainable]
+    fast.fill_prefix_cache([[(ids[i], y[i]) for ids, y in batches for i in range(4)]])
+    assert len(fast.prefix_cache) == 5 * 4
     plain_curves = train_briefly(plain, batches)
     fast_curves = train_briefly(fast, batches)
     for a, b in zip(plain_curves[:4], fast_curves[:4]):
@@ -674,8 +677,8 @@ def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokeni
     assert re.search(r"Training completed in \d+\.\d\d minutes\.", stdout)
     assert re.search(r"Test accuracy: \d+\.\d\d%", stdout)
     assert sorted(p.name for p in out.iterdir()) == [
-        "accuracy-plot.svg", "loss-plot.svg", "review_classifier.safetensors", "test.csv",
-        "train.csv", "validation.csv"]
+        "accuracy-plot.svg", "loss-plot.svg", "metrics.json", "review_classifier.safetensors",
+        "test.csv", "train.csv", "validation.csv"]
     checkpoint = out / "review_classifier.safetensors"
     code, stdout, stderr = run("classify.py", "--checkpoint", checkpoint, SPAM_TEXT, "hi there")
     assert code == 0, stderr
@@ -693,7 +696,7 @@ def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokeni
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "0"], "--batch-size: must be at least 1"),
     (["--epochs", "0"], "--epochs: must be at least 1"),
-    (["--lr", "-1e-5"], "--lr: must be a positive number"),
+    (["--lr=-1e-5"], "--lr: must be a positive number"),
     (["--max-length", "5000"], "--max-length 5000 is above the model's context length 1024"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
 ])
@@ -731,3 +734,139 @@ def test_same_seed_gives_identical_splits_and_metrics(tmp_path, sample_tsv, caps
     assert outputs[0] == outputs[1]
     for split in ("train.csv", "validation.csv", "test.csv"):
         assert (tmp_path / "a" / split).read_bytes() == (tmp_path / "b" / split).read_bytes()
+
+
+# ------------------------------------------- beyond the chapter: own data, LoRA, metrics
+
+def three_class_tsv(path, per_class=30):
+    topics = {"sports": "the team won the match with a late goal number {}",
+              "politics": "the minister announced a new election law, vote {}",
+              "tech": "the new laptop chip runs faster than model {}"}
+    lines = [f"{label}\t{template.format(i)}\n" for label, template in topics.items()
+             for i in range(per_class)]
+    lines.append("tech\tone extra message so the classes start unbalanced\n")
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+def test_own_labels_become_sorted_class_ids_and_balancing_evens_them(tmp_path):
+    rows = data.load_messages(three_class_tsv(tmp_path / "topics.tsv"))
+    assert data.class_ids(rows) == {"politics": 0, "sports": 1, "tech": 2}
+    assert data.class_names(data.class_ids(rows)) == ["politics", "sports", "tech"]
+    assert data.count_labels(data.create_balanced_dataset(rows)) == {
+        "politics": 30, "sports": 30, "tech": 30}
+    assert data.class_names({"ham": 0, "spam": 1}) == ["not spam", "spam"]
+    csv_path = tmp_path / "own.csv"
+    csv_path.write_text('Label,Text\npositive,"great, really"\nnegative,bad\n', encoding="utf-8")
+    assert data.load_messages(csv_path) == [("positive", "great, really"), ("negative", "bad")]
+
+
+@needs_tiny
+def test_three_class_fine_tune_then_classify_with_the_checkpoint(tmp_path, tokenizer, capsys):
+    tsv = three_class_tsv(tmp_path / "topics.tsv")
+    result = finetune.main(["--data", str(tsv), "--weights", str(TINY / "model.safetensors"),
+                            "--epochs", "3", "--batch-size", "4", "--lr", "1e-3",
+                            "--out", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    assert "Confusion matrix" in printed and "Naive Bayes baseline" in printed
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["labels"] == ["politics", "sports", "tech"]
+    assert len(metrics["test_confusion_matrix"]) == 3
+    assert sum(map(sum, metrics["test_confusion_matrix"])) == 90 - int(90 * 0.7) - int(90 * 0.1)
+    assert metrics["test_accuracy"] == result["test_accuracy"]
+    assert set(metrics["test_per_class"]["tech"]) == {"precision", "recall", "f1", "support"}
+    code, out, err = run("classify.py", "--checkpoint", tmp_path / "run" / CHECKPOINT, "--all",
+                         "the striker scored a goal in the match")
+    assert code == 0, err
+    assert re.match(r"(politics|sports|tech)\tP\(politics\)=0\.\d{3}  P\(sports\)=0\.\d{3}  "
+                    r"P\(tech\)=0\.\d{3}\t", out)
+
+
+CHECKPOINT = finetune.CHECKPOINT_NAME
+
+
+def test_no_balance_keeps_every_message(tmp_path, capsys):
+    tsv = three_class_tsv(tmp_path / "topics.tsv")
+    parser = finetune.build_parser()
+    args = parser.parse_args(["--data", str(tsv), "--no-balance"])
+    rows = finetune.load_rows(args)
+    assert len(rows) == 91 and args.no_balance
+
+
+def test_per_class_metrics_from_a_confusion_matrix():
+    metrics = finetune.per_class_metrics([[8, 2], [1, 9]], ["not spam", "spam"])
+    assert metrics["spam"]["precision"] == pytest.approx(9 / 11)
+    assert metrics["spam"]["recall"] == pytest.approx(0.9)
+    assert metrics["spam"]["f1"] == pytest.approx(2 * (9 / 11) * 0.9 / (9 / 11 + 0.9))
+    assert metrics["not spam"]["support"] == 10
+    assert finetune.per_class_metrics([[0, 0], [0, 3]], ["a", "b"])["a"]["f1"] == 0.0
+
+
+def test_naive_bayes_learns_word_counts():
+    train = [(1, "WIN cash now"), (1, "free cash prize"), (0, "see you at lunch"),
+             (0, "lunch at noon?")]
+    model = finetune.fit_naive_bayes(train)
+    assert finetune.predict_naive_bayes(model, "cash prize now") == 1
+    assert finetune.predict_naive_bayes(model, "lunch today") == 0
+    assert finetune.naive_bayes_accuracy(model, train) == 1.0
+
+
+@needs_sms
+def test_naive_bayes_on_the_chapters_split_reaches_about_97_percent():
+    balanced = data.create_balanced_dataset(data.read_tsv(SMS))
+    train, validation, test = data.random_split(balanced, 0.7, 0.1)
+    as_ids = [[(data.SPAM_LABELS[l], t) for l, t in split] for split in (train, validation, test)]
+    model = finetune.fit_naive_bayes(as_ids[0])
+    assert finetune.naive_bayes_accuracy(model, as_ids[2]) >= 0.95
+
+
+def test_lora_starts_at_the_base_model_and_trains_only_adapters_and_head():
+    torch.manual_seed(0)
+    base = gpt.GPTModel(TINY_CONFIG)
+    ids = torch.randint(0, 50000, (2, 8))
+    with torch.no_grad():
+        hidden = base.final_norm(base.trf_blocks(base.embed(ids)))
+    finetune.prepare_for_classification(base, 2, trainable="lora", lora_rank=4, lora_alpha=8)
+    trainable = {n for n, p in base.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora." in n or n.startswith("out_head.") for n in trainable)
+    assert sum(".lora.A" in n for n in trainable) == 2 * 6  # 6 Linear layers per block
+    with torch.no_grad():
+        assert torch.allclose(base.final_norm(base.trf_blocks(base.embed(ids))), hidden)
+    assert not finetune.GPTClassifier(base).enable_prefix_cache()
+    layer = finetune.LoRALayer(3, 5, rank=2, alpha=4)
+    with torch.no_grad():
+        layer.B.fill_(1.0)
+    x = torch.randn(1, 3)
+    assert torch.allclose(layer(x), 2.0 * (x @ layer.A @ layer.B))  # alpha / rank = 2
+
+
+@needs_tiny
+def test_lora_checkpoint_holds_only_adapters_and_reloads_on_its_base(tmp_path, capsys):
+    out = tmp_path / "lora"
+    finetune.main(["--data", str(three_class_tsv(tmp_path / "t.tsv")), "--weights",
+                   str(TINY / "model.safetensors"), "--trainable", "lora", "--lora-rank", "4",
+                   "--epochs", "1", "--batch-size", "4", "--out", str(out), "--no-baseline"])
+    entries, metadata = gpt.read_safetensors_header(out / CHECKPOINT)
+    assert entries and all(".lora." in n or n.startswith("out_head.") for n in entries)
+    assert json.loads(metadata["lora"])["weights"] == str((TINY / "model.safetensors").resolve())
+    loaded, info = classify.load_classifier(out / CHECKPOINT)
+    assert info["labels"] == ["politics", "sports", "tech"]
+    ids = torch.tensor([[101, 102, 103, 104]])
+    with torch.no_grad():
+        again, _ = classify.load_classifier(out / CHECKPOINT)
+        assert torch.equal(loaded(ids), again(ids))
+        assert loaded.gpt.trf_blocks[0].att.W_query.lora.B.abs().sum() > 0  # trained
+
+
+def test_help_documents_every_flag_with_its_chapter_reference():
+    code, out, _ = run("finetune.py", "--help")
+    assert code == 0
+    out = " ".join(out.split())  # argparse wraps to the terminal's width
+    flags = re.findall(r"--[a-z-]+", out)
+    for flag in ["--device", "--model", "--weights", "--data", "--out", "--epochs",
+                 "--batch-size", "--lr", "--seed", "--max-length", "--trainable", "--pool",
+                 "--lora-rank", "--lora-alpha", "--no-balance", "--no-baseline", "--plain"]:
+        assert flag in flags
+    for reference in ["Exercise 6.1", "Exercise 6.2", "Exercise 6.3", "appendix E",
+                      "listing 6.2", "section 6.4"]:
+        assert reference in out
