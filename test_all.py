@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -716,6 +717,26 @@ def test_finetune_without_network_or_local_files_names_what_is_missing(tmp_path,
                           env=offline_env())
     assert code == 1 and "gpt2-small weights" in stderr and "--weights PATH" in stderr
     assert "Traceback" not in stderr and not (tmp_path / "gpt2" / "124M" / "model.safetensors").exists()
+
+
+@needs_tiny
+def test_ctrl_c_during_fine_tuning_says_what_was_saved_and_keeps_the_checkpoint(
+        tmp_path, sample_tsv):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / finetune.CHECKPOINT_NAME).write_bytes(b"an earlier checkpoint")
+    process = subprocess.Popen(
+        [sys.executable, "-u", "finetune.py", "--data", str(sample_tsv), "--weights",
+         str(TINY / "model.safetensors"), "--epochs", "500", "--out", str(out)],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("Ep 1 (Step 000000)"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    assert "interrupted during training" in stderr and "is unchanged" in stderr
+    assert (out / finetune.CHECKPOINT_NAME).read_bytes() == b"an earlier checkpoint"
 
 
 def test_classify_without_a_checkpoint_says_how_to_make_one(tmp_path):
