@@ -5,6 +5,7 @@ python classify.py --checkpoint runs/a/review_classifier.safetensors - < message
 """
 import argparse
 import json
+import os
 import sys
 
 from gpt import (MODEL_NAMES, GPTModel, InputError, build_gpt, check_config, get_tokenizer,
@@ -137,7 +138,7 @@ def load_classifier(path, device="cpu"):
     try:
         entries, metadata = read_safetensors_header(path)
     except InputError:
-        if not __import__("os").path.exists(path):
+        if not os.path.exists(path):
             raise InputError(f"no checkpoint at {path}. Fine-tune one first with "
                              f"python finetune.py (it writes {CHECKPOINT_NAME}), or pass "
                              f"--checkpoint PATH.") from None

@@ -88,9 +88,10 @@ def read_tsv(path, labels=None):
         if not line.strip():
             continue
         label, tab, message = line.partition("\t")
+        label = label.strip()
         if not tab:
             raise InputError(f"{path}, line {number}: no tab between label and text.")
-        if not label.strip() or (labels is not None and label not in labels):
+        if not label or (labels is not None and label not in labels):
             expected = f" (expected one of {', '.join(labels)})" if labels else ""
             raise InputError(f"{path}, line {number}: unknown label {label!r}{expected}.")
         rows.append((label, message))
@@ -113,7 +114,7 @@ def read_labeled_csv(path):
             for number, row in enumerate(reader, start=2):
                 if not (row["Label"] or "").strip() or row["Text"] is None:
                     raise InputError(f"{path}, row {number}: an empty label or a missing text.")
-                rows.append((row["Label"], row["Text"]))
+                rows.append((row["Label"].strip(), row["Text"]))
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror or e}.") from None
     except (UnicodeDecodeError, csv.Error) as e:

@@ -460,8 +460,14 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, label="los
         line(train_values, 'stroke="#1f77b4"'),
         line(val_values, 'stroke="#ff7f0e" stroke-dasharray="7 4"'),
     ]
-    lx, ly = width - right - 150, top + 10  # the legend, top right
-    svg += [f'<rect x="{lx}" y="{ly}" width="140" height="40" fill="white" stroke="#ccc"/>',
+    # the legend, top right, or bottom right where the curves end high (accuracy)
+    legend_width = 48 + 6.4 * len(f"Validation {label}")
+    ends = [v[-1] for v in (train_values, val_values) if len(v) and math.isfinite(v[-1])]
+    high = ends and sum(ends) / len(ends) > (y_min + y_max) / 2
+    lx = width - right - 10 - legend_width
+    ly = height - bottom - 50 if high else top + 10
+    svg += [f'<rect x="{lx:.1f}" y="{ly}" width="{legend_width:.1f}" height="40" fill="white" '
+            f'stroke="#ccc"/>',
             f'<line x1="{lx + 8}" y1="{ly + 13}" x2="{lx + 34}" y2="{ly + 13}" '
             f'stroke="#1f77b4" stroke-width="1.8"/>',
             f'<text x="{lx + 40}" y="{ly + 17}">Training {label}</text>',
@@ -556,15 +562,16 @@ def build_parser():
                     "accuracy-plot.svg and review_classifier.safetensors.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="where to train; auto picks cuda, then mps (torch >= 2.9), "
-                             "then cpu")
+                        help="where to train (section 6.6's device); auto picks cuda, then "
+                             "mps (torch >= 2.9), then cpu")
     parser.add_argument("--model", default="gpt2-small", choices=list(MODEL_NAMES),
                         help="GPT-2 size (section 6.4's CHOOSE_MODEL); a config.json beside "
                              "--weights PATH overrides it")
     parser.add_argument("--weights", default="pretrained",
                         help="'pretrained' (the Hub's model.safetensors, downloaded once "
-                             "into gpt2/<size>/), 'random' (untrained, for timing), or the "
-                             "path of a local model.safetensors")
+                             "into gpt2/<size>/; section 6.4), 'random' (untrained: appendix "
+                             "B's random-weights experiment, and timing), or the path of a "
+                             "local model.safetensors")
     parser.add_argument("--data", metavar="PATH",
                         help="a local SMSSpamCollection TSV or the UCI zip, instead of "
                              "downloading it into sms_spam_collection/ (listing 6.1); or your own data: "
@@ -595,10 +602,10 @@ def build_parser():
                         help="keep the data as it is instead of undersampling every class "
                              "to the smallest (listing 6.2)")
     parser.add_argument("--no-baseline", action="store_true",
-                        help="skip the naive Bayes baseline printed beside the GPT's "
-                             "accuracy at the end")
+                        help="skip the naive Bayes baseline (word counts, same split) "
+                             "printed beside the GPT's final accuracy (section 6.7)")
     parser.add_argument("--plain", action="store_true",
-                        help="run every layer on every batch as the chapter does, instead "
+                        help="run every layer on every batch as section 6.7 does, instead "
                              "of caching the frozen layers' output and computing the last "
                              "block at the pooled position only (same results, slower)")
     return parser
@@ -641,10 +648,6 @@ def main(argv=None):
         parser.error(f"--max-length {args.max_length} is above the model's context "
                      f"length {context_length}")
 
-    # 6.4 Initializing a model with pretrained weights
-    torch.manual_seed(args.seed)
-    gpt, config = build_gpt(args.model, args.weights)
-
     # 6.3 Creating data loaders
     tokenizer = get_tokenizer()
     settings = {"pad": args.pool == "last",  # other pools read real tokens: pad per batch
@@ -664,6 +667,10 @@ def main(argv=None):
     print(f"{len(train_loader)} training batches")
     print(f"{len(val_loader)} validation batches")
     print(f"{len(test_loader)} test batches")
+
+    # 6.4 Initializing a model with pretrained weights
+    torch.manual_seed(args.seed)
+    gpt, config = build_gpt(args.model, args.weights)
 
     # 6.5 Adding a classification head
     prepare_for_classification(gpt, num_classes=len(label_ids), trainable=args.trainable,

@@ -5,6 +5,7 @@ prints the greedy continuation, the chapter's check that the weights loaded.
 """
 import argparse
 import ctypes
+import http.client
 import json
 import math
 import mmap
@@ -391,17 +392,16 @@ def download_file(url, destination, what, hint):
                 out.write(chunk)
                 done += len(chunk)
                 speed = done / max(time.time() - start, 1e-9) / 1e6
-                percent = f" ({100 * done / total:.0f}%)" if total else ""
-                print(f"\r{destination.name}: {done / 1e6:.1f} of "
-                      f"{total / 1e6 if total else float('nan'):.1f} MB{percent}, "
-                      f"{speed:.1f} MB/s", end="", file=sys.stderr, flush=True)
+                of_total = f" of {total / 1e6:.1f} MB ({100 * done / total:.0f}%)" if total else " MB"
+                print(f"\r{destination.name}: {done / 1e6:.1f}{of_total}, {speed:.1f} MB/s",
+                      end="", file=sys.stderr, flush=True)
             print(file=sys.stderr)
             if total and done != total:
                 raise InputError(f"the download of {what} from {url} stopped after "
                                  f"{done:,} of {total:,} bytes; run again to start over, "
                                  f"or {hint}.")
         os.replace(part, destination)
-    except (urllib.error.URLError, OSError, ValueError, http_exceptions()) as e:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
         raise InputError(f"could not download {what} from {url} ({reason}). "
                          f"Nothing was saved at {destination}; {hint}.") from None
@@ -409,11 +409,6 @@ def download_file(url, destination, what, hint):
         if part.exists():
             part.unlink()
     return destination
-
-
-def http_exceptions():
-    import http.client
-    return http.client.HTTPException
 
 
 def gpt2_weights_path(model_name, models_dir="gpt2"):
@@ -526,7 +521,7 @@ def load_weights_into_gpt(gpt, params, source="the weights"):
                 filled.add(id(param))
     missing = [n for n, p in gpt.named_parameters() if id(p) not in filled]
     if missing:
-        raise InputError(f"{source} lack {len(missing)} of the model's tensors, "
+        raise InputError(f"{source} is missing {len(missing)} of the model's tensors, "
                          f"e.g. {', '.join(missing[:3])}: not a complete GPT-2 checkpoint "
                          f"of this size.")
 
