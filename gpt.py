@@ -564,8 +564,9 @@ def weights_config(model_name, weights):
 
 
 def build_gpt(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
-    """GPTModel with its weights: "pretrained" (downloaded once), "random", or a
-    path to a Hub-layout model.safetensors. Returns (model, config)."""
+    """Listing 6.6: GPTModel with its weights, "pretrained" (downloaded once, the
+    chapter's download_and_load_gpt2), "random", or a path to a Hub-layout
+    model.safetensors. Returns (model, config)."""
     config = weights_config(model_name, weights)
     if weights == "random":
         return GPTModel(config), config
