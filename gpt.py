@@ -382,6 +382,8 @@ def download_file(url, destination, what, hint):
     destination only when complete: a dropped connection, a full disk or Ctrl-C
     never leaves a partial file at destination, and the next run starts over."""
     destination = Path(destination)
+    # folders this call creates, removed again if the download fails
+    created = [p for p in [destination.parent, *destination.parent.parents] if not p.exists()]
     destination.parent.mkdir(parents=True, exist_ok=True)
     part = destination.with_name(destination.name + ".part")
     try:
@@ -408,6 +410,10 @@ def download_file(url, destination, what, hint):
     finally:
         if part.exists():
             part.unlink()
+        if not destination.exists():
+            for folder in created:  # innermost first
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
     return destination
 
 

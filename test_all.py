@@ -274,6 +274,7 @@ def test_failed_download_leaves_no_file_and_names_the_flag(tmp_path, monkeypatch
     with pytest.raises(InputError, match="--weights PATH"):
         gpt.download_gpt2("gpt2-small", tmp_path / "gpt2")
     assert not destination.exists() and not list(tmp_path.rglob("*.part"))
+    assert not (tmp_path / "gpt2").exists()  # no empty folders left behind either
 
 
 class Server:
@@ -928,3 +929,19 @@ def test_help_documents_every_flag_with_its_chapter_reference():
     for reference in ["Exercise 6.1", "Exercise 6.2", "Exercise 6.3", "appendix E",
                       "listing 6.2", "section 6.4"]:
         assert reference in out
+
+
+@pytest.mark.parametrize("name", ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_every_model_size_composes_with_every_trainable_choice(name):
+    config = gpt.model_config(name)
+    for trainable in finetune.TRAINABLE:
+        with torch.device("meta"):  # shapes only: no memory, no time
+            model = finetune.prepare_for_classification(gpt.GPTModel(config), 3,
+                                                        trainable=trainable)
+        classifier = finetune.GPTClassifier(model, pool="flexible")
+        cached = classifier.enable_prefix_cache()
+        assert model.out_head.weight.shape == (3, config["emb_dim"])
+        assert cached == (trainable not in ("all", "lora"))
+        if cached:
+            expected = {"last_layer": 0, "last_block": 1, "last_two_blocks": 2}[trainable]
+            assert classifier.n_cached == config["n_layers"] - expected
