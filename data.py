@@ -23,6 +23,7 @@ ZIP_MEMBER = "SMSSpamCollection"
 SPAM_LABELS = {"ham": 0, "spam": 1}     # the chapter's map of string labels to ids
 SPAM_CLASS_NAMES = ["not spam", "spam"]  # what classify_review returns for 0 and 1
 PAD_TOKEN_ID = 50256                     # "<|endoftext|>"
+SEED = 123                               # the chapter's random_state and manual_seed
 
 
 def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
@@ -169,7 +170,7 @@ def class_names(label_ids):
     return sorted(label_ids, key=label_ids.get)
 
 
-def create_balanced_dataset(rows, seed=123):
+def create_balanced_dataset(rows, seed=SEED):
     """Listing 6.2, for any number of classes: undersamples every class to the
     size of the smallest (for the SMS data: ham to the number of spam)."""
     groups = {label: [row for row in rows if row[0] == label] for label in class_ids(rows)}
@@ -181,7 +182,7 @@ def create_balanced_dataset(rows, seed=123):
     return balanced
 
 
-def random_split(rows, train_frac, validation_frac, seed=123):
+def random_split(rows, train_frac, validation_frac, seed=SEED):
     """Listing 6.3: a seeded shuffle, then the first 70% train, 10% validation,
     the rest test."""
     rows = list(rows)
@@ -265,7 +266,7 @@ def pad_batch(batch, pad_token_id=PAD_TOKEN_ID):
 
 
 def create_data_loaders(train_dataset, val_dataset, test_dataset, batch_size=8,
-                        seed=123, num_workers=0):
+                        seed=SEED, num_workers=0):
     """Listing 6.5: the training loader shuffles (seeded) and drops the last
     incomplete batch; validation and test keep every message."""
     collate = pad_batch  # stacks padded datasets as they are, pads the others per batch

@@ -15,7 +15,7 @@ from pathlib import Path
 from gpt import (InputError, MODEL_NAMES, build_gpt, get_tokenizer, run_cli,
                  save_safetensors, take_positions, weights_config)
 import torch
-from data import (PAD_TOKEN_ID, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_ids,
+from data import (PAD_TOKEN_ID, SEED, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_ids,
                   class_names, count_labels, create_balanced_dataset, create_data_loaders,
                   data_file_path, download_and_unzip_spam_data, extracted_path,
                   load_messages, pad_batch, random_split, read_tsv, url, write_atomically,
@@ -40,7 +40,7 @@ POOLS = {  # which output position the head reads
 
 # ---------------------------------------------------- 6.5 adding a classification head
 
-def prepare_for_classification(model, num_classes, trainable="last_block", seed=123,
+def prepare_for_classification(model, num_classes, trainable="last_block", seed=SEED,
                                lora_rank=16, lora_alpha=16):
     """Freezes the model, replaces out_head by a num_classes head (listing 6.7),
     then unfreezes what `trainable` names (or adds LoRA adapters, which train)."""
@@ -405,79 +405,94 @@ def nice_ticks(lo, hi, count=5):
     return ticks
 
 
+SVG_SIZE = {"width": 500, "height": 300, "left": 64, "right": 16, "top": 48, "bottom": 44}
+TRAIN_STYLE = 'stroke="#1f77b4"'                              # solid, as in the chapter
+VALIDATION_STYLE = 'stroke="#ff7f0e" stroke-dasharray="7 4"'  # dashed
+
+
 def plot_values(epochs_seen, examples_seen, train_values, val_values, label="loss",
                 out_dir="."):
     """Listing 6.11 without Matplotlib: training (solid) and validation (dashed)
     values against epochs (bottom axis) and examples seen (top axis), written
     as <label>-plot.svg."""
-    width, height = 500, 300
-    left, right, top, bottom = 64, 16, 48, 44
     epochs_seen, examples_seen = list(map(float, epochs_seen)), list(map(float, examples_seen))
     values = [v for v in list(train_values) + list(val_values) if math.isfinite(v)]
     y_ticks = nice_ticks(min(values, default=0.0), max(values, default=1.0))
     x_ticks = nice_ticks(0.0, epochs_seen[-1] if epochs_seen[-1] > 0 else 1.0)
-    x_max, y_min, y_max = x_ticks[-1], y_ticks[0], y_ticks[-1]
+    w, h = SVG_SIZE["width"], SVG_SIZE["height"]
+    left, right, top, bottom = (SVG_SIZE[k] for k in ("left", "right", "top", "bottom"))
 
     def sx(epoch):
-        return left + (width - left - right) * epoch / x_max
+        return left + (w - left - right) * epoch / x_ticks[-1]
 
     def sy(value):
-        return height - bottom - (height - top - bottom) * (value - y_min) / (y_max - y_min)
+        return h - bottom - (h - top - bottom) * (value - y_ticks[0]) / (y_ticks[-1] - y_ticks[0])
 
-    def line(ys, style):
-        points = [(sx(x), sy(y)) for x, y in zip(epochs_seen, ys) if math.isfinite(y)]
-        if len(points) == 1:  # a polyline of one point is invisible
-            return f'<circle cx="{points[0][0]:.1f}" cy="{points[0][1]:.1f}" r="3" {style}/>'
-        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
-        return f'<polyline points="{coords}" fill="none" stroke-width="1.8" {style}/>'
-
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<rect x="{left}" y="{top}" width="{width - left - right}" '
-           f'height="{height - top - bottom}" fill="none" stroke="black"/>']
-    for x in x_ticks:
-        svg.append(f'<line x1="{sx(x):.1f}" y1="{height - bottom}" x2="{sx(x):.1f}" '
-                   f'y2="{height - bottom + 4}" stroke="black"/>')
-        svg.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 16}" '
-                   f'text-anchor="middle">{x:g}</text>')
     # the top axis: examples seen grow linearly with the epochs
     per_epoch = examples_seen[-1] / epochs_seen[-1] if epochs_seen[-1] else 0
-    for n in nice_ticks(0.0, max(per_epoch * x_max, 1.0)) if per_epoch else []:
-        if n <= per_epoch * x_max + 1e-9:
-            x = sx(n / per_epoch)
-            svg.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top - 4}" stroke="black"/>')
-            svg.append(f'<text x="{x:.1f}" y="{top - 7}" text-anchor="middle">{n:g}</text>')
-    for y in y_ticks:
-        svg.append(f'<line x1="{left - 4}" y1="{sy(y):.1f}" x2="{left}" y2="{sy(y):.1f}" '
-                   f'stroke="black"/>')
-        svg.append(f'<text x="{left - 7}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
-    svg += [
-        f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">Epochs</text>',
-        f'<text x="{(left + width - right) / 2}" y="14" text-anchor="middle">Examples seen</text>',
-        f'<text transform="translate(16 {(top + height - bottom) / 2}) rotate(-90)" '
-        f'text-anchor="middle">{label.capitalize()}</text>',
-        line(train_values, 'stroke="#1f77b4"'),
-        line(val_values, 'stroke="#ff7f0e" stroke-dasharray="7 4"'),
-    ]
-    # the legend, top right, or bottom right where the curves end high (accuracy)
-    legend_width = 48 + 6.4 * len(f"Validation {label}")
+    top_ticks = [(sx(n / per_epoch), n) for n in nice_ticks(0.0, max(per_epoch * x_ticks[-1], 1))
+                 if n <= per_epoch * x_ticks[-1] + 1e-9] if per_epoch else []
     ends = [v[-1] for v in (train_values, val_values) if len(v) and math.isfinite(v[-1])]
-    high = ends and sum(ends) / len(ends) > (y_min + y_max) / 2
-    lx = width - right - 10 - legend_width
-    ly = height - bottom - 50 if high else top + 10
-    svg += [f'<rect x="{lx:.1f}" y="{ly}" width="{legend_width:.1f}" height="40" fill="white" '
-            f'stroke="#ccc"/>',
-            f'<line x1="{lx + 8}" y1="{ly + 13}" x2="{lx + 34}" y2="{ly + 13}" '
-            f'stroke="#1f77b4" stroke-width="1.8"/>',
-            f'<text x="{lx + 40}" y="{ly + 17}">Training {label}</text>',
-            f'<line x1="{lx + 8}" y1="{ly + 29}" x2="{lx + 34}" y2="{ly + 29}" '
-            f'stroke="#ff7f0e" stroke-width="1.8" stroke-dasharray="7 4"/>',
-            f'<text x="{lx + 40}" y="{ly + 33}">Validation {label}</text>',
-            '</svg>']
+    curves_end_high = bool(ends) and sum(ends) / len(ends) > (y_ticks[0] + y_ticks[-1]) / 2
+    svg = (svg_axes(label, [(sx(x), x) for x in x_ticks], top_ticks, [(sy(y), y) for y in y_ticks])
+           + [svg_curve([(sx(x), sy(y)) for x, y in zip(epochs_seen, train_values)
+                         if math.isfinite(y)], TRAIN_STYLE),
+              svg_curve([(sx(x), sy(y)) for x, y in zip(epochs_seen, val_values)
+                         if math.isfinite(y)], VALIDATION_STYLE)]
+           + svg_legend(label, at_bottom=curves_end_high) + ["</svg>"])
     path = Path(out_dir) / f"{label}-plot.svg"
     write_atomically(path, "\n".join(svg) + "\n")
     return path
+
+
+def svg_axes(label, bottom_ticks, top_ticks, left_ticks):
+    """The frame, ticks and axis labels; ticks are (position, value) pairs."""
+    w, h = SVG_SIZE["width"], SVG_SIZE["height"]
+    left, right, top, bottom = (SVG_SIZE[k] for k in ("left", "right", "top", "bottom"))
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+           f'viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<rect x="{left}" y="{top}" width="{w - left - right}" height="{h - top - bottom}" '
+           f'fill="none" stroke="black"/>']
+    for x, value in bottom_ticks:
+        svg += [f'<line x1="{x:.1f}" y1="{h - bottom}" x2="{x:.1f}" y2="{h - bottom + 4}" '
+                f'stroke="black"/>',
+                f'<text x="{x:.1f}" y="{h - bottom + 16}" text-anchor="middle">{value:g}</text>']
+    for x, value in top_ticks:
+        svg += [f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top - 4}" stroke="black"/>',
+                f'<text x="{x:.1f}" y="{top - 7}" text-anchor="middle">{value:g}</text>']
+    for y, value in left_ticks:
+        svg += [f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="black"/>',
+                f'<text x="{left - 7}" y="{y + 4:.1f}" text-anchor="end">{value:g}</text>']
+    middle = (left + w - right) / 2
+    return svg + [
+        f'<text x="{middle}" y="{h - 8}" text-anchor="middle">Epochs</text>',
+        f'<text x="{middle}" y="14" text-anchor="middle">Examples seen</text>',
+        f'<text transform="translate(16 {(top + h - bottom) / 2}) rotate(-90)" '
+        f'text-anchor="middle">{label.capitalize()}</text>']
+
+
+def svg_curve(points, style):
+    if len(points) == 1:  # a polyline of one point is invisible
+        return f'<circle cx="{points[0][0]:.1f}" cy="{points[0][1]:.1f}" r="3" {style}/>'
+    coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+    return f'<polyline points="{coords}" fill="none" stroke-width="1.8" {style}/>'
+
+
+def svg_legend(label, at_bottom):
+    """Top right, or bottom right where the curves end high (accuracy)."""
+    width = 48 + 6.4 * len(f"Validation {label}")
+    x = SVG_SIZE["width"] - SVG_SIZE["right"] - 10 - width
+    y = SVG_SIZE["height"] - SVG_SIZE["bottom"] - 50 if at_bottom else SVG_SIZE["top"] + 10
+    svg = [f'<rect x="{x:.1f}" y="{y}" width="{width:.1f}" height="40" fill="white" '
+           f'stroke="#ccc"/>']
+    for row, (name, style) in enumerate([("Training", TRAIN_STYLE),
+                                         ("Validation", VALIDATION_STYLE)]):
+        line_y = y + 13 + 16 * row
+        svg += [f'<line x1="{x + 8:.1f}" y1="{line_y}" x2="{x + 34:.1f}" y2="{line_y}" '
+                f'stroke-width="1.8" {style}/>',
+                f'<text x="{x + 40:.1f}" y="{line_y + 4}">{name} {label}</text>']
+    return svg
 
 
 # ------------------------------------------------------------------- saving
@@ -584,8 +599,9 @@ def build_parser():
                         help="messages per batch (listing 6.5)")
     parser.add_argument("--lr", type=positive_float, default=5e-5,
                         help="AdamW learning rate, weight decay 0.1 (section 6.7)")
-    parser.add_argument("--seed", type=int, default=123,
-                        help="seed of the balancing, split, shuffling, new head and random weights (the chapter uses 123)")
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="seed of the balancing, split, shuffling, new head and random "
+                             "weights (the chapter's 123)")
     parser.add_argument("--max-length", type=positive_int, default=None,
                         help="pad/truncate messages to N tokens (Exercise 6.1; 1024 is "
                              "the full context); default: the longest training message")
@@ -619,41 +635,30 @@ def load_rows(args):
     return read_tsv(data_file_path, labels=SPAM_LABELS)
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    device = select_device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # 6.2 Preparing the dataset
+def prepare_splits(args, out):
+    """Section 6.2: load, balance, split and write train/validation/test.csv.
+    Returns label -> class id and the three splits of (label, text) rows."""
     rows = load_rows(args)
     print(f"Dataset: {len(rows)} messages, label counts {count_labels(rows)}")
     label_ids = class_ids(rows)
-    names = class_names(label_ids)
     if not args.no_balance:
         rows = create_balanced_dataset(rows, seed=args.seed)
         print(f"Balanced: label counts {count_labels(rows)}")
-    train_rows, validation_rows, test_rows = random_split(rows, 0.7, 0.1, seed=args.seed)
-    for name, split in [("train", train_rows), ("validation", validation_rows),
-                        ("test", test_rows)]:
+    splits = random_split(rows, 0.7, 0.1, seed=args.seed)
+    for name, split in zip(["train", "validation", "test"], splits):
         write_csv(split, out / f"{name}.csv", label_ids)
-
-    if len(train_rows) < args.batch_size:
-        raise InputError(f"the training set has {len(train_rows)} messages, fewer than one "
+    if len(splits[0]) < args.batch_size:
+        raise InputError(f"the training set has {len(splits[0])} messages, fewer than one "
                          f"batch of {args.batch_size}: lower --batch-size or add data.")
-    config = weights_config(args.model, args.weights)
-    context_length = config["context_length"]
-    if args.max_length and args.max_length > context_length:
-        parser.error(f"--max-length {args.max_length} is above the model's context "
-                     f"length {context_length}")
+    return label_ids, splits
 
-    # 6.3 Creating data loaders
-    tokenizer = get_tokenizer()
-    settings = {"pad": args.pool == "last",  # other pools read real tokens: pad per batch
-                "num_classes": len(label_ids)}
-    train_dataset = SpamDataset(out / "train.csv", tokenizer, max_length=args.max_length,
-                                **settings)
+
+def create_datasets(out, tokenizer, max_length, context_length, pool, num_classes):
+    """Section 6.3: the three SpamDatasets, validation and test cut to the
+    training set's max_length, which never exceeds the model's context."""
+    settings = {"pad": pool == "last",  # the other pools read real tokens: pad per batch
+                "num_classes": num_classes}
+    train_dataset = SpamDataset(out / "train.csv", tokenizer, max_length=max_length, **settings)
     if train_dataset.max_length > context_length:
         train_dataset = SpamDataset(out / "train.csv", tokenizer, max_length=context_length,
                                     **settings)
@@ -662,56 +667,43 @@ def main(argv=None):
                               **settings)
     test_dataset = SpamDataset(out / "test.csv", tokenizer, max_length=max_length, **settings)
     print(f"Longest training sequence (max_length): {max_length} tokens")
-    train_loader, val_loader, test_loader = create_data_loaders(
-        train_dataset, val_dataset, test_dataset, batch_size=args.batch_size, seed=args.seed)
-    print(f"{len(train_loader)} training batches")
-    print(f"{len(val_loader)} validation batches")
-    print(f"{len(test_loader)} test batches")
+    return train_dataset, val_dataset, test_dataset
 
-    # 6.4 Initializing a model with pretrained weights
-    torch.manual_seed(args.seed)
-    gpt, config = build_gpt(args.model, args.weights)
 
-    # 6.5 Adding a classification head
-    prepare_for_classification(gpt, num_classes=len(label_ids), trainable=args.trainable,
-                               seed=args.seed, lora_rank=args.lora_rank,
-                               lora_alpha=args.lora_alpha)
-    model = GPTClassifier(gpt, pool=args.pool, fast=not args.plain).to(device)
-    if model.enable_prefix_cache():
-        print(f"Caching the output of the frozen embeddings and first {model.n_cached} "
-              f"blocks (--plain recomputes them on every batch, as the chapter does)")
-        model.fill_prefix_cache([train_dataset, val_dataset, test_dataset])
-
-    # 6.6 Calculating the classification loss and accuracy, before fine-tuning
-    torch.manual_seed(args.seed)
-    for name, loader in [("Training", train_loader), ("Validation", val_loader),
-                         ("Test", test_loader)]:
+def print_initial_metrics(model, loaders, device, seed):
+    """Section 6.6: accuracy on 10 batches and loss on 5, before fine-tuning."""
+    torch.manual_seed(seed)
+    names = ["Training", "Validation", "Test"]
+    for name, loader in zip(names, loaders):
         print(f"{name} accuracy: "
               f"{calc_accuracy_loader(loader, model, device, num_batches=10)*100:.2f}%")
     with torch.inference_mode():
-        for name, loader in [("Training", train_loader), ("Validation", val_loader),
-                             ("Test", test_loader)]:
+        for name, loader in zip(names, loaders):
             print(f"{name} loss: {calc_loss_loader(loader, model, device, num_batches=5):.3f}")
 
-    # 6.7 Fine-tuning the model on supervised data
+
+def fine_tune(model, train_loader, val_loader, device, args, checkpoint):
+    """Section 6.7's run of train_classifier_simple; Ctrl-C says what is saved."""
     start_time = time.time()
     torch.manual_seed(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    num_epochs = args.epochs
-    checkpoint = out / CHECKPOINT_NAME
     try:
-        train_losses, val_losses, train_accs, val_accs, examples_seen = \
-            train_classifier_simple(model, train_loader, val_loader, optimizer, device,
-                                    num_epochs=num_epochs, eval_freq=50, eval_iter=5)
+        results = train_classifier_simple(model, train_loader, val_loader, optimizer, device,
+                                          num_epochs=args.epochs, eval_freq=50, eval_iter=5)
     except KeyboardInterrupt:
         kept = f"{checkpoint} is unchanged" if checkpoint.exists() else "no checkpoint was written"
         print(f"\ninterrupted during training: nothing of this run was saved but the CSV "
-              f"splits in {out}; {kept}.", file=sys.stderr)
+              f"splits in {checkpoint.parent}; {kept}.", file=sys.stderr)
         sys.exit(130)
     end_time = time.time()
     execution_time_minutes = (end_time - start_time) / 60
     print(f"Training completed in {execution_time_minutes:.2f} minutes.")
+    return results, end_time - start_time
 
+
+def plot_curves(results, num_epochs, out):
+    """Listing 6.11's two calls: loss and accuracy against epochs and examples."""
+    train_losses, val_losses, train_accs, val_accs, examples_seen = results
     for label, train_values, val_values in [("loss", train_losses, val_losses),
                                             ("accuracy", train_accs, val_accs)]:
         epochs_tensor = torch.linspace(0, num_epochs, len(train_values))
@@ -719,48 +711,102 @@ def main(argv=None):
         plot_values(epochs_tensor.tolist(), examples_seen_tensor.tolist(), train_values,
                     val_values, label=label, out_dir=out)
 
-    train_accuracy = calc_accuracy_loader(train_loader, model, device)
-    val_accuracy = calc_accuracy_loader(val_loader, model, device)
-    test_accuracy = calc_accuracy_loader(test_loader, model, device)
+
+def final_metrics(model, loaders, device, names):
+    """The full training, validation and test accuracy (section 6.7), then the
+    test set's per-class metrics and confusion matrix."""
+    train_accuracy, val_accuracy, test_accuracy = (
+        calc_accuracy_loader(loader, model, device) for loader in loaders)
     print(f"Training accuracy: {train_accuracy*100:.2f}%")
     print(f"Validation accuracy: {val_accuracy*100:.2f}%")
     print(f"Test accuracy: {test_accuracy*100:.2f}%")
-    counts = confusion_matrix_loader(test_loader, model, device, len(label_ids))
+    counts = confusion_matrix_loader(loaders[2], model, device, len(names))
     metrics = {"train_accuracy": train_accuracy, "val_accuracy": val_accuracy,
                "test_accuracy": test_accuracy, "labels": names,
                "test_per_class": per_class_metrics(counts, names),
-               "test_confusion_matrix": counts,
-               "train_seconds": round(end_time - start_time, 1), "args": vars(args)}
+               "test_confusion_matrix": counts}
     print_test_metrics(metrics["test_per_class"], counts, names)
-    if not args.no_baseline:
-        as_ids = [[(label_ids[label], text) for label, text in split]
-                  for split in (train_rows, validation_rows, test_rows)]
-        baseline = fit_naive_bayes(as_ids[0])
-        metrics["naive_bayes"] = {"val_accuracy": naive_bayes_accuracy(baseline, as_ids[1]),
-                                  "test_accuracy": naive_bayes_accuracy(baseline, as_ids[2])}
-        print(f"Naive Bayes baseline (word counts, same split): validation accuracy "
-              f"{metrics['naive_bayes']['val_accuracy']*100:.2f}%, test accuracy "
-              f"{metrics['naive_bayes']['test_accuracy']*100:.2f}%")
+    return metrics
 
-    # 6.8 Using the LLM as a spam classifier
-    lora = None
-    if args.trainable == "lora":
-        weights = args.weights if args.weights in ("pretrained", "random") else \
-            str(Path(args.weights).resolve())
-        lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "model": args.model,
-                "weights": weights, "seed": args.seed}
+
+def naive_bayes_baseline(label_ids, splits):
+    """The baseline's validation and test accuracy on the same split."""
+    train, validation, test = ([(label_ids[label], text) for label, text in split]
+                               for split in splits)
+    baseline = fit_naive_bayes(train)
+    result = {"val_accuracy": naive_bayes_accuracy(baseline, validation),
+              "test_accuracy": naive_bayes_accuracy(baseline, test)}
+    print(f"Naive Bayes baseline (word counts, same split): validation accuracy "
+          f"{result['val_accuracy']*100:.2f}%, test accuracy {result['test_accuracy']*100:.2f}%")
+    return result
+
+
+def lora_description(args):
+    """What classify.py needs to rebuild the base model under the adapters."""
+    weights = args.weights if args.weights in ("pretrained", "random") else \
+        str(Path(args.weights).resolve())
+    return {"rank": args.lora_rank, "alpha": args.lora_alpha, "model": args.model,
+            "weights": weights, "seed": args.seed}
+
+
+def classify_examples(model, tokenizer, device, max_length):
+    """Section 6.8's two example texts."""
+    from classify import classify_review  # classify.py imports this file
+    for text in ["You are a winner you have been specially selected to receive $1000 "
+                 "cash or a $2000 award.",
+                 "Hey, just wanted to check if we're still on for dinner tonight? "
+                 "Let me know!"]:
+        print(f"{classify_review(text, model, tokenizer, device, max_length=max_length)}: {text}")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = select_device(args.device)
+    config = weights_config(args.model, args.weights)
+    if args.max_length and args.max_length > config["context_length"]:
+        parser.error(f"--max-length {args.max_length} is above the model's context "
+                     f"length {config['context_length']}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    label_ids, splits = prepare_splits(args, out)  # 6.2
+    names = class_names(label_ids)
+    tokenizer = get_tokenizer()  # 6.3
+    datasets = create_datasets(out, tokenizer, args.max_length, config["context_length"],
+                               args.pool, len(label_ids))
+    max_length = datasets[0].max_length
+    loaders = create_data_loaders(*datasets, batch_size=args.batch_size, seed=args.seed)
+    for loader, name in zip(loaders, ["training", "validation", "test"]):
+        print(f"{len(loader)} {name} batches")
+
+    torch.manual_seed(args.seed)  # 6.4
+    gpt, config = build_gpt(args.model, args.weights)
+    prepare_for_classification(gpt, num_classes=len(label_ids), trainable=args.trainable,
+                               seed=args.seed, lora_rank=args.lora_rank,
+                               lora_alpha=args.lora_alpha)  # 6.5
+    model = GPTClassifier(gpt, pool=args.pool, fast=not args.plain).to(device)
+    if model.enable_prefix_cache():
+        print(f"Caching the output of the frozen embeddings and first {model.n_cached} "
+              f"blocks (--plain recomputes them on every batch, as the chapter does)")
+        model.fill_prefix_cache(datasets)
+    print_initial_metrics(model, loaders, device, args.seed)  # 6.6
+
+    checkpoint = out / CHECKPOINT_NAME  # 6.7
+    results, train_seconds = fine_tune(model, loaders[0], loaders[1], device, args, checkpoint)
+    plot_curves(results, args.epochs, out)
+    metrics = final_metrics(model, loaders, device, names)
+    metrics.update(train_seconds=round(train_seconds, 1), args=vars(args))
+    if not args.no_baseline:
+        metrics["naive_bayes"] = naive_bayes_baseline(label_ids, splits)
+
+    lora = lora_description(args) if args.trainable == "lora" else None  # 6.8
     save_classifier(model, checkpoint, config, max_length, names, lora=lora)
     write_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(f"Saved {checkpoint}, metrics.json, loss-plot.svg, accuracy-plot.svg and the "
           f"CSV splits in {out}")
     if names == SPAM_CLASS_NAMES:
-        from classify import classify_review
-        for text in ["You are a winner you have been specially selected to receive $1000 "
-                     "cash or a $2000 award.",
-                     "Hey, just wanted to check if we're still on for dinner tonight? "
-                     "Let me know!"]:
-            label = classify_review(text, model, tokenizer, device, max_length=max_length)
-            print(f"{label}: {text}")
+        classify_examples(model, tokenizer, device, max_length)
     return dict(metrics, checkpoint=str(checkpoint))
 
 

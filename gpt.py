@@ -270,36 +270,42 @@ def read_safetensors_header(path):
         raise bad("__metadata__ is not a map of strings to strings")
 
     data_start = 8 + header_len
-    data_size = file_size - data_start
     entries = {}
     for name, info in header.items():
-        if not isinstance(info, dict):
-            raise bad(f"tensor {name!r} has no description")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES:
-            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
-        if (not isinstance(shape, list)
-                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                           for n in shape)):
-            raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            raise bad(f"tensor {name!r} has invalid data_offsets {offsets!r}")
-        if offsets[1] > data_size:
-            raise bad(f"tensor {name!r} ends at byte {offsets[1]:,} of the data area, "
-                      f"which has {data_size:,} bytes (truncated?)")
-        expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
-        if offsets[1] - offsets[0] != expected:
-            raise bad(f"tensor {name!r} has {offsets[1] - offsets[0]:,} bytes but "
-                      f"{dtype} x {shape} needs {expected:,}")
-        entries[name] = (dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+        problem = entry_problem(info, file_size - data_start)
+        if problem:
+            raise bad(f"tensor {name!r} {problem}")
+        start, end = info["data_offsets"]
+        entries[name] = (info["dtype"], tuple(info["shape"]), data_start + start, data_start + end)
 
     spans = sorted((start, end, name) for name, (_, _, start, end) in entries.items())
     for (s1, e1, n1), (s2, e2, n2) in zip(spans, spans[1:]):
         if s2 < e1:
             raise bad(f"tensors {n1!r} and {n2!r} overlap")
     return entries, metadata
+
+
+def entry_problem(info, data_size):
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(info, dict):
+        return "has no description"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        return f"has unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        return f"has an invalid shape {shape!r}"
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        return f"has invalid data_offsets {offsets!r}"
+    if offsets[1] > data_size:
+        return (f"ends at byte {offsets[1]:,} of the data area, which has {data_size:,} "
+                f"bytes (truncated?)")
+    expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
+    if offsets[1] - offsets[0] != expected:
+        return f"has {offsets[1] - offsets[0]:,} bytes but {dtype} x {shape} needs {expected:,}"
+    return None
 
 
 def _tensor_from_bytes(buffer, entry, offset=0):

@@ -904,10 +904,14 @@ def test_lora_checkpoint_holds_only_adapters_and_reloads_on_its_base(tmp_path, c
     out = tmp_path / "lora"
     finetune.main(["--data", str(three_class_tsv(tmp_path / "t.tsv")), "--weights",
                    str(TINY / "model.safetensors"), "--trainable", "lora", "--lora-rank", "4",
-                   "--epochs", "1", "--batch-size", "4", "--out", str(out), "--no-baseline"])
+                   "--lora-alpha", "8", "--epochs", "1", "--batch-size", "4", "--out", str(out),
+                   "--no-baseline"])
+    assert "Naive Bayes" not in capsys.readouterr().out
     entries, metadata = gpt.read_safetensors_header(out / CHECKPOINT)
     assert entries and all(".lora." in n or n.startswith("out_head.") for n in entries)
-    assert json.loads(metadata["lora"])["weights"] == str((TINY / "model.safetensors").resolve())
+    lora = json.loads(metadata["lora"])
+    assert lora["weights"] == str((TINY / "model.safetensors").resolve())
+    assert (lora["rank"], lora["alpha"]) == (4, 8.0)
     loaded, info = classify.load_classifier(out / CHECKPOINT)
     assert info["labels"] == ["politics", "sports", "tech"]
     ids = torch.tensor([[101, 102, 103, 104]])
@@ -945,3 +949,27 @@ def test_every_model_size_composes_with_every_trainable_choice(name):
         if cached:
             expected = {"last_layer": 0, "last_block": 1, "last_two_blocks": 2}[trainable]
             assert classifier.n_cached == config["n_layers"] - expected
+
+
+@needs_tiny
+def test_pool_max_length_seed_plain_no_balance_and_trainable_flags_reach_the_run(
+        tmp_path, capsys):
+    out = tmp_path / "run"
+    result = finetune.main(["--data", str(three_class_tsv(tmp_path / "t.tsv")), "--weights",
+                            str(TINY / "model.safetensors"), "--pool", "flexible",
+                            "--max-length", "6", "--seed", "7", "--plain", "--no-balance",
+                            "--trainable", "last_two_blocks", "--epochs", "1",
+                            "--batch-size", "4", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "Caching" not in printed and "Balanced" not in printed
+    assert "Longest training sequence (max_length): 6 tokens" in printed
+    rows = data.load_messages(tmp_path / "t.tsv")  # 91 rows: no balancing, split with seed 7
+    label_ids = data.class_ids(rows)
+    expected = data.random_split(rows, 0.7, 0.1, seed=7)[0]
+    assert data.read_csv(out / "train.csv", 3) == [(label_ids[l], t) for l, t in expected]
+    assert expected != data.random_split(rows, 0.7, 0.1)[0]
+    _, metadata = gpt.read_safetensors_header(out / CHECKPOINT)
+    assert metadata["pool"] == "flexible" and metadata["max_length"] == "6"
+    assert result["args"]["seed"] == 7
+    model, _ = classify.load_classifier(out / CHECKPOINT)
+    assert model.pool == "flexible"
