@@ -114,6 +114,49 @@ def quick_sample(data, path):
     return str(path)
 
 
+def measure_classify(runs, device):
+    """Throughput on the flexible checkpoint (classify.py pads per batch where the
+    pooling allows it) and on the chapter-pooling one ("last": every message is
+    padded to max_length); then the CLI's wall-clock against bare imports."""
+    by_mode = {r["mode"]: r["checkpoint"] for r in runs}
+    checkpoint = by_mode.get("flexible", runs[-1]["checkpoint"])
+    throughput = classify_throughput(checkpoint, Path(checkpoint).parent / "test.csv", device)
+    if "cache" in by_mode:
+        last_pool = classify_throughput(by_mode["cache"],
+                                        Path(by_mode["cache"]).parent / "test.csv", device)
+        throughput["last_pool_one_at_a_time_msgs_per_s"] = last_pool["one_at_a_time_msgs_per_s"]
+        throughput["last_pool_batched_msgs_per_s"] = last_pool["batched_msgs_per_s"]
+    import_seconds = best_wall_clock(
+        [sys.executable, "-c", "import torch, tiktoken; tiktoken.get_encoding('gpt2')"])
+    cli_seconds = best_wall_clock([sys.executable, "classify.py", "--checkpoint",
+                                   by_mode.get("cache", checkpoint), TEXT])
+    return {"classify": throughput, "classify_cli_seconds": round(cli_seconds, 2),
+            "import_seconds": round(import_seconds, 2)}
+
+
+def print_report(report, device):
+    print(f"\n{report['machine']}, torch {report['torch']}, {report['model']}, random weights, "
+          f"{report['epochs']} epoch(s), device {device}")
+    print(f"{'mode':<10}{'seconds':>10}{'s/epoch':>10}{'speed-up':>10}{'peak RSS MB':>13}"
+          f"{'test acc':>10}")
+    plain = next((r["seconds"] for r in report["runs"] if r["mode"] == "plain"), None)
+    for r in report["runs"]:
+        speedup = f"{plain / r['seconds']:.1f}x" if plain else "-"
+        print(f"{r['mode']:<10}{r['seconds']:>10.1f}{r['seconds_per_epoch']:>10.1f}"
+              f"{speedup:>10}{r['peak_rss_mb']:>13.0f}{r['test_accuracy']*100:>9.2f}%")
+    throughput = report["classify"]
+    print(f"classify, flexible checkpoint: {throughput['one_at_a_time_msgs_per_s']} msgs/s "
+          f"one at a time (chapter), {throughput['batched_msgs_per_s']} msgs/s batched "
+          f"({throughput['batched_msgs_per_s'] / throughput['one_at_a_time_msgs_per_s']:.1f}x)")
+    if "last_pool_batched_msgs_per_s" in throughput:
+        print(f"classify, chapter-pooling checkpoint: "
+              f"{throughput['last_pool_one_at_a_time_msgs_per_s']} msgs/s one at a time, "
+              f"{throughput['last_pool_batched_msgs_per_s']} msgs/s batched")
+    cli, imports = report["classify_cli_seconds"], report["import_seconds"]
+    print(f"python classify.py \"text\": {cli:.2f} s; importing torch + tiktoken: "
+          f"{imports:.2f} s (+{cli - imports:.2f} s)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -128,6 +171,7 @@ def main():
     parser.add_argument("--modes", default="plain,cache,flexible",
                         help="comma-separated modes to run")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    # internal: bench.py runs each mode as a child process of its own
     parser.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -144,48 +188,13 @@ def main():
         print(f"  {runs[-1]}", flush=True)
 
     import torch
-    # classify.py pads per batch where the pooling allows it: the flexible checkpoint
-    # shows that; the chapter-pooling one ("last") must pad every message to max_length
-    by_mode = {r["mode"]: r["checkpoint"] for r in runs}
-    checkpoint = by_mode.get("flexible", runs[-1]["checkpoint"])
-    throughput = classify_throughput(checkpoint, Path(checkpoint).parent / "test.csv",
-                                     args.device)
-    if "cache" in by_mode:
-        last_pool = classify_throughput(by_mode["cache"],
-                                        Path(by_mode["cache"]).parent / "test.csv", args.device)
-        throughput["last_pool_one_at_a_time_msgs_per_s"] = last_pool["one_at_a_time_msgs_per_s"]
-        throughput["last_pool_batched_msgs_per_s"] = last_pool["batched_msgs_per_s"]
-    checkpoint = by_mode.get("cache", checkpoint)
-    import_seconds = best_wall_clock(
-        [sys.executable, "-c", "import torch, tiktoken; tiktoken.get_encoding('gpt2')"])
-    cli_seconds = best_wall_clock(
-        [sys.executable, "classify.py", "--checkpoint", checkpoint, TEXT])
-
-    plain = next((r["seconds"] for r in runs if r["mode"] == "plain"), None)
-    print(f"\n{machine()}, torch {torch.__version__}, {args.model}, random weights, "
-          f"{args.epochs} epoch(s), device {args.device}")
-    print(f"{'mode':<10}{'seconds':>10}{'s/epoch':>10}{'speed-up':>10}{'peak RSS MB':>13}"
-          f"{'test acc':>10}")
-    for r in runs:
-        speedup = f"{plain / r['seconds']:.1f}x" if plain else "-"
-        print(f"{r['mode']:<10}{r['seconds']:>10.1f}{r['seconds_per_epoch']:>10.1f}"
-              f"{speedup:>10}{r['peak_rss_mb']:>13.0f}{r['test_accuracy']*100:>9.2f}%")
-    print(f"classify, flexible checkpoint: {throughput['one_at_a_time_msgs_per_s']} msgs/s "
-          f"one at a time (chapter), {throughput['batched_msgs_per_s']} msgs/s batched "
-          f"({throughput['batched_msgs_per_s'] / throughput['one_at_a_time_msgs_per_s']:.1f}x)")
-    if "last_pool_batched_msgs_per_s" in throughput:
-        print(f"classify, chapter-pooling checkpoint: "
-              f"{throughput['last_pool_one_at_a_time_msgs_per_s']} msgs/s one at a time, "
-              f"{throughput['last_pool_batched_msgs_per_s']} msgs/s batched")
-    print(f"python classify.py \"text\": {cli_seconds:.2f} s; importing torch + tiktoken: "
-          f"{import_seconds:.2f} s (+{cli_seconds - import_seconds:.2f} s)")
+    report = {"machine": machine(), "torch": torch.__version__, "model": args.model,
+              "epochs": args.epochs,
+              "runs": [{k: r[k] for k in ("mode", "seconds", "seconds_per_epoch",
+                                          "peak_rss_mb", "test_accuracy")} for r in runs],
+              **measure_classify(runs, args.device)}
+    print_report(report, args.device)
     if args.json:
-        report = {"machine": machine(), "torch": torch.__version__, "model": args.model,
-                  "epochs": args.epochs,
-                  "runs": [{k: r[k] for k in ("mode", "seconds", "seconds_per_epoch",
-                                              "peak_rss_mb", "test_accuracy")} for r in runs],
-                  "classify": throughput, "classify_cli_seconds": round(cli_seconds, 2),
-                  "import_seconds": round(import_seconds, 2)}
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
