@@ -118,7 +118,8 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
-        self.context_length = context_length
+        # context_length stays in the chapter's signature, but no mask buffer of
+        # that size is kept: the causal mask is built per call (is_causal)
 
     def split_heads(self, x):
         b, num_tokens, _ = x.shape  # (b, T, d_out) -> (b, heads, T, head_dim)
@@ -379,8 +380,6 @@ def save_safetensors(tensors, path, metadata=None):
 HUB_NAMES = {"gpt2-small": "gpt2", "gpt2-medium": "gpt2-medium",
              "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl"}
 HUB_URL = "https://huggingface.co/openai-community/{}/resolve/main/model.safetensors"
-# tensors of the Hub's files that GPTModel has no use for
-IGNORED_KEYS = ("attn.bias", "attn.masked_bias", "lm_head.weight")
 
 
 def download_file(url, destination, what, hint):
@@ -520,7 +519,7 @@ def load_weights_into_gpt(gpt, params, source="the weights"):
         for name, tensor in params:
             name = name.removeprefix("transformer.")
             if name not in targets:
-                continue  # IGNORED_KEYS and anything else GPTModel does not use
+                continue  # h.N.attn.bias, h.N.attn.masked_bias, lm_head.weight (tied)
             for param, transform in targets[name]:
                 value = transform(tensor) if transform else tensor
                 if value.shape != param.shape:
