@@ -35,22 +35,22 @@ def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
         return
     download_file(url, zip_path, "the SMS Spam Collection",
                   "pass a local copy of SMSSpamCollection (or the UCI zip) with --data PATH")
-    extract_member(zip_path, data_file_path)
+    write_atomically(data_file_path, read_member(zip_path))
     os.remove(zip_path)
     print(f"File downloaded and saved as {data_file_path}")
 
 
-def extract_member(zip_file, destination, member=ZIP_MEMBER):
-    """Writes the one expected member of zip_file to destination, atomically."""
+def read_member(zip_file, member=ZIP_MEMBER):
+    """The bytes of the one expected member of zip_file; no other member, and no
+    path taken from the archive, is ever written anywhere."""
     try:
         with zipfile.ZipFile(zip_file) as zip_ref:
             if member not in zip_ref.namelist():
                 raise InputError(f"{zip_file} has no member {member!r} "
                                  f"(it has: {', '.join(zip_ref.namelist()[:5]) or 'nothing'}).")
-            content = zip_ref.read(member)
+            return zip_ref.read(member)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
         raise InputError(f"{zip_file} is not a readable zip file ({e}).") from None
-    write_atomically(destination, content)
 
 
 def write_atomically(path, content):
@@ -76,6 +76,11 @@ def read_tsv(path, labels=None):
         raw = Path(path).read_bytes()
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror or e}.") from None
+    return parse_tsv(raw, path, labels)
+
+
+def parse_tsv(raw, path, labels=None):
+    """read_tsv on bytes; path names them in errors (a file, or zip:member)."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -130,14 +135,8 @@ def load_messages(path):
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file {path} does not exist.")
-    if zipfile.is_zipfile(path):
-        tsv = path.with_suffix(".tsv.extracted")
-        try:
-            extract_member(path, tsv)
-            return read_tsv(tsv, labels=SPAM_LABELS)
-        finally:
-            if tsv.exists():
-                tsv.unlink()
+    if zipfile.is_zipfile(path):  # parsed in memory: the zip's folder may be read-only
+        return parse_tsv(read_member(path), f"{path}:{ZIP_MEMBER}", labels=SPAM_LABELS)
     if path.suffix.lower() == ".csv":
         rows = read_labeled_csv(path)
         if not rows:
