@@ -11,7 +11,7 @@ import sys
 from gpt import (MODEL_NAMES, GPTModel, InputError, build_gpt, check_config, get_tokenizer,
                  load_safetensors, read_safetensors_header, run_cli)
 import torch
-from data import PAD_TOKEN_ID, SPAM_CLASS_NAMES
+from data import PAD_TOKEN_ID, SPAM_CLASS_NAMES, encode, pad_ids
 from finetune import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, POOLS, GPTClassifier,
                       prepare_for_classification, select_device)
 
@@ -20,7 +20,7 @@ def classify_review(text, model, tokenizer, device, max_length=None,
                     pad_token_id=PAD_TOKEN_ID, class_names=SPAM_CLASS_NAMES):
     """Listing 6.12: the class name of one text."""
     model.eval()
-    input_ids = tokenizer.encode(text, disallowed_special=())
+    input_ids = encode(text, tokenizer)
     supported_context_length = model.gpt.pos_emb.weight.shape[0]
     if max_length is None:
         max_length = supported_context_length
@@ -41,15 +41,13 @@ def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD
     reads a padding position ("last"); otherwise to each batch's longest."""
     model.eval()
     max_length = min(max_length, model.gpt.pos_emb.weight.shape[0])
-    encoded = [tokenizer.encode(text, disallowed_special=())[:max_length] for text in texts]
+    encoded = [encode(text, tokenizer, max_length) for text in texts]
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    width = max_length if model.pool == "last" else None  # None: the batch's longest
     probabilities = [None] * len(texts)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        width = max_length if model.pool == "last" else max(len(encoded[i]) for i in batch)
-        inputs = torch.full((len(batch), max(width, 1)), pad_token_id, dtype=torch.long)
-        for row, i in enumerate(batch):
-            inputs[row, :len(encoded[i])] = torch.tensor(encoded[i], dtype=torch.long)
+        inputs = pad_ids([encoded[i] for i in batch], pad_token_id, length=width)
         with torch.inference_mode():
             probas = torch.softmax(model(inputs.to(device)).float(), dim=-1).cpu()
         for row, i in enumerate(batch):

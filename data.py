@@ -219,6 +219,12 @@ def read_csv(path, num_classes=2):
     return rows
 
 
+def encode(text, tokenizer, max_length=None):
+    """Token ids of one message, cut to max_length. disallowed_special=(): a
+    message containing "<|endoftext|>" is plain text, never the pad id."""
+    return tokenizer.encode(text, disallowed_special=())[:max_length]
+
+
 class SpamDataset(Dataset):
     """Listing 6.4: pre-tokenized messages, truncated to max_length (the longest
     message when None) and padded with pad_token_id. With pad=False messages keep
@@ -227,9 +233,7 @@ class SpamDataset(Dataset):
     def __init__(self, csv_file, tokenizer, max_length=None, pad_token_id=PAD_TOKEN_ID,
                  num_classes=2, pad=True):
         self.data = read_csv(csv_file, num_classes)
-        # disallowed_special=(): a message containing "<|endoftext|>" is plain text
-        self.encoded_texts = [tokenizer.encode(text, disallowed_special=())
-                              for _, text in self.data]
+        self.encoded_texts = [encode(text, tokenizer) for _, text in self.data]
         if max_length is None:
             self.max_length = self._longest_encoded_length()
         else:
@@ -255,12 +259,19 @@ class SpamDataset(Dataset):
         return max((len(encoded_text) for encoded_text in self.encoded_texts), default=0)
 
 
+def pad_ids(sequences, pad_token_id=PAD_TOKEN_ID, length=None):
+    """Token id lists or tensors -> (b, length), padded at the end; length
+    defaults to the longest sequence."""
+    length = length or max(max((len(ids) for ids in sequences), default=0), 1)
+    inputs = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        inputs[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    return inputs
+
+
 def pad_batch(batch, pad_token_id=PAD_TOKEN_ID):
     """Collates (ids, label) pairs, padding ids to the batch's longest: (b, T), (b,)."""
-    longest = max(max(len(ids) for ids, _ in batch), 1)
-    inputs = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)
-    for i, (ids, _) in enumerate(batch):
-        inputs[i, :len(ids)] = ids
+    inputs = pad_ids([ids for ids, _ in batch], pad_token_id)
     return inputs, torch.stack([label for _, label in batch])
 
 

@@ -18,7 +18,7 @@ import torch
 from data import (PAD_TOKEN_ID, SEED, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_ids,
                   class_names, count_labels, create_balanced_dataset, create_data_loaders,
                   data_file_path, download_and_unzip_spam_data, extracted_path,
-                  load_messages, pad_batch, random_split, read_tsv, url, write_atomically,
+                  load_messages, pad_ids, random_split, read_tsv, url, write_atomically,
                   write_csv, zip_path)
 
 CHECKPOINT_NAME = "review_classifier.safetensors"
@@ -191,8 +191,8 @@ class GPTClassifier(torch.nn.Module):
         device = self.gpt.tok_emb.weight.device
         with torch.no_grad():
             for start in range(0, len(messages), batch_size):
-                batch = [(ids, torch.tensor(0)) for ids in messages[start:start + batch_size]]
-                self.frozen_prefix(pad_batch(batch, self.pad_token_id)[0].to(device))
+                batch = pad_ids(messages[start:start + batch_size], self.pad_token_id)
+                self.frozen_prefix(batch.to(device))
 
     def frozen_prefix(self, input_batch):
         """Output of the embeddings and the first n_cached blocks, (b, T, emb_dim),
