@@ -80,6 +80,15 @@ def offline_env():
             "no_proxy": "", "NO_PROXY": ""}
 
 
+def assert_error_names_file(read, path, content, problem):
+    """read(path) of a file holding content fails with the project's error,
+    naming the file and the problem."""
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=re.escape(problem)) as error:
+        read(path)
+    assert str(path) in str(error.value)
+
+
 def tiny_classifier(num_classes=2, pool="last", trainable="last_block", seed=0, n_layers=2):
     torch.manual_seed(seed)
     model = gpt.GPTModel(dict(TINY_CONFIG, n_layers=n_layers))
@@ -237,11 +246,8 @@ def safetensors_bytes(header, data=b""):
      "invalid shape"),
 ])
 def test_broken_safetensors_files_name_the_file_and_the_problem(tmp_path, content, problem):
-    path = tmp_path / "broken.safetensors"
-    path.write_bytes(content)
-    with pytest.raises(InputError, match=re.escape(problem)) as error:
-        gpt.read_safetensors_header(path)
-    assert str(path) in str(error.value)
+    assert_error_names_file(gpt.read_safetensors_header, tmp_path / "broken.safetensors",
+                            content, problem)
 
 
 def test_fuzzed_safetensors_bytes_parse_or_raise_the_projects_error(tmp_path):
@@ -397,11 +403,8 @@ def test_tsv_tolerates_bom_crlf_and_blank_lines(tmp_path):
     (b"\n\r\n\n", "holds no messages"),
 ])
 def test_bad_tsv_lines_name_the_file_and_line(tmp_path, content, problem):
-    path = tmp_path / "bad.tsv"
-    path.write_bytes(content)
-    with pytest.raises(InputError, match=re.escape(problem)) as error:
-        data.read_tsv(path, data.SPAM_LABELS)
-    assert str(path) in str(error.value)
+    assert_error_names_file(lambda path: data.read_tsv(path, data.SPAM_LABELS),
+                            tmp_path / "bad.tsv", content, problem)
 
 
 def test_fuzzed_tsv_bytes_parse_or_raise_the_projects_error(tmp_path):
@@ -432,11 +435,7 @@ def test_tricky_texts_round_trip_through_csv(tmp_path):
     ("Label,Text\n0,hi\n7,hello\n", "row 3: label '7'"),
 ])
 def test_bad_csv_splits_name_the_file_and_row(tmp_path, content, problem):
-    path = tmp_path / "bad.csv"
-    path.write_text(content)
-    with pytest.raises(InputError, match=re.escape(problem)) as error:
-        data.read_csv(path)
-    assert str(path) in str(error.value)
+    assert_error_names_file(data.read_csv, tmp_path / "bad.csv", content.encode(), problem)
 
 
 def test_single_class_or_too_few_messages_fail_before_any_model():
