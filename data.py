@@ -1,8 +1,8 @@
 """The dataset of sections 6.2-6.3: download, parse, balance, split, tokenize, batch.
 
-Hand-written replacements for the chapter's pandas calls: a TSV reader that keeps
-every line (pandas merges two quoted lines of the SMS collection), a seeded
-balancing and split, and CSV files written with the standard csv module.
+Hand-written replacements for the chapter's pandas calls that give the book's
+rows: a TSV reader that quotes as pd.read_csv does, balancing and splitting with
+pandas' seeded sampler, and CSV files written with the standard csv module.
 """
 import csv
 import io
@@ -68,10 +68,14 @@ def write_atomically(path, content):
 
 
 def read_tsv(path, labels=None):
-    """label<TAB>text per line -> [(label, text)]. The text is kept verbatim,
-    quotes included. A UTF-8 BOM, CRLF endings and empty lines are tolerated; a
-    line without a tab, an empty or unknown label (when labels is given) or bytes
-    that are not UTF-8 are errors naming the file and the line."""
+    """label<TAB>text per line -> [(label, text)], read as the chapter's
+    pd.read_csv(path, sep="\t", header=None) reads it: a text that opens with a
+    double quote is a quoted field ("" inside is one quote) and may run over
+    several lines. The SMS collection has one such text, which swallows the two
+    lines after it: 5,572 messages, as in the book (a note names it). A UTF-8 BOM,
+    CRLF endings and empty lines are tolerated; a line without a tab, an empty or
+    unknown label (when labels is given) or bytes that are not UTF-8 are errors
+    naming the file and the line."""
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
@@ -87,23 +91,39 @@ def parse_tsv(raw, path, labels=None):
         line = raw[:e.start].count(b"\n") + 1
         raise InputError(f"{path}, line {line}: not UTF-8 text "
                          f"(byte {raw[e.start]:#04x}).") from None
+    # A last line holding one quote reads as [""] unless a quote above is left open.
+    reader = csv.reader(io.StringIO(text + '\n"', newline=""), delimiter="\t")
+    records, number = [], 1  # number: the line a record starts on
+    try:
+        for fields in reader:
+            records.append((fields, number, reader.line_num))
+            number = reader.line_num + 1
+    except csv.Error as e:  # e.g. an open quote that runs past csv's field size limit
+        raise InputError(f"{path}, line {number}: {e}.") from None
+    fields, number, _ = records.pop()
+    if fields != [""]:
+        raise InputError(f"{path}, line {number}: a quoted text opens here and never closes.")
     rows = []
-    # split on "\n" only: a lone "\r" or other line separators are part of a message
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
-        label, tab, message = line.partition("\t")
-        label = label.strip()
-        if not tab:
-            raise InputError(f"{path}, line {number}: no tab between label and text.")
-        if not label or (labels is not None and label not in labels):
-            expected = f" (expected one of {', '.join(labels)})" if labels else ""
-            raise InputError(f"{path}, line {number}: unknown label {label!r}{expected}.")
-        rows.append((label, message))
+    for fields, number, last in records:
+        if "".join(fields).strip():
+            rows.append(tsv_row(fields, path, number, labels))
+            if last > number:
+                print(f"note: {path}, lines {number}-{last} hold one quoted text, read as "
+                      f"one message (as the chapter's pd.read_csv reads it).")
     if not rows:
         raise InputError(f"{path} holds no messages.")
     return rows
+
+
+def tsv_row(fields, path, number, labels):
+    """(label, text) from one TSV record; a tab inside the text stays in it."""
+    label = fields[0].strip()
+    if len(fields) < 2:
+        raise InputError(f"{path}, line {number}: no tab between label and text.")
+    if not label or (labels is not None and label not in labels):
+        expected = f" (expected one of {', '.join(labels)})" if labels else ""
+        raise InputError(f"{path}, line {number}: unknown label {label!r}{expected}.")
+    return label, "\t".join(fields[1:])
 
 
 def read_labeled_csv(path):
@@ -169,23 +189,45 @@ def class_names(label_ids):
     return sorted(label_ids, key=label_ids.get)
 
 
+def sample_order(n, seed=SEED):
+    """The row order of pandas' df.sample(frac=1, random_state=seed), which is
+    NumPy's RandomState(seed).permutation(n), so that balancing and splitting pick
+    the book's rows. NumPy runs the Mersenne Twister of Python's random module but
+    seeds it with init_genrand and shuffles with masked draws, done here by hand."""
+    state = [seed]
+    for i in range(1, 624):
+        state.append((1812433253 * (state[-1] ^ (state[-1] >> 30)) + i) & 0xFFFFFFFF)
+    rng = random.Random()
+    rng.setstate((3, (*state, 624), None))  # 624: regenerate before the first draw
+    order = list(range(n))
+    for i in range(n - 1, 0, -1):
+        mask = (1 << i.bit_length()) - 1
+        j = rng.getrandbits(32) & mask
+        while j > i:
+            j = rng.getrandbits(32) & mask
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
 def create_balanced_dataset(rows, seed=SEED):
     """Listing 6.2, for any number of classes: undersamples every class to the
-    size of the smallest (for the SMS data: ham to the number of spam)."""
+    size of the smallest (for the SMS data: ham to the number of spam), the
+    sampled classes first, like the chapter's concat of ham_subset and spam."""
     groups = {label: [row for row in rows if row[0] == label] for label in class_ids(rows)}
     smallest = min(len(group) for group in groups.values())
-    rng = random.Random(seed)
-    balanced = []
+    sampled, kept = [], []
     for group in groups.values():
-        balanced += group if len(group) == smallest else rng.sample(group, smallest)
-    return balanced
+        if len(group) > smallest:
+            sampled += [group[i] for i in sample_order(len(group), seed)[:smallest]]
+        else:
+            kept += group
+    return sampled + kept
 
 
 def random_split(rows, train_frac, validation_frac, seed=SEED):
     """Listing 6.3: a seeded shuffle, then the first 70% train, 10% validation,
     the rest test."""
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
+    rows = [rows[i] for i in sample_order(len(rows), seed)]
     train_end = int(len(rows) * train_frac)
     validation_end = train_end + int(len(rows) * validation_frac)
     train, validation, test = rows[:train_end], rows[train_end:validation_end], rows[validation_end:]

@@ -558,6 +558,17 @@ def positive_int(text):
     return value
 
 
+def seed_number(text):
+    """0 to 2**32 - 1: the seeds pandas' sampler (NumPy's RandomState) accepts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 4294967295, got {value}")
+    return value
+
+
 def positive_float(text):
     try:
         value = float(text)
@@ -599,7 +610,7 @@ def build_parser():
                         help="messages per batch (listing 6.5)")
     parser.add_argument("--lr", type=positive_float, default=5e-5,
                         help="AdamW learning rate, weight decay 0.1 (section 6.7)")
-    parser.add_argument("--seed", type=int, default=SEED,
+    parser.add_argument("--seed", type=seed_number, default=SEED,
                         help="seed of the balancing, split, shuffling, new head and random "
                              "weights (the chapter's 123)")
     parser.add_argument("--max-length", type=positive_int, default=None,

@@ -344,15 +344,36 @@ def test_ctrl_c_during_a_download_leaves_no_partial_file(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------ data.py
 
 @needs_sms
-def test_real_tsv_keeps_every_line_balances_and_splits_as_the_chapter():
+def test_real_tsv_reads_balances_and_splits_row_for_row_as_the_chapters_pandas(capsys):
     rows = data.read_tsv(SMS, labels=data.SPAM_LABELS)
-    assert len(rows) == 5574
-    assert data.count_labels(rows) == {"ham": 4827, "spam": 747}
-    assert any(text.startswith('"') for _, text in rows)  # quotes kept verbatim
+    assert len(rows) == 5572  # the chapter's figure 6.5
+    assert data.count_labels(rows) == {"ham": 4825, "spam": 747}
+    assert "lines 5082-5084 hold one quoted text" in capsys.readouterr().out
+    label, text = rows[5081]  # pandas' row 5081 too: three lines, one quote left in
+    assert label == "ham" and len(text) == 350 and text.count("\n") == 2
+    assert text.startswith("Keep ur problems in ur heart") and text.endswith('I\x92L CALL U"')
     balanced = data.create_balanced_dataset(rows)
     assert data.count_labels(balanced) == {"ham": 747, "spam": 747}
     train, validation, test = data.random_split(balanced, 0.7, 0.1)
     assert (len(train), len(validation), len(test)) == (1045, 149, 300)
+    # What the chapter's pandas code (pandas 3.1.1, NumPy 2.4.6) writes to its CSVs:
+    assert [label for label, _ in train[:5]] == ["ham", "ham", "spam", "spam", "spam"]
+    assert train[0][1] == "Dude how do you like the buff wind."
+    assert train[-1][1] == "His frens go then he in lor. Not alone wif my mum n sis lor."
+    assert [label for label, _ in validation[:5]] == ["spam", "spam", "ham", "ham", "spam"]
+    assert validation[0][1].startswith("Mila, age23, blonde, new in UK. I look sex with UK guys.")
+    assert [label for label, _ in test[:5]] == ["spam", "spam", "spam", "ham", "spam"]
+    assert test[0][1] == "85233 FREE>Ringtone!Reply REAL"
+    assert test[-1][1].startswith("Your unique user ID is 1172. For removal send STOP to 87239")
+
+
+def test_sample_order_is_numpys_random_state_permutation():
+    # np.random.RandomState(seed).permutation(n), as printed by NumPy 2.4.6
+    assert data.sample_order(10, 123) == [4, 0, 7, 5, 8, 3, 1, 6, 9, 2]
+    assert data.sample_order(8, 0) == [6, 2, 1, 7, 3, 0, 5, 4]
+    assert data.sample_order(8, 2**32 - 1) == [1, 7, 6, 0, 5, 4, 2, 3]
+    assert data.sample_order(300, 7)[:6] == [254, 57, 150, 66, 114, 280]
+    assert data.sample_order(0) == [] and data.sample_order(1) == [0]
 
 
 @needs_sms
@@ -395,12 +416,25 @@ def test_tsv_tolerates_bom_crlf_and_blank_lines(tmp_path):
                                                      ("spam", "WIN\tnow")]
 
 
+def test_tsv_quotes_like_pandas_read_csv(tmp_path, capsys):
+    path = tmp_path / "q.tsv"
+    path.write_text('ham\t"Happy day" I said\n'        # quotes open a field, text may follow
+                    'spam\t"a ""WIN"" with\ta tab"\n'  # "" is one quote; a quoted tab stays
+                    '"ham"\t"two\nlines"\n'              # a quoted text may hold a newline
+                    'ham\tmid "quote" stays\n', encoding="utf-8")
+    assert data.read_tsv(path) == [("ham", "Happy day I said"), ("spam", 'a "WIN" with\ta tab'),
+                                   ("ham", "two\nlines"), ("ham", 'mid "quote" stays')]
+    assert "lines 3-4 hold one quoted text" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("content, problem", [
     (b"ham\tok\nthis line has no tab\n", "line 2: no tab"),
     (b"ham\tok\n\nspma\ttypo\n", "line 3: unknown label 'spma'"),
     (b"ham\tok\nspam\t\xff\xfe bad\n", "line 2: not UTF-8"),
     (b"", "holds no messages"),
     (b"\n\r\n\n", "holds no messages"),
+    (b'ham\tok\n\nspam\t"never closed\nham\tlost\n', "line 3: a quoted text opens here and never"),
+    (b'ham\t"' + b"x" * 200_000 + b"\n", "line 1: field larger than field limit"),
 ])
 def test_bad_tsv_lines_name_the_file_and_line(tmp_path, content, problem):
     assert_error_names_file(lambda path: data.read_tsv(path, data.SPAM_LABELS),
@@ -477,7 +511,8 @@ def test_data_loaders_give_the_chapters_batch_counts(tmp_path, tokenizer):
     loaders = data.create_data_loaders(train, val, test)
     assert [len(loader) for loader in loaders] == [130, 19, 38]
     inputs, labels = next(iter(loaders[0]))
-    assert inputs.shape == (8, train.max_length) and labels.shape == (8,)
+    assert train.max_length == 120  # the chapter prints 120 and torch.Size([8, 120])
+    assert inputs.shape == (8, 120) and labels.shape == (8,)
 
 
 # -------------------------------------------------------------------- finetune.py
@@ -870,12 +905,12 @@ def test_naive_bayes_learns_word_counts():
 
 
 @needs_sms
-def test_naive_bayes_on_the_chapters_split_reaches_about_97_percent():
+def test_naive_bayes_on_the_chapters_split_gets_285_of_300_test_messages():
     balanced = data.create_balanced_dataset(data.read_tsv(SMS))
     train, validation, test = data.random_split(balanced, 0.7, 0.1)
     as_ids = [[(data.SPAM_LABELS[l], t) for l, t in split] for split in (train, validation, test)]
     model = finetune.fit_naive_bayes(as_ids[0])
-    assert finetune.naive_bayes_accuracy(model, as_ids[2]) == pytest.approx(0.9667, abs=0.01)
+    assert finetune.naive_bayes_accuracy(model, as_ids[2]) == 285 / 300
 
 
 def test_lora_starts_at_the_base_model_and_trains_only_adapters_and_head():
