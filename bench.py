@@ -14,6 +14,7 @@ chapter's classify_review does vs batched, and the wall-clock of
 Speed does not depend on the weights' values: random weights time the same.
 """
 import argparse
+import csv
 import json
 import os
 import platform
@@ -110,7 +111,8 @@ def quick_sample(data, path):
     from data import load_messages
     rows = load_messages(data)
     sample = [r for r in rows if r[0] == "ham"][:40] + [r for r in rows if r[0] == "spam"][:40]
-    path.write_text("".join(f"{label}\t{text}\n" for label, text in sample), encoding="utf-8")
+    with open(path, "w", encoding="utf-8", newline="") as f:  # csv quotes what TSV can't hold
+        csv.writer(f).writerows([("Label", "Text"), *sample])
     return str(path)
 
 
@@ -180,7 +182,7 @@ def main():
 
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     if args.quick:
-        args.data, args.epochs = quick_sample(args.data, work / "sample.tsv"), 1
+        args.data, args.epochs = quick_sample(args.data, work / "sample.csv"), 1
     runs = []
     for mode in args.modes.split(","):
         print(f"running {mode} ...", flush=True)

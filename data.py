@@ -318,14 +318,14 @@ def pad_batch(batch, pad_token_id=PAD_TOKEN_ID):
 
 
 def create_data_loaders(train_dataset, val_dataset, test_dataset, batch_size=8,
-                        seed=SEED, num_workers=0):
-    """Listing 6.5: the training loader shuffles (seeded) and drops the last
-    incomplete batch; validation and test keep every message."""
+                        num_workers=0):
+    """Listing 6.5: the training loader shuffles and drops the last incomplete
+    batch; validation and test keep every message. Like the chapter's, the
+    loaders draw from torch's global generator, so the torch.manual_seed calls
+    before sections 6.6 and 6.7 give the book's batches."""
     collate = pad_batch  # stacks padded datasets as they are, pads the others per batch
-    generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(dataset=train_dataset, batch_size=batch_size, shuffle=True,
-                              num_workers=num_workers, drop_last=True, generator=generator,
-                              collate_fn=collate)
+                              num_workers=num_workers, drop_last=True, collate_fn=collate)
     val_loader = DataLoader(dataset=val_dataset, batch_size=batch_size,
                             num_workers=num_workers, drop_last=False, collate_fn=collate)
     test_loader = DataLoader(dataset=test_dataset, batch_size=batch_size,

@@ -787,7 +787,7 @@ def main(argv=None):
     datasets = create_datasets(out, tokenizer, args.max_length, config["context_length"],
                                args.pool, len(label_ids))
     max_length = datasets[0].max_length
-    loaders = create_data_loaders(*datasets, batch_size=args.batch_size, seed=args.seed)
+    loaders = create_data_loaders(*datasets, batch_size=args.batch_size)
     for loader, name in zip(loaders, ["training", "validation", "test"]):
         print(f"{len(loader)} {name} batches")
 

@@ -501,7 +501,7 @@ def test_end_of_text_inside_a_message_is_plain_text(tmp_path, tokenizer):
 
 
 @needs_sms
-def test_data_loaders_give_the_chapters_batch_counts(tmp_path, tokenizer):
+def test_data_loaders_give_the_chapters_batch_counts_shapes_and_shuffle(tmp_path, tokenizer):
     balanced = data.create_balanced_dataset(data.read_tsv(SMS))
     for name, rows in zip(["train", "validation", "test"], data.random_split(balanced, 0.7, 0.1)):
         data.write_csv(rows, tmp_path / f"{name}.csv")
@@ -513,6 +513,15 @@ def test_data_loaders_give_the_chapters_batch_counts(tmp_path, tokenizer):
     inputs, labels = next(iter(loaders[0]))
     assert train.max_length == 120  # the chapter prints 120 and torch.Size([8, 120])
     assert inputs.shape == (8, 120) and labels.shape == (8,)
+    # The chapter's loaders after torch.manual_seed(123), on pandas' splits, give these
+    # first batches (labels, first token ids), in this order:
+    torch.manual_seed(123)
+    for expected_labels, expected_first_ids in [
+            ([0, 0, 1, 0, 0, 0, 1, 0], [56, 40, 45048, 1135, 35, 25206, 5122, 8491]),
+            ([1, 1, 1, 0, 0, 0, 1, 0], [4805, 39, 32945, 3987, 41856, 18690, 16827, 40])]:
+        inputs, labels = next(iter(loaders[0]))
+        assert labels.tolist() == expected_labels
+        assert inputs[:, 0].tolist() == expected_first_ids
 
 
 # -------------------------------------------------------------------- finetune.py
