@@ -102,7 +102,9 @@ def parse_tsv(raw, path, labels=None):
         raise InputError(f"{path}, line {number}: {e}.") from None
     fields, number, _ = records.pop()
     if fields != [""]:
-        raise InputError(f"{path}, line {number}: a quoted text opens here and never closes.")
+        raise InputError(f"{path}, line {number}: a quoted text opens here and never closes "
+                         f"(a text starting with a double quote is a quoted field, as in "
+                         f"pandas: close it, and write a quote inside it as \"\").")
     rows = []
     for fields, number, last in records:
         if "".join(fields).strip():

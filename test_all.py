@@ -781,6 +781,8 @@ def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokeni
     (["--lr=-1e-5"], "--lr: must be a positive number"),
     (["--max-length", "5000"], "--max-length 5000 is above the model's context length 1024"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
+    (["--seed=-1"], "--seed: must be between 0 and 4294967295"),
+    (["--seed", "4294967296"], "--seed: must be between 0 and 4294967295"),
 ])
 def test_bad_flags_are_argparse_errors(tmp_path, sample_tsv, flags, message):
     code, _, stderr = run("finetune.py", "--data", sample_tsv, "--weights", "random",
