@@ -548,11 +548,15 @@ def select_device(name):
     return torch.device(name)
 
 
-def positive_int(text):
+def integer(text):
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def positive_int(text):
+    value = integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -560,10 +564,7 @@ def positive_int(text):
 
 def seed_number(text):
     """0 to 2**32 - 1: the seeds pandas' sampler (NumPy's RandomState) accepts."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = integer(text)
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must be between 0 and 4294967295, got {value}")
     return value
