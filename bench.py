@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpt import MODEL_NAMES
+import finetune
+
 HERE = Path(__file__).resolve().parent
 MODES = {"plain": ["--plain"], "cache": [], "flexible": ["--pool", "flexible"]}
 TEXT = "You are a winner you have been specially selected to receive $1000 cash or a $2000 award."
@@ -32,7 +35,6 @@ TEXT = "You are a winner you have been specially selected to receive $1000 cash 
 
 def run_mode(mode, args, out_dir):
     """One fine-tune in this (child) process; prints its figures as JSON."""
-    import finetune
     argv = ["--weights", "random", "--model", args.model, "--data", args.data,
             "--epochs", str(args.epochs), "--device", args.device, "--out", str(out_dir),
             *MODES[mode]]
@@ -162,12 +164,13 @@ def print_report(report, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="gpt2-small",
+    parser.add_argument("--model", default="gpt2-small", choices=list(MODEL_NAMES),
                         help="GPT-2 size, with random weights")
     parser.add_argument("--data", default=str(HERE.parent / "shared/sms_spam_collection/SMSSpamCollection"),
                         help="the SMS Spam Collection TSV (or UCI zip)")
-    parser.add_argument("--epochs", type=int, default=5, help="epochs per mode")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    parser.add_argument("--epochs", type=finetune.positive_int, default=5, help="epochs per mode")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"],
+                        help="where every mode and the classification run")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 80 messages and 1 epoch per mode")
     parser.add_argument("--modes", default="plain,cache,flexible",
@@ -177,6 +180,12 @@ def main():
     parser.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = [mode for mode in args.modes.split(",") if mode not in MODES]
+    if unknown:
+        parser.error(f"--modes: unknown mode {unknown[0]!r} (choose from {', '.join(MODES)})")
+    if not Path(args.data).is_file():
+        parser.error(f"--data: no file at {args.data}; pass the SMS Spam Collection's TSV "
+                     f"(or the UCI zip)")
     if args.child:
         return run_mode(args.child, args, args.out)
 

@@ -119,9 +119,9 @@ def parse_tsv(raw, path, labels=None):
 
 def tsv_row(fields, path, number, labels):
     """(label, text) from one TSV record; a tab inside the text stays in it."""
-    label = fields[0].strip()
     if len(fields) < 2:
         raise InputError(f"{path}, line {number}: no tab between label and text.")
+    label = fields[0].strip()
     if not label or (labels is not None and label not in labels):
         expected = f" (expected one of {', '.join(labels)})" if labels else ""
         raise InputError(f"{path}, line {number}: unknown label {label!r}{expected}.")

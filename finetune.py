@@ -799,8 +799,9 @@ def main(argv=None):
                                lora_alpha=args.lora_alpha)  # 6.5
     model = GPTClassifier(gpt, pool=args.pool, fast=not args.plain).to(device)
     if model.enable_prefix_cache():
+        blocks = "block" if model.n_cached == 1 else "blocks"
         print(f"Caching the output of the frozen embeddings and first {model.n_cached} "
-              f"blocks (--plain recomputes them on every batch, as the chapter does)")
+              f"{blocks} (--plain recomputes them on every batch, as the chapter does)")
         model.fill_prefix_cache(datasets)
     print_initial_metrics(model, loaders, device, args.seed)  # 6.6
 

@@ -790,6 +790,18 @@ def test_bad_flags_are_argparse_errors(tmp_path, sample_tsv, flags, message):
     assert code == 2 and message in stderr and "Traceback" not in stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs: must be at least 1"),
+    (["--modes", "plain,fast"], "--modes: unknown mode 'fast'"),
+    (["--model", "gpt3"], "invalid choice: 'gpt3'"),
+    (["--data", "no-such-file.tsv"], "--data: no file at no-such-file.tsv"),
+])
+def test_bench_rejects_bad_flags_before_running_anything(flags, message):
+    code, stdout, stderr = run("bench.py", *flags)
+    assert code == 2 and message in stderr and "Traceback" not in stderr
+    assert "running" not in stdout
+
+
 def test_finetune_without_network_or_local_files_names_what_is_missing(tmp_path, sample_tsv):
     code, _, stderr = run(HERE / "finetune.py", "--weights", "random", cwd=tmp_path,
                           env=offline_env())
