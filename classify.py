@@ -1,58 +1,228 @@
-"""Section 6.8: use a fine-tuned classifier.
+"""What a fine-tuned classifier is, and section 6.8: using it.
+
+The GPT-2 with its new head as one module (GPTClassifier: pooling, the frozen-
+prefix cache, the one-position last block), the LoRA layers of appendix E, and
+the checkpoint: review_classifier.safetensors, saved and loaded. finetune.py
+trains what this file defines; this file never imports finetune.py.
 
 python classify.py "You are a winner you have been specially selected ..."
 python classify.py --checkpoint runs/a/review_classifier.safetensors - < messages.txt
 """
 import argparse
 import json
+import math
 import os
 import sys
+from pathlib import Path
 
-from gpt import (MODEL_NAMES, GPTModel, InputError, build_gpt, check_config, get_tokenizer,
-                 load_safetensors, read_safetensors_header, run_cli)
+from gpt import (MODEL_NAMES, GPTModel, InputError, check_config, download_gpt2,
+                 file_fingerprint, get_tokenizer, load_gpt2_file, load_safetensors,
+                 model_config, read_safetensors_header, run_cli, save_safetensors,
+                 take_positions)
 import torch
 from data import PAD_TOKEN_ID, SPAM_CLASS_NAMES, encode, pad_ids
-from finetune import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, POOLS, GPTClassifier,
-                      prepare_for_classification, select_device)
+
+CHECKPOINT_NAME = "review_classifier.safetensors"
+CHECKPOINT_FORMAT = "gpt2-classifier/1"
+POOLS = {  # which output position the head reads
+    "last": "the last position of the padded sequence (the chapter)",
+    "first": "the first token (Exercise 6.3)",
+    "flexible": "the last real, non-padding token; batches padded to their own longest",
+    "mean": "the average over the real tokens",
+}
 
 
-def classify_review(text, model, tokenizer, device, max_length=None,
-                    pad_token_id=PAD_TOKEN_ID, class_names=SPAM_CLASS_NAMES):
-    """Listing 6.12: the class name of one text."""
-    model.eval()
-    input_ids = encode(text, tokenizer)
-    supported_context_length = model.gpt.pos_emb.weight.shape[0]
-    if max_length is None:
-        max_length = supported_context_length
-    max_length = min(max_length, supported_context_length)
-    input_ids = input_ids[:max_length]  # truncates sequences that are too long
-    input_ids += [pad_token_id] * (max_length - len(input_ids))
-    input_tensor = torch.tensor(input_ids, device=device).unsqueeze(0)  # adds batch dim
-    with torch.inference_mode():
-        logits = model(input_tensor)  # logits of the last (pooled) output token
-    predicted_label = torch.argmax(logits, dim=-1).item()
-    return class_names[predicted_label]
+# ------------------------------------------------------------ LoRA (appendix E)
+
+class LoRALayer(torch.nn.Module):
+    """Appendix E: a low-rank update alpha/rank * (x A B); B starts at zero, so
+    training starts from the pretrained model exactly."""
+
+    def __init__(self, in_dim, out_dim, rank, alpha):
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.empty(in_dim, rank))
+        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = torch.nn.Parameter(torch.zeros(rank, out_dim))
+        self.scaling = alpha / rank
+
+    def forward(self, x):
+        return self.scaling * (x @ self.A @ self.B)
 
 
-def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD_TOKEN_ID,
-                   batch_size=32):
-    """Class probabilities (one list per text) for many texts, in batches of
-    similar length. Padded to max_length only where the checkpoint's pooling
-    reads a padding position ("last"); otherwise to each batch's longest."""
-    model.eval()
-    max_length = min(max_length, model.gpt.pos_emb.weight.shape[0])
-    encoded = [encode(text, tokenizer, max_length) for text in texts]
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    width = max_length if model.pool == "last" else None  # None: the batch's longest
-    probabilities = [None] * len(texts)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        inputs = pad_ids([encoded[i] for i in batch], pad_token_id, length=width)
-        with torch.inference_mode():
-            probas = torch.softmax(model(inputs.to(device)).float(), dim=-1).cpu()
-        for row, i in enumerate(batch):
-            probabilities[i] = probas[row].tolist()
-    return probabilities
+class LinearWithLoRA(torch.nn.Module):
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+
+    def forward(self, x):
+        return self.linear(x) + self.lora(x)
+
+
+def replace_linear_with_lora(module, rank, alpha):
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear):
+            setattr(module, name, LinearWithLoRA(child, rank, alpha))
+        else:
+            replace_linear_with_lora(child, rank, alpha)
+
+
+# ------------------------------------- the classifier: GPT-2 with its new head
+
+def frozen_prefix_length(gpt):
+    """How many leading blocks (after the embeddings) never change, or None when
+    their output cannot be cached: trainable embeddings or dropout."""
+    if any(p.requires_grad for p in [gpt.tok_emb.weight, gpt.pos_emb.weight]):
+        return None
+    if any(m.p > 0 for m in gpt.modules() if isinstance(m, torch.nn.Dropout)):
+        return None
+    n = 0
+    while n < len(gpt.trf_blocks) and not any(
+            p.requires_grad for p in gpt.trf_blocks[n].parameters()):
+        n += 1
+    return n or None
+
+
+def real_lengths(input_batch, pad_token_id):
+    # messages are encoded without special tokens, so pad ids only ever trail
+    return (input_batch != pad_token_id).sum(dim=1)  # (b,)
+
+
+def pool_positions(input_batch, pool, pad_token_id):
+    """The one position per message the head reads, (b,); None for "mean"."""
+    b, num_tokens = input_batch.shape
+    if pool == "last":
+        return torch.full((b,), num_tokens - 1, device=input_batch.device)
+    if pool == "first":
+        return torch.zeros(b, dtype=torch.long, device=input_batch.device)
+    if pool == "flexible":
+        return (real_lengths(input_batch, pad_token_id) - 1).clamp(min=0)
+    return None
+
+
+def mean_over_real_tokens(x, input_batch, pad_token_id):
+    # (b, T, d) -> (b, d)
+    lengths = real_lengths(input_batch, pad_token_id)
+    mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+    return (x * mask[..., None]).sum(dim=1) / lengths.clamp(min=1)[:, None]
+
+
+class GPTClassifier(torch.nn.Module):
+    """The chapter's `model(input_batch)[:, -1, :]` as one module: token ids
+    (b, T) -> class logits (b, num_classes), read at the `pool` position.
+
+    With fast=True (the default) it computes the same thing with less work:
+    - the output of the frozen prefix (embeddings and the first, frozen blocks)
+      never changes when dropout is off, so it is computed once per message and
+      kept in prefix_cache;
+    - the last block computes its query, attention output and feed-forward at
+      the pooled position only (keys and values still come from all positions).
+    fast=False is the chapter's plain forward pass, for teaching and timing."""
+
+    def __init__(self, gpt, pool="last", pad_token_id=PAD_TOKEN_ID, fast=True):
+        super().__init__()
+        self.gpt = gpt
+        self.pool = pool
+        self.pad_token_id = pad_token_id
+        self.fast = fast
+        self.n_cached = None  # set by enable_prefix_cache
+        self.prefix_cache = {}
+
+    def enable_prefix_cache(self):
+        """Caches the frozen prefix's output from now on, where it applies (frozen
+        embeddings and first block, no dropout); returns whether it does. Only
+        for fine-tuning: the cache keeps every message it has seen."""
+        self.n_cached = frozen_prefix_length(self.gpt) if self.fast else None
+        self.prefix_cache = {}
+        return self.n_cached is not None
+
+    def forward(self, input_batch):
+        if not self.fast:
+            return self.pool_outputs(self.gpt(input_batch), input_batch)
+        x = self.frozen_prefix(input_batch)  # (b, T, emb_dim)
+        blocks = self.gpt.trf_blocks[self.n_cached or 0:]
+        positions = pool_positions(input_batch, self.pool, self.pad_token_id)
+        if positions is None or len(blocks) == 0:
+            x = self.gpt.final_norm(blocks(x))
+            return self.gpt.out_head(self.pool_outputs(x, input_batch))
+        x = blocks[:-1](x)
+        x = blocks[-1](x, query_positions=positions)  # (b, 1, emb_dim)
+        return self.gpt.out_head(self.gpt.final_norm(x[:, 0, :]))
+
+    def pool_outputs(self, outputs, input_batch):
+        # (b, T, n) -> (b, n): the chapter's outputs[:, -1, :] and its variants
+        positions = pool_positions(input_batch, self.pool, self.pad_token_id)
+        if positions is None:
+            return mean_over_real_tokens(outputs, input_batch, self.pad_token_id)
+        return take_positions(outputs, positions)[:, 0, :]
+
+    def fill_prefix_cache(self, datasets, batch_size=32):
+        """Computes the frozen prefix of every message once, up front, in batches
+        of similar length: far less padding than the shuffled training batches."""
+        if self.n_cached is None:
+            return
+        messages = sorted((ids for dataset in datasets for ids, _ in dataset), key=len)
+        device = self.gpt.tok_emb.weight.device
+        with torch.no_grad():
+            for start in range(0, len(messages), batch_size):
+                batch = pad_ids(messages[start:start + batch_size], self.pad_token_id)
+                self.frozen_prefix(batch.to(device))
+
+    def frozen_prefix(self, input_batch):
+        """Output of the embeddings and the first n_cached blocks, (b, T, emb_dim),
+        each message computed once. Key and value: the message's token ids and
+        hidden states, including the padding when pool is "last" (it reads a
+        padding position), only the real tokens otherwise (later padding cannot
+        change them, through the causal mask)."""
+        if self.n_cached is None:
+            return self.gpt.embed(input_batch)
+        b, num_tokens = input_batch.shape
+        if self.pool == "last":
+            keep = [num_tokens] * b
+        else:
+            keep = real_lengths(input_batch, self.pad_token_id).tolist()
+        keys = [tuple(ids[:n]) for ids, n in zip(input_batch.tolist(), keep)]
+        missing = [i for i, key in enumerate(keys) if key not in self.prefix_cache]
+        if missing:
+            # outside inference mode: cached tensors are later used in training
+            with torch.inference_mode(False), torch.no_grad():
+                hidden = self.gpt.embed(input_batch[missing].clone())
+                hidden = self.gpt.trf_blocks[:self.n_cached](hidden)
+                for row, i in enumerate(missing):
+                    self.prefix_cache[keys[i]] = hidden[row, :keep[i]].clone()
+        x = torch.zeros(b, num_tokens, self.gpt.tok_emb.weight.shape[1],
+                        device=input_batch.device)
+        for i, key in enumerate(keys):
+            x[i, :keep[i]] = self.prefix_cache[key]
+        return x
+
+
+# ------------------------------------------------------------- the checkpoint
+
+def save_classifier(classifier, path, config, max_length, class_names, lora=None):
+    """The chapter's torch.save(model.state_dict(), "review_classifier.pth"),
+    without pickle: a safetensors file whose metadata describes the model, so
+    classify.py needs nothing else. Written atomically.
+
+    With lora (finetune.py's lora_description: rank, alpha, the base weights and
+    their size and sha256) only the adapters and the head are saved, with what
+    identifies the base weights they sit on."""
+    gpt = classifier.gpt
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "config": json.dumps(config),
+        "num_classes": str(gpt.out_head.out_features),
+        "max_length": str(max_length),
+        "pad_token_id": str(classifier.pad_token_id),
+        "labels": json.dumps(class_names),
+        "pool": classifier.pool,
+    }
+    tensors = gpt.state_dict()
+    if lora:
+        metadata["lora"] = json.dumps(lora)
+        tensors = {name: t for name, t in tensors.items()
+                   if ".lora." in name or name.startswith("out_head.")}
+    save_safetensors(tensors, path, metadata)
 
 
 def read_checkpoint_metadata(path, metadata):
@@ -84,18 +254,29 @@ def read_checkpoint_metadata(path, metadata):
         raise bad(f"pad_token_id {info['pad_token_id']} is outside the vocabulary")
     if pool not in POOLS:
         raise bad(f"unknown pooling {pool!r}")
-    lora = None
-    if "lora" in metadata:
-        try:
-            lora = json.loads(metadata["lora"])
-            valid = (1 <= lora["rank"] <= 4096 and lora["alpha"] > 0
-                     and lora["model"] in MODEL_NAMES and isinstance(lora["weights"], str)
-                     and isinstance(lora["seed"], int))
-        except (ValueError, TypeError, KeyError):
-            valid = False
-        if not valid:
-            raise bad("its LoRA description is malformed")
+    try:
+        lora = json.loads(metadata["lora"]) if "lora" in metadata else None
+    except ValueError:
+        lora = "not JSON"
+    if lora is not None and not valid_lora(lora, config):
+        raise bad("its LoRA description is malformed")
     return dict(info, config=config, labels=labels, pool=pool, lora=lora)
+
+
+def valid_lora(lora, config):
+    """Whether a LoRA description names a base model that can be rebuilt: random
+    weights of a known size (no larger: nothing else bounds what they allocate),
+    or a file identified by its size and sha256."""
+    try:
+        if not (isinstance(lora["rank"], int) and 1 <= lora["rank"] <= 4096 and lora["alpha"] > 0
+                and lora["model"] in MODEL_NAMES and isinstance(lora["seed"], int)):
+            return False
+        if lora["weights"] == "random":
+            return config == model_config(lora["model"])
+        return (isinstance(lora["weights"], str) and isinstance(lora["path"], str)
+                and isinstance(lora["bytes"], int) and isinstance(lora["sha256"], str))
+    except (TypeError, KeyError):  # not a dict, or a field of the wrong type
+        return False
 
 
 def empty_gpt(config, num_classes):
@@ -113,26 +294,55 @@ def empty_gpt(config, num_classes):
     return gpt
 
 
-def lora_base(info, path):
-    """The base GPT-2 a LoRA checkpoint records (pretrained, random with its seed,
-    or a local file), with the head and adapters of --trainable lora."""
-    lora = info["lora"]
+def lora_base_file(lora, checkpoint, base_weights=None):
+    """The base weights file of a LoRA checkpoint: --base-weights, else where
+    finetune.py read it, else (for pretrained weights) the Hub's file downloaded
+    into gpt2/. It must be the very file the adapters were trained on."""
+    if base_weights:
+        weights = Path(base_weights)
+    elif Path(lora["path"]).is_file() or lora["weights"] != "pretrained":
+        weights = Path(lora["path"])
+    else:
+        weights = download_gpt2(lora["model"], flag="--base-weights")
+    hint = (f"pass the file it was fine-tuned on with --base-weights PATH "
+            f"({lora['bytes']:,} bytes, sha256 {lora['sha256']})")
+    if not weights.is_file():
+        what = "is a folder" if weights.is_dir() else "does not exist"
+        raise InputError(f"{checkpoint} holds LoRA adapters for the base weights {weights}, "
+                         f"which {what}: {hint}.")
+    if (os.path.getsize(weights) != lora["bytes"]
+            or file_fingerprint(weights) != (lora["bytes"], lora["sha256"])):
+        raise InputError(f"{weights} is not the base {checkpoint} was fine-tuned on (its "
+                         f"size or sha256 differs, so its predictions would too): {hint}.")
+    return weights
+
+
+def lora_base(info, checkpoint, base_weights=None):
+    """The base GPT-2 under a LoRA checkpoint's adapters (random with the seed
+    finetune.py used, or the checked file), with an empty ("meta") head and
+    adapters for the checkpoint's tensors to fill."""
+    lora, config = info["lora"], info["config"]
     if lora["weights"] == "random":
+        if base_weights:
+            raise InputError(f"{checkpoint} was fine-tuned on random base weights (seed "
+                             f"{lora['seed']}), which classify.py rebuilds itself: leave "
+                             f"out --base-weights.")
         torch.manual_seed(lora["seed"])  # finetune.py seeds the same way
-    gpt, config = build_gpt(lora["model"], lora["weights"])
-    if config != info["config"]:
-        raise InputError(f"{path} was fine-tuned on base weights ({lora['weights']}) whose "
-                         f"config differs from the ones found now.")
-    return prepare_for_classification(gpt, info["num_classes"], trainable="lora",
-                                      seed=lora["seed"], lora_rank=lora["rank"],
-                                      lora_alpha=lora["alpha"])
+        gpt = GPTModel(config)
+    else:
+        gpt = load_gpt2_file(lora_base_file(lora, checkpoint, base_weights), config)
+    with torch.device("meta"):
+        gpt.out_head = torch.nn.Linear(config["emb_dim"], info["num_classes"])
+        replace_linear_with_lora(gpt.trf_blocks, lora["rank"], lora["alpha"])
+    return gpt
 
 
-def load_classifier(path, device="cpu"):
+def load_classifier(path, device="cpu", base_weights=None):
     """A GPTClassifier and its metadata from a checkpoint written by finetune.py.
     The tensors' names and shapes are checked against the config on an empty
     ("meta") model first; then the model takes the memory-mapped tensors as its
-    parameters, without copying them on the CPU."""
+    parameters, without copying them on the CPU. base_weights: the file under a
+    LoRA checkpoint's adapters, where it is not where finetune.py read it."""
     try:
         entries, metadata = read_safetensors_header(path)
     except InputError:
@@ -143,8 +353,11 @@ def load_classifier(path, device="cpu"):
         raise
     info = read_checkpoint_metadata(path, metadata)
     lora = info["lora"]
+    if base_weights and not lora:
+        raise InputError(f"{path} holds every weight of its model: --base-weights is only "
+                         f"for checkpoints of --trainable lora.")
     if lora:  # adapters and head only: rebuild the base model they sit on
-        gpt = lora_base(info, path)
+        gpt = lora_base(info, path, base_weights)
         expected = {name: tuple(t.shape) for name, t in gpt.state_dict().items()
                     if ".lora." in name or name.startswith("out_head.")}
     else:
@@ -163,6 +376,76 @@ def load_classifier(path, device="cpu"):
     model = GPTClassifier(gpt, pool=info["pool"], pad_token_id=info["pad_token_id"])
     return model.to(device).eval(), info
 
+
+def torch_version():
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def select_device(name):
+    """auto: cuda, then mps (only from torch 2.9: earlier versions were reported
+    to compute differently there), then cpu. An unavailable device is an error."""
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available.append("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        available.append("mps")
+    if name == "auto":
+        if "cuda" in available:
+            return torch.device("cuda")
+        if "mps" in available and torch_version() >= (2, 9):
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in available:
+        raise InputError(f"--device {name} is not available on this machine; "
+                         f"available: {', '.join(available)} (or auto).")
+    return torch.device(name)
+
+
+# ------------------------------------------- 6.8 using the model to classify
+
+def classify_review(text, model, tokenizer, device, max_length=None,
+                    pad_token_id=PAD_TOKEN_ID, class_names=SPAM_CLASS_NAMES):
+    """Listing 6.12: the class name of one text."""
+    model.eval()
+    input_ids = encode(text, tokenizer)
+    supported_context_length = model.gpt.pos_emb.weight.shape[0]
+    if max_length is None:
+        max_length = supported_context_length
+    max_length = min(max_length, supported_context_length)
+    input_ids = input_ids[:max_length]  # truncates sequences that are too long
+    input_ids += [pad_token_id] * (max_length - len(input_ids))
+    input_tensor = torch.tensor(input_ids, device=device).unsqueeze(0)  # adds batch dim
+    with torch.inference_mode():
+        logits = model(input_tensor)  # logits of the last (pooled) output token
+    predicted_label = torch.argmax(logits, dim=-1).item()
+    return class_names[predicted_label]
+
+
+def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD_TOKEN_ID,
+                   batch_size=32):
+    """Class probabilities (one list per text) for many texts, in batches of
+    similar length. Padded to max_length only where the checkpoint's pooling
+    reads a padding position ("last"); otherwise to each batch's longest."""
+    model.eval()
+    max_length = min(max_length, model.gpt.pos_emb.weight.shape[0])
+    encoded = [encode(text, tokenizer, max_length) for text in texts]
+    for i, ids in enumerate(encoded):
+        if not ids:  # no token for the head to read
+            raise InputError(f"text {i} is empty: there is nothing to classify.")
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    width = max_length if model.pool == "last" else None  # None: the batch's longest
+    probabilities = [None] * len(texts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        inputs = pad_ids([encoded[i] for i in batch], pad_token_id, length=width)
+        with torch.inference_mode():
+            probas = torch.softmax(model(inputs.to(device)).float(), dim=-1).cpu()
+        for row, i in enumerate(batch):
+            probabilities[i] = probas[row].tolist()
+    return probabilities
+
+
+# -------------------------------------------------------------------- the CLI
 
 def read_texts(args_texts):
     """The texts to classify; "-" reads one per line from stdin."""
@@ -189,6 +472,10 @@ def main(argv=None):
                         help="messages to classify; - reads one per line from stdin")
     parser.add_argument("--checkpoint", default=CHECKPOINT_NAME,
                         help="the classifier finetune.py saved (default: %(default)s)")
+    parser.add_argument("--base-weights", metavar="PATH",
+                        help="for a checkpoint of finetune.py --trainable lora: the base "
+                             "model.safetensors its adapters sit on, where it is no longer "
+                             "where finetune.py read it (checked by size and sha256)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to run the model (default: %(default)s)")
     parser.add_argument("--all", action="store_true",
@@ -198,7 +485,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     texts = read_texts(args.texts)
     device = select_device(args.device)
-    model, info = load_classifier(args.checkpoint, device)
+    model, info = load_classifier(args.checkpoint, device, args.base_weights)
     tokenizer = get_tokenizer()
     labels = info["labels"]
     for text, probas in zip(texts, classify_texts(

@@ -24,6 +24,8 @@ SPAM_LABELS = {"ham": 0, "spam": 1}     # the chapter's map of string labels to 
 SPAM_CLASS_NAMES = ["not spam", "spam"]  # what classify_review returns for 0 and 1
 PAD_TOKEN_ID = 50256                     # "<|endoftext|>"
 SEED = 123                               # the chapter's random_state and manual_seed
+# An empty text has no token for the classifier's head to read.
+EMPTY_TEXT = "the message is empty (or only whitespace); remove the line or give it a text."
 
 
 def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
@@ -74,8 +76,8 @@ def read_tsv(path, labels=None):
     several lines. The SMS collection has one such text, which swallows the two
     lines after it: 5,572 messages, as in the book (a note names it). A UTF-8 BOM,
     CRLF endings and empty lines are tolerated; a line without a tab, an empty or
-    unknown label (when labels is given) or bytes that are not UTF-8 are errors
-    naming the file and the line."""
+    unknown label (when labels is given), an empty text or bytes that are not
+    UTF-8 are errors naming the file and the line."""
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
@@ -125,7 +127,10 @@ def tsv_row(fields, path, number, labels):
     if not label or (labels is not None and label not in labels):
         expected = f" (expected one of {', '.join(labels)})" if labels else ""
         raise InputError(f"{path}, line {number}: unknown label {label!r}{expected}.")
-    return label, "\t".join(fields[1:])
+    text = "\t".join(fields[1:])
+    if not text.strip():
+        raise InputError(f"{path}, line {number}: {EMPTY_TEXT}")
+    return label, text
 
 
 def read_labeled_csv(path):
@@ -140,8 +145,10 @@ def read_labeled_csv(path):
                                      f"(its header is {','.join(columns) or 'empty'}).")
             rows = []
             for number, row in enumerate(reader, start=2):
-                if not (row["Label"] or "").strip() or row["Text"] is None:
-                    raise InputError(f"{path}, row {number}: an empty label or a missing text.")
+                if not (row["Label"] or "").strip():
+                    raise InputError(f"{path}, row {number}: the label is empty.")
+                if not (row["Text"] or "").strip():
+                    raise InputError(f"{path}, row {number}: {EMPTY_TEXT}")
                 rows.append((row["Label"].strip(), row["Text"]))
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror or e}.") from None
@@ -156,7 +163,8 @@ def load_messages(path):
     whose distinct labels are the classes."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"data file {path} does not exist.")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise InputError(f"data file {path} {what}.")
     if zipfile.is_zipfile(path):  # parsed in memory: the zip's folder may be read-only
         return parse_tsv(read_member(path), f"{path}:{ZIP_MEMBER}", labels=SPAM_LABELS)
     if path.suffix.lower() == ".csv":

@@ -1,5 +1,6 @@
 """Sections 6.4-6.8: load GPT-2, swap its head, fine-tune it as a spam classifier,
-evaluate, plot and save it.
+evaluate, plot and save it. The classifier module and its checkpoint format are
+classify.py's; this file trains them.
 
 python finetune.py                      # the whole chapter, with its defaults
 python finetune.py --device cuda --out runs/a
@@ -12,29 +13,22 @@ import sys
 import time
 from pathlib import Path
 
-from gpt import (InputError, MODEL_NAMES, build_gpt, get_tokenizer, run_cli,
-                 save_safetensors, take_positions, weights_config)
+from gpt import (InputError, MODEL_NAMES, build_gpt, file_fingerprint, get_tokenizer,
+                 gpt2_weights_path, run_cli, weights_config)
 import torch
-from data import (PAD_TOKEN_ID, SEED, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_ids,
-                  class_names, count_labels, create_balanced_dataset, create_data_loaders,
-                  data_file_path, download_and_unzip_spam_data, extracted_path,
-                  load_messages, pad_ids, random_split, read_tsv, url, write_atomically,
-                  write_csv, zip_path)
+from data import (SEED, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_ids, class_names,
+                  count_labels, create_balanced_dataset, create_data_loaders, data_file_path,
+                  download_and_unzip_spam_data, extracted_path, load_messages, random_split,
+                  read_tsv, url, write_atomically, write_csv, zip_path)
+from classify import (CHECKPOINT_NAME, POOLS, GPTClassifier, classify_review,
+                      replace_linear_with_lora, save_classifier, select_device)
 
-CHECKPOINT_NAME = "review_classifier.safetensors"
-CHECKPOINT_FORMAT = "gpt2-classifier/1"
 TRAINABLE = {  # which parts train (appendix B's layer experiments; Exercise 6.2 is "all")
     "last_layer": "only the new output layer",
     "last_block": "the last transformer block, final_norm and the new head (the chapter)",
     "last_two_blocks": "the last two transformer blocks, final_norm and the head",
     "all": "every parameter (Exercise 6.2)",
     "lora": "low-rank adapters on every Linear of the blocks, and the head (appendix E)",
-}
-POOLS = {  # which output position the head reads
-    "last": "the last position of the padded sequence (the chapter)",
-    "first": "the first token (Exercise 6.3)",
-    "flexible": "the last real, non-padding token; batches padded to their own longest",
-    "mean": "the average over the real tokens",
 }
 
 
@@ -60,167 +54,6 @@ def prepare_for_classification(model, num_classes, trainable="last_block", seed=
         for param in module.parameters():
             param.requires_grad = True
     return model
-
-
-class LoRALayer(torch.nn.Module):
-    """Appendix E: a low-rank update alpha/rank * (x A B); B starts at zero, so
-    training starts from the pretrained model exactly."""
-
-    def __init__(self, in_dim, out_dim, rank, alpha):
-        super().__init__()
-        self.A = torch.nn.Parameter(torch.empty(in_dim, rank))
-        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.B = torch.nn.Parameter(torch.zeros(rank, out_dim))
-        self.scaling = alpha / rank
-
-    def forward(self, x):
-        return self.scaling * (x @ self.A @ self.B)
-
-
-class LinearWithLoRA(torch.nn.Module):
-    def __init__(self, linear, rank, alpha):
-        super().__init__()
-        self.linear = linear
-        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
-
-    def forward(self, x):
-        return self.linear(x) + self.lora(x)
-
-
-def replace_linear_with_lora(module, rank, alpha):
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.Linear):
-            setattr(module, name, LinearWithLoRA(child, rank, alpha))
-        else:
-            replace_linear_with_lora(child, rank, alpha)
-
-
-def frozen_prefix_length(gpt):
-    """How many leading blocks (after the embeddings) never change, or None when
-    their output cannot be cached: trainable embeddings or dropout."""
-    if any(p.requires_grad for p in [gpt.tok_emb.weight, gpt.pos_emb.weight]):
-        return None
-    if any(m.p > 0 for m in gpt.modules() if isinstance(m, torch.nn.Dropout)):
-        return None
-    n = 0
-    while n < len(gpt.trf_blocks) and not any(
-            p.requires_grad for p in gpt.trf_blocks[n].parameters()):
-        n += 1
-    return n or None
-
-
-def real_lengths(input_batch, pad_token_id):
-    # messages are encoded without special tokens, so pad ids only ever trail
-    return (input_batch != pad_token_id).sum(dim=1)  # (b,)
-
-
-def pool_positions(input_batch, pool, pad_token_id):
-    """The one position per message the head reads, (b,); None for "mean"."""
-    b, num_tokens = input_batch.shape
-    if pool == "last":
-        return torch.full((b,), num_tokens - 1, device=input_batch.device)
-    if pool == "first":
-        return torch.zeros(b, dtype=torch.long, device=input_batch.device)
-    if pool == "flexible":
-        return (real_lengths(input_batch, pad_token_id) - 1).clamp(min=0)
-    return None
-
-
-def mean_over_real_tokens(x, input_batch, pad_token_id):
-    # (b, T, d) -> (b, d)
-    lengths = real_lengths(input_batch, pad_token_id)
-    mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
-    return (x * mask[..., None]).sum(dim=1) / lengths.clamp(min=1)[:, None]
-
-
-class GPTClassifier(torch.nn.Module):
-    """The chapter's `model(input_batch)[:, -1, :]` as one module: token ids
-    (b, T) -> class logits (b, num_classes), read at the `pool` position.
-
-    With fast=True (the default) it computes the same thing with less work:
-    - the output of the frozen prefix (embeddings and the first, frozen blocks)
-      never changes when dropout is off, so it is computed once per message and
-      kept in prefix_cache;
-    - the last block computes its query, attention output and feed-forward at
-      the pooled position only (keys and values still come from all positions).
-    fast=False is the chapter's plain forward pass, for teaching and timing."""
-
-    def __init__(self, gpt, pool="last", pad_token_id=PAD_TOKEN_ID, fast=True):
-        super().__init__()
-        self.gpt = gpt
-        self.pool = pool
-        self.pad_token_id = pad_token_id
-        self.fast = fast
-        self.n_cached = None  # set by enable_prefix_cache
-        self.prefix_cache = {}
-
-    def enable_prefix_cache(self):
-        """Caches the frozen prefix's output from now on, where it applies (frozen
-        embeddings and first block, no dropout); returns whether it does. Only
-        for fine-tuning: the cache keeps every message it has seen."""
-        self.n_cached = frozen_prefix_length(self.gpt) if self.fast else None
-        self.prefix_cache = {}
-        return self.n_cached is not None
-
-    def forward(self, input_batch):
-        if not self.fast:
-            return self.pool_outputs(self.gpt(input_batch), input_batch)
-        x = self.frozen_prefix(input_batch)  # (b, T, emb_dim)
-        blocks = self.gpt.trf_blocks[self.n_cached or 0:]
-        positions = pool_positions(input_batch, self.pool, self.pad_token_id)
-        if positions is None or len(blocks) == 0:
-            x = self.gpt.final_norm(blocks(x))
-            return self.gpt.out_head(self.pool_outputs(x, input_batch))
-        x = blocks[:-1](x)
-        x = blocks[-1](x, query_positions=positions)  # (b, 1, emb_dim)
-        return self.gpt.out_head(self.gpt.final_norm(x[:, 0, :]))
-
-    def pool_outputs(self, outputs, input_batch):
-        # (b, T, n) -> (b, n): the chapter's outputs[:, -1, :] and its variants
-        positions = pool_positions(input_batch, self.pool, self.pad_token_id)
-        if positions is None:
-            return mean_over_real_tokens(outputs, input_batch, self.pad_token_id)
-        return take_positions(outputs, positions)[:, 0, :]
-
-    def fill_prefix_cache(self, datasets, batch_size=32):
-        """Computes the frozen prefix of every message once, up front, in batches
-        of similar length: far less padding than the shuffled training batches."""
-        if self.n_cached is None:
-            return
-        messages = sorted((ids for dataset in datasets for ids, _ in dataset), key=len)
-        device = self.gpt.tok_emb.weight.device
-        with torch.no_grad():
-            for start in range(0, len(messages), batch_size):
-                batch = pad_ids(messages[start:start + batch_size], self.pad_token_id)
-                self.frozen_prefix(batch.to(device))
-
-    def frozen_prefix(self, input_batch):
-        """Output of the embeddings and the first n_cached blocks, (b, T, emb_dim),
-        each message computed once. Key and value: the message's token ids and
-        hidden states, including the padding when pool is "last" (it reads a
-        padding position), only the real tokens otherwise (later padding cannot
-        change them, through the causal mask)."""
-        if self.n_cached is None:
-            return self.gpt.embed(input_batch)
-        b, num_tokens = input_batch.shape
-        if self.pool == "last":
-            keep = [num_tokens] * b
-        else:
-            keep = real_lengths(input_batch, self.pad_token_id).tolist()
-        keys = [tuple(ids[:n]) for ids, n in zip(input_batch.tolist(), keep)]
-        missing = [i for i, key in enumerate(keys) if key not in self.prefix_cache]
-        if missing:
-            # outside inference mode: cached tensors are later used in training
-            with torch.inference_mode(False), torch.no_grad():
-                hidden = self.gpt.embed(input_batch[missing].clone())
-                hidden = self.gpt.trf_blocks[:self.n_cached](hidden)
-                for row, i in enumerate(missing):
-                    self.prefix_cache[keys[i]] = hidden[row, :keep[i]].clone()
-        x = torch.zeros(b, num_tokens, self.gpt.tok_emb.weight.shape[1],
-                        device=input_batch.device)
-        for i, key in enumerate(keys):
-            x[i, :keep[i]] = self.prefix_cache[key]
-        return x
 
 
 # ------------------------------------------- 6.6 classification loss and accuracy
@@ -495,58 +328,7 @@ def svg_legend(label, at_bottom):
     return svg
 
 
-# ------------------------------------------------------------------- saving
-
-def save_classifier(classifier, path, config, max_length, class_names, lora=None):
-    """The chapter's torch.save(model.state_dict(), "review_classifier.pth"),
-    without pickle: a safetensors file whose metadata describes the model, so
-    classify.py needs nothing else. Written atomically.
-
-    With lora={"rank", "alpha", "model", "weights", "seed"} only the adapters
-    and the head are saved, with the base weights they sit on."""
-    gpt = classifier.gpt
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "config": json.dumps(config),
-        "num_classes": str(gpt.out_head.out_features),
-        "max_length": str(max_length),
-        "pad_token_id": str(classifier.pad_token_id),
-        "labels": json.dumps(class_names),
-        "pool": classifier.pool,
-    }
-    tensors = gpt.state_dict()
-    if lora:
-        metadata["lora"] = json.dumps(lora)
-        tensors = {name: t for name, t in tensors.items()
-                   if ".lora." in name or name.startswith("out_head.")}
-    save_safetensors(tensors, path, metadata)
-
-
 # -------------------------------------------------------------------- the CLI
-
-def torch_version():
-    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-
-
-def select_device(name):
-    """auto: cuda, then mps (only from torch 2.9: earlier versions were reported
-    to compute differently there), then cpu. An unavailable device is an error."""
-    available = ["cpu"]
-    if torch.cuda.is_available():
-        available.append("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        available.append("mps")
-    if name == "auto":
-        if "cuda" in available:
-            return torch.device("cuda")
-        if "mps" in available and torch_version() >= (2, 9):
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name not in available:
-        raise InputError(f"--device {name} is not available on this machine; "
-                         f"available: {', '.join(available)} (or auto).")
-    return torch.device(name)
-
 
 def integer(text):
     try:
@@ -637,6 +419,17 @@ def build_parser():
                              "of caching the frozen layers' output and computing the last "
                              "block at the pooled position only (same results, slower)")
     return parser
+
+
+def make_out_dir(name):
+    out = Path(name)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; it takes a folder (made if missing).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot make the --out folder {out}: {e.strerror or e}.") from None
+    return out
 
 
 def load_rows(args):
@@ -754,16 +547,19 @@ def naive_bayes_baseline(label_ids, splits):
 
 
 def lora_description(args):
-    """What classify.py needs to rebuild the base model under the adapters."""
-    weights = args.weights if args.weights in ("pretrained", "random") else \
-        str(Path(args.weights).resolve())
-    return {"rank": args.lora_rank, "alpha": args.lora_alpha, "model": args.model,
-            "weights": weights, "seed": args.seed}
+    """What classify.py needs to rebuild the base model under the adapters, and
+    to check that it is the very file they were trained on: its size and sha256."""
+    lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "model": args.model,
+            "weights": args.weights, "seed": args.seed}
+    if args.weights != "random":
+        path = gpt2_weights_path(args.model) if args.weights == "pretrained" else args.weights
+        lora["path"] = str(Path(path).resolve())
+        lora["bytes"], lora["sha256"] = file_fingerprint(path)
+    return lora
 
 
 def classify_examples(model, tokenizer, device, max_length):
     """Section 6.8's two example texts."""
-    from classify import classify_review  # classify.py imports this file
     for text in ["You are a winner you have been specially selected to receive $1000 "
                  "cash or a $2000 award.",
                  "Hey, just wanted to check if we're still on for dinner tonight? "
@@ -779,8 +575,7 @@ def main(argv=None):
     if args.max_length and args.max_length > config["context_length"]:
         parser.error(f"--max-length {args.max_length} is above the model's context "
                      f"length {config['context_length']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out_dir(args.out)
 
     label_ids, splits = prepare_splits(args, out)  # 6.2
     names = class_names(label_ids)
@@ -797,6 +592,7 @@ def main(argv=None):
     prepare_for_classification(gpt, num_classes=len(label_ids), trainable=args.trainable,
                                seed=args.seed, lora_rank=args.lora_rank,
                                lora_alpha=args.lora_alpha)  # 6.5
+    lora = lora_description(args) if args.trainable == "lora" else None
     model = GPTClassifier(gpt, pool=args.pool, fast=not args.plain).to(device)
     if model.enable_prefix_cache():
         blocks = "block" if model.n_cached == 1 else "blocks"
@@ -813,8 +609,7 @@ def main(argv=None):
     if not args.no_baseline:
         metrics["naive_bayes"] = naive_bayes_baseline(label_ids, splits)
 
-    lora = lora_description(args) if args.trainable == "lora" else None  # 6.8
-    save_classifier(model, checkpoint, config, max_length, names, lora=lora)
+    save_classifier(model, checkpoint, config, max_length, names, lora=lora)  # 6.8
     write_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(f"Saved {checkpoint}, metrics.json, loss-plot.svg, accuracy-plot.svg and the "
           f"CSV splits in {out}")

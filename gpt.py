@@ -5,6 +5,7 @@ prints the greedy continuation, the chapter's check that the weights loaded.
 """
 import argparse
 import ctypes
+import hashlib
 import http.client
 import json
 import math
@@ -243,6 +244,8 @@ def read_safetensors_header(path):
     def bad(problem):
         return InputError(f"{path} is not a valid safetensors file: {problem}.")
 
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder, not a safetensors file.")
     try:
         file_size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -291,7 +294,7 @@ def entry_problem(info, data_size):
     if not isinstance(info, dict):
         return "has no description"
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:  # a list is unhashable
         return f"has unknown dtype {dtype!r}"
     if not isinstance(shape, list) or not all(
             isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
@@ -427,8 +430,9 @@ def gpt2_weights_path(model_name, models_dir="gpt2"):
     return Path(models_dir) / size / "model.safetensors"
 
 
-def download_gpt2(model_name, models_dir="gpt2"):
-    """The Hub's model.safetensors of one GPT-2 size, skipped when present."""
+def download_gpt2(model_name, models_dir="gpt2", flag="--weights"):
+    """The Hub's model.safetensors of one GPT-2 size, skipped when present; a
+    failure names `flag`, the option of the calling command that takes a file."""
     path = gpt2_weights_path(model_name, models_dir)
     if path.exists():
         return path
@@ -436,7 +440,16 @@ def download_gpt2(model_name, models_dir="gpt2"):
         HUB_URL.format(HUB_NAMES[model_name]), path,
         f"the {model_name} weights",
         f"download model.safetensors of openai-community/{HUB_NAMES[model_name]} "
-        f"yourself and pass it with --weights PATH (or place it at {path})")
+        f"yourself and pass it with {flag} PATH (or place it at {path})")
+
+
+def file_fingerprint(path):
+    """(size in bytes, sha256 hex) of a file, read in 1 MB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return os.path.getsize(path), digest.hexdigest()
 
 
 def config_from_hub_json(path):
@@ -546,32 +559,54 @@ def suggest_model(name, tensor):
 
 
 def check_gpt2_size(entries, config, source):
-    """Compares the file's header with the config before reading any tensor."""
+    """Compares the file's header with the config before reading any tensor, so
+    that no model larger than the file's tensors is ever allocated."""
     names = {n.removeprefix("transformer."): e for n, e in entries.items()}
     layers = {int(n.split(".")[1]) for n in names if n.startswith("h.") and n.split(".")[1].isdigit()}
-    wte = names.get("wte.weight")
-    if wte is not None and (tuple(wte[1]) != (config["vocab_size"], config["emb_dim"])
-                            or len(layers) != config["n_layers"]):
+    if "wte.weight" not in names or "wpe.weight" not in names:
+        raise InputError(f"{source} has no wte.weight or wpe.weight tensor: not a GPT-2 "
+                         f"model.safetensors in the Hub's layout.")
+    wte, wpe = names["wte.weight"], names["wpe.weight"]
+    if (tuple(wte[1]) != (config["vocab_size"], config["emb_dim"])
+            or len(layers) != config["n_layers"]):
         found = f"embedding {tuple(wte[1])}, {len(layers)} layers"
         for short, key in MODEL_NAMES.items():
             cfg = model_configs[key]
-            if cfg["emb_dim"] == wte[1][-1] and cfg["n_layers"] == len(layers):
+            if (cfg["emb_dim"],) == tuple(wte[1])[-1:] and cfg["n_layers"] == len(layers):
                 found += f": these are {short} weights, use --model {short}"
         raise InputError(
             f"{source}: tensor wte.weight has shape {tuple(wte[1])} and the file has "
             f"{len(layers)} layers, but the model needs "
             f"{(config['vocab_size'], config['emb_dim'])} and {config['n_layers']} layers "
             f"({found}).")
+    if tuple(wpe[1]) != (config["context_length"], config["emb_dim"]):
+        raise InputError(f"{source}: tensor wpe.weight has shape {tuple(wpe[1])}, but the "
+                         f"model needs {(config['context_length'], config['emb_dim'])}.")
 
 
 def weights_config(model_name, weights):
     """The model config for --weights: a config.json beside a weights file sets
-    the hyper-parameters, otherwise model_name does."""
-    if weights not in ("pretrained", "random"):
-        hub_config = Path(weights).parent / "config.json"
-        if hub_config.is_file():
-            return config_from_hub_json(hub_config)
-    return model_config(model_name)
+    the hyper-parameters, otherwise model_name does. A weights file's header is
+    checked against it here, before any data is read or written."""
+    if weights in ("pretrained", "random"):
+        return model_config(model_name)
+    path = Path(weights)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise InputError(f"weights file {path} {what} (--weights takes 'pretrained', "
+                         f"'random' or the path of a model.safetensors).")
+    hub_config = path.parent / "config.json"
+    config = config_from_hub_json(hub_config) if hub_config.is_file() else model_config(model_name)
+    check_gpt2_size(read_safetensors_header(path)[0], config, path)
+    return config
+
+
+def load_gpt2_file(path, config):
+    """GPTModel(config) holding the weights of a Hub-layout model.safetensors."""
+    check_gpt2_size(read_safetensors_header(path)[0], config, path)
+    model = GPTModel(config)
+    load_weights_into_gpt(model, iter_safetensors(path), source=str(path))
+    return model
 
 
 def build_gpt(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
@@ -582,32 +617,50 @@ def build_gpt(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
     if weights == "random":
         return GPTModel(config), config
     path = download_gpt2(model_name, models_dir) if weights == "pretrained" else Path(weights)
-    if not path.is_file():
-        raise InputError(f"weights file {path} does not exist (--weights takes "
-                         f"'pretrained', 'random' or the path of a model.safetensors).")
-    entries, _ = read_safetensors_header(path)
-    check_gpt2_size(entries, config, path)
-    model = GPTModel(config)
-    load_weights_into_gpt(model, iter_safetensors(path), source=str(path))
-    return model, config
+    return load_gpt2_file(path, config), config
+
+
+# tiktoken's cache of OpenAI's two gpt2 files, kept in the repository for the tests
+TOKENIZER_FILES = Path(__file__).resolve().parent / "testdata" / "tiktoken"
 
 
 def get_tokenizer():
+    """tiktoken's gpt2 encoding. tiktoken reads its cache or downloads the files;
+    where it can do neither, the repository's copy is used (tiktoken checks the
+    files' sha256 either way)."""
     import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken downloads its files on first use
+        error = e
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(TOKENIZER_FILES)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:
         raise InputError(
-            f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}: {e}). tiktoken "
-            f"downloads it on first use; without network, set TIKTOKEN_CACHE_DIR to a "
-            f"folder holding its cached files.") from None
+            f"cannot load tiktoken's gpt2 encoding ({type(error).__name__}: {error}). "
+            f"tiktoken downloads it on first use; without network, set TIKTOKEN_CACHE_DIR "
+            f"to a folder holding its cached files.") from None
+    finally:
+        if saved is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
 
 
 def run_cli(main):
     """Runs main(); an expected failure prints one paragraph and exits 1,
-    Ctrl-C exits 130 (whatever main saved before is complete)."""
+    Ctrl-C exits 130 (whatever main saved before is complete), a closed output
+    pipe (| head) ends the program quietly."""
     try:
         main()
+        sys.stdout.flush()  # inside the try: a reader that went away is seen here
+    except BrokenPipeError:
+        # nothing more can be printed; point stdout at nothing so that Python's
+        # own flush at exit does not report the broken pipe either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

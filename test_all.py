@@ -1,6 +1,7 @@
 """Offline tests: no network, no pretrained weights, under 3 minutes on 2 cores.
-Tests that need ../shared (the real dataset, tiktoken's files, the tiny Hub-layout
-GPT-2) skip with a reason where it is absent."""
+Everything they read is in testdata/ (see its README): the real SMS data,
+tiktoken's gpt2 files and a compact GPT-2 in the Hub's layout with the logits
+Hugging Face transformers computes for it."""
 import http.server
 import io
 import json
@@ -19,14 +20,13 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent / "shared"
-SMS = SHARED / "sms_spam_collection" / "SMSSpamCollection"
-SMS_ZIP = SHARED / "sms_spam_collection" / "sms+spam+collection.zip"
-TINY = SHARED / "gpt2-tiny-hf"
-if (SHARED / "tiktoken").is_dir():
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
-if os.environ.get("TIKTOKEN_CACHE_DIR"):  # subprocesses run in other folders
-    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(os.environ["TIKTOKEN_CACHE_DIR"])
+TESTDATA = HERE / "testdata"
+SMS = TESTDATA / "sms_spam_collection" / "SMSSpamCollection"
+SMS_ZIP = TESTDATA / "sms_spam_collection" / "sms+spam+collection.zip"
+MINI = TESTDATA / "gpt2-mini-hf"
+MINI_WEIGHTS = MINI / "model.safetensors"
+# the repository's copy of tiktoken's cache, for this process and every subprocess
+os.environ["TIKTOKEN_CACHE_DIR"] = str(TESTDATA / "tiktoken")
 
 import gpt  # noqa: E402  (after TIKTOKEN_CACHE_DIR; gpt silences torch's NumPy warning)
 import torch  # noqa: E402
@@ -35,8 +35,6 @@ import finetune  # noqa: E402
 import classify  # noqa: E402
 from gpt import InputError  # noqa: E402
 
-needs_sms = pytest.mark.skipif(not SMS.is_file(), reason="../shared/sms_spam_collection absent")
-needs_tiny = pytest.mark.skipif(not TINY.is_dir(), reason="../shared/gpt2-tiny-hf absent")
 TINY_CONFIG = {"vocab_size": 50257, "context_length": 64, "emb_dim": 16, "n_layers": 2,
                "n_heads": 2, "drop_rate": 0.0, "qkv_bias": True}
 SPAM_TEXT = ("You are a winner you have been specially selected to receive $1000 cash "
@@ -45,21 +43,14 @@ SPAM_TEXT = ("You are a winner you have been specially selected to receive $1000
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    try:
-        return gpt.get_tokenizer()
-    except InputError as e:
-        pytest.skip(f"tiktoken's gpt2 files unavailable: {e}")
+    return gpt.get_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def sample_tsv(tmp_path_factory):
-    """60 ham and 60 spam messages of the real collection, or made-up ones."""
-    if SMS.is_file():
-        rows = data.read_tsv(SMS)
-        rows = [r for r in rows if r[0] == "ham"][:60] + [r for r in rows if r[0] == "spam"][:60]
-    else:
-        rows = ([("ham", f"see you at {i} tonight, ok?") for i in range(60)]
-                + [("spam", f"WIN ${i}000 cash now! call 0800 {i}") for i in range(60)])
+    """60 ham and 60 spam messages of the real collection."""
+    rows = data.read_tsv(SMS)
+    rows = [r for r in rows if r[0] == "ham"][:60] + [r for r in rows if r[0] == "spam"][:60]
     path = tmp_path_factory.mktemp("data") / "sample.tsv"
     path.write_text("".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8")
     return path
@@ -93,27 +84,30 @@ def tiny_classifier(num_classes=2, pool="last", trainable="last_block", seed=0, 
     torch.manual_seed(seed)
     model = gpt.GPTModel(dict(TINY_CONFIG, n_layers=n_layers))
     finetune.prepare_for_classification(model, num_classes, trainable=trainable, seed=seed)
-    return finetune.GPTClassifier(model, pool=pool)
+    return classify.GPTClassifier(model, pool=pool)
 
 
 # ------------------------------------------------------------------------ gpt.py
 
-@needs_tiny
-def test_tiny_hub_model_reproduces_reference_logits():
-    model, config = gpt.build_gpt(weights=str(TINY / "model.safetensors"))
-    assert config["emb_dim"] == 32 and config["n_layers"] == 2 and config["context_length"] == 128
-    expected, _ = gpt.load_safetensors(TINY / "expected.safetensors")
+def test_hub_layout_model_reproduces_the_reference_implementations_logits(tokenizer):
+    model, config = gpt.build_gpt(weights=str(MINI_WEIGHTS))
+    assert (config["emb_dim"], config["n_layers"], config["n_heads"],
+            config["context_length"]) == (16, 2, 2, 128)
+    expected, _ = gpt.load_safetensors(MINI / "expected.safetensors")
+    reference = json.loads((MINI / "expected.json").read_text())
+    assert expected["input_ids"].tolist() == [tokenizer.encode(t) for t in reference["texts"]]
     with torch.no_grad():
         logits = model.eval()(expected["input_ids"].long())
     assert logits.shape == (2, 4, 50257)
-    assert torch.allclose(logits, expected["logits"], atol=1e-4)
+    assert torch.allclose(logits[:, -1], expected["logits_last"], atol=1e-4)
+    assert torch.allclose(logits[..., :1024], expected["logits_first_1024"], atol=1e-4)
+    assert logits[:, -1].argmax(-1).tolist() == reference["argmax_last"]
 
 
-@needs_tiny
-def test_gpt_cli_prints_reference_greedy_continuation(tokenizer):
-    expected = json.loads((TINY / "expected.json").read_text())["greedy_5_new_tokens"]
-    code, out, err = run("gpt.py", "--weights", TINY / "model.safetensors",
-                         "--max-new-tokens", "5", expected["prompt"])
+def test_gpt_cli_prints_reference_greedy_continuation():
+    expected = json.loads((MINI / "expected.json").read_text())["greedy_8_new_tokens"]
+    code, out, err = run("gpt.py", "--weights", MINI_WEIGHTS,
+                         "--max-new-tokens", "8", expected["prompt"])
     assert code == 0, err
     assert out.strip() == expected["prompt"] + expected["continuation"]
 
@@ -173,38 +167,40 @@ def test_last_block_at_one_position_equals_the_full_block():
     assert torch.allclose(one[:, 0], full[torch.arange(4), positions], atol=1e-5)
 
 
-@needs_tiny
 def test_loader_accepts_a_transformer_prefix_and_ignores_extra_keys():
-    tensors, _ = gpt.load_safetensors(TINY / "model.safetensors")
+    tensors, _ = gpt.load_safetensors(MINI_WEIGHTS)
     prefixed = [("transformer." + k, v) for k, v in tensors.items()]
     prefixed.append(("lm_head.weight", tensors["wte.weight"]))
-    config = gpt.config_from_hub_json(TINY / "config.json")
+    config = gpt.config_from_hub_json(MINI / "config.json")
     model = gpt.GPTModel(config)
     gpt.load_weights_into_gpt(model, prefixed)
-    assert torch.equal(model.tok_emb.weight, tensors["wte.weight"])
-    assert torch.equal(model.out_head.weight, tensors["wte.weight"])  # tied
+    assert torch.equal(model.tok_emb.weight, tensors["wte.weight"].float())
+    assert torch.equal(model.out_head.weight, tensors["wte.weight"].float())  # tied
     assert torch.equal(model.trf_blocks[1].att.W_key.weight,
-                       tensors["h.1.attn.c_attn.weight"][:, 32:64].T)
+                       tensors["h.1.attn.c_attn.weight"][:, 16:32].T.float())
 
 
-@needs_tiny
 def test_loader_rejects_weights_missing_a_tensor():
-    tensors, _ = gpt.load_safetensors(TINY / "model.safetensors")
+    tensors, _ = gpt.load_safetensors(MINI_WEIGHTS)
     del tensors["h.1.mlp.c_fc.bias"]
-    model = gpt.GPTModel(gpt.config_from_hub_json(TINY / "config.json"))
+    model = gpt.GPTModel(gpt.config_from_hub_json(MINI / "config.json"))
     with pytest.raises(InputError, match=r"trf_blocks\.1\.ff\.layers\.0\.bias"):
         gpt.load_weights_into_gpt(model, tensors.items())
 
 
-@needs_tiny
 def test_weights_of_another_size_name_the_tensor_shapes_and_the_right_model():
-    entries, _ = gpt.read_safetensors_header(TINY / "model.safetensors")
+    entries, _ = gpt.read_safetensors_header(MINI_WEIGHTS)
+    config = gpt.model_config("gpt2-small")
     with pytest.raises(InputError) as error:
-        gpt.check_gpt2_size(entries, gpt.model_config("gpt2-small"), "w.safetensors")
+        gpt.check_gpt2_size(entries, dict(config, context_length=128), "w.safetensors")
     assert "wte.weight" in str(error.value)
-    assert "(50257, 32)" in str(error.value) and "(50257, 768)" in str(error.value)
+    assert "(50257, 16)" in str(error.value) and "(50257, 768)" in str(error.value)
+    mini = gpt.config_from_hub_json(MINI / "config.json")
+    with pytest.raises(InputError, match=r"wpe.weight has shape \(128, 16\), but the model "
+                                         r"needs \(64, 16\)"):
+        gpt.check_gpt2_size(entries, dict(mini, context_length=64), "w.safetensors")
     # gpt2-medium's header against --model gpt2-small: the error suggests gpt2-medium
-    medium = {"wte.weight": ("F32", (50257, 1024), 0, 0)}
+    medium = {"wte.weight": ("F32", (50257, 1024), 0, 0), "wpe.weight": ("F32", (1024, 1024), 0, 0)}
     medium.update({f"h.{i}.ln_1.weight": ("F32", (1024,), 0, 0) for i in range(24)})
     with pytest.raises(InputError, match="use --model gpt2-medium"):
         gpt.check_gpt2_size(medium, gpt.model_config("gpt2-small"), "w.safetensors")
@@ -343,7 +339,6 @@ def test_ctrl_c_during_a_download_leaves_no_partial_file(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------ data.py
 
-@needs_sms
 def test_real_tsv_reads_balances_and_splits_row_for_row_as_the_chapters_pandas(capsys):
     rows = data.read_tsv(SMS, labels=data.SPAM_LABELS)
     assert len(rows) == 5572  # the chapter's figure 6.5
@@ -376,12 +371,10 @@ def test_sample_order_is_numpys_random_state_permutation():
     assert data.sample_order(0) == [] and data.sample_order(1) == [0]
 
 
-@needs_sms
 def test_uci_zip_reads_the_same_messages_as_the_tsv():
     assert data.load_messages(SMS_ZIP) == data.read_tsv(SMS)
 
 
-@needs_sms
 def test_download_and_unzip_from_a_file_url_writes_only_the_tsv(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tsv = Path("sms_spam_collection") / "SMSSpamCollection.tsv"
@@ -500,7 +493,6 @@ def test_end_of_text_inside_a_message_is_plain_text(tmp_path, tokenizer):
     assert 50256 not in ids
 
 
-@needs_sms
 def test_data_loaders_give_the_chapters_batch_counts_shapes_and_shuffle(tmp_path, tokenizer):
     balanced = data.create_balanced_dataset(data.read_tsv(SMS))
     for name, rows in zip(["train", "validation", "test"], data.random_split(balanced, 0.7, 0.1)):
@@ -591,14 +583,14 @@ def test_prefix_cache_switches_itself_off_when_every_layer_trains_or_dropout_is_
     torch.manual_seed(0)
     model = gpt.GPTModel(dict(TINY_CONFIG, drop_rate=0.1))
     finetune.prepare_for_classification(model, 2)
-    assert not finetune.GPTClassifier(model).enable_prefix_cache()
+    assert not classify.GPTClassifier(model).enable_prefix_cache()
     assert tiny_classifier().enable_prefix_cache()
 
 
 def test_flexible_pooling_reads_the_last_real_token_whatever_the_padding():
     model = tiny_classifier(pool="flexible").eval()
     ids = torch.tensor([[5, 6, 7, 50256, 50256], [8, 9, 10, 11, 12]])
-    positions = finetune.pool_positions(ids, "flexible", 50256)
+    positions = classify.pool_positions(ids, "flexible", 50256)
     assert positions.tolist() == [2, 4]
     more_padding = torch.cat([ids, torch.full((2, 6), 50256)], dim=1)
     with torch.no_grad():
@@ -624,7 +616,7 @@ def test_plot_values_writes_a_well_formed_svg_with_both_axes(tmp_path):
 def test_saved_checkpoint_loads_with_the_same_logits(tmp_path, tokenizer):
     model = tiny_classifier().eval()
     path = tmp_path / "c.safetensors"
-    finetune.save_classifier(model, path, TINY_CONFIG, 20, ["not spam", "spam"])
+    classify.save_classifier(model, path, TINY_CONFIG, 20, ["not spam", "spam"])
     loaded, info = classify.load_classifier(path)
     assert info["max_length"] == 20 and info["labels"] == ["not spam", "spam"]
     ids = torch.tensor([tokenizer.encode(SPAM_TEXT)[:20]])
@@ -653,7 +645,7 @@ def test_batched_classification_equals_one_at_a_time(tokenizer):
 def checkpoint_with(tmp_path, **changes):
     model = tiny_classifier()
     path = tmp_path / "c.safetensors"
-    finetune.save_classifier(model, path, TINY_CONFIG, 20, ["not spam", "spam"])
+    classify.save_classifier(model, path, TINY_CONFIG, 20, ["not spam", "spam"])
     tensors, metadata = gpt.load_safetensors(path)
     tensors = {k: v.clone() for k, v in tensors.items()}
     metadata.update(changes)
@@ -729,7 +721,7 @@ def test_a_failed_save_leaves_the_existing_checkpoint_intact(tmp_path, monkeypat
 
     monkeypatch.setattr(gpt.ctypes, "string_at", fail)
     with pytest.raises(OSError):
-        finetune.save_classifier(tiny_classifier(seed=5), path, TINY_CONFIG, 20,
+        classify.save_classifier(tiny_classifier(seed=5), path, TINY_CONFIG, 20,
                                  ["not spam", "spam"])
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
@@ -738,17 +730,16 @@ def test_a_failed_save_leaves_the_existing_checkpoint_intact(tmp_path, monkeypat
 def test_unavailable_device_names_the_available_ones(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InputError, match="--device cuda is not available.*available: cpu"):
-        finetune.select_device("cuda")
-    assert finetune.select_device("auto").type in ("cpu", "mps")
+        classify.select_device("cuda")
+    assert classify.select_device("auto").type in ("cpu", "mps")
 
 
 # ---------------------------------------------------------------------- the CLIs
 
-@needs_tiny
 def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokenizer):
     out = tmp_path / "run"
     code, stdout, stderr = run("finetune.py", "--data", sample_tsv, "--weights",
-                               TINY / "model.safetensors", "--epochs", "2", "--device", "cpu",
+                               MINI_WEIGHTS, "--epochs", "2", "--device", "cpu",
                                "--out", out)
     assert code == 0, stderr
     for line in ["10 training batches", "2 validation batches", "3 test batches",
@@ -814,16 +805,18 @@ def test_finetune_without_network_or_local_files_names_what_is_missing(tmp_path,
     assert "Traceback" not in stderr and not (tmp_path / "gpt2" / "124M" / "model.safetensors").exists()
 
 
-@needs_tiny
 def test_ctrl_c_during_fine_tuning_says_what_was_saved_and_keeps_the_checkpoint(
         tmp_path, sample_tsv):
     out = tmp_path / "run"
     out.mkdir()
-    (out / finetune.CHECKPOINT_NAME).write_bytes(b"an earlier checkpoint")
+    (out / classify.CHECKPOINT_NAME).write_bytes(b"an earlier checkpoint")
     process = subprocess.Popen(
         [sys.executable, "-u", "finetune.py", "--data", str(sample_tsv), "--weights",
-         str(TINY / "model.safetensors"), "--epochs", "500", "--out", str(out)],
-        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         str(MINI_WEIGHTS), "--epochs", "500", "--out", str(out)],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a shell that starts a job in the background has it ignore SIGINT, and
+        # children inherit that: give Ctrl-C its default meaning again
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stdout:
         if line.startswith("Ep 1 (Step 000000)"):
             break
@@ -831,7 +824,7 @@ def test_ctrl_c_during_fine_tuning_says_what_was_saved_and_keeps_the_checkpoint(
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr
     assert "interrupted during training" in stderr and "is unchanged" in stderr
-    assert (out / finetune.CHECKPOINT_NAME).read_bytes() == b"an earlier checkpoint"
+    assert (out / classify.CHECKPOINT_NAME).read_bytes() == b"an earlier checkpoint"
 
 
 def test_classify_without_a_checkpoint_says_how_to_make_one(tmp_path):
@@ -839,11 +832,10 @@ def test_classify_without_a_checkpoint_says_how_to_make_one(tmp_path):
     assert code == 1 and "python finetune.py" in stderr and "Traceback" not in stderr
 
 
-@needs_tiny
 def test_same_seed_gives_identical_splits_and_metrics(tmp_path, sample_tsv, capsys):
     outputs = []
     for name in ("a", "b"):
-        finetune.main(["--data", str(sample_tsv), "--weights", str(TINY / "model.safetensors"),
+        finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
                        "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / name)])
         printed = capsys.readouterr().out.replace(str(tmp_path / name), "OUT")
         outputs.append(re.sub(r"Training completed in .*", "", printed))
@@ -877,10 +869,9 @@ def test_own_labels_become_sorted_class_ids_and_balancing_evens_them(tmp_path):
     assert data.load_messages(csv_path) == [("positive", "great, really"), ("negative", "bad")]
 
 
-@needs_tiny
 def test_three_class_fine_tune_then_classify_with_the_checkpoint(tmp_path, tokenizer, capsys):
     tsv = three_class_tsv(tmp_path / "topics.tsv")
-    result = finetune.main(["--data", str(tsv), "--weights", str(TINY / "model.safetensors"),
+    result = finetune.main(["--data", str(tsv), "--weights", str(MINI_WEIGHTS),
                             "--epochs", "3", "--batch-size", "4", "--lr", "1e-3",
                             "--out", str(tmp_path / "run")])
     printed = capsys.readouterr().out
@@ -898,7 +889,7 @@ def test_three_class_fine_tune_then_classify_with_the_checkpoint(tmp_path, token
                     r"P\(tech\)=0\.\d{3}\t", out)
 
 
-CHECKPOINT = finetune.CHECKPOINT_NAME
+CHECKPOINT = classify.CHECKPOINT_NAME
 
 
 def test_no_balance_keeps_every_message(tmp_path, capsys):
@@ -927,7 +918,6 @@ def test_naive_bayes_learns_word_counts():
     assert finetune.naive_bayes_accuracy(model, train) == 1.0
 
 
-@needs_sms
 def test_naive_bayes_on_the_chapters_split_gets_285_of_300_test_messages():
     balanced = data.create_balanced_dataset(data.read_tsv(SMS))
     train, validation, test = data.random_split(balanced, 0.7, 0.1)
@@ -948,26 +938,25 @@ def test_lora_starts_at_the_base_model_and_trains_only_adapters_and_head():
     assert sum(".lora.A" in n for n in trainable) == 2 * 6  # 6 Linear layers per block
     with torch.no_grad():
         assert torch.allclose(base.final_norm(base.trf_blocks(base.embed(ids))), hidden)
-    assert not finetune.GPTClassifier(base).enable_prefix_cache()
-    layer = finetune.LoRALayer(3, 5, rank=2, alpha=4)
+    assert not classify.GPTClassifier(base).enable_prefix_cache()
+    layer = classify.LoRALayer(3, 5, rank=2, alpha=4)
     with torch.no_grad():
         layer.B.fill_(1.0)
     x = torch.randn(1, 3)
     assert torch.allclose(layer(x), 2.0 * (x @ layer.A @ layer.B))  # alpha / rank = 2
 
 
-@needs_tiny
 def test_lora_checkpoint_holds_only_adapters_and_reloads_on_its_base(tmp_path, capsys):
     out = tmp_path / "lora"
     finetune.main(["--data", str(three_class_tsv(tmp_path / "t.tsv")), "--weights",
-                   str(TINY / "model.safetensors"), "--trainable", "lora", "--lora-rank", "4",
+                   str(MINI_WEIGHTS), "--trainable", "lora", "--lora-rank", "4",
                    "--lora-alpha", "8", "--epochs", "1", "--batch-size", "4", "--out", str(out),
                    "--no-baseline"])
     assert "Naive Bayes" not in capsys.readouterr().out
     entries, metadata = gpt.read_safetensors_header(out / CHECKPOINT)
     assert entries and all(".lora." in n or n.startswith("out_head.") for n in entries)
     lora = json.loads(metadata["lora"])
-    assert lora["weights"] == str((TINY / "model.safetensors").resolve())
+    assert lora["weights"] == str((MINI_WEIGHTS).resolve())
     assert (lora["rank"], lora["alpha"]) == (4, 8.0)
     loaded, info = classify.load_classifier(out / CHECKPOINT)
     assert info["labels"] == ["politics", "sports", "tech"]
@@ -999,7 +988,7 @@ def test_every_model_size_composes_with_every_trainable_choice(name):
         with torch.device("meta"):  # shapes only: no memory, no time
             model = finetune.prepare_for_classification(gpt.GPTModel(config), 3,
                                                         trainable=trainable)
-        classifier = finetune.GPTClassifier(model, pool="flexible")
+        classifier = classify.GPTClassifier(model, pool="flexible")
         cached = classifier.enable_prefix_cache()
         assert model.out_head.weight.shape == (3, config["emb_dim"])
         assert cached == (trainable not in ("all", "lora"))
@@ -1008,12 +997,11 @@ def test_every_model_size_composes_with_every_trainable_choice(name):
             assert classifier.n_cached == config["n_layers"] - expected
 
 
-@needs_tiny
 def test_pool_max_length_seed_plain_no_balance_and_trainable_flags_reach_the_run(
         tmp_path, capsys):
     out = tmp_path / "run"
     result = finetune.main(["--data", str(three_class_tsv(tmp_path / "t.tsv")), "--weights",
-                            str(TINY / "model.safetensors"), "--pool", "flexible",
+                            str(MINI_WEIGHTS), "--pool", "flexible",
                             "--max-length", "6", "--seed", "7", "--plain", "--no-balance",
                             "--trainable", "last_two_blocks", "--epochs", "1",
                             "--batch-size", "4", "--out", str(out)])
