@@ -421,17 +421,6 @@ def build_parser():
     return parser
 
 
-def make_out_dir(name):
-    out = Path(name)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; it takes a folder (made if missing).")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot make the --out folder {out}: {e.strerror or e}.") from None
-    return out
-
-
 def load_rows(args):
     """[(label, text)] from --data, or downloaded as listing 6.1 does."""
     if args.data:
@@ -445,6 +434,10 @@ def prepare_splits(args, out):
     Returns label -> class id and the three splits of (label, text) rows."""
     rows = load_rows(args)
     print(f"Dataset: {len(rows)} messages, label counts {count_labels(rows)}")
+    try:  # only now: bad data leaves no empty folder behind
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot make the --out folder {out}: {e.strerror or e}.") from None
     label_ids = class_ids(rows)
     if not args.no_balance:
         rows = create_balanced_dataset(rows, seed=args.seed)
@@ -575,7 +568,9 @@ def main(argv=None):
     if args.max_length and args.max_length > config["context_length"]:
         parser.error(f"--max-length {args.max_length} is above the model's context "
                      f"length {config['context_length']}")
-    out = make_out_dir(args.out)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; it takes a folder (made if missing)")
 
     label_ids, splits = prepare_splits(args, out)  # 6.2
     names = class_names(label_ids)

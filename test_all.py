@@ -2,6 +2,7 @@
 Everything they read is in testdata/ (see its README): the real SMS data,
 tiktoken's gpt2 files and a compact GPT-2 in the Hub's layout with the logits
 Hugging Face transformers computes for it."""
+import hashlib
 import http.server
 import io
 import json
@@ -270,6 +271,84 @@ def test_fuzzed_safetensors_bytes_parse_or_raise_the_projects_error(tmp_path):
             pass
 
 
+ODD_VALUES = [[], ["F32"], {}, {"a": 1}, None, True, 10**30, -1, -(10**30), 2.5, "", "x" * 300,
+              "F32", [10**30], [[1]], [-1, 2]]
+
+
+def json_leaves(value, path=()):
+    """Every (path, value) inside a JSON value; strings holding JSON are opened."""
+    yield path, value
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return
+        yield from json_leaves(value, path + ("<json>",))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from json_leaves(item, path + (key,))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from json_leaves(item, path + (i,))
+
+
+def with_value(value, path, new):
+    """A copy of value with the leaf at path replaced by new."""
+    if not path:
+        return new
+    if path[0] == "<json>":
+        return json.dumps(with_value(json.loads(value), path[1:], new))
+    value = value.copy()
+    value[path[0]] = with_value(value[path[0]], path[1:], new)
+    return value
+
+
+def mutated_files(path, count, seed):
+    """Copies of a safetensors file whose header has one JSON value of another
+    type or size (a list, an object, null, a huge or negative number...),
+    including the values inside JSON strings of __metadata__, written at path."""
+    raw = Path(path).read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header, body = json.loads(raw[8:8 + header_len]), raw[8 + header_len:]
+    leaves = [p for p, _ in json_leaves(header) if p]
+    rng = random.Random(seed)
+    for _ in range(count):
+        mutated = json.dumps(with_value(header, rng.choice(leaves), rng.choice(ODD_VALUES)))
+        yield struct.pack("<Q", len(mutated)) + mutated.encode() + body
+
+
+def test_safetensors_headers_with_values_of_the_wrong_type_raise_the_projects_error(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((MINI / "config.json").read_bytes())
+    path = folder / "model.safetensors"
+    for content in mutated_files(MINI_WEIGHTS, 300, seed=0):
+        path.write_bytes(content)
+        try:
+            gpt.build_gpt(weights=str(path))
+        except InputError:
+            pass
+
+
+def test_checkpoints_with_values_of_the_wrong_type_raise_the_projects_error(tmp_path):
+    plain, lora = tmp_path / "plain.safetensors", tmp_path / "lora.safetensors"
+    classify.save_classifier(tiny_classifier(), plain, TINY_CONFIG, 20, ["not spam", "spam"])
+    base, config = gpt.build_gpt(weights=str(MINI_WEIGHTS))
+    finetune.prepare_for_classification(base, 2, trainable="lora", lora_rank=2)
+    size, sha256 = gpt.file_fingerprint(MINI_WEIGHTS)
+    classify.save_classifier(classify.GPTClassifier(base), lora, config, 20, ["a", "b"], lora={
+        "rank": 2, "alpha": 16, "model": "gpt2-small", "weights": str(MINI_WEIGHTS),
+        "seed": 123, "path": str(MINI_WEIGHTS), "bytes": size, "sha256": sha256})
+    path = tmp_path / "fuzz.safetensors"
+    for original in (plain, lora):
+        for content in mutated_files(original, 300, seed=1):
+            path.write_bytes(content)
+            try:
+                classify.load_classifier(path)
+            except InputError:
+                pass
+
+
 def test_failed_download_leaves_no_file_and_names_the_flag(tmp_path, monkeypatch):
     destination = tmp_path / "gpt2" / "124M" / "model.safetensors"
     monkeypatch.setattr(gpt, "HUB_URL", "http://127.0.0.1:9/{}")
@@ -428,6 +507,9 @@ def test_tsv_quotes_like_pandas_read_csv(tmp_path, capsys):
     (b"\n\r\n\n", "holds no messages"),
     (b'ham\tok\n\nspam\t"never closed\nham\tlost\n', "line 3: a quoted text opens here and never"),
     (b'ham\t"' + b"x" * 200_000 + b"\n", "line 1: field larger than field limit"),
+    (b"ham\tok\nspam\t\nham\tfine\n", "line 2: the message is empty"),
+    (b"ham\tok\n\nham\t  \t \n", "line 3: the message is empty (or only whitespace)"),
+    (b'ham\tok\nspam\t""\n', "line 2: the message is empty"),
 ])
 def test_bad_tsv_lines_name_the_file_and_line(tmp_path, content, problem):
     assert_error_names_file(lambda path: data.read_tsv(path, data.SPAM_LABELS),
@@ -460,6 +542,9 @@ def test_tricky_texts_round_trip_through_csv(tmp_path):
     ("Label,Body\n0,hi\n", "no 'Text' column"),
     ("Label,Text\n0,hi\nspam,hello\n", "row 3: label 'spam'"),
     ("Label,Text\n0,hi\n7,hello\n", "row 3: label '7'"),
+    ("Label,Text\n0,hi\n1,\n", "row 3: the message is empty"),
+    ("Label,Text\n0,hi\n1\n", "row 3: the message is empty"),
+    ('Label,Text\n0,hi\n1," "\n', "row 3: the message is empty"),
 ])
 def test_bad_csv_splits_name_the_file_and_row(tmp_path, content, problem):
     assert_error_names_file(data.read_csv, tmp_path / "bad.csv", content.encode(), problem)
@@ -827,6 +912,69 @@ def test_ctrl_c_during_fine_tuning_says_what_was_saved_and_keeps_the_checkpoint(
     assert (out / classify.CHECKPOINT_NAME).read_bytes() == b"an earlier checkpoint"
 
 
+def test_paths_of_the_wrong_kind_are_one_line_errors_and_write_nothing(tmp_path, sample_tsv):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    out = tmp_path / "out"
+    for flags, code, message in [
+            (["--data", sample_tsv, "--out", a_file], 2, f"--out {a_file} is a file"),
+            (["--data", tmp_path, "--out", out], 1, f"data file {tmp_path} is a folder"),
+            (["--data", sample_tsv, "--weights", tmp_path, "--out", out], 1,
+             f"weights file {tmp_path} is a folder")]:
+        flags = ["--weights", MINI_WEIGHTS, *flags]  # the last --weights counts
+        returned, _, stderr = run("finetune.py", *flags)
+        assert (returned, "Traceback" in stderr) == (code, False)
+        assert message in stderr
+        assert not out.exists()
+    code, _, stderr = run("classify.py", "--checkpoint", tmp_path, "hello")
+    assert code == 1 and f"{tmp_path} is a folder" in stderr and "Traceback" not in stderr
+
+
+def test_a_bad_weights_file_is_found_before_the_data_is_read_or_written(tmp_path, sample_tsv):
+    broken = tmp_path / "model.safetensors"
+    broken.write_bytes(MINI_WEIGHTS.read_bytes()[:5000])  # header intact, data cut
+    out = tmp_path / "out"
+    code, stdout, stderr = run("finetune.py", "--data", sample_tsv, "--weights", broken,
+                               "--out", out)
+    assert code == 1 and "truncated" in stderr and "Traceback" not in stderr
+    assert "Dataset" not in stdout and not out.exists()
+
+
+def test_an_empty_message_in_the_data_fails_naming_the_line_before_anything_is_written(
+        tmp_path, sample_tsv, tokenizer):
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text(sample_tsv.read_text(encoding="utf-8") + "spam\t\n", encoding="utf-8")
+    code, _, stderr = run("finetune.py", "--data", tsv, "--weights", MINI_WEIGHTS,
+                          "--out", tmp_path / "out")
+    assert code == 1 and f"{tsv}, line 121: the message is empty" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "out").exists()
+    model = tiny_classifier(pool="flexible")
+    with pytest.raises(InputError, match="text 1 is empty"):
+        classify.classify_texts(["hi", ""], model, tokenizer, "cpu", 20)
+
+
+def test_classify_into_a_pipe_closed_early_ends_without_a_traceback(tmp_path):
+    checkpoint = tmp_path / "c.safetensors"
+    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20,
+                             ["not spam", "spam"])
+    messages = tmp_path / "many.txt"
+    messages.write_text("".join(f"message number {i} about a prize\n" for i in range(4000)))
+    done = subprocess.run(
+        f'"{sys.executable}" classify.py --checkpoint "{checkpoint}" - < "{messages}" | head -1',
+        shell=True, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert done.stdout.count("\n") == 1 and "message number 0" in done.stdout
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def test_tokenizer_falls_back_to_the_repositorys_files_without_network(tmp_path):
+    code, out, err = run("-c", "import gpt, os; print(gpt.get_tokenizer().encode('Hello world'), "
+                               "os.environ['TIKTOKEN_CACHE_DIR'])",
+                         env=dict(offline_env(), TIKTOKEN_CACHE_DIR=str(tmp_path)))
+    assert code == 0, err
+    assert out.split() == ["[15496,", "995]", str(tmp_path)]  # the setting is left as it was
+    assert not list(tmp_path.iterdir())
+
+
 def test_classify_without_a_checkpoint_says_how_to_make_one(tmp_path):
     code, _, stderr = run(HERE / "classify.py", "hello", cwd=tmp_path)
     assert code == 1 and "python finetune.py" in stderr and "Traceback" not in stderr
@@ -956,7 +1104,9 @@ def test_lora_checkpoint_holds_only_adapters_and_reloads_on_its_base(tmp_path, c
     entries, metadata = gpt.read_safetensors_header(out / CHECKPOINT)
     assert entries and all(".lora." in n or n.startswith("out_head.") for n in entries)
     lora = json.loads(metadata["lora"])
-    assert lora["weights"] == str((MINI_WEIGHTS).resolve())
+    assert lora["path"] == str(MINI_WEIGHTS.resolve())
+    assert (lora["bytes"], lora["sha256"]) == (1693464, hashlib.sha256(
+        MINI_WEIGHTS.read_bytes()).hexdigest())
     assert (lora["rank"], lora["alpha"]) == (4, 8.0)
     loaded, info = classify.load_classifier(out / CHECKPOINT)
     assert info["labels"] == ["politics", "sports", "tech"]
@@ -965,6 +1115,62 @@ def test_lora_checkpoint_holds_only_adapters_and_reloads_on_its_base(tmp_path, c
         again, _ = classify.load_classifier(out / CHECKPOINT)
         assert torch.equal(loaded(ids), again(ids))
         assert loaded.gpt.trf_blocks[0].att.W_query.lora.B.abs().sum() > 0  # trained
+
+
+def test_a_moved_lora_base_is_found_with_base_weights_and_a_changed_one_is_refused(
+        tmp_path, capsys):
+    base = tmp_path / "base" / "model.safetensors"
+    base.parent.mkdir()
+    base.write_bytes(MINI_WEIGHTS.read_bytes())
+    (base.parent / "config.json").write_bytes((MINI / "config.json").read_bytes())
+    checkpoint = tmp_path / "lora" / CHECKPOINT
+    finetune.main(["--data", str(three_class_tsv(tmp_path / "t.tsv")), "--weights", str(base),
+                   "--trainable", "lora", "--lora-rank", "2", "--epochs", "1",
+                   "--batch-size", "4", "--out", str(checkpoint.parent), "--no-baseline"])
+    capsys.readouterr()
+    ids = torch.tensor([[101, 102, 103, 104]])
+    with torch.no_grad():
+        before = classify.load_classifier(checkpoint)[0](ids)
+    moved = tmp_path / "elsewhere.safetensors"  # without its config.json
+    base.rename(moved)
+    with pytest.raises(InputError, match=r"does not exist: pass the file it was fine-tuned on "
+                                         r"with --base-weights PATH \(1,693,464 bytes"):
+        classify.load_classifier(checkpoint)
+    with torch.no_grad():
+        assert torch.equal(classify.load_classifier(checkpoint, base_weights=moved)[0](ids),
+                           before)
+    changed = bytearray(moved.read_bytes())
+    changed[-1] ^= 1  # one bit of the last weight
+    moved.write_bytes(bytes(changed))
+    code, _, stderr = run("classify.py", "--checkpoint", checkpoint, "--base-weights", moved,
+                          "a goal in the match")
+    assert code == 1 and "Traceback" not in stderr
+    assert f"{moved} is not the base {checkpoint} was fine-tuned on" in stderr
+    flags = set(re.findall(r"--[a-z-]+", stderr))
+    assert flags == {"--base-weights"}  # no flag that classify.py does not have
+    plain = tmp_path / "plain.safetensors"
+    classify.save_classifier(tiny_classifier(), plain, TINY_CONFIG, 20, ["not spam", "spam"])
+    with pytest.raises(InputError, match="--base-weights is only for checkpoints of "
+                                         "--trainable lora"):
+        classify.load_classifier(plain, base_weights=moved)
+
+
+def test_a_pretrained_lora_base_that_cannot_be_found_names_base_weights(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "lora.safetensors"
+    base, config = gpt.build_gpt(weights=str(MINI_WEIGHTS))
+    finetune.prepare_for_classification(base, 2, trainable="lora", lora_rank=2)
+    classify.save_classifier(classify.GPTClassifier(base), checkpoint, config, 20, ["a", "b"],
+                             lora={"rank": 2, "alpha": 16, "model": "gpt2-small",
+                                   "weights": "pretrained", "seed": 123,
+                                   "path": str(tmp_path / "gone" / "model.safetensors"),
+                                   "bytes": 1693464, "sha256": "0" * 64})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(gpt, "HUB_URL", "http://127.0.0.1:9/{}")
+    with pytest.raises(InputError) as error:
+        classify.load_classifier(checkpoint)
+    assert "could not download the gpt2-small weights" in str(error.value)
+    assert set(re.findall(r"--[a-z-]+", str(error.value))) == {"--base-weights"}
+    assert not (tmp_path / "gpt2").exists()
 
 
 def test_help_documents_every_flag_with_its_chapter_reference():
