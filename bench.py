@@ -1,6 +1,6 @@
 """Times the chapter's fine-tune three ways in one run, and classification.
 
-python bench.py --data ../shared/sms_spam_collection/SMSSpamCollection --json bench.json
+python bench.py --json bench.json   # the SMS data of testdata/, gpt2-small
 
 Modes, each the chapter's whole schedule (data, initial evaluations, --epochs
 epochs with their evaluations, final accuracies, saving) with random weights,
@@ -166,7 +166,7 @@ def main():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="gpt2-small", choices=list(MODEL_NAMES),
                         help="GPT-2 size, with random weights")
-    parser.add_argument("--data", default=str(HERE.parent / "shared/sms_spam_collection/SMSSpamCollection"),
+    parser.add_argument("--data", default=str(HERE / "testdata/sms_spam_collection/SMSSpamCollection"),
                         help="the SMS Spam Collection TSV (or UCI zip)")
     parser.add_argument("--epochs", type=finetune.positive_int, default=5, help="epochs per mode")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"],
