@@ -13,12 +13,13 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from gpt import (MODEL_NAMES, GPTModel, InputError, check_config, download_gpt2,
                  file_fingerprint, get_tokenizer, load_gpt2_file, load_safetensors,
-                 model_config, read_safetensors_header, run_cli, save_safetensors,
-                 take_positions)
+                 model_config, progress, read_safetensors_header, run_cli, save_safetensors,
+                 take_positions, tensor_bytes)
 import torch
 from data import PAD_TOKEN_ID, SPAM_CLASS_NAMES, encode, pad_ids
 
@@ -107,6 +108,60 @@ def mean_over_real_tokens(x, input_batch, pad_token_id):
     return (x * mask[..., None]).sum(dim=1) / lengths.clamp(min=1)[:, None]
 
 
+class PrefixCache:
+    """The frozen prefix's hidden states, one (tokens, emb_dim) tensor per
+    message, in the model's dtype: kept on the device up to `budget` bytes, the
+    rest appended to a spill file in `spill_dir` and read back per message (no
+    file: recomputed when needed). The file is unlinked as soon as it is open,
+    so nothing is left on disk, whatever ends the run."""
+
+    def __init__(self, budget=None, spill_dir=None):
+        self.budget, self.spill_dir = budget, spill_dir
+        self.in_memory, self.in_file = {}, {}  # key -> tensor; key -> (offset, shape, dtype)
+        self.memory_bytes, self.file_bytes = 0, 0
+        self.fd = None
+
+    def __len__(self):
+        return len(self.in_memory) + len(self.in_file)
+
+    def __contains__(self, key):
+        return key in self.in_memory or key in self.in_file
+
+    def put(self, key, hidden):
+        nbytes = hidden.numel() * hidden.element_size()
+        if self.budget is None or self.memory_bytes + nbytes <= self.budget:
+            self.in_memory[key] = hidden.clone()
+            self.memory_bytes += nbytes
+        elif self.spill_dir is not None:
+            if self.fd is None:
+                path = Path(self.spill_dir) / f".prefix-cache-{os.getpid()}.tmp"
+                self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.unlink(path)  # the open descriptor keeps the data
+            os.pwrite(self.fd, tensor_bytes(hidden), self.file_bytes)
+            self.in_file[key] = (self.file_bytes, tuple(hidden.shape), hidden.dtype)
+            self.file_bytes += nbytes
+
+    def get(self, key, device):
+        if key in self.in_memory:
+            return self.in_memory[key]
+        offset, shape, dtype = self.in_file[key]
+        nbytes = math.prod(shape) * dtype.itemsize
+        raw = bytearray(os.pread(self.fd, nbytes, offset))
+        return torch.frombuffer(raw, dtype=dtype).view(shape).to(device)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def cache_size(datasets, emb_dim, dtype):
+    """Bytes the prefix cache needs for every distinct message of the datasets
+    (padded where the datasets pad: pool "last" reads a padding position)."""
+    lengths = {tuple(ids.tolist()): len(ids) for dataset in datasets for ids, _ in dataset}
+    return sum(lengths.values()) * emb_dim * dtype.itemsize
+
+
 class GPTClassifier(torch.nn.Module):
     """The chapter's `model(input_batch)[:, -1, :]` as one module: token ids
     (b, T) -> class logits (b, num_classes), read at the `pool` position.
@@ -126,14 +181,17 @@ class GPTClassifier(torch.nn.Module):
         self.pad_token_id = pad_token_id
         self.fast = fast
         self.n_cached = None  # set by enable_prefix_cache
-        self.prefix_cache = {}
+        self.prefix_cache = PrefixCache()
 
-    def enable_prefix_cache(self):
+    def enable_prefix_cache(self, budget=None, spill_dir=None):
         """Caches the frozen prefix's output from now on, where it applies (frozen
-        embeddings and first block, no dropout); returns whether it does. Only
-        for fine-tuning: the cache keeps every message it has seen."""
-        self.n_cached = frozen_prefix_length(self.gpt) if self.fast else None
-        self.prefix_cache = {}
+        embeddings and first block, no dropout, budget not 0); returns whether it
+        does. Only for fine-tuning: the cache keeps every message it has seen,
+        budget bytes of them on the device (None: no limit), the rest in a
+        temporary file in spill_dir (None: recomputed)."""
+        self.n_cached = frozen_prefix_length(self.gpt) if self.fast and budget != 0 else None
+        self.prefix_cache.close()
+        self.prefix_cache = PrefixCache(budget, spill_dir)
         return self.n_cached is not None
 
     def forward(self, input_batch):
@@ -158,15 +216,19 @@ class GPTClassifier(torch.nn.Module):
 
     def fill_prefix_cache(self, datasets, batch_size=32):
         """Computes the frozen prefix of every message once, up front, in batches
-        of similar length: far less padding than the shuffled training batches."""
+        of similar length: far less padding than the shuffled training batches.
+        The shortest come first, so a budget keeps as many messages as it can."""
         if self.n_cached is None:
             return
         messages = sorted((ids for dataset in datasets for ids, _ in dataset), key=len)
         device = self.gpt.tok_emb.weight.device
+        start_time = time.time()
         with torch.no_grad():
             for start in range(0, len(messages), batch_size):
                 batch = pad_ids(messages[start:start + batch_size], self.pad_token_id)
                 self.frozen_prefix(batch.to(device))
+                progress("caching the frozen layers' output, messages",
+                         min(start + batch_size, len(messages)), len(messages), start_time)
 
     def frozen_prefix(self, input_batch):
         """Output of the embeddings and the first n_cached blocks, (b, T, emb_dim),
@@ -182,6 +244,7 @@ class GPTClassifier(torch.nn.Module):
         else:
             keep = real_lengths(input_batch, self.pad_token_id).tolist()
         keys = [tuple(ids[:n]) for ids, n in zip(input_batch.tolist(), keep)]
+        rows = {}  # batch row -> hidden states computed now
         missing = [i for i, key in enumerate(keys) if key not in self.prefix_cache]
         if missing:
             # outside inference mode: cached tensors are later used in training
@@ -189,11 +252,13 @@ class GPTClassifier(torch.nn.Module):
                 hidden = self.gpt.embed(input_batch[missing].clone())
                 hidden = self.gpt.trf_blocks[:self.n_cached](hidden)
                 for row, i in enumerate(missing):
-                    self.prefix_cache[keys[i]] = hidden[row, :keep[i]].clone()
-        x = torch.zeros(b, num_tokens, self.gpt.tok_emb.weight.shape[1],
+                    rows[i] = hidden[row, :keep[i]]
+                    self.prefix_cache.put(keys[i], rows[i])
+        weight = self.gpt.tok_emb.weight
+        x = torch.zeros(b, num_tokens, weight.shape[1], dtype=weight.dtype,
                         device=input_batch.device)
         for i, key in enumerate(keys):
-            x[i, :keep[i]] = self.prefix_cache[key]
+            x[i, :keep[i]] = rows[i] if i in rows else self.prefix_cache.get(key, x.device)
         return x
 
 
@@ -435,6 +500,7 @@ def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     width = max_length if model.pool == "last" else None  # None: the batch's longest
     probabilities = [None] * len(texts)
+    start_time = time.time()
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         inputs = pad_ids([encoded[i] for i in batch], pad_token_id, length=width)
@@ -442,26 +508,47 @@ def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD
             probas = torch.softmax(model(inputs.to(device)).float(), dim=-1).cpu()
         for row, i in enumerate(batch):
             probabilities[i] = probas[row].tolist()
+        progress("classifying, messages", start + len(batch), len(texts), start_time)
     return probabilities
 
 
 # -------------------------------------------------------------------- the CLI
 
-def read_texts(args_texts):
-    """The texts to classify; "-" reads one per line from stdin."""
-    texts = []
+CHUNK = 1024  # messages read from stdin, classified and printed at a time
+
+
+def text_chunks(args_texts, stdin, size=CHUNK):
+    """The texts to classify, in order, in lists of at most `size`. "-" reads
+    one message per line from stdin (blank lines skipped), a chunk at a time, so
+    that memory stays flat and results appear while the input still arrives."""
+    chunk = []
     for text in args_texts:
-        if text == "-":
-            texts += [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
-        else:
-            texts.append(text)
-    for text in texts:
-        if not text.strip():
-            raise InputError("a message to classify is empty or only whitespace.")
-    if not texts:
-        raise InputError("no message to classify: give texts as arguments, or - to read "
-                         "one per line from stdin.")
-    return texts
+        lines = (line.rstrip("\r\n") for line in iter(stdin.readline, "")) \
+            if text == "-" else [text]
+        for line in lines:
+            if text == "-" and not line.strip():
+                continue
+            chunk.append(line)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def print_result(text, probas, labels, as_json, show_all):
+    best = max(range(len(labels)), key=lambda i: probas[i])
+    if as_json:
+        print(json.dumps({"text": text, "label": labels[best],
+                          "probabilities": dict(zip(labels, probas))}))
+        return
+    if show_all:
+        shown = "  ".join(f"P({name})={p:.3f}" for name, p in zip(labels, probas))
+    elif labels == SPAM_CLASS_NAMES:
+        shown = f"P(spam)={probas[1]:.3f}"  # the one number a spam filter thresholds
+    else:
+        shown = f"P({labels[best]})={probas[best]:.3f}"
+    print(f"{labels[best]}\t{shown}\t{text}")
 
 
 def main(argv=None):
@@ -469,7 +556,8 @@ def main(argv=None):
         description="Classify messages with a classifier fine-tuned by finetune.py "
                     "(listing 6.12's classify_review, batched).")
     parser.add_argument("texts", nargs="*", metavar="TEXT",
-                        help="messages to classify; - reads one per line from stdin")
+                        help="messages to classify; - reads one per line from stdin, "
+                             f"{CHUNK:,} at a time, printing each chunk's results in order")
     parser.add_argument("--checkpoint", default=CHECKPOINT_NAME,
                         help="the classifier finetune.py saved (default: %(default)s)")
     parser.add_argument("--base-weights", metavar="PATH",
@@ -483,25 +571,24 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per message: text, label, probabilities")
     args = parser.parse_args(argv)
-    texts = read_texts(args.texts)
+    if not args.texts:
+        raise InputError("no message to classify: give texts as arguments, or - to read "
+                         "one per line from stdin.")
+    if any(not text.strip() for text in args.texts):
+        raise InputError("a message to classify is empty or only whitespace.")
     device = select_device(args.device)
     model, info = load_classifier(args.checkpoint, device, args.base_weights)
     tokenizer = get_tokenizer()
-    labels = info["labels"]
-    for text, probas in zip(texts, classify_texts(
-            texts, model, tokenizer, device, info["max_length"], info["pad_token_id"])):
-        best = max(range(len(labels)), key=lambda i: probas[i])
-        if args.json:
-            print(json.dumps({"text": text, "label": labels[best],
-                              "probabilities": dict(zip(labels, probas))}))
-            continue
-        if labels == SPAM_CLASS_NAMES:
-            shown = f"P(spam)={probas[1]:.3f}"  # the one number a spam filter thresholds
-        else:
-            shown = f"P({labels[best]})={probas[best]:.3f}"
-        if args.all:
-            shown = "  ".join(f"P({name})={p:.3f}" for name, p in zip(labels, probas))
-        print(f"{labels[best]}\t{shown}\t{text}")
+    done = 0
+    for chunk in text_chunks(args.texts, sys.stdin):
+        probabilities = classify_texts(chunk, model, tokenizer, device, info["max_length"],
+                                       info["pad_token_id"])
+        for text, probas in zip(chunk, probabilities):
+            print_result(text, probas, info["labels"], args.json, args.all)
+        sys.stdout.flush()
+        done += len(chunk)
+    if not done:
+        raise InputError("no message to classify: stdin held only blank lines.")
 
 
 if __name__ == "__main__":

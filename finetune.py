@@ -8,19 +8,20 @@ python finetune.py --device cuda --out runs/a
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
 from gpt import (InputError, MODEL_NAMES, build_gpt, file_fingerprint, get_tokenizer,
-                 gpt2_weights_path, run_cli, weights_config)
+                 gpt2_weights_path, progress, run_cli, weights_config)
 import torch
 from data import (SEED, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_ids, class_names,
                   count_labels, create_balanced_dataset, create_data_loaders, data_file_path,
                   download_and_unzip_spam_data, extracted_path, load_messages, random_split,
                   read_tsv, url, write_atomically, write_csv, zip_path)
-from classify import (CHECKPOINT_NAME, POOLS, GPTClassifier, classify_review,
+from classify import (CHECKPOINT_NAME, POOLS, GPTClassifier, cache_size, classify_review,
                       replace_linear_with_lora, save_classifier, select_device)
 
 TRAINABLE = {  # which parts train (appendix B's layer experiments; Exercise 6.2 is "all")
@@ -66,6 +67,7 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None):
         num_batches = len(data_loader)
     else:
         num_batches = min(num_batches, len(data_loader))
+    start = time.time()
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i < num_batches:
             input_batch = input_batch.to(device)
@@ -75,6 +77,7 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None):
             predicted_labels = torch.argmax(logits, dim=-1)
             num_examples += predicted_labels.shape[0]
             correct_predictions += (predicted_labels == target_batch).sum().item()
+            progress("accuracy, batches", i + 1, num_batches, start)  # on a terminal only
         else:
             break
     return correct_predictions / num_examples if num_examples else float("nan")
@@ -116,7 +119,8 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device,
 
     for epoch in range(num_epochs):
         model.train()
-        for input_batch, target_batch in train_loader:
+        epoch_start = time.time()
+        for step, (input_batch, target_batch) in enumerate(train_loader, 1):
             optimizer.zero_grad()
             loss = calc_loss_batch(input_batch, target_batch, model, device)
             loss.backward()
@@ -131,6 +135,7 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device,
                 val_losses.append(val_loss)
                 print(f"Ep {epoch+1} (Step {global_step:06d}): "
                       f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+            progress(f"epoch {epoch + 1}, batches", step, len(train_loader), epoch_start)
 
         train_accuracy = calc_accuracy_loader(train_loader, model, device, num_batches=eval_iter)
         val_accuracy = calc_accuracy_loader(val_loader, model, device, num_batches=eval_iter)
@@ -157,11 +162,13 @@ def confusion_matrix_loader(data_loader, model, device, num_classes):
     """counts[true class][predicted class] over a whole loader."""
     model.eval()
     counts = [[0] * num_classes for _ in range(num_classes)]
+    start = time.time()
     with torch.inference_mode():
-        for input_batch, target_batch in data_loader:
+        for i, (input_batch, target_batch) in enumerate(data_loader, 1):
             predicted = torch.argmax(model(input_batch.to(device)), dim=-1)
             for true, guess in zip(target_batch.tolist(), predicted.tolist()):
                 counts[true][guess] += 1
+            progress("confusion matrix, batches", i, len(data_loader), start)
     return counts
 
 
@@ -362,6 +369,69 @@ def positive_float(text):
     return value
 
 
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# --cache-memory auto: the other half stays for the model, its gradients and AdamW's
+# two moments, the activations of a batch, and (on the CPU) the data and the OS
+CACHE_SHARE = 0.5
+
+
+def memory_size(text):
+    """--cache-memory: auto, 0 (no cache) or a size such as 500MB, 2GB, 1.5GiB."""
+    if text == "auto":
+        return text
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMGT]I?B|B)?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: use auto, 0 (no cache) or a number with B, KB, MB, "
+            f"GB, TB (or KiB, MiB, GiB, TiB), such as 500MB or 2GB")
+    return int(float(match[1]) * SIZE_UNITS[(match[2] or "").upper()])
+
+
+def available_memory(device):
+    """Bytes free now: GPU memory on CUDA, available RAM otherwise (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def cache_budget(setting, device):
+    """--cache-memory in bytes (None: no limit) and where the figure comes from."""
+    if setting != "auto":
+        return setting, "--cache-memory"
+    free = available_memory(device)
+    where = "free GPU memory" if device.type == "cuda" else "available RAM"
+    if free is None:
+        return None, f"--cache-memory auto: the {where} is unknown, no limit"
+    return int(free * CACHE_SHARE), f"--cache-memory auto: half the {where}"
+
+
+def human_bytes(n):
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else \
+        f"{n / 1e3:.0f} kB"
+
+
+def cache_plan(needed, budget, source, out):
+    """The one line that says what the prefix cache will hold, and its cost."""
+    if budget is None or needed <= budget:
+        limit = "no memory limit" if budget is None else f"the budget of {human_bytes(budget)}"
+        return f"Prefix cache: {human_bytes(needed)}, within {limit} ({source})"
+    return (f"Prefix cache: {human_bytes(needed)}, over the budget of {human_bytes(budget)} "
+            f"({source}): {human_bytes(budget)} stays in memory, the other "
+            f"{human_bytes(needed - budget)} goes to a temporary file in {out} and is read "
+            f"back from disk at every pass over the data")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Fine-tune GPT-2 to classify SMS messages as spam or not spam, "
@@ -418,6 +488,12 @@ def build_parser():
                         help="run every layer on every batch as section 6.7 does, instead "
                              "of caching the frozen layers' output and computing the last "
                              "block at the pooled position only (same results, slower)")
+    parser.add_argument("--cache-memory", type=memory_size, default="auto", metavar="SIZE",
+                        help="memory the frozen layers' cached output may take on the device: "
+                             "a size such as 500MB or 2GB, 0 for no cache, or auto: half of "
+                             "the free GPU memory (cuda) or of the available RAM when the "
+                             "cache is made. What does not fit goes to a temporary file in "
+                             "--out, read back at each batch (same results)")
     return parser
 
 
@@ -589,10 +665,14 @@ def main(argv=None):
                                lora_alpha=args.lora_alpha)  # 6.5
     lora = lora_description(args) if args.trainable == "lora" else None
     model = GPTClassifier(gpt, pool=args.pool, fast=not args.plain).to(device)
-    if model.enable_prefix_cache():
+    budget, source = cache_budget(args.cache_memory, device)
+    if model.enable_prefix_cache(budget, spill_dir=out):
         blocks = "block" if model.n_cached == 1 else "blocks"
         print(f"Caching the output of the frozen embeddings and first {model.n_cached} "
               f"{blocks} (--plain recomputes them on every batch, as the chapter does)")
+        weight = gpt.tok_emb.weight
+        needed = cache_size(datasets, weight.shape[1], weight.dtype)
+        print(cache_plan(needed, budget, source, out))
         model.fill_prefix_cache(datasets)
     print_initial_metrics(model, loaders, device, args.seed)  # 6.6
 
@@ -600,7 +680,11 @@ def main(argv=None):
     results, train_seconds = fine_tune(model, loaders[0], loaders[1], device, args, checkpoint)
     plot_curves(results, args.epochs, out)
     metrics = final_metrics(model, loaders, device, names)
-    metrics.update(train_seconds=round(train_seconds, 1), args=vars(args))
+    cache = model.prefix_cache
+    metrics.update(train_seconds=round(train_seconds, 1), args=vars(args),
+                   prefix_cache={"budget_bytes": budget if model.n_cached else 0,
+                                 "memory_bytes": cache.memory_bytes,
+                                 "file_bytes": cache.file_bytes})
     if not args.no_baseline:
         metrics["naive_bayes"] = naive_bayes_baseline(label_ids, splits)
 

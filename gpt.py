@@ -222,6 +222,55 @@ def token_ids_to_text(token_ids, tokenizer):
     return tokenizer.decode(token_ids.squeeze(0).tolist())
 
 
+# -------------------------------------------------------------- progress on a terminal
+
+class StdoutAfterProgress:
+    """sys.stdout while a progress line may be on the terminal: a printed line
+    first clears it, so that the chapter's log lines never run into it."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.line_drawn = False
+
+    def write(self, text):
+        if self.line_drawn and text:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.line_drawn = False
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def clock(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 \
+        else f"{minutes}:{seconds:02d}"
+
+
+def progress(label, done, total, start):
+    """One updating line on stderr: done/total, time elapsed since `start` and
+    time left (total None: a count). Only when stderr is a terminal: a pipe or a
+    file gets nothing, so logs stay the chapter's. Cleared once done >= total."""
+    if not sys.stderr.isatty():
+        return
+    if not isinstance(sys.stdout, StdoutAfterProgress):
+        sys.stdout = StdoutAfterProgress(sys.stdout)
+    elapsed = time.time() - start
+    if total is None:
+        text = f"{label}: {done:,}, {clock(elapsed)} elapsed"
+    else:
+        left = elapsed / done * (total - done) if done else math.nan
+        text = f"{label}: {done:,}/{total:,}, {clock(elapsed)} elapsed, {clock(left)} left"
+    finished = total is not None and done >= total
+    sys.stderr.write("\r\033[K" + ("" if finished else text))
+    sys.stderr.flush()
+    sys.stdout.line_drawn = not finished
+
+
 # ------------------------------------------------------------------ safetensors files
 
 # dtype name in the file -> (torch dtype, bytes per element)
@@ -346,6 +395,12 @@ def load_safetensors(path):
     return {name: _tensor_from_bytes(buffer, entry) for name, entry in entries.items()}, metadata
 
 
+def tensor_bytes(t):
+    """The raw bytes of a tensor, in its own dtype (bfloat16 included), on the CPU."""
+    t = t.detach().contiguous().cpu()
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
+
+
 def save_safetensors(tensors, path, metadata=None):
     """Writes tensors (all contiguous, little-endian) atomically: to a temporary
     file beside path, renamed over it only once complete."""
@@ -367,8 +422,7 @@ def save_safetensors(tensors, path, metadata=None):
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             for t in tensors.values():
-                t = t.detach().contiguous().cpu()
-                f.write(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))
+                f.write(tensor_bytes(t))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -386,7 +440,7 @@ HUB_URL = "https://huggingface.co/openai-community/{}/resolve/main/model.safeten
 
 
 def download_file(url, destination, what, hint):
-    """Streams url to destination + ".part" with a progress line, renamed to
+    """Streams url to destination + ".part" (progress on a terminal), renamed to
     destination only when complete: a dropped connection, a full disk or Ctrl-C
     never leaves a partial file at destination, and the next run starts over."""
     destination = Path(destination)
@@ -398,14 +452,12 @@ def download_file(url, destination, what, hint):
         with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
             done, start = 0, time.time()
+            label = f"downloading {destination.name}, MB"
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 done += len(chunk)
-                speed = done / max(time.time() - start, 1e-9) / 1e6
-                of_total = f" of {total / 1e6:.1f} MB ({100 * done / total:.0f}%)" if total else " MB"
-                print(f"\r{destination.name}: {done / 1e6:.1f}{of_total}, {speed:.1f} MB/s",
-                      end="", file=sys.stderr, flush=True)
-            print(file=sys.stderr)
+                progress(label, done >> 20, total >> 20 if total else None, start)
+            progress(label, done >> 20, done >> 20, start)  # clears the line
             if total and done != total:
                 raise InputError(f"the download of {what} from {url} stopped after "
                                  f"{done:,} of {total:,} bytes; run again to start over, "

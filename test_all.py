@@ -663,6 +663,53 @@ def test_cached_fast_loop_equals_the_plain_loop(pool, trainable, capsys):
             assert torch.allclose(plain(ids), fast(ids), atol=1e-4)
 
 
+def chapter_lines(printed):
+    """The chapter's log lines of a run: losses and accuracies, no timing or cache talk."""
+    return [line for line in printed.splitlines()
+            if re.match(r"(Ep \d|Training|Validation|Test|Naive|not spam|spam )", line)
+            and "completed in" not in line]
+
+
+def test_a_cache_budget_smaller_than_the_cache_prints_the_same_lines_as_plain(
+        tmp_path, sample_tsv, capsys):
+    runs = {}
+    for name, flags in [("plain", ["--plain"]), ("budget", ["--cache-memory", "200kB"]),
+                        ("no-cache", ["--cache-memory", "0"]), ("auto", [])]:
+        result = finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
+                                "--epochs", "2", "--out", str(tmp_path / name), *flags])
+        runs[name] = (capsys.readouterr().out, result["prefix_cache"])
+    assert len(chapter_lines(runs["plain"][0])) > 15
+    for name in ("budget", "no-cache", "auto"):
+        assert chapter_lines(runs[name][0]) == chapter_lines(runs["plain"][0]), name
+    printed, cache = runs["budget"]
+    assert re.search(r"Prefix cache: \d+ kB, over the budget of 200 kB \(--cache-memory\): "
+                     r"200 kB stays in memory, the other \d+ kB goes to a temporary file", printed)
+    assert 0 < cache["memory_bytes"] <= 200_000 < cache["memory_bytes"] + cache["file_bytes"]
+    assert "Caching" not in runs["no-cache"][0] and runs["no-cache"][1]["memory_bytes"] == 0
+    assert "within the budget" in runs["auto"][0] and runs["auto"][1]["file_bytes"] == 0
+    assert not [p for p in (tmp_path / "budget").iterdir() if "cache" in p.name]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_classifier_gives_the_same_logits_with_the_cache(dtype, tmp_path):
+    batches = random_batches(3, ragged=True)
+    reference = tiny_classifier(pool="flexible").to(dtype).eval()
+    assert not reference.enable_prefix_cache(budget=0)
+    for budget, spill_dir in [(None, None), (1000, tmp_path), (1000, None)]:
+        cached = tiny_classifier(pool="flexible").to(dtype).eval()
+        assert cached.enable_prefix_cache(budget, spill_dir)
+        with torch.no_grad():
+            for _ in range(2):  # filling the cache, then reading it back
+                for ids, _ in batches:
+                    logits = cached(ids)
+                    assert logits.dtype == dtype
+                    assert torch.equal(logits, reference(ids))
+        cache = cached.prefix_cache
+        assert budget is None or cache.memory_bytes <= budget
+        assert (cache.file_bytes > 0) == (spill_dir is not None)
+    assert not list(tmp_path.iterdir())  # the spill file is unlinked at once
+
+
 def test_prefix_cache_switches_itself_off_when_every_layer_trains_or_dropout_is_on():
     assert not tiny_classifier(trainable="all").enable_prefix_cache()
     torch.manual_seed(0)
@@ -859,6 +906,9 @@ def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokeni
     (["--device", "tpu"], "invalid choice: 'tpu'"),
     (["--seed=-1"], "--seed: must be between 0 and 4294967295"),
     (["--seed", "4294967296"], "--seed: must be between 0 and 4294967295"),
+    (["--cache-memory", "-1"], "use auto, 0 (no cache) or a number with B, KB, MB, GB"),
+    (["--cache-memory", "lots"], "'lots' is not a size: use auto, 0 (no cache)"),
+    (["--cache-memory", "5XB"], "'5XB' is not a size: use auto, 0 (no cache)"),
 ])
 def test_bad_flags_are_argparse_errors(tmp_path, sample_tsv, flags, message):
     code, _, stderr = run("finetune.py", "--data", sample_tsv, "--weights", "random",
@@ -951,6 +1001,56 @@ def test_an_empty_message_in_the_data_fails_naming_the_line_before_anything_is_w
     model = tiny_classifier(pool="flexible")
     with pytest.raises(InputError, match="text 1 is empty"):
         classify.classify_texts(["hi", ""], model, tokenizer, "cpu", 20)
+
+
+def test_classify_from_a_pipe_prints_the_first_chunk_before_the_input_ends(tmp_path):
+    checkpoint = tmp_path / "c.safetensors"
+    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20,
+                             ["not spam", "spam"])
+    texts = [f"message {i} " + "word " * (i % 7) for i in range(classify.CHUNK + 300)]
+    process = subprocess.Popen(
+        [sys.executable, "classify.py", "--checkpoint", str(checkpoint), "--json", "-"],
+        cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        process.stdin.write("".join(t + "\n" for t in texts[:classify.CHUNK]))
+        process.stdin.flush()  # and the pipe stays open
+        first = [json.loads(process.stdout.readline()) for _ in range(classify.CHUNK)]
+        assert [r["text"] for r in first] == texts[:classify.CHUNK]
+        process.stdin.write("".join(t + "\n" for t in texts[classify.CHUNK:]))
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert [json.loads(line)["text"] for line in stdout.splitlines()] == texts[classify.CHUNK:]
+
+
+def test_progress_shows_on_a_terminal_and_never_in_piped_output(tmp_path):
+    import pty
+    checkpoint = tmp_path / "c.safetensors"
+    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20,
+                             ["not spam", "spam"])
+    stdin = "".join(f"message {i}\n" for i in range(300))
+    command = [sys.executable, "classify.py", "--checkpoint", str(checkpoint), "-"]
+    master, terminal = pty.openpty()
+    done = subprocess.run(command, cwd=HERE, input=stdin, stdout=subprocess.PIPE,
+                          stderr=terminal, text=True, timeout=120)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal's other end is closed and drained
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 300
+    assert b"classifying, messages: 32/300" in shown and b"left" in shown
+    assert shown.endswith(b"\r\x1b[K")  # the line is cleared at the end
+    code, stdout, stderr = run(*command[1:], stdin=stdin)
+    assert code == 0 and "classifying" not in stderr + stdout and "\r" not in stderr + stdout
 
 
 def test_classify_into_a_pipe_closed_early_ends_without_a_traceback(tmp_path):
