@@ -1,10 +1,12 @@
-"""Times the chapter's fine-tune three ways in one run, and classification.
+"""Times the chapter's fine-tune three ways in one run, and classification;
+with --beyond, the same beyond the chapter's size.
 
-python bench.py --json bench.json   # the SMS data of testdata/, gpt2-small
+python bench.py --json bench.json                  # the SMS data of testdata/, gpt2-small
+python bench.py --beyond --json bench-beyond.json  # long texts, a cache budget, all data
 
 Modes, each the chapter's whole schedule (data, initial evaluations, --epochs
 epochs with their evaluations, final accuracies, saving) with random weights,
-each in a child process so its peak memory is its own:
+each a finetune.py process of its own, so its peak memory is its own:
   plain     the chapter's loop: every layer on every batch (finetune.py --plain)
   cache     frozen-prefix cache + last block at the last position only (the default)
   flexible  cache + dynamic padding + the last real token (--pool flexible)
@@ -12,13 +14,19 @@ Then classify's throughput on the 300 test messages, one at a time as the
 chapter's classify_review does vs batched, and the wall-clock of
 `python classify.py "text"` against importing torch and tiktoken alone.
 Speed does not depend on the weights' values: random weights time the same.
+
+--beyond (gpt2-small, 1 epoch unless said): 2,000 texts of about 250 tokens, each
+joined from messages of one label, at --max-length 256 with --plain, the
+default, --pool flexible, and the default with --cache-memory a third of the
+cache; the whole SMS collection with --no-balance, the default (5 epochs) and
+--plain; classify.py - on 3,000 lines, and its peak memory on 3,000 and
+100,000 lines with a tiny model.
 """
 import argparse
 import csv
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,34 +41,37 @@ MODES = {"plain": ["--plain"], "cache": [], "flexible": ["--pool", "flexible"]}
 TEXT = "You are a winner you have been specially selected to receive $1000 cash or a $2000 award."
 
 
-def run_mode(mode, args, out_dir):
-    """One fine-tune in this (child) process; prints its figures as JSON."""
-    argv = ["--weights", "random", "--model", args.model, "--data", args.data,
-            "--epochs", str(args.epochs), "--device", args.device, "--out", str(out_dir),
-            *MODES[mode]]
+def run_finetune(flags, out_dir):
+    """python finetune.py with random weights and these flags, as a process of its
+    own: its wall-clock, peak RSS and what its metrics.json reports."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir / "log.txt"
     start = time.time()
-    result = finetune.main(argv)
+    with open(log, "w") as f:
+        process = subprocess.Popen([sys.executable, "finetune.py", "--weights", "random",
+                                    "--out", str(out_dir), *flags],
+                                   stdout=f, stderr=subprocess.STDOUT, cwd=HERE)
+        _, status, usage = os.wait4(process.pid, 0)
     seconds = time.time() - start
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("BENCH " + json.dumps({
-        "mode": mode, "seconds": round(seconds, 1),
-        "seconds_per_epoch": round(result["train_seconds"] / args.epochs, 1),
-        "peak_rss_mb": round(peak_rss_mb), "test_accuracy": result["test_accuracy"],
-        "checkpoint": result["checkpoint"]}))
+    if status != 0:
+        lines = log.read_text().splitlines()
+        sys.exit(f"finetune.py {' '.join(flags)} failed; its log ({log}) ends:\n"
+                 + "\n".join(lines[-15:]))
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    epochs = metrics["args"]["epochs"]
+    return {"seconds": round(seconds, 1),
+            "seconds_per_epoch": round(metrics["train_seconds"] / epochs, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024),
+            "test_accuracy": metrics["test_accuracy"],
+            "prefix_cache": metrics["prefix_cache"],
+            "checkpoint": str(out_dir / "review_classifier.safetensors")}
 
 
 def child(mode, args, out_dir):
-    command = [sys.executable, __file__, "--child", mode, "--model", args.model,
-               "--data", args.data, "--epochs", str(args.epochs), "--device", args.device,
-               "--out", str(out_dir)]
-    log = Path(out_dir) / "log.txt"
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=HERE)
-    lines = log.read_text().splitlines()
-    if done.returncode != 0:
-        sys.exit(f"mode {mode} failed; its log ({log}) ends:\n" + "\n".join(lines[-15:]))
-    return json.loads(next(line for line in reversed(lines) if line.startswith("BENCH "))[6:])
+    flags = ["--model", args.model, "--data", args.data, "--epochs", str(args.epochs),
+             "--device", args.device, *MODES[mode]]
+    return dict(mode=mode, **run_finetune(flags, out_dir))
 
 
 def classify_throughput(checkpoint, test_csv, device):
@@ -161,6 +172,106 @@ def print_report(report, device):
           f"{imports:.2f} s (+{cli - imports:.2f} s)")
 
 
+def long_texts(data, path, count=2000, tokens=250):
+    """count texts of about `tokens` GPT-2 tokens, half ham and half spam, each
+    joined from consecutive messages of one label, as a CSV: longer texts of
+    the same kinds, built from the SMS data so that anyone can rebuild them."""
+    from data import encode, load_messages
+    from gpt import get_tokenizer
+    rows, tokenizer = load_messages(data), get_tokenizer()
+    texts = []
+    for label in ("ham", "spam"):
+        messages = [text for row_label, text in rows if row_label == label]
+        i = 0
+        for _ in range(count // 2):
+            parts, length = [], 0
+            while length < tokens:
+                parts.append(messages[i % len(messages)])
+                length += len(encode(parts[-1], tokenizer)) + 1
+                i += 1
+            texts.append((label, " ".join(parts)))
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([("Label", "Text"), *texts])
+    return str(path)
+
+
+def message_lines(data, path, count):
+    """count messages of the SMS data (repeated as needed), one per line."""
+    from data import load_messages
+    texts = [" ".join(text.split()) for _, text in load_messages(data)]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(texts[i % len(texts)] + "\n" for i in range(count))
+    return path
+
+
+def tiny_checkpoint(path):
+    """A classifier of 2 blocks and 16 dimensions: classify.py's own memory, with
+    almost none of the model's."""
+    import torch
+    from classify import GPTClassifier, save_classifier
+    from gpt import GPTModel, model_config
+    config = dict(model_config("gpt2-small"), emb_dim=16, n_layers=2, n_heads=2,
+                  context_length=128)
+    torch.manual_seed(0)
+    gpt = finetune.prepare_for_classification(GPTModel(config), 2)
+    save_classifier(GPTClassifier(gpt), path, config, 120, ["not spam", "spam"])
+    return path
+
+
+def classify_stream(checkpoint, lines, device):
+    """python classify.py - < lines: messages per second and peak RSS."""
+    count = sum(1 for _ in open(lines, encoding="utf-8"))
+    start = time.time()
+    with open(lines, encoding="utf-8") as stdin:
+        process = subprocess.Popen([sys.executable, "classify.py", "--checkpoint",
+                                    str(checkpoint), "--device", device, "-"],
+                                   stdin=stdin, stdout=subprocess.DEVNULL, cwd=HERE)
+        _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        sys.exit(f"classify.py - < {lines} failed")
+    seconds = time.time() - start
+    return {"lines": count, "seconds": round(seconds, 1),
+            "msgs_per_s": round(count / seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+
+
+def beyond(args, work, save):
+    """The measurements beyond the chapter's size; save(report) after each."""
+    import torch
+    report = {"machine": machine(), "torch": torch.__version__, "model": args.model,
+              "date": time.strftime("%Y-%m-%d"), "runs": {}}
+    common = ["--model", args.model, "--device", args.device]
+    long = ["--data", long_texts(args.data, work / "long.csv"), "--max-length", "256"]
+    everything = ["--data", args.data, "--no-balance"]
+
+    def run(name, flags, epochs):
+        print(f"running {name} ...", flush=True)
+        report["runs"][name] = run_finetune([*common, *flags, "--epochs", str(epochs)],
+                                            work / name.replace(" ", "-"))
+        report["runs"][name]["epochs"] = epochs
+        print(f"  {report['runs'][name]}", flush=True)
+        save(report)
+
+    run("long plain", [*long, "--plain"], 1)
+    run("long default", long, 1)
+    run("long flexible", [*long, "--pool", "flexible"], 1)
+    third = report["runs"]["long default"]["prefix_cache"]["needed_bytes"] // 3
+    run("long budget a third", [*long, "--cache-memory", str(third)], 1)
+    run("all data default", everything, 5)
+    print("running classify.py - ...", flush=True)
+    report["classify_stream"] = {
+        "gpt2-small, long flexible checkpoint, 3,000 lines": classify_stream(
+            report["runs"]["long flexible"]["checkpoint"],
+            message_lines(args.data, work / "3000.txt", 3000), args.device)}
+    tiny = tiny_checkpoint(work / "tiny.safetensors")
+    for count in (3000, 100_000):
+        report["classify_stream"][f"tiny model, {count:,} lines"] = classify_stream(
+            tiny, message_lines(args.data, work / f"{count}.txt", count), args.device)
+    print(f"  {report['classify_stream']}", flush=True)
+    save(report)
+    run("all data plain", [*everything, "--plain"], 1)  # last: the longest
+    return report
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -175,10 +286,11 @@ def main():
                         help="smoke run: 80 messages and 1 epoch per mode")
     parser.add_argument("--modes", default="plain,cache,flexible",
                         help="comma-separated modes to run")
+    parser.add_argument("--beyond", action="store_true",
+                        help="measure beyond the chapter's size instead (about 90 minutes "
+                             "on 2 CPU cores): long texts, a cache budget, all data, "
+                             "streaming classification")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
-    # internal: bench.py runs each mode as a child process of its own
-    parser.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     unknown = [mode for mode in args.modes.split(",") if mode not in MODES]
     if unknown:
@@ -186,10 +298,13 @@ def main():
     if not Path(args.data).is_file():
         parser.error(f"--data: no file at {args.data}; pass the SMS Spam Collection's TSV "
                      f"(or the UCI zip)")
-    if args.child:
-        return run_mode(args.child, args, args.out)
-
     work = Path(tempfile.mkdtemp(prefix="bench-"))
+    if args.beyond:
+        def save(report):
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        beyond(args, work, save)
+        return
     if args.quick:
         args.data, args.epochs = quick_sample(args.data, work / "sample.csv"), 1
     runs = []

@@ -666,6 +666,7 @@ def main(argv=None):
     lora = lora_description(args) if args.trainable == "lora" else None
     model = GPTClassifier(gpt, pool=args.pool, fast=not args.plain).to(device)
     budget, source = cache_budget(args.cache_memory, device)
+    needed = 0
     if model.enable_prefix_cache(budget, spill_dir=out):
         blocks = "block" if model.n_cached == 1 else "blocks"
         print(f"Caching the output of the frozen embeddings and first {model.n_cached} "
@@ -682,7 +683,8 @@ def main(argv=None):
     metrics = final_metrics(model, loaders, device, names)
     cache = model.prefix_cache
     metrics.update(train_seconds=round(train_seconds, 1), args=vars(args),
-                   prefix_cache={"budget_bytes": budget if model.n_cached else 0,
+                   prefix_cache={"needed_bytes": needed,
+                                 "budget_bytes": budget if model.n_cached else 0,
                                  "memory_bytes": cache.memory_bytes,
                                  "file_bytes": cache.file_bytes})
     if not args.no_baseline:
