@@ -9,10 +9,12 @@ python classify.py "You are a winner you have been specially selected ..."
 python classify.py --checkpoint runs/a/review_classifier.safetensors - < messages.txt
 """
 import argparse
+import http.server
 import json
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -264,7 +266,8 @@ class GPTClassifier(torch.nn.Module):
 
 # ------------------------------------------------------------- the checkpoint
 
-def save_classifier(classifier, path, config, max_length, class_names, lora=None):
+def save_classifier(classifier, path, config, max_length, class_names, lora=None,
+                    trainable="last_block"):
     """The chapter's torch.save(model.state_dict(), "review_classifier.pth"),
     without pickle: a safetensors file whose metadata describes the model, so
     classify.py needs nothing else. Written atomically.
@@ -281,6 +284,7 @@ def save_classifier(classifier, path, config, max_length, class_names, lora=None
         "pad_token_id": str(classifier.pad_token_id),
         "labels": json.dumps(class_names),
         "pool": classifier.pool,
+        "trainable": trainable,  # finetune.py's --trainable, to describe the model
     }
     tensors = gpt.state_dict()
     if lora:
@@ -325,7 +329,8 @@ def read_checkpoint_metadata(path, metadata):
         lora = "not JSON"
     if lora is not None and not valid_lora(lora, config):
         raise bad("its LoRA description is malformed")
-    return dict(info, config=config, labels=labels, pool=pool, lora=lora)
+    return dict(info, config=config, labels=labels, pool=pool, lora=lora,
+                trainable=metadata.get("trainable", "not recorded"))
 
 
 def valid_lora(lora, config):
@@ -512,9 +517,262 @@ def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD
     return probabilities
 
 
+# -------------------------------------------------- a page to try it: --serve
+
+def result_record(text, probas, labels):
+    """One message's result, as --json prints it and /classify answers it."""
+    best = max(range(len(labels)), key=lambda i: probas[i])
+    return {"text": text, "label": labels[best], "probabilities": dict(zip(labels, probas))}
+
+
+def describe_checkpoint(path, info):
+    """What /info answers and the page shows above the text box."""
+    config = info["config"]
+    size = next((name for name, key in MODEL_NAMES.items() if model_config(name) == config),
+                "a custom size")
+    return {"checkpoint": str(path), "labels": info["labels"], "model": size,
+            "layers": config["n_layers"], "emb_dim": config["emb_dim"],
+            "max_length": info["max_length"], "pool": info["pool"],
+            "trainable": info["trainable"]}
+
+
+MAX_BODY = 1_000_000  # bytes of one /classify request
+MAX_TEXTS = 1_000     # messages in one /classify request
+
+
+# The page at /: one text box, a button, a bar per class; inline, nothing to fetch.
+PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>GPT-2 classifier</title>
+<style>
+  body { font: 16px/1.45 system-ui, sans-serif; margin: 0; background: #f4f5f7; color: #1d2330; }
+  main { max-width: 760px; margin: 0 auto; padding: 1.2rem; }
+  h1 { font-size: 1.35rem; margin: 0 0 .3rem; }
+  #info { color: #5b6475; font-size: .9rem; margin: 0 0 1rem; overflow-wrap: anywhere; }
+  textarea { box-sizing: border-box; width: 100%; min-height: 8rem; padding: .6rem;
+             font: inherit; border: 1px solid #c4c9d4; border-radius: 6px; resize: vertical; }
+  .bar { display: flex; align-items: center; gap: .8rem; margin: .6rem 0 1.2rem; flex-wrap: wrap; }
+  button { font: inherit; padding: .5rem 1.2rem; border: 0; border-radius: 6px;
+           background: #2f5bd3; color: white; cursor: pointer; }
+  button:disabled { background: #8ea3d9; cursor: wait; }
+  .hint, #error { font-size: .85rem; color: #5b6475; }
+  #error { color: #b3261e; }
+  .result { background: white; border-radius: 8px; padding: .8rem 1rem; margin-bottom: .8rem;
+            box-shadow: 0 1px 2px #0002; }
+  .text { overflow-wrap: anywhere; margin-bottom: .4rem; }
+  .label { font-weight: 600; }
+  .row { display: grid; grid-template-columns: minmax(4rem, 9rem) 1fr 3.5rem; gap: .5rem;
+         align-items: center; font-size: .9rem; }
+  .track { background: #e6e9ef; border-radius: 4px; height: .7rem; }
+  .fill { background: #8a94a8; border-radius: 4px; height: 100%; }
+  .best .fill { background: #2f5bd3; }
+  .p { text-align: right; font-variant-numeric: tabular-nums; }
+</style>
+</head>
+<body>
+<main>
+  <h1>GPT-2 classifier</h1>
+  <p id="info">Loading the checkpoint's description…</p>
+  <textarea id="texts" placeholder="One message per line" autofocus></textarea>
+  <div class="bar">
+    <button id="go">Classify</button>
+    <span class="hint">or Ctrl-Enter · one message per line</span>
+    <span id="error" role="alert"></span>
+  </div>
+  <div id="results"></div>
+</main>
+<script>
+const $ = (id) => document.getElementById(id);
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;  // text, never HTML
+  return node;
+}
+
+function showResult(result) {
+  const box = element("div", "result");
+  box.append(element("div", "text", result.text));
+  box.append(element("div", "label", result.label));
+  for (const [name, p] of Object.entries(result.probabilities)) {
+    const row = element("div", name === result.label ? "row best" : "row");
+    const track = element("div", "track"), fill = element("div", "fill");
+    fill.style.width = (100 * p).toFixed(1) + "%";
+    track.append(fill);
+    row.append(element("span", "", name), track, element("span", "p", (100 * p).toFixed(1) + "%"));
+    box.append(row);
+  }
+  $("results").append(box);
+}
+
+async function classify() {
+  const texts = $("texts").value.split("\n").filter((line) => line.trim());
+  if (!texts.length) { $("error").textContent = "Type a message first."; return; }
+  $("go").disabled = true;
+  $("error").textContent = "";
+  try {
+    const response = await fetch("/classify", {method: "POST",
+      headers: {"Content-Type": "application/json"}, body: JSON.stringify({texts})});
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error);
+    $("results").replaceChildren();
+    answer.results.forEach(showResult);
+  } catch (error) {
+    $("error").textContent = "Error: " + error.message;
+  } finally {
+    $("go").disabled = false;
+  }
+}
+
+$("go").addEventListener("click", classify);
+$("texts").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) classify();
+});
+fetch("/info").then((r) => r.json()).then((info) => {
+  $("info").textContent = `${info.checkpoint} · classes: ${info.labels.join(", ")} · ` +
+    `${info.model} (${info.layers} layers, ${info.emb_dim} dimensions) · ` +
+    `max_length ${info.max_length} · pooling: ${info.pool} · trained: ${info.trainable}`;
+});
+</script>
+</body>
+</html>
+"""
+
+
+class RequestError(Exception):
+    """A bad request: answered with this HTTP status and a JSON error."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_request(body):
+    """The texts of a /classify body {"texts": [...]}; RequestError otherwise."""
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        raise RequestError(400, "the body is not JSON") from None
+    texts = request.get("texts") if isinstance(request, dict) else None
+    if not isinstance(texts, list) or not texts:
+        raise RequestError(400, 'expected {"texts": ["a message", ...]} with at least one text')
+    if len(texts) > MAX_TEXTS:
+        raise RequestError(413, f"{len(texts):,} texts; at most {MAX_TEXTS:,} per request")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise RequestError(400, f"texts[{i}] is not a string")
+        if not text.strip():
+            raise RequestError(400, f"texts[{i}] is empty or only whitespace")
+    return texts
+
+
+def make_handler(classify, description):
+    """The request handler: classify(texts) -> results; description: /info."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        routes = {"/": "GET", "/info": "GET", "/classify": "POST"}
+
+        def answer(self, status, body, content_type="application/json"):
+            data = body.encode("utf-8") if isinstance(body, str) else \
+                json.dumps(body).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", f"{content_type}; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            if status == 405:
+                self.send_header("Allow", self.routes[self.path])
+            self.end_headers()
+            self.wfile.write(data)
+
+        def route(self, method):
+            if self.path not in self.routes:
+                return self.answer(404, {"error": f"no such page: {self.path}"})
+            if self.routes[self.path] != method:
+                return self.answer(405, {"error": f"{self.path} takes {self.routes[self.path]}"})
+            if self.path == "/":
+                return self.answer(200, PAGE, "text/html")
+            if self.path == "/info":
+                return self.answer(200, description)
+            try:
+                texts = parse_request(self.read_body())
+                self.answer(200, {"results": classify(texts)})
+            except RequestError as e:
+                self.answer(e.status, {"error": str(e)})
+
+        def read_body(self):
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                length = -1
+            if length < 0:
+                raise RequestError(400, "the request has no valid Content-Length")
+            if length > MAX_BODY:
+                self.close_connection = True  # the unread body must not be parsed as a request
+                raise RequestError(413, f"the body has {length:,} bytes; at most "
+                                        f"{MAX_BODY:,}")
+            return self.rfile.read(length)
+
+        def do_GET(self):
+            self.route("GET")
+
+        def do_POST(self):
+            self.route("POST")
+
+        def refuse(self):
+            self.route(self.command)
+
+        do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = refuse
+
+        def log_message(self, *args):  # the terminal shows the address, not every request
+            pass
+
+    return Handler
+
+
+def serve(checkpoint, device, base_weights, host, port):
+    """Serves the page, /info and /classify until Ctrl-C; the model is loaded once
+    and used by one request at a time."""
+    model, info = load_classifier(checkpoint, device, base_weights)
+    tokenizer, lock = get_tokenizer(), threading.Lock()
+
+    def classify(texts):
+        with lock:
+            probabilities = classify_texts(texts, model, tokenizer, device, info["max_length"],
+                                           info["pad_token_id"])
+        return [result_record(t, p, info["labels"]) for t, p in zip(texts, probabilities)]
+
+    handler = make_handler(classify, describe_checkpoint(checkpoint, info))
+    try:
+        server = http.server.ThreadingHTTPServer((host, port), handler)
+    except OSError as e:
+        raise InputError(f"cannot listen on {host} port {port}: {e.strerror or e}. Choose "
+                         f"another with --port (0 lets the system pick a free one).") from None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {host}, not only on this machine: whoever reaches it on "
+              f"port {server.server_port} can use the classifier.")
+    shown = f"[{host}]" if ":" in host else host
+    print(f"Serving {checkpoint} at http://{shown}:{server.server_port}/ "
+          f"(Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped.", file=sys.stderr)
+    finally:
+        server.server_close()
+
+
 # -------------------------------------------------------------------- the CLI
 
 CHUNK = 1024  # messages read from stdin, classified and printed at a time
+
+
+def port_number(text):
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: use 0 to 65535")
+    return int(text)
 
 
 def text_chunks(args_texts, stdin, size=CHUNK):
@@ -537,11 +795,10 @@ def text_chunks(args_texts, stdin, size=CHUNK):
 
 
 def print_result(text, probas, labels, as_json, show_all):
-    best = max(range(len(labels)), key=lambda i: probas[i])
     if as_json:
-        print(json.dumps({"text": text, "label": labels[best],
-                          "probabilities": dict(zip(labels, probas))}))
+        print(json.dumps(result_record(text, probas, labels)))
         return
+    best = max(range(len(labels)), key=lambda i: probas[i])
     if show_all:
         shown = "  ".join(f"P({name})={p:.3f}" for name, p in zip(labels, probas))
     elif labels == SPAM_CLASS_NAMES:
@@ -570,7 +827,24 @@ def main(argv=None):
                         help="print the probability of every class, not only the chosen one")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per message: text, label, probabilities")
+    parser.add_argument("--serve", action="store_true",
+                        help="instead of classifying TEXTs, serve a page to try the classifier "
+                             "in a browser, and POST /classify with {\"texts\": [...]}")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="with --serve: the address to listen on; 0.0.0.0 opens it to "
+                             "other machines (default: %(default)s, this machine only)")
+    parser.add_argument("--port", type=port_number, default=8000,
+                        help="with --serve: the port; 0 lets the system pick a free one "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.serve:
+        if args.texts or args.all or args.json:
+            parser.error("--serve takes no TEXT, --all or --json: the page shows every "
+                         "class's probability")
+        return serve(args.checkpoint, select_device(args.device), args.base_weights,
+                     args.host, args.port)
+    if args.host != "127.0.0.1" or args.port != 8000:
+        parser.error("--host and --port go with --serve")
     if not args.texts:
         raise InputError("no message to classify: give texts as arguments, or - to read "
                          "one per line from stdin.")

@@ -690,7 +690,8 @@ def main(argv=None):
     if not args.no_baseline:
         metrics["naive_bayes"] = naive_bayes_baseline(label_ids, splits)
 
-    save_classifier(model, checkpoint, config, max_length, names, lora=lora)  # 6.8
+    save_classifier(model, checkpoint, config, max_length, names, lora=lora,  # 6.8
+                    trainable=args.trainable)
     write_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(f"Saved {checkpoint}, metrics.json, loss-plot.svg, accuracy-plot.svg and the "
           f"CSV splits in {out}")

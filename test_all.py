@@ -9,11 +9,13 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import threading
+import time
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
@@ -1324,3 +1326,190 @@ def test_pool_max_length_seed_plain_no_balance_and_trainable_flags_reach_the_run
     assert result["args"]["seed"] == 7
     model, _ = classify.load_classifier(out / CHECKPOINT)
     assert model.pool == "flexible"
+
+
+# ------------------------------------------------------ classify.py --serve, a page to try it
+
+def start_server(checkpoint, *flags):
+    """classify.py --serve on a free port: (process, base URL)."""
+    process = subprocess.Popen(
+        [sys.executable, "classify.py", "--serve", "--port", "0", "--checkpoint",
+         str(checkpoint), *map(str, flags)], cwd=HERE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("Serving "):
+            return process, re.search(r"(http://\S+/)", line)[1].rstrip("/"), lines
+    process.kill()
+    raise AssertionError("".join(lines) + process.stderr.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    checkpoint = tmp_path_factory.mktemp("serve") / "c.safetensors"
+    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20,
+                             ["not spam", "spam"])
+    process, url, _ = start_server(checkpoint)
+    yield url, checkpoint
+    process.kill()
+    process.wait()
+
+
+def fetch(url, body=None, method=None, content_type="application/json"):
+    """(status, content type, body) of one request, never through a proxy."""
+    import urllib.error
+    import urllib.request
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    data = body.encode() if isinstance(body, str) else body
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": content_type})
+    try:
+        with opener.open(request, timeout=60) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read()
+
+
+def test_served_page_and_info_describe_the_checkpoint(server):
+    url, checkpoint = server
+    status, content_type, page = fetch(url + "/")
+    assert status == 200 and content_type == "text/html; charset=utf-8"
+    assert b'<textarea id="texts"' in page and b'<button id="go">' in page
+    assert b"<script src" not in page and b"<link" not in page  # nothing from elsewhere
+    status, _, body = fetch(url + "/info")
+    assert status == 200 and json.loads(body) == {
+        "checkpoint": str(checkpoint), "labels": ["not spam", "spam"], "model": "a custom size",
+        "layers": 2, "emb_dim": 16, "max_length": 20, "pool": "last", "trainable": "last_block"}
+
+
+def test_served_classify_equals_the_command_lines_json(server):
+    url, checkpoint = server
+    texts = [SPAM_TEXT, "see you at lunch?", "😀 日本語", "long " * 300]
+    status, _, body = fetch(url + "/classify", json.dumps({"texts": texts}))
+    assert status == 200
+    code, stdout, stderr = run("classify.py", "--checkpoint", checkpoint, "--json", *texts)
+    assert code == 0, stderr
+    assert json.loads(body)["results"] == [json.loads(line) for line in stdout.splitlines()]
+
+
+@pytest.mark.parametrize("path, method, body, status, error", [
+    ("/classify", "POST", "{not json", 400, "not JSON"),
+    ("/classify", "POST", '["a list"]', 400, '{"texts": ['),
+    ("/classify", "POST", '{"texts": "one string"}', 400, '{"texts": ['),
+    ("/classify", "POST", '{"texts": []}', 400, "at least one text"),
+    ("/classify", "POST", '{"texts": ["ok", 7]}', 400, "texts[1] is not a string"),
+    ("/classify", "POST", '{"texts": ["ok", "  \\n"]}', 400, "texts[1] is empty"),
+    ("/classify", "POST", json.dumps({"texts": ["x"] * 1001}), 413, "at most 1,000"),
+    ("/classify", "POST", json.dumps({"texts": ["y" * 1_000_001]}), 413, "at most 1,000,000"),
+    ("/classify", "POST", b"\xff\xfe", 400, "not JSON"),
+    ("/nothing", "GET", None, 404, "no such page: /nothing"),
+    ("/../classify.py", "GET", None, 404, "no such page"),
+    ("/classify", "GET", None, 405, "/classify takes POST"),
+    ("/", "POST", "{}", 405, "/ takes GET"),
+    ("/classify", "PUT", "{}", 405, "/classify takes POST"),
+    ("/info", "DELETE", None, 405, "/info takes GET"),
+])
+def test_a_bad_request_gets_its_status_and_the_server_keeps_serving(
+        server, path, method, body, status, error):
+    url, _ = server
+    got, content_type, answer = fetch(url + path, body, method)
+    assert (got, content_type) == (status, "application/json; charset=utf-8")
+    assert error in json.loads(answer)["error"]
+    got, _, answer = fetch(url + "/classify", '{"texts": ["still here"]}')
+    assert got == 200 and json.loads(answer)["results"][0]["text"] == "still here"
+
+
+def test_twenty_concurrent_requests_all_succeed(server):
+    from concurrent.futures import ThreadPoolExecutor
+    url, _ = server
+
+    def ask(i):
+        status, _, body = fetch(url + "/classify", json.dumps({"texts": [f"message {i}"] * 3}))
+        return status, json.loads(body)["results"][0]["text"]
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(ask, range(20)))
+    assert answers == [(200, f"message {i}") for i in range(20)]
+
+
+def test_serve_stops_on_ctrl_c_and_a_port_in_use_is_one_error(tmp_path):
+    import socket
+    checkpoint = tmp_path / "c.safetensors"
+    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20, ["a", "b"])
+    process, url, printed = start_server(checkpoint, "--host", "0.0.0.0")
+    assert "note: listening on 0.0.0.0, not only on this machine" in printed[0]
+    assert fetch(url.replace("0.0.0.0", "127.0.0.1") + "/info")[0] == 200
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and stderr.strip() == "stopped."
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, stderr = run("classify.py", "--serve", "--port", port, "--checkpoint",
+                              checkpoint)
+    assert code == 1 and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert f"error: cannot listen on 127.0.0.1 port {port}" in stderr and "--port" in stderr
+    code, _, stderr = run("classify.py", "--serve", "hello", "--checkpoint", checkpoint)
+    assert code == 2 and "--serve takes no TEXT" in stderr
+    code, _, stderr = run("classify.py", "--port", "70000", "hello")
+    assert code == 2 and "'70000' is not a port" in stderr
+
+
+def webdriver(base, method, path, body=None):
+    status, _, answer = fetch(base + path, json.dumps(body) if body is not None else None,
+                             method)
+    value = json.loads(answer)["value"]
+    assert status == 200, value
+    return value
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="needs a browser: Debian's chromium and chromium-driver")
+def test_a_real_browser_types_two_messages_and_sees_two_labels(server, tmp_path):
+    import socket
+    url, _ = server
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    driver = subprocess.Popen(["chromedriver", f"--port={port}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                fetch(base + "/status")
+                break
+            except OSError:
+                time.sleep(0.1)
+        options = {"args": ["--headless", "--no-sandbox", "--disable-gpu", "--no-proxy-server",
+                            "--window-size=900,700", f"--user-data-dir={tmp_path}",
+                            "--disable-background-networking", "--no-first-run"]}
+        session = webdriver(base, "POST", "/session", {"capabilities": {"alwaysMatch": {
+            "goog:chromeOptions": options}}})["sessionId"]
+        at = f"/session/{session}"
+        webdriver(base, "POST", at + "/url", {"url": url + "/"})
+
+        def find(css):
+            found = webdriver(base, "POST", at + "/element", {"using": "css selector",
+                                                               "value": css})
+            return next(iter(found.values()))
+
+        webdriver(base, "POST", at + f"/element/{find('#texts')}/value",
+                  {"text": "WINNER! Claim your free prize now\nAre we still on for lunch?"})
+        webdriver(base, "POST", at + f"/element/{find('#go')}/click", {})
+        for _ in range(100):
+            shown = webdriver(base, "POST", at + "/execute/sync", {"script": (
+                "return [...document.querySelectorAll('.result')].map(r => r.innerText)"),
+                "args": []})
+            if len(shown) == 2:
+                break
+            time.sleep(0.1)
+        assert len(shown) == 2 and "WINNER! Claim your free prize now" in shown[0]
+        for text in shown:
+            assert re.search(r"\n(spam|not spam)\n", text) and len(re.findall(r"\d+\.\d%", text)) == 2
+        webdriver(base, "DELETE", at)
+    finally:
+        driver.kill()
