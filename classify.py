@@ -130,6 +130,8 @@ class PrefixCache:
         return key in self.in_memory or key in self.in_file
 
     def put(self, key, hidden):
+        if key in self:  # the same message twice in one batch
+            return
         nbytes = hidden.numel() * hidden.element_size()
         if self.budget is None or self.memory_bytes + nbytes <= self.budget:
             self.in_memory[key] = hidden.clone()
@@ -808,7 +810,7 @@ def print_result(text, probas, labels, as_json, show_all):
     print(f"{labels[best]}\t{shown}\t{text}")
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(
         description="Classify messages with a classifier fine-tuned by finetune.py "
                     "(listing 6.12's classify_review, batched).")
@@ -836,6 +838,11 @@ def main(argv=None):
     parser.add_argument("--port", type=port_number, default=8000,
                         help="with --serve: the port; 0 lets the system pick a free one "
                              "(default: %(default)s)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.serve:
         if args.texts or args.all or args.json:

@@ -35,10 +35,14 @@ def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
     if data_file_path.exists():
         print(f"{data_file_path} already exists. Skipping download and extraction.")
         return
-    download_file(url, zip_path, "the SMS Spam Collection",
-                  "pass a local copy of SMSSpamCollection (or the UCI zip) with --data PATH")
-    write_atomically(data_file_path, read_member(zip_path))
-    os.remove(zip_path)
+    # the zip of this process: torchrun's ranks may download side by side
+    own_zip = Path(f"{zip_path}.{os.getpid()}")
+    try:
+        download_file(url, own_zip, "the SMS Spam Collection",
+                      "pass a local copy of SMSSpamCollection (or the UCI zip) with --data PATH")
+        write_atomically(data_file_path, read_member(own_zip))
+    finally:
+        own_zip.unlink(missing_ok=True)
     print(f"File downloaded and saved as {data_file_path}")
 
 
@@ -59,7 +63,7 @@ def write_atomically(path, content):
     """Bytes or str to path via a temporary file, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: ranks may race
     try:
         with open(tmp, "wb") as f:
             f.write(content if isinstance(content, bytes) else content.encode("utf-8"))

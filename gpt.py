@@ -254,8 +254,9 @@ def clock(seconds):
 def progress(label, done, total, start):
     """One updating line on stderr: done/total, time elapsed since `start` and
     time left (total None: a count). Only when stderr is a terminal: a pipe or a
-    file gets nothing, so logs stay the chapter's. Cleared once done >= total."""
-    if not sys.stderr.isatty():
+    file gets nothing, so logs stay the chapter's. Cleared once done >= total.
+    Under torchrun only rank 0 draws it."""
+    if not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0":
         return
     if not isinstance(sys.stdout, StdoutAfterProgress):
         sys.stdout = StdoutAfterProgress(sys.stdout)
@@ -403,7 +404,12 @@ def tensor_bytes(t):
 
 def save_safetensors(tensors, path, metadata=None):
     """Writes tensors (all contiguous, little-endian) atomically: to a temporary
-    file beside path, renamed over it only once complete."""
+    file beside path, renamed over it only once complete. The data starts on a
+    64-byte boundary and tensors of whole 64-byte lines come first, so that a
+    memory-mapped tensor is as aligned as one in memory: the CPU's kernels then
+    take the same path and give the same bits."""
+    sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+    tensors = {name: tensors[name] for name in sorted(tensors, key=lambda n: sizes[n] % 64 > 0)}
     header, offset = {}, 0
     names = {dtype: name for name, (dtype, _) in SAFETENSORS_DTYPES.items()}
     for name, t in tensors.items():
@@ -414,9 +420,9 @@ def save_safetensors(tensors, path, metadata=None):
     if metadata:
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # keeps the data 8-byte aligned
+    raw += b" " * (-(8 + len(raw)) % 64)  # the data starts 64-byte aligned
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: ranks may race
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
@@ -447,7 +453,7 @@ def download_file(url, destination, what, hint):
     # folders this call creates, removed again if the download fails
     created = [p for p in [destination.parent, *destination.parent.parents] if not p.exists()]
     destination.parent.mkdir(parents=True, exist_ok=True)
-    part = destination.with_name(destination.name + ".part")
+    part = destination.with_name(f"{destination.name}.{os.getpid()}.part")
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
@@ -717,7 +723,8 @@ def run_cli(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("\ninterrupted.", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank got it
+            print("\ninterrupted.", file=sys.stderr)
         sys.exit(130)
 
 
