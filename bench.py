@@ -27,6 +27,7 @@ import csv
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -174,21 +175,23 @@ def print_report(report, device):
 
 def long_texts(data, path, count=2000, tokens=250):
     """count texts of about `tokens` GPT-2 tokens, half ham and half spam, each
-    joined from consecutive messages of one label, as a CSV: longer texts of
-    the same kinds, built from the SMS data so that anyone can rebuild them."""
+    joined from messages of one label drawn at random (seeded; consecutive ones
+    would repeat whole texts, there being only 747 spam messages), as a CSV:
+    longer texts of the same kinds, built from the SMS data so that anyone can
+    rebuild them."""
     from data import encode, load_messages
     from gpt import get_tokenizer
-    rows, tokenizer = load_messages(data), get_tokenizer()
+    rows, tokenizer, rng = load_messages(data), get_tokenizer(), random.Random(0)
     texts = []
     for label in ("ham", "spam"):
         messages = [text for row_label, text in rows if row_label == label]
-        i = 0
+        lengths = [len(encode(text, tokenizer)) + 1 for text in messages]
         for _ in range(count // 2):
             parts, length = [], 0
             while length < tokens:
-                parts.append(messages[i % len(messages)])
-                length += len(encode(parts[-1], tokenizer)) + 1
-                i += 1
+                i = rng.randrange(len(messages))
+                parts.append(messages[i])
+                length += lengths[i]
             texts.append((label, " ".join(parts)))
     with open(path, "w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows([("Label", "Text"), *texts])

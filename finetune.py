@@ -6,23 +6,32 @@ python finetune.py                      # the whole chapter, with its defaults
 python finetune.py --device cuda --out runs/a
 """
 import argparse
+import contextlib
+import datetime
 import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from gpt import (InputError, MODEL_NAMES, build_gpt, file_fingerprint, get_tokenizer,
-                 gpt2_weights_path, progress, run_cli, weights_config)
+from gpt import (InputError, MODEL_NAMES, build_gpt, download_gpt2, file_fingerprint,
+                 get_tokenizer, gpt2_weights_path, progress, run_cli, weights_config)
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from data import (SEED, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_ids, class_names,
                   count_labels, create_balanced_dataset, create_data_loaders, data_file_path,
                   download_and_unzip_spam_data, extracted_path, load_messages, random_split,
                   read_tsv, url, write_atomically, write_csv, zip_path)
 from classify import (CHECKPOINT_NAME, POOLS, GPTClassifier, cache_size, classify_review,
                       replace_linear_with_lora, save_classifier, select_device)
+
+# A collective that waits longer than this (a rank stuck or gone) ends the job.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 TRAINABLE = {  # which parts train (appendix B's layer experiments; Exercise 6.2 is "all")
     "last_layer": "only the new output layer",
@@ -57,6 +66,46 @@ def prepare_for_classification(model, num_classes, trainable="last_block", seed=
     return model
 
 
+# --------------------------------- several processes (torchrun), the same results
+
+def torchrun_ranks():
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0)
+    for a plain python finetune.py."""
+    return tuple(int(os.environ.get(name, default)) for name, default in
+                 [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
+
+
+def ranks():
+    """(this process's rank, number of processes) in the running process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def this_ranks_rows(*batches):
+    """This rank's equal share of the rows of a global batch: N ranks step through
+    the chapter's batches together, and the gradients DDP averages are its own."""
+    rank, world = ranks()
+    return [batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]
+            for batch in batches]
+
+
+def is_this_ranks(batch_index):
+    """Evaluation splits the batches among the ranks (whole batches, so every
+    batch's mean is the one a single process computes)."""
+    rank, world = ranks()
+    return batch_index % world == rank
+
+
+def global_sum(device, *values):
+    """The sums of values over all ranks (the values themselves in one process)."""
+    if ranks()[1] == 1:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
 # ------------------------------------------- 6.6 classification loss and accuracy
 
 def calc_accuracy_loader(data_loader, model, device, num_batches=None):
@@ -70,6 +119,8 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None):
     start = time.time()
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i < num_batches:
+            if not is_this_ranks(i):  # torchrun: another rank evaluates this batch
+                continue
             input_batch = input_batch.to(device)
             target_batch = target_batch.to(device)
             with torch.inference_mode():
@@ -80,6 +131,7 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None):
             progress("accuracy, batches", i + 1, num_batches, start)  # on a terminal only
         else:
             break
+    correct_predictions, num_examples = global_sum(device, correct_predictions, num_examples)
     return correct_predictions / num_examples if num_examples else float("nan")
 
 
@@ -102,10 +154,13 @@ def calc_loss_loader(data_loader, model, device, num_batches=None):
         num_batches = min(num_batches, len(data_loader))
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i < num_batches:
+            if not is_this_ranks(i):  # torchrun: another rank evaluates this batch
+                continue
             loss = calc_loss_batch(input_batch, target_batch, model, device)
             total_loss += loss.item()
         else:
             break
+    (total_loss,) = global_sum(device, total_loss)
     return total_loss / num_batches
 
 
@@ -122,7 +177,8 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device,
         epoch_start = time.time()
         for step, (input_batch, target_batch) in enumerate(train_loader, 1):
             optimizer.zero_grad()
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            # one process: the whole batch; under torchrun: this rank's share of it
+            loss = calc_loss_batch(*this_ranks_rows(input_batch, target_batch), model, device)
             loss.backward()
             optimizer.step()
             examples_seen += input_batch.shape[0]  # examples instead of tokens
@@ -165,11 +221,15 @@ def confusion_matrix_loader(data_loader, model, device, num_classes):
     start = time.time()
     with torch.inference_mode():
         for i, (input_batch, target_batch) in enumerate(data_loader, 1):
+            if not is_this_ranks(i - 1):
+                continue
             predicted = torch.argmax(model(input_batch.to(device)), dim=-1)
             for true, guess in zip(target_batch.tolist(), predicted.tolist()):
                 counts[true][guess] += 1
             progress("confusion matrix, batches", i, len(data_loader), start)
-    return counts
+    flat = global_sum(device, *(n for row in counts for n in row))
+    return [[int(n) for n in flat[i:i + num_classes]]
+            for i in range(0, len(flat), num_classes)]
 
 
 def per_class_metrics(counts, names):
@@ -566,8 +626,9 @@ def fine_tune(model, train_loader, val_loader, device, args, checkpoint):
                                           num_epochs=args.epochs, eval_freq=50, eval_iter=5)
     except KeyboardInterrupt:
         kept = f"{checkpoint} is unchanged" if checkpoint.exists() else "no checkpoint was written"
-        print(f"\ninterrupted during training: nothing of this run was saved but the CSV "
-              f"splits in {checkpoint.parent}; {kept}.", file=sys.stderr)
+        if ranks()[0] == 0:  # every rank got Ctrl-C; one says so
+            print(f"\ninterrupted during training: nothing of this run was saved but the CSV "
+                  f"splits in {checkpoint.parent}; {kept}.", file=sys.stderr)
         sys.exit(130)
     end_time = time.time()
     execution_time_minutes = (end_time - start_time) / 60
@@ -636,67 +697,143 @@ def classify_examples(model, tokenizer, device, max_length):
         print(f"{classify_review(text, model, tokenizer, device, max_length=max_length)}: {text}")
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    device = select_device(args.device)
+def check_args(parser, args, world):
+    """What the flags must satisfy beyond their own types; returns the model config
+    (a --weights file's header is read here, before any data)."""
     config = weights_config(args.model, args.weights)
     if args.max_length and args.max_length > config["context_length"]:
         parser.error(f"--max-length {args.max_length} is above the model's context "
                      f"length {config['context_length']}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} is a file; it takes a folder (made if missing)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; it takes a folder (made if missing)")
+    if args.batch_size % world:
+        parser.error(f"--batch-size {args.batch_size} does not divide among {world} "
+                     f"processes: each takes an equal share of every batch")
+    return config
 
-    label_ids, splits = prepare_splits(args, out)  # 6.2
+
+@contextlib.contextmanager
+def said_by_rank_0(rank):
+    """Before the process group starts, every rank meets the same bad flag or bad
+    data: only rank 0 says so, the others end quietly with the same status."""
+    if rank == 0:
+        yield
+        return
+    with contextlib.redirect_stderr(open(os.devnull, "w")):
+        try:
+            yield
+        except InputError:
+            sys.exit(1)
+
+
+def start_process_group(device, local_rank):
+    """torchrun's environment -> a process group: NCCL between GPUs (one per
+    process), gloo between CPU processes. Returns this process's device."""
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=COLLECTIVE_TIMEOUT)
+    return device
+
+
+def prepare_model(args, num_classes, datasets, device, work, local_rank):
+    """Sections 6.4-6.5: GPT-2 with the new head, on the device, its frozen
+    prefix cached where it applies (spilling into the folder `work`). Returns the
+    classifier, its config and what the cache was allowed and needed."""
+    if args.weights == "pretrained" and ranks()[1] > 1:
+        if local_rank == 0:  # one download per machine; the others wait for it
+            download_gpt2(args.model)
+        dist.barrier()
+    torch.manual_seed(args.seed)  # 6.4
+    gpt, config = build_gpt(args.model, args.weights)
+    prepare_for_classification(gpt, num_classes=num_classes, trainable=args.trainable,
+                               seed=args.seed, lora_rank=args.lora_rank,
+                               lora_alpha=args.lora_alpha)  # 6.5
+    classifier = GPTClassifier(gpt, pool=args.pool, fast=not args.plain).to(device)
+    budget, source = cache_budget(args.cache_memory, device)
+    needed = 0
+    if classifier.enable_prefix_cache(budget, spill_dir=work):
+        blocks = "block" if classifier.n_cached == 1 else "blocks"
+        print(f"Caching the output of the frozen embeddings and first {classifier.n_cached} "
+              f"{blocks} (--plain recomputes them on every batch, as the chapter does)")
+        weight = gpt.tok_emb.weight
+        needed = cache_size(datasets, weight.shape[1], weight.dtype)
+        print(cache_plan(needed, budget, source, work))
+        classifier.fill_prefix_cache(datasets)  # each rank: every message it may read
+    cache = {"needed_bytes": needed, "budget_bytes": budget if classifier.n_cached else 0}
+    return classifier, config, cache
+
+
+def main(argv=None):
+    rank, world, local_rank = torchrun_ranks()
+    # one writer: the other ranks print nothing but errors
+    with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
+        return run(argv, rank, world, local_rank)
+
+
+def run(argv, rank, world, local_rank):
+    parser = build_parser()
+    with said_by_rank_0(rank):
+        args = parser.parse_args(argv)
+        device = select_device(args.device)
+        config = check_args(parser, args, world)
+        out = Path(args.out)
+        # the other ranks keep their splits apart: --out may not be shared between machines
+        work = out if rank == 0 else Path(tempfile.mkdtemp(prefix=f"finetune-rank{rank}-"))
+        label_ids, splits = prepare_splits(args, work)  # 6.2
+        tokenizer = get_tokenizer()  # 6.3
+        datasets = create_datasets(work, tokenizer, args.max_length, config["context_length"],
+                                   args.pool, len(label_ids))
+    try:
+        if world > 1:
+            device = start_process_group(device, local_rank)
+        return fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out,
+                                  work, local_rank)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+        if work != out:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out, work,
+                       local_rank):
+    """Sections 6.4-6.8 once the data is ready: the model, its training and
+    evaluation (by every rank), the plots, metrics and checkpoint (by rank 0)."""
     names = class_names(label_ids)
-    tokenizer = get_tokenizer()  # 6.3
-    datasets = create_datasets(out, tokenizer, args.max_length, config["context_length"],
-                               args.pool, len(label_ids))
     max_length = datasets[0].max_length
     loaders = create_data_loaders(*datasets, batch_size=args.batch_size)
     for loader, name in zip(loaders, ["training", "validation", "test"]):
         print(f"{len(loader)} {name} batches")
-
-    torch.manual_seed(args.seed)  # 6.4
-    gpt, config = build_gpt(args.model, args.weights)
-    prepare_for_classification(gpt, num_classes=len(label_ids), trainable=args.trainable,
-                               seed=args.seed, lora_rank=args.lora_rank,
-                               lora_alpha=args.lora_alpha)  # 6.5
+    classifier, config, cache = prepare_model(args, len(label_ids), datasets, device, work,
+                                              local_rank)
     lora = lora_description(args) if args.trainable == "lora" else None
-    model = GPTClassifier(gpt, pool=args.pool, fast=not args.plain).to(device)
-    budget, source = cache_budget(args.cache_memory, device)
-    needed = 0
-    if model.enable_prefix_cache(budget, spill_dir=out):
-        blocks = "block" if model.n_cached == 1 else "blocks"
-        print(f"Caching the output of the frozen embeddings and first {model.n_cached} "
-              f"{blocks} (--plain recomputes them on every batch, as the chapter does)")
-        weight = gpt.tok_emb.weight
-        needed = cache_size(datasets, weight.shape[1], weight.dtype)
-        print(cache_plan(needed, budget, source, out))
-        model.fill_prefix_cache(datasets)
+    model = classifier if ranks()[1] == 1 else DistributedDataParallel(
+        classifier, device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False)
     print_initial_metrics(model, loaders, device, args.seed)  # 6.6
 
     checkpoint = out / CHECKPOINT_NAME  # 6.7
     results, train_seconds = fine_tune(model, loaders[0], loaders[1], device, args, checkpoint)
-    plot_curves(results, args.epochs, out)
+    writer = ranks()[0] == 0
+    if writer:
+        plot_curves(results, args.epochs, out)
     metrics = final_metrics(model, loaders, device, names)
-    cache = model.prefix_cache
     metrics.update(train_seconds=round(train_seconds, 1), args=vars(args),
-                   prefix_cache={"needed_bytes": needed,
-                                 "budget_bytes": budget if model.n_cached else 0,
-                                 "memory_bytes": cache.memory_bytes,
-                                 "file_bytes": cache.file_bytes})
+                   prefix_cache=dict(cache, memory_bytes=classifier.prefix_cache.memory_bytes,
+                                     file_bytes=classifier.prefix_cache.file_bytes))
+    if not writer:
+        return dict(metrics, checkpoint=str(checkpoint))
     if not args.no_baseline:
         metrics["naive_bayes"] = naive_bayes_baseline(label_ids, splits)
-
-    save_classifier(model, checkpoint, config, max_length, names, lora=lora,  # 6.8
+    save_classifier(classifier, checkpoint, config, max_length, names, lora=lora,  # 6.8
                     trainable=args.trainable)
     write_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(f"Saved {checkpoint}, metrics.json, loss-plot.svg, accuracy-plot.svg and the "
           f"CSV splits in {out}")
     if names == SPAM_CLASS_NAMES:
-        classify_examples(model, tokenizer, device, max_length)
+        classify_examples(classifier, tokenizer, device, max_length)
     return dict(metrics, checkpoint=str(checkpoint))
 
 

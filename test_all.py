@@ -14,6 +14,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -935,7 +936,7 @@ def test_finetune_without_network_or_local_files_names_what_is_missing(tmp_path,
                           env=offline_env())
     assert code == 1 and "Traceback" not in stderr
     assert "SMS Spam Collection" in stderr and "--data PATH" in stderr
-    assert not list(tmp_path.rglob("*.part")) and not (tmp_path / "sms_spam_collection.zip").exists()
+    assert not list(tmp_path.rglob("*.part")) and not list(tmp_path.glob("sms_spam_collection*"))
     code, _, stderr = run(HERE / "finetune.py", "--data", sample_tsv, cwd=tmp_path,
                           env=offline_env())
     assert code == 1 and "gpt2-small weights" in stderr and "--weights PATH" in stderr
@@ -1513,3 +1514,95 @@ def test_a_real_browser_types_two_messages_and_sees_two_labels(server, tmp_path)
         webdriver(base, "DELETE", at)
     finally:
         driver.kill()
+
+
+# ------------------------------------------------- several processes: torchrun and DDP
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nodes=None):
+    """python -m torch.distributed.run (torchrun) finetune.py ARGS: on 2 local
+    processes, or as node `nodes` = (rank, count, port) of a multi-machine job."""
+    launcher = [sys.executable, "-m", "torch.distributed.run"]
+    if nodes is None:
+        launcher += ["--standalone", "--nproc_per_node=2"]
+    else:
+        rank, count, port = nodes
+        launcher += [f"--nnodes={count}", f"--node_rank={rank}", "--nproc_per_node=1",
+                     f"--rdzv-endpoint=127.0.0.1:{port}"]
+    return subprocess.Popen([*launcher, "finetune.py", *map(str, args)], cwd=HERE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, sample_tsv):
+    """The reference: python finetune.py, 1 epoch, batches of 8, on the test model."""
+    out = tmp_path_factory.mktemp("one-process")
+    flags = ["--data", sample_tsv, "--weights", MINI_WEIGHTS, "--epochs", "1",
+             "--batch-size", "8"]
+    code, stdout, stderr = run("finetune.py", *flags, "--out", out,
+                               env={"OMP_NUM_THREADS": "1"})
+    assert code == 0, stderr
+    return flags, out, stdout
+
+
+def assert_same_run(reference, out, stdout):
+    flags, reference_out, reference_stdout = reference
+    assert len(chapter_lines(reference_stdout)) > 10
+    assert chapter_lines(stdout) == chapter_lines(reference_stdout)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference_out.iterdir())
+    trained, _ = gpt.load_safetensors(out / CHECKPOINT)
+    expected, _ = gpt.load_safetensors(reference_out / CHECKPOINT)
+    assert trained.keys() == expected.keys()
+    for name, tensor in expected.items():
+        # A key bias has no true gradient (softmax ignores what it adds to a row of
+        # scores), so AdamW turns rounding noise, which depends on the order of
+        # the sums, into steps of up to lr: 10 steps of 5e-5 apart at most.
+        tolerance = 10 * 5e-5 if name.endswith("W_key.bias") else 1e-5
+        assert torch.allclose(trained[name], tensor, atol=tolerance), name
+    for split in ("train.csv", "validation.csv", "test.csv"):
+        assert (out / split).read_bytes() == (reference_out / split).read_bytes()
+
+
+def test_two_torchrun_processes_print_and_train_what_one_process_does(
+        one_process_run, tmp_path):
+    before = set(Path(tempfile.gettempdir()).glob("finetune-rank*"))
+    process = torchrun(*one_process_run[0], "--out", tmp_path / "two")
+    stdout, stderr = process.communicate(timeout=170)
+    assert process.returncode == 0, stderr
+    assert_same_run(one_process_run, tmp_path / "two", stdout)
+    assert stdout.count("Dataset: ") == 1  # one writer
+    assert set(Path(tempfile.gettempdir()).glob("finetune-rank*")) == before
+
+
+def test_two_torchrun_nodes_on_one_machine_finish_with_one_processs_figures(
+        one_process_run, tmp_path):
+    port = free_port()
+    nodes = [torchrun(*one_process_run[0], "--out", tmp_path / f"node{rank}",
+                      nodes=(rank, 2, port)) for rank in (0, 1)]
+    (stdout, stderr), (other_stdout, other_stderr) = [n.communicate(timeout=170) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], stderr + other_stderr
+    assert_same_run(one_process_run, tmp_path / "node0", stdout)
+    assert other_stdout == "" and not (tmp_path / "node1").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "7"], "--batch-size 7 does not divide among 2 processes"),
+    (["--data", "no-such-file.tsv"], "data file no-such-file.tsv does not exist"),
+])
+def test_a_bad_flag_or_bad_data_under_torchrun_is_one_error_and_writes_nothing(
+        tmp_path, sample_tsv, flags, message):
+    out = tmp_path / "out"
+    process = torchrun("--data", sample_tsv, "--weights", MINI_WEIGHTS, "--out", out, *flags)
+    stdout, stderr = process.communicate(timeout=170)
+    assert process.returncode != 0 and stdout == ""
+    ours = [line for line in stderr.splitlines() if "error: " in line]
+    assert len(ours) == 1 and message in ours[0]
+    assert 'finetune.py", line' not in stderr  # no traceback of ours (torchrun adds its own)
+    assert not out.exists()
