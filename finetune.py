@@ -810,8 +810,7 @@ def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out
                                               local_rank)
     lora = lora_description(args) if args.trainable == "lora" else None
     model = classifier if ranks()[1] == 1 else DistributedDataParallel(
-        classifier, device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False)
+        classifier, device_ids=[device.index] if device.type == "cuda" else None)
     print_initial_metrics(model, loaders, device, args.seed)  # 6.6
 
     checkpoint = out / CHECKPOINT_NAME  # 6.7
