@@ -19,8 +19,8 @@ Speed does not depend on the weights' values: random weights time the same.
 joined from messages of one label, at --max-length 256 with --plain, the
 default, --pool flexible, and the default with --cache-memory a third of the
 cache; the whole SMS collection with --no-balance, the default (5 epochs) and
---plain; classify.py - on 3,000 lines, and its peak memory on 3,000 and
-100,000 lines with a tiny model.
+--plain (its training only: the time of an epoch); classify.py - on 3,000
+lines, and its peak memory on 3,000 and 100,000 lines with a tiny model.
 """
 import argparse
 import csv
@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -42,9 +43,14 @@ MODES = {"plain": ["--plain"], "cache": [], "flexible": ["--pool", "flexible"]}
 TEXT = "You are a winner you have been specially selected to receive $1000 cash or a $2000 award."
 
 
-def run_finetune(flags, out_dir):
+TRAINED = re.compile(r"Training completed in ([\d.]+) minutes")
+
+
+def run_finetune(flags, out_dir, training_only=False):
     """python finetune.py with random weights and these flags, as a process of its
-    own: its wall-clock, peak RSS and what its metrics.json reports."""
+    own: its wall-clock, peak RSS and what its metrics.json reports. With
+    training_only, it is stopped once its training is done, and only the time
+    per epoch it printed is kept (the final accuracy passes are left out)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / "log.txt"
@@ -53,8 +59,16 @@ def run_finetune(flags, out_dir):
         process = subprocess.Popen([sys.executable, "finetune.py", "--weights", "random",
                                     "--out", str(out_dir), *flags],
                                    stdout=f, stderr=subprocess.STDOUT, cwd=HERE)
+        while training_only and process.poll() is None and not TRAINED.search(log.read_text()):
+            time.sleep(1)
+        if training_only and process.poll() is None:
+            process.terminate()
         _, status, usage = os.wait4(process.pid, 0)
     seconds = time.time() - start
+    if training_only and (trained := TRAINED.search(log.read_text())):
+        epochs = int(flags[flags.index("--epochs") + 1])
+        return {"seconds_per_epoch": round(float(trained[1]) * 60 / epochs, 1),
+                "peak_rss_mb": round(usage.ru_maxrss / 1024)}
     if status != 0:
         lines = log.read_text().splitlines()
         sys.exit(f"finetune.py {' '.join(flags)} failed; its log ({log}) ends:\n"
@@ -271,7 +285,11 @@ def beyond(args, work, save):
             tiny, message_lines(args.data, work / f"{count}.txt", count), args.device)
     print(f"  {report['classify_stream']}", flush=True)
     save(report)
-    run("all data plain", [*everything, "--plain"], 1)  # last: the longest
+    print("running all data plain, training only ...", flush=True)
+    report["runs"]["all data plain, training only"] = run_finetune(
+        [*common, *everything, "--plain", "--epochs", "1"], work / "all-data-plain",
+        training_only=True)
+    save(report)
     return report
 
 
@@ -290,7 +308,7 @@ def main():
     parser.add_argument("--modes", default="plain,cache,flexible",
                         help="comma-separated modes to run")
     parser.add_argument("--beyond", action="store_true",
-                        help="measure beyond the chapter's size instead (about 90 minutes "
+                        help="measure beyond the chapter's size instead (about 100 minutes "
                              "on 2 CPU cores): long texts, a cache budget, all data, "
                              "streaming classification")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
