@@ -9,6 +9,7 @@ python classify.py "You are a winner you have been specially selected ..."
 python classify.py --checkpoint runs/a/review_classifier.safetensors - < messages.txt
 """
 import argparse
+import hashlib
 import http.server
 import json
 import math
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 from gpt import (MODEL_NAMES, GPTModel, InputError, check_config, check_floating,
-                 download_gpt2, file_fingerprint, get_tokenizer, load_gpt2_file,
+                 download_gpt2, get_tokenizer, load_gpt2_file,
                  load_safetensors, model_config, progress, read_safetensors_header, run_cli,
                  save_safetensors, take_positions, tensor_bytes, write_all)
 import torch
@@ -381,7 +382,9 @@ def empty_gpt(config, num_classes):
 def lora_base_file(lora, checkpoint, base_weights=None):
     """The base weights file of a LoRA checkpoint: --base-weights, else where
     finetune.py read it, else (for pretrained weights) the Hub's file downloaded
-    into gpt2/. It must be the very file the adapters were trained on."""
+    into gpt2/. It must be the very file the adapters were trained on: its size
+    is checked here, its sha256 by lora_base while it reads the file. Returns
+    the path and the hint an error about it gives."""
     if base_weights:
         weights = Path(base_weights)
     elif Path(lora["path"]).is_file() or lora["weights"] != "pretrained":
@@ -394,11 +397,14 @@ def lora_base_file(lora, checkpoint, base_weights=None):
         what = "is a folder" if weights.is_dir() else "does not exist"
         raise InputError(f"{checkpoint} holds LoRA adapters for the base weights {weights}, "
                          f"which {what}: {hint}.")
-    if (os.path.getsize(weights) != lora["bytes"]
-            or file_fingerprint(weights) != (lora["bytes"], lora["sha256"])):
-        raise InputError(f"{weights} is not the base {checkpoint} was fine-tuned on (its "
-                         f"size or sha256 differs, so its predictions would too): {hint}.")
-    return weights
+    if os.path.getsize(weights) != lora["bytes"]:
+        raise not_the_base(weights, checkpoint, hint)
+    return weights, hint
+
+
+def not_the_base(weights, checkpoint, hint):
+    return InputError(f"{weights} is not the base {checkpoint} was fine-tuned on (its "
+                      f"size or sha256 differs, so its predictions would too): {hint}.")
 
 
 def lora_base(info, checkpoint, base_weights=None):
@@ -414,7 +420,11 @@ def lora_base(info, checkpoint, base_weights=None):
         torch.manual_seed(lora["seed"])  # finetune.py seeds the same way
         gpt = GPTModel(config)
     else:
-        gpt = load_gpt2_file(lora_base_file(lora, checkpoint, base_weights), config)
+        weights, hint = lora_base_file(lora, checkpoint, base_weights)
+        digest = hashlib.sha256()  # fed while the file is read: one pass, not two
+        gpt = load_gpt2_file(weights, config, digest)
+        if digest.hexdigest() != lora["sha256"]:
+            raise not_the_base(weights, checkpoint, hint)
     with torch.device("meta"):
         gpt.out_head = torch.nn.Linear(config["emb_dim"], info["num_classes"])
         replace_linear_with_lora(gpt.trf_blocks, lora["rank"], lora["alpha"])

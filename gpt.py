@@ -409,16 +409,24 @@ def _tensor_from_bytes(buffer, entry, offset=0):
     return flat.view(shape)
 
 
-def iter_safetensors(path):
+def iter_safetensors(path, digest=None):
     """Yields (name, tensor) one tensor at a time, so that loading a model needs
-    the model's memory plus one tensor, even for gpt2-xl."""
+    the model's memory plus one tensor, even for gpt2-xl. The tensors come in
+    the order of their offsets: as they tile the data area, `digest` (a hashlib
+    object), when given, sees every byte of the file once, in order."""
     entries, _ = read_safetensors_header(path)
     with open(path, "rb") as f:
-        for name, entry in entries.items():
+        if digest is not None:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            f.seek(0)
+            digest.update(f.read(8 + header_len))
+        for name, entry in sorted(entries.items(), key=lambda item: item[1][2]):
             f.seek(entry[2])
             data = bytearray(entry[3] - entry[2])
             if f.readinto(data) != len(data):
                 raise InputError(f"{path} is truncated: tensor {name!r} is incomplete.")
+            if digest is not None:
+                digest.update(data)
             yield name, _tensor_from_bytes(data, entry, offset=entry[2])
 
 
@@ -718,11 +726,12 @@ def weights_config(model_name, weights):
     return config
 
 
-def load_gpt2_file(path, config):
-    """GPTModel(config) holding the weights of a Hub-layout model.safetensors."""
+def load_gpt2_file(path, config, digest=None):
+    """GPTModel(config) holding the weights of a Hub-layout model.safetensors;
+    digest: a hashlib object to feed the file's bytes as they are read."""
     check_gpt2_size(read_safetensors_header(path)[0], config, path)
     model = GPTModel(config)
-    load_weights_into_gpt(model, iter_safetensors(path), source=str(path))
+    load_weights_into_gpt(model, iter_safetensors(path, digest), source=str(path))
     return model
 
 

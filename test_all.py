@@ -1818,3 +1818,23 @@ def test_mps_under_torchrun_is_a_clear_error(tmp_path, sample_tsv, monkeypatch, 
     assert "--device mps (which auto picks on a Mac) cannot run under torchrun" in \
         capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_base_file_is_hashed_while_it_is_read_not_in_a_second_pass(
+        tmp_path, monkeypatch):
+    size, sha256 = gpt.file_fingerprint(MINI_WEIGHTS)
+    base, config = gpt.build_gpt(weights=str(MINI_WEIGHTS))
+    finetune.prepare_for_classification(base, 2, trainable="lora", lora_rank=2)
+    checkpoint = tmp_path / "lora.safetensors"
+    lora = {"rank": 2, "alpha": 16, "model": "gpt2-small", "weights": str(MINI_WEIGHTS),
+            "seed": 123, "path": str(MINI_WEIGHTS), "bytes": size, "sha256": sha256}
+    classify.save_classifier(classify.GPTClassifier(base), checkpoint, config, 20, ["a", "b"],
+                             lora=lora)
+    monkeypatch.setattr(gpt, "file_fingerprint", None)
+    monkeypatch.setattr(classify, "file_fingerprint", None, raising=False)
+    model, _ = classify.load_classifier(checkpoint)
+    assert torch.equal(model.gpt.tok_emb.weight, base.tok_emb.weight)
+    classify.save_classifier(classify.GPTClassifier(base), checkpoint, config, 20, ["a", "b"],
+                             lora=dict(lora, sha256="0" * 64))
+    with pytest.raises(InputError, match="is not the base .* was fine-tuned on"):
+        classify.load_classifier(checkpoint)
