@@ -538,7 +538,9 @@ def build_parser():
                              "a label<TAB>text TSV or a CSV with Label,Text columns, whose "
                              "distinct labels (2 or more) are the classes")
     parser.add_argument("--out", default=".", metavar="DIR",
-                        help="where the CSV splits, plots, metrics.json and the checkpoint are written (the chapter: the current directory)")
+                        help="where the CSV splits, plots, metrics.json and the checkpoint are "
+                             "written (the chapter: the current directory); they replace the "
+                             "earlier run's only once this run has succeeded")
     parser.add_argument("--epochs", type=positive_int, default=5, help="training epochs (section 6.7: num_epochs)")
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="messages per batch (listing 6.5)")
