@@ -867,7 +867,7 @@ def out_left_as_it_was(out):
 def publish(work, out):
     """Moves the run's outputs from its work folder into --out, over the last
     run's: renames within one file system, each file whole, old or new. The
-    checkpoint goes last, so that it is never newer than the files beside it."""
+    checkpoint goes last: if a rename fails, it is still the earlier run's."""
     moved = []
     for path in sorted(work.iterdir(), key=lambda p: p.name == CHECKPOINT_NAME):
         try:
