@@ -9,19 +9,21 @@ python classify.py "You are a winner you have been specially selected ..."
 python classify.py --checkpoint runs/a/review_classifier.safetensors - < messages.txt
 """
 import argparse
+import hashlib
 import http.server
 import json
 import math
 import os
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-from gpt import (MODEL_NAMES, GPTModel, InputError, check_config, download_gpt2,
-                 file_fingerprint, get_tokenizer, load_gpt2_file, load_safetensors,
-                 model_config, progress, read_safetensors_header, run_cli, save_safetensors,
-                 take_positions, tensor_bytes)
+from gpt import (MODEL_NAMES, GPTModel, InputError, check_config, check_floating,
+                 download_gpt2, get_tokenizer, load_gpt2_file,
+                 load_safetensors, model_config, progress, read_safetensors_header, run_cli,
+                 save_safetensors, take_positions, tensor_bytes, write_all)
 import torch
 from data import PAD_TOKEN_ID, SPAM_CLASS_NAMES, encode, pad_ids
 
@@ -114,14 +116,15 @@ class PrefixCache:
     """The frozen prefix's hidden states, one (tokens, emb_dim) tensor per
     message, in the model's dtype: kept on the device up to `budget` bytes, the
     rest appended to a spill file in `spill_dir` and read back per message (no
-    file: recomputed when needed). The file is unlinked as soon as it is open,
-    so nothing is left on disk, whatever ends the run."""
+    file: recomputed when needed). The file is a tempfile.TemporaryFile, which
+    has no name on disk, so nothing is left there, whatever ends the run;
+    close() frees its space."""
 
     def __init__(self, budget=None, spill_dir=None):
         self.budget, self.spill_dir = budget, spill_dir
         self.in_memory, self.in_file = {}, {}  # key -> tensor; key -> (offset, shape, dtype)
         self.memory_bytes, self.file_bytes = 0, 0
-        self.fd = None
+        self.file = None
 
     def __len__(self):
         return len(self.in_memory) + len(self.in_file)
@@ -137,26 +140,36 @@ class PrefixCache:
             self.in_memory[key] = hidden.clone()
             self.memory_bytes += nbytes
         elif self.spill_dir is not None:
-            if self.fd is None:
-                path = Path(self.spill_dir) / f".prefix-cache-{os.getpid()}.tmp"
-                self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-                os.unlink(path)  # the open descriptor keeps the data
-            os.pwrite(self.fd, tensor_bytes(hidden), self.file_bytes)
-            self.in_file[key] = (self.file_bytes, tuple(hidden.shape), hidden.dtype)
-            self.file_bytes += nbytes
+            self.spill(key, hidden, nbytes)
+
+    def spill(self, key, hidden, nbytes):
+        try:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile(dir=self.spill_dir, prefix=".prefix-cache-")
+            write_all(self.file.fileno(), tensor_bytes(hidden), self.file_bytes)
+        except OSError as e:
+            raise InputError(
+                f"cannot write the prefix cache's temporary file in {self.spill_dir} "
+                f"({e.strerror or e}, after {self.file_bytes:,} bytes): free some space, "
+                f"or lower --cache-memory to 0 to recompute the frozen layers instead.") from None
+        self.in_file[key] = (self.file_bytes, tuple(hidden.shape), hidden.dtype)
+        self.file_bytes += nbytes
 
     def get(self, key, device):
         if key in self.in_memory:
             return self.in_memory[key]
         offset, shape, dtype = self.in_file[key]
         nbytes = math.prod(shape) * dtype.itemsize
-        raw = bytearray(os.pread(self.fd, nbytes, offset))
+        raw = bytearray(os.pread(self.file.fileno(), nbytes, offset))
+        if len(raw) != nbytes:
+            raise InputError(f"the prefix cache's temporary file in {self.spill_dir} lost "
+                             f"data: {len(raw):,} of {nbytes:,} bytes read back.")
         return torch.frombuffer(raw, dtype=dtype).view(shape).to(device)
 
     def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def cache_size(datasets, emb_dim, dtype):
@@ -369,7 +382,9 @@ def empty_gpt(config, num_classes):
 def lora_base_file(lora, checkpoint, base_weights=None):
     """The base weights file of a LoRA checkpoint: --base-weights, else where
     finetune.py read it, else (for pretrained weights) the Hub's file downloaded
-    into gpt2/. It must be the very file the adapters were trained on."""
+    into gpt2/. It must be the very file the adapters were trained on: its size
+    is checked here, its sha256 by lora_base while it reads the file. Returns
+    the path and the hint an error about it gives."""
     if base_weights:
         weights = Path(base_weights)
     elif Path(lora["path"]).is_file() or lora["weights"] != "pretrained":
@@ -382,11 +397,14 @@ def lora_base_file(lora, checkpoint, base_weights=None):
         what = "is a folder" if weights.is_dir() else "does not exist"
         raise InputError(f"{checkpoint} holds LoRA adapters for the base weights {weights}, "
                          f"which {what}: {hint}.")
-    if (os.path.getsize(weights) != lora["bytes"]
-            or file_fingerprint(weights) != (lora["bytes"], lora["sha256"])):
-        raise InputError(f"{weights} is not the base {checkpoint} was fine-tuned on (its "
-                         f"size or sha256 differs, so its predictions would too): {hint}.")
-    return weights
+    if os.path.getsize(weights) != lora["bytes"]:
+        raise not_the_base(weights, checkpoint, hint)
+    return weights, hint
+
+
+def not_the_base(weights, checkpoint, hint):
+    return InputError(f"{weights} is not the base {checkpoint} was fine-tuned on (its "
+                      f"size or sha256 differs, so its predictions would too): {hint}.")
 
 
 def lora_base(info, checkpoint, base_weights=None):
@@ -402,7 +420,11 @@ def lora_base(info, checkpoint, base_weights=None):
         torch.manual_seed(lora["seed"])  # finetune.py seeds the same way
         gpt = GPTModel(config)
     else:
-        gpt = load_gpt2_file(lora_base_file(lora, checkpoint, base_weights), config)
+        weights, hint = lora_base_file(lora, checkpoint, base_weights)
+        digest = hashlib.sha256()  # fed while the file is read: one pass, not two
+        gpt = load_gpt2_file(weights, config, digest)
+        if digest.hexdigest() != lora["sha256"]:
+            raise not_the_base(weights, checkpoint, hint)
     with torch.device("meta"):
         gpt.out_head = torch.nn.Linear(config["emb_dim"], info["num_classes"])
         replace_linear_with_lora(gpt.trf_blocks, lora["rank"], lora["alpha"])
@@ -442,6 +464,7 @@ def load_classifier(path, device="cpu", base_weights=None):
         if found[name] != shape:
             raise InputError(f"{path}: tensor {name} has shape {found[name]}, but its own "
                              f"config needs {shape}.")
+    check_floating(entries, expected, path)
     tensors, _ = load_safetensors(path)
     state = {name: tensors[name].float() for name in expected}
     gpt.load_state_dict(state, assign=True, strict=not lora)

@@ -11,7 +11,7 @@ import random
 import zipfile
 from pathlib import Path
 
-from gpt import InputError, download_file  # first: it silences torch's NumPy warning
+from gpt import InputError, download_file, write_kept  # first: it silences torch's NumPy warning
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -60,14 +60,17 @@ def read_member(zip_file, member=ZIP_MEMBER):
 
 
 def write_atomically(path, content):
-    """Bytes or str to path via a temporary file, so a crash never leaves half a file."""
+    """Bytes or str to path via a temporary file, so a crash never leaves half a
+    file; a failed write (full disk, no permission) is one error naming path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: ranks may race
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
         os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}; {write_kept(path)}.") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -12,14 +12,14 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from gpt import (InputError, MODEL_NAMES, build_gpt, download_gpt2, file_fingerprint,
-                 get_tokenizer, gpt2_weights_path, progress, run_cli, weights_config)
+                 get_tokenizer, gpt2_weights_path, interrupted_status, progress, run_cli,
+                 weights_config)
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -449,31 +449,52 @@ def memory_size(text):
 
 
 def available_memory(device):
-    """Bytes free now: GPU memory on CUDA, available RAM otherwise (None if unknown)."""
+    """(bytes free now, what they are); bytes None if unknown. CUDA: the card's
+    free memory. MPS: what Metal recommends this process use, less what it holds
+    (torch >= 2.5; before, the RAM, which Apple's GPUs share). Otherwise the
+    available RAM, or the physical RAM where the system does not say what is
+    available (macOS)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        # an index, not the device: before torch 2.5 "cuda" without one is refused
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return torch.cuda.mem_get_info(index)[0], "free GPU memory"
+    if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+        return (torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory(),
+                "memory Metal recommends for this process")
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024, "available RAM"
     except OSError:
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    for pages, what in [("SC_AVPHYS_PAGES", "available RAM"), ("SC_PHYS_PAGES", "RAM")]:
+        try:
+            return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE"), what
+        except (ValueError, OSError, AttributeError):
+            pass
+    return None, "available RAM"
+
+
+def processes_per_machine():
+    """torchrun's processes on this machine (1 without torchrun): they share its RAM."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def cache_budget(setting, device):
-    """--cache-memory in bytes (None: no limit) and where the figure comes from."""
+    """--cache-memory in bytes (None: no limit) and where the figure comes from.
+    auto: half the free memory, shared among the processes that draw on it (under
+    torchrun every process on a machine shares its RAM; each has its own GPU)."""
     if setting != "auto":
         return setting, "--cache-memory"
-    free = available_memory(device)
-    where = "free GPU memory" if device.type == "cuda" else "available RAM"
+    free, where = available_memory(device)
     if free is None:
         return None, f"--cache-memory auto: the {where} is unknown, no limit"
-    return int(free * CACHE_SHARE), f"--cache-memory auto: half the {where}"
+    sharing = 1 if device.type == "cuda" else processes_per_machine()
+    if sharing == 1:
+        return int(free * CACHE_SHARE), f"--cache-memory auto: half the {where}"
+    return (int(free * CACHE_SHARE / sharing),
+            f"--cache-memory auto: half the {where}, shared by {sharing} processes")
 
 
 def human_bytes(n):
@@ -517,7 +538,9 @@ def build_parser():
                              "a label<TAB>text TSV or a CSV with Label,Text columns, whose "
                              "distinct labels (2 or more) are the classes")
     parser.add_argument("--out", default=".", metavar="DIR",
-                        help="where the CSV splits, plots, metrics.json and the checkpoint are written (the chapter: the current directory)")
+                        help="where the CSV splits, plots, metrics.json and the checkpoint are "
+                             "written (the chapter: the current directory); they replace the "
+                             "earlier run's only once this run has succeeded")
     parser.add_argument("--epochs", type=positive_int, default=5, help="training epochs (section 6.7: num_epochs)")
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="messages per batch (listing 6.5)")
@@ -551,9 +574,12 @@ def build_parser():
     parser.add_argument("--cache-memory", type=memory_size, default="auto", metavar="SIZE",
                         help="memory the frozen layers' cached output may take on the device: "
                              "a size such as 500MB or 2GB, 0 for no cache, or auto: half of "
-                             "the free GPU memory (cuda) or of the available RAM when the "
-                             "cache is made. What does not fit goes to a temporary file in "
-                             "--out, read back at each batch (same results)")
+                             "the free GPU memory (cuda), of what Metal recommends (mps, "
+                             "torch >= 2.5) or of the available RAM (cpu; the physical RAM "
+                             "on macOS) when the cache is made, the RAM's half divided among "
+                             "torchrun's processes on the machine. What does not fit goes to "
+                             "a temporary file in --out, read back at each batch (same "
+                             "results)")
     return parser
 
 
@@ -565,15 +591,10 @@ def load_rows(args):
     return read_tsv(data_file_path, labels=SPAM_LABELS)
 
 
-def prepare_splits(args, out):
-    """Section 6.2: load, balance, split and write train/validation/test.csv.
+def prepare_splits(args, rows, out):
+    """Section 6.2: balance, split and write train/validation/test.csv into out.
     Returns label -> class id and the three splits of (label, text) rows."""
-    rows = load_rows(args)
     print(f"Dataset: {len(rows)} messages, label counts {count_labels(rows)}")
-    try:  # only now: bad data leaves no empty folder behind
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot make the --out folder {out}: {e.strerror or e}.") from None
     label_ids = class_ids(rows)
     if not args.no_balance:
         rows = create_balanced_dataset(rows, seed=args.seed)
@@ -624,12 +645,12 @@ def fine_tune(model, train_loader, val_loader, device, args, checkpoint):
     try:
         results = train_classifier_simple(model, train_loader, val_loader, optimizer, device,
                                           num_epochs=args.epochs, eval_freq=50, eval_iter=5)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli)
         kept = f"{checkpoint} is unchanged" if checkpoint.exists() else "no checkpoint was written"
         if ranks()[0] == 0:  # every rank got Ctrl-C; one says so
-            print(f"\ninterrupted during training: nothing of this run was saved but the CSV "
-                  f"splits in {checkpoint.parent}; {kept}.", file=sys.stderr)
-        sys.exit(130)
+            print(f"\ninterrupted during training: nothing of this run was saved, "
+                  f"{checkpoint.parent} is as it was; {kept}.", file=sys.stderr)
+        sys.exit(interrupted_status(e))
     end_time = time.time()
     execution_time_minutes = (end_time - start_time) / 60
     print(f"Training completed in {execution_time_minutes:.2f} minutes.")
@@ -737,14 +758,22 @@ def start_process_group(device, local_rank):
     return device
 
 
-def prepare_model(args, num_classes, datasets, device, work, local_rank):
+def download_before_process_group(model_name, local_rank):
+    """Under torchrun, the pretrained weights are downloaded before the process
+    group starts, whose collectives time out (gpt2-xl is 6.4 GB): one download
+    per machine, by local rank 0; the others wait for the file (torchrun ends
+    them if the download fails)."""
+    if local_rank == 0:
+        download_gpt2(model_name)
+    path = gpt2_weights_path(model_name)
+    while not path.exists():
+        time.sleep(1)
+
+
+def prepare_model(args, num_classes, datasets, device, work):
     """Sections 6.4-6.5: GPT-2 with the new head, on the device, its frozen
     prefix cached where it applies (spilling into the folder `work`). Returns the
     classifier, its config and what the cache was allowed and needed."""
-    if args.weights == "pretrained" and ranks()[1] > 1:
-        if local_rank == 0:  # one download per machine; the others wait for it
-            download_gpt2(args.model)
-        dist.barrier()
     torch.manual_seed(args.seed)  # 6.4
     gpt, config = build_gpt(args.model, args.weights)
     prepare_for_classification(gpt, num_classes=num_classes, trainable=args.trainable,
@@ -759,7 +788,7 @@ def prepare_model(args, num_classes, datasets, device, work, local_rank):
               f"{blocks} (--plain recomputes them on every batch, as the chapter does)")
         weight = gpt.tok_emb.weight
         needed = cache_size(datasets, weight.shape[1], weight.dtype)
-        print(cache_plan(needed, budget, source, work))
+        print(cache_plan(needed, budget, source, work.parent))  # --out
         classifier.fill_prefix_cache(datasets)  # each rank: every message it may read
     cache = {"needed_bytes": needed, "budget_bytes": budget if classifier.n_cached else 0}
     return classifier, config, cache
@@ -774,50 +803,107 @@ def main(argv=None):
 
 def run(argv, rank, world, local_rank):
     parser = build_parser()
-    with said_by_rank_0(rank):
-        args = parser.parse_args(argv)
-        device = select_device(args.device)
-        config = check_args(parser, args, world)
-        out = Path(args.out)
-        # the other ranks keep their splits apart: --out may not be shared between machines
-        work = out if rank == 0 else Path(tempfile.mkdtemp(prefix=f"finetune-rank{rank}-"))
-        label_ids, splits = prepare_splits(args, work)  # 6.2
-        tokenizer = get_tokenizer()  # 6.3
-        datasets = create_datasets(work, tokenizer, args.max_length, config["context_length"],
-                                   args.pool, len(label_ids))
+    with contextlib.ExitStack() as cleanup:
+        with said_by_rank_0(rank):
+            args = parser.parse_args(argv)
+            device = select_device(args.device)
+            if world > 1 and device.type == "mps":
+                parser.error("--device mps (which auto picks on a Mac) cannot run under "
+                             "torchrun: its gloo backend takes CPU tensors only; use "
+                             "--device cpu, or one process without torchrun")
+            config = check_args(parser, args, world)
+            out = Path(args.out)
+            rows = load_rows(args)
+            work = work_folder(out, rank, cleanup)  # only now: bad data leaves no folder
+            label_ids, splits = prepare_splits(args, rows, work)  # 6.2
+            tokenizer = get_tokenizer()  # 6.3
+            datasets = create_datasets(work, tokenizer, args.max_length,
+                                       config["context_length"], args.pool, len(label_ids))
+        if world > 1 and args.weights == "pretrained":
+            download_before_process_group(args.model, local_rank)
+        try:
+            if world > 1:
+                device = start_process_group(device, local_rank)
+            return fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device,
+                                      out, work, cleanup)
+        finally:
+            if world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def work_folder(out, rank, cleanup):
+    """This process's folder for the run, a TemporaryDirectory inside --out (made
+    if missing): the CSV splits it reads, the prefix cache's spill and (rank 0)
+    every output, moved into --out only once the run has succeeded. `cleanup`
+    (an ExitStack) removes it when the run ends, however it ends, and --out too
+    if this run made it and it is still empty. Under torchrun every process has
+    its own: --out may or may not be shared between machines."""
+    made = [p for p in [out, *out.parents] if not p.exists()]
+    cleanup.callback(remove_empty_folders, made)
     try:
-        if world > 1:
-            device = start_process_group(device, local_rank)
-        return fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out,
-                                  work, local_rank)
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-        if work != out:
-            shutil.rmtree(work, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        folder = tempfile.TemporaryDirectory(dir=out, prefix=f".finetune-rank{rank}-")
+    except OSError as e:
+        raise InputError(f"cannot write in the --out folder {out}: {e.strerror or e}.") from None
+    return Path(cleanup.enter_context(folder))
+
+
+def remove_empty_folders(folders):
+    for folder in folders:  # innermost first
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty
+
+
+@contextlib.contextmanager
+def out_left_as_it_was(out):
+    """A write into the work folder that fails says what the user cares about:
+    nothing in --out was replaced."""
+    try:
+        yield
+    except InputError as e:
+        raise InputError(f"{e} Nothing in {out} was replaced.") from None
+
+
+def publish(work, out):
+    """Moves the run's outputs from its work folder into --out, over the last
+    run's: renames within one file system, each file whole, old or new. The
+    checkpoint goes last: if a rename fails, it is still the earlier run's."""
+    moved = []
+    for path in sorted(work.iterdir(), key=lambda p: p.name == CHECKPOINT_NAME):
+        try:
+            os.replace(path, out / path.name)
+        except OSError as e:
+            raise InputError(
+                f"cannot move {path.name} into {out}: {e.strerror or e}. Replaced by this "
+                f"run's: {', '.join(moved) or 'none'}; the other files in {out} are the "
+                f"earlier run's.") from None
+        moved.append(path.name)
 
 
 def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out, work,
-                       local_rank):
+                       cleanup):
     """Sections 6.4-6.8 once the data is ready: the model, its training and
-    evaluation (by every rank), the plots, metrics and checkpoint (by rank 0)."""
+    evaluation (by every rank), the plots, metrics and checkpoint (by rank 0),
+    written into `work` and moved into `out` at the end."""
     names = class_names(label_ids)
     max_length = datasets[0].max_length
     loaders = create_data_loaders(*datasets, batch_size=args.batch_size)
     for loader, name in zip(loaders, ["training", "validation", "test"]):
         print(f"{len(loader)} {name} batches")
-    classifier, config, cache = prepare_model(args, len(label_ids), datasets, device, work,
-                                              local_rank)
-    lora = lora_description(args) if args.trainable == "lora" else None
+    classifier, config, cache = prepare_model(args, len(label_ids), datasets, device, work)
+    cleanup.callback(lambda: classifier.prefix_cache.close())  # frees the spill file
+    writer = ranks()[0] == 0
+    # the base file is hashed once, by the process that writes the checkpoint
+    lora = lora_description(args) if args.trainable == "lora" and writer else None
     model = classifier if ranks()[1] == 1 else DistributedDataParallel(
         classifier, device_ids=[device.index] if device.type == "cuda" else None)
     print_initial_metrics(model, loaders, device, args.seed)  # 6.6
 
     checkpoint = out / CHECKPOINT_NAME  # 6.7
     results, train_seconds = fine_tune(model, loaders[0], loaders[1], device, args, checkpoint)
-    writer = ranks()[0] == 0
     if writer:
-        plot_curves(results, args.epochs, out)
+        with out_left_as_it_was(out):
+            plot_curves(results, args.epochs, work)
     metrics = final_metrics(model, loaders, device, names)
     metrics.update(train_seconds=round(train_seconds, 1), args=vars(args),
                    prefix_cache=dict(cache, memory_bytes=classifier.prefix_cache.memory_bytes,
@@ -826,9 +912,11 @@ def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out
         return dict(metrics, checkpoint=str(checkpoint))
     if not args.no_baseline:
         metrics["naive_bayes"] = naive_bayes_baseline(label_ids, splits)
-    save_classifier(classifier, checkpoint, config, max_length, names, lora=lora,  # 6.8
-                    trainable=args.trainable)
-    write_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    with out_left_as_it_was(out):
+        save_classifier(classifier, work / CHECKPOINT_NAME, config, max_length,  # 6.8
+                        names, lora=lora, trainable=args.trainable)
+        write_atomically(work / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    publish(work, out)
     print(f"Saved {checkpoint}, metrics.json, loss-plot.svg, accuracy-plot.svg and the "
           f"CSV splits in {out}")
     if names == SPAM_CLASS_NAMES:

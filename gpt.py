@@ -5,12 +5,14 @@ prints the greedy continuation, the chapter's check that the weights loaded.
 """
 import argparse
 import ctypes
+import errno
 import hashlib
 import http.client
 import json
 import math
 import mmap
 import os
+import signal
 import struct
 import sys
 import time
@@ -28,6 +30,11 @@ import torch.nn as nn  # noqa: E402
 class InputError(Exception):
     """An expected failure (bad file, missing download, bad flag): shown as one
     paragraph, without a traceback."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, torchrun stopping its workers), handled as Ctrl-C is: the
+    same clean-up of temporary files, and exit status 143."""
 
 
 BASE_CONFIG = {
@@ -332,11 +339,30 @@ def read_safetensors_header(path):
         start, end = info["data_offsets"]
         entries[name] = (info["dtype"], tuple(info["shape"]), data_start + start, data_start + end)
 
-    spans = sorted((start, end, name) for name, (_, _, start, end) in entries.items())
-    for (s1, e1, n1), (s2, e2, n2) in zip(spans, spans[1:]):
-        if s2 < e1:
-            raise bad(f"tensors {n1!r} and {n2!r} overlap")
+    problem = tiling_problem(entries, data_start, file_size)
+    if problem:
+        raise bad(problem)
     return entries, metadata
+
+
+def tiling_problem(entries, data_start, file_size):
+    """The format requires the tensors to tile the data area exactly, in the
+    order of their offsets: a gap, an overlap or bytes after the last one mean
+    the header's length or an offset is wrong, and every tensor read would be
+    shifted. What is wrong, or None."""
+    spans = sorted((start, end, name) for name, (_, _, start, end) in entries.items())
+    position, previous = data_start, None
+    for start, end, name in spans:
+        if start < position:
+            return f"tensors {previous!r} and {name!r} overlap"
+        if start > position:
+            after = f"after tensor {previous!r}" if previous else "before the first tensor"
+            return f"{start - position:,} bytes of the data area {after} belong to no tensor"
+        position, previous = end, name
+    if position != file_size:
+        return (f"the file has {file_size - position:,} bytes after the last tensor "
+                f"(a wrong header length?)")
+    return None
 
 
 def entry_problem(info, data_size):
@@ -362,6 +388,16 @@ def entry_problem(info, data_size):
     return None
 
 
+def check_floating(entries, names, source):
+    """Weights must have a floating dtype: an F32 tensor relabelled I32 has the
+    same size, passes every other check and would load as nonsense."""
+    for name in names:
+        dtype = entries[name][0]
+        if not SAFETENSORS_DTYPES[dtype][0].is_floating_point:
+            raise InputError(f"{source}: tensor {name} has dtype {dtype}, but weights are "
+                             f"floating point (F16, BF16, F32 or F64).")
+
+
 def _tensor_from_bytes(buffer, entry, offset=0):
     dtype, shape, start, end = entry
     torch_dtype = SAFETENSORS_DTYPES[dtype][0]
@@ -373,16 +409,24 @@ def _tensor_from_bytes(buffer, entry, offset=0):
     return flat.view(shape)
 
 
-def iter_safetensors(path):
+def iter_safetensors(path, digest=None):
     """Yields (name, tensor) one tensor at a time, so that loading a model needs
-    the model's memory plus one tensor, even for gpt2-xl."""
+    the model's memory plus one tensor, even for gpt2-xl. The tensors come in
+    the order of their offsets: as they tile the data area, `digest` (a hashlib
+    object), when given, sees every byte of the file once, in order."""
     entries, _ = read_safetensors_header(path)
     with open(path, "rb") as f:
-        for name, entry in entries.items():
+        if digest is not None:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            f.seek(0)
+            digest.update(f.read(8 + header_len))
+        for name, entry in sorted(entries.items(), key=lambda item: item[1][2]):
             f.seek(entry[2])
             data = bytearray(entry[3] - entry[2])
             if f.readinto(data) != len(data):
                 raise InputError(f"{path} is truncated: tensor {name!r} is incomplete.")
+            if digest is not None:
+                digest.update(data)
             yield name, _tensor_from_bytes(data, entry, offset=entry[2])
 
 
@@ -424,17 +468,39 @@ def save_safetensors(tensors, path, metadata=None):
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: ranks may race
     try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            write_all(fd, struct.pack("<Q", len(raw)) + raw)
             for t in tensors.values():
-                f.write(tensor_bytes(t))
-            f.flush()
-            os.fsync(f.fileno())
+                write_all(fd, tensor_bytes(t))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}; {write_kept(path)}.") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_kept(path):
+    """What a failed write of path leaves: the file as it was, or none."""
+    return f"{path} is unchanged" if Path(path).exists() else "nothing was written"
+
+
+def write_all(fd, data, offset=None):
+    """Writes every byte of data at the file position (or at offset, with
+    pwrite): os.write and os.pwrite may write fewer bytes than asked, and a
+    write that makes no progress means the disk is full."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+        if offset is not None:
+            offset += written
 
 
 # ------------------------------------------------------------- GPT-2 weights (sec. 6.4)
@@ -619,6 +685,7 @@ def suggest_model(name, tensor):
 def check_gpt2_size(entries, config, source):
     """Compares the file's header with the config before reading any tensor, so
     that no model larger than the file's tensors is ever allocated."""
+    check_floating(entries, entries, source)
     names = {n.removeprefix("transformer."): e for n, e in entries.items()}
     layers = {int(n.split(".")[1]) for n in names if n.startswith("h.") and n.split(".")[1].isdigit()}
     if "wte.weight" not in names or "wpe.weight" not in names:
@@ -659,11 +726,12 @@ def weights_config(model_name, weights):
     return config
 
 
-def load_gpt2_file(path, config):
-    """GPTModel(config) holding the weights of a Hub-layout model.safetensors."""
+def load_gpt2_file(path, config, digest=None):
+    """GPTModel(config) holding the weights of a Hub-layout model.safetensors;
+    digest: a hashlib object to feed the file's bytes as they are read."""
     check_gpt2_size(read_safetensors_header(path)[0], config, path)
     model = GPTModel(config)
-    load_weights_into_gpt(model, iter_safetensors(path), source=str(path))
+    load_weights_into_gpt(model, iter_safetensors(path, digest), source=str(path))
     return model
 
 
@@ -707,10 +775,16 @@ def get_tokenizer():
             os.environ["TIKTOKEN_CACHE_DIR"] = saved
 
 
+def terminate(signum, frame):
+    raise Terminated()
+
+
 def run_cli(main):
     """Runs main(); an expected failure prints one paragraph and exits 1,
-    Ctrl-C exits 130 (whatever main saved before is complete), a closed output
-    pipe (| head) ends the program quietly."""
+    Ctrl-C exits 130 and SIGTERM 143 (whatever main saved before is complete,
+    no temporary file is left), a closed output pipe (| head) ends the program
+    quietly."""
+    signal.signal(signal.SIGTERM, terminate)
     try:
         main()
         sys.stdout.flush()  # inside the try: a reader that went away is seen here
@@ -722,10 +796,15 @@ def run_cli(main):
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank got it
             print("\ninterrupted.", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(interrupted_status(e))
+
+
+def interrupted_status(e):
+    """The exit status of a program stopped by Ctrl-C or SIGTERM: 128 + signal."""
+    return 143 if isinstance(e, Terminated) else 130
 
 
 def main(argv=None):

@@ -2,6 +2,7 @@
 Everything they read is in testdata/ (see its README): the real SMS data,
 tiktoken's gpt2 files and a compact GPT-2 in the Hub's layout with the logits
 Hugging Face transformers computes for it."""
+import errno
 import hashlib
 import http.server
 import io
@@ -244,6 +245,13 @@ def safetensors_bytes(header, data=b""):
      "needs 12"),
     (safetensors_bytes({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}),
      "invalid shape"),
+    (safetensors_bytes({"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8),
+     "4 bytes of the data area before the first tensor belong to no tensor"),
+    (safetensors_bytes({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                        "y": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}, b"\0" * 12),
+     "4 bytes of the data area after tensor 'x' belong to no tensor"),
+    (safetensors_bytes({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8),
+     "the file has 4 bytes after the last tensor"),
 ])
 def test_broken_safetensors_files_name_the_file_and_the_problem(tmp_path, content, problem):
     assert_error_names_file(gpt.read_safetensors_header, tmp_path / "broken.safetensors",
@@ -674,7 +682,8 @@ def chapter_lines(printed):
 
 
 def test_a_cache_budget_smaller_than_the_cache_prints_the_same_lines_as_plain(
-        tmp_path, sample_tsv, capsys):
+        tmp_path, sample_tsv, capsys, monkeypatch):
+    monkeypatch.setattr(finetune, "available_memory", lambda device: (4 * 10**9, "RAM"))
     runs = {}
     for name, flags in [("plain", ["--plain"]), ("budget", ["--cache-memory", "200kB"]),
                         ("no-cache", ["--cache-memory", "0"]), ("auto", [])]:
@@ -855,7 +864,8 @@ def test_a_failed_save_leaves_the_existing_checkpoint_intact(tmp_path, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(gpt.ctypes, "string_at", fail)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match=f"cannot write {re.escape(str(path))}: No space "
+                                         f"left on device; {re.escape(str(path))} is unchanged"):
         classify.save_classifier(tiny_classifier(seed=5), path, TINY_CONFIG, 20,
                                  ["not spam", "spam"])
     assert path.read_bytes() == before
@@ -1086,9 +1096,12 @@ def test_classify_without_a_checkpoint_says_how_to_make_one(tmp_path):
 def test_same_seed_gives_identical_splits_and_metrics(tmp_path, sample_tsv, capsys):
     outputs = []
     for name in ("a", "b"):
+        # a fixed --cache-memory: the auto line follows the free RAM, which moves
         finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
-                       "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / name)])
+                       "--epochs", "1", "--device", "cpu", "--cache-memory", "100MB",
+                       "--out", str(tmp_path / name)])
         printed = capsys.readouterr().out.replace(str(tmp_path / name), "OUT")
+        assert "within the budget of 100 MB (--cache-memory)" in printed
         outputs.append(re.sub(r"Training completed in .*", "", printed))
     assert outputs[0] == outputs[1]
     for split in ("train.csv", "validation.csv", "test.csv"):
@@ -1606,3 +1619,228 @@ def test_a_bad_flag_or_bad_data_under_torchrun_is_one_error_and_writes_nothing(
     assert len(ours) == 1 and message in ours[0]
     assert 'finetune.py", line' not in stderr  # no traceback of ours (torchrun adds its own)
     assert not out.exists()
+
+
+# ------------------------------- writes: full disks, read-only folders, SIGTERM, formats
+
+def disk_full_after(monkeypatch, name, allowed):
+    """os.write or os.pwrite (name) writes `allowed` bytes in all, the last of
+    them in a short write, then fails as a full disk does."""
+    real = getattr(os, name)
+    left = [allowed]
+
+    def write(fd, data, *offset):
+        if left[0] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        data = bytes(data)[:left[0]]
+        left[0] -= len(data)
+        return real(fd, data, *offset)
+    monkeypatch.setattr(os, name, write)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_keeps_the_old_one(
+        tmp_path, monkeypatch):
+    path = checkpoint_with(tmp_path)
+    before = path.read_bytes()
+    disk_full_after(monkeypatch, "write", 1000)
+    with pytest.raises(InputError, match=f"cannot write {re.escape(str(path))}: No space left "
+                                         f"on device; {re.escape(str(path))} is unchanged"):
+        classify.save_classifier(tiny_classifier(seed=5), path, TINY_CONFIG, 20,
+                                 ["not spam", "spam"])
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+
+
+def test_short_spill_writes_are_completed_and_a_full_disk_is_one_error(tmp_path, monkeypatch):
+    cache = classify.PrefixCache(budget=0, spill_dir=tmp_path)
+    hidden = torch.randn(5, 16)
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset:
+                        real_pwrite(fd, bytes(data)[:7], offset))  # 7 bytes at a time
+    cache.put("a", hidden)
+    cache.put("b", hidden * 2)
+    assert torch.equal(cache.get("a", "cpu"), hidden)
+    assert torch.equal(cache.get("b", "cpu"), hidden * 2)
+    disk_full_after(monkeypatch, "pwrite", 100)
+    with pytest.raises(InputError, match=re.escape(
+            f"cannot write the prefix cache's temporary file in {tmp_path} (No space left on "
+            f"device, after 640 bytes)")):
+        cache.put("c", hidden)
+    assert "c" not in cache and torch.equal(cache.get("b", "cpu"), hidden * 2)
+    cache.close()
+    assert cache.file is None and not list(tmp_path.iterdir())
+
+
+OUTPUT_NAMES = ["accuracy-plot.svg", "loss-plot.svg", "metrics.json",
+                "review_classifier.safetensors", "test.csv", "train.csv", "validation.csv"]
+
+
+def test_a_run_that_fails_writing_its_checkpoint_leaves_the_earlier_outputs_as_they_were(
+        tmp_path, sample_tsv, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in OUTPUT_NAMES:
+        (out / name).write_text(f"the earlier {name}")
+    disk_full_after(monkeypatch, "write", 0)  # only the checkpoint is written with os.write
+    with pytest.raises(InputError, match=f"review_classifier.safetensors: No space left on "
+                                         f"device; .*Nothing in {re.escape(str(out))} was "
+                                         f"replaced"):
+        finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
+                       "--epochs", "1", "--trainable", "last_layer", "--no-baseline",
+                       "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == OUTPUT_NAMES  # no work folder left
+    for name in OUTPUT_NAMES:
+        assert (out / name).read_text() == f"the earlier {name}"
+
+
+def test_an_unwritable_out_folder_is_one_error_naming_it_and_changes_nothing(
+        tmp_path, sample_tsv, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train.csv").write_text("the earlier split")
+    out.chmod(0o555)
+    if os.geteuid() == 0:
+        # root may write anywhere: give what the kernel gives everyone else
+        def refused(real):
+            def call(path, *args, **kwargs):
+                if Path(path).parent == out:
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+                return real(path, *args, **kwargs)
+            return call
+        monkeypatch.setattr(os, "mkdir", refused(os.mkdir))
+        monkeypatch.setattr(os, "open", refused(os.open))
+        monkeypatch.setattr(data, "open", refused(open), raising=False)
+    try:
+        with pytest.raises(InputError, match=f"{re.escape(str(out))}.*: Permission denied"):
+            finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
+                           "--epochs", "1", "--out", str(out)])
+        assert [p.name for p in out.iterdir()] == ["train.csv"]
+        assert (out / "train.csv").read_text() == "the earlier split"
+    finally:
+        out.chmod(0o755)
+
+
+def test_sigterm_while_a_checkpoint_is_written_exits_143_and_leaves_no_tmp_file(
+        tmp_path, monkeypatch, capsys):
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(b"an earlier checkpoint")
+    real_tensor_bytes = gpt.tensor_bytes
+
+    def tensor_bytes(t):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives with the file half written
+        return real_tensor_bytes(t)
+    monkeypatch.setattr(gpt, "tensor_bytes", tensor_bytes)
+
+    class Unhandled(Exception):
+        pass
+
+    def unhandled(signum, frame):
+        raise Unhandled("run_cli left SIGTERM to its default: the process would die")
+    previous = signal.signal(signal.SIGTERM, unhandled)  # run_cli must set its own
+    try:
+        with pytest.raises(SystemExit) as exit:
+            gpt.run_cli(lambda: gpt.save_safetensors({"w": torch.zeros(4)}, path))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit.value.code == 143 and capsys.readouterr().err.strip() == "interrupted."
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+    assert path.read_bytes() == b"an earlier checkpoint"
+
+
+def test_a_header_length_lowered_into_its_padding_is_refused(tmp_path):
+    for note in range(64):  # a note long enough to leave some padding in the header
+        path = checkpoint_with(tmp_path, note="x" * note)
+        content = path.read_bytes()
+        (length,) = struct.unpack("<Q", content[:8])
+        padding = len(content[8:8 + length]) - len(content[8:8 + length].rstrip(b" "))
+        if padding >= 3:
+            break
+    for shift in (1, padding):  # the JSON still parses: every tensor would move
+        path.write_bytes(struct.pack("<Q", length - shift) + content[8:])
+        with pytest.raises(InputError, match=f"the file has {shift} bytes after the last "
+                                             f"tensor"):
+            classify.load_classifier(path)
+
+
+def test_a_weight_relabelled_as_integers_is_refused(tmp_path):
+    path = checkpoint_with(tmp_path)
+    content = path.read_bytes()
+    relabelled = re.sub(rb'("out_head\.weight":\{"dtype":")F32', rb"\1I32", content, count=1)
+    assert relabelled != content
+    path.write_bytes(relabelled)
+    with pytest.raises(InputError, match="tensor out_head.weight has dtype I32, but weights "
+                                         "are floating point"):
+        classify.load_classifier(path)
+    (length,) = struct.unpack("<Q", MINI_WEIGHTS.read_bytes()[:8])
+    header = json.loads(MINI_WEIGHTS.read_bytes()[8:8 + length])
+    header["wte.weight"]["dtype"] = "I16"  # F16 in the file: the same size
+    base = tmp_path / "model.safetensors"
+    base.write_bytes(safetensors_bytes(header, MINI_WEIGHTS.read_bytes()[8 + length:]))
+    with pytest.raises(InputError, match="tensor wte.weight has dtype I16"):
+        gpt.load_gpt2_file(base, gpt.config_from_hub_json(MINI / "config.json"))
+
+
+def test_cuda_memory_is_asked_for_by_device_index(monkeypatch):
+    asked = []
+
+    def mem_get_info(device=None):  # torch 2.1-2.4 refuse a device without an index
+        if not isinstance(device, int):
+            raise ValueError("Expected a torch.device with a specified index or an integer")
+        asked.append(device)
+        return 6 * 10**9, 8 * 10**9
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert finetune.available_memory(torch.device("cuda")) == (6 * 10**9, "free GPU memory")
+    assert finetune.available_memory(torch.device("cuda", 1))[0] == 6 * 10**9
+    assert asked == [0, 1]
+
+
+def test_auto_cache_memory_shares_the_ram_among_torchruns_processes(monkeypatch):
+    monkeypatch.setattr(finetune, "available_memory", lambda device: (8 * 10**9, "RAM"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert finetune.cache_budget("auto", torch.device("cpu")) == (
+        10**9, "--cache-memory auto: half the RAM, shared by 4 processes")
+    assert finetune.cache_budget("auto", torch.device("cuda", 0))[0] == 4 * 10**9  # its own
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert finetune.cache_budget("auto", torch.device("cpu"))[0] == 4 * 10**9
+
+
+def test_auto_cache_memory_on_mps_is_what_metal_recommends_less_what_is_held(monkeypatch):
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 10 * 10**9,
+                        raising=False)
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 2 * 10**9)
+    assert finetune.available_memory(torch.device("mps")) == (
+        8 * 10**9, "memory Metal recommends for this process")
+
+
+def test_mps_under_torchrun_is_a_clear_error(tmp_path, sample_tsv, monkeypatch, capsys):
+    monkeypatch.setattr(finetune, "select_device", lambda name: torch.device("mps"))
+    for name, value in [("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")]:
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit:
+        finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
+                       "--out", str(tmp_path / "out")])
+    assert exit.value.code == 2
+    assert "--device mps (which auto picks on a Mac) cannot run under torchrun" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_base_file_is_hashed_while_it_is_read_not_in_a_second_pass(
+        tmp_path, monkeypatch):
+    size, sha256 = gpt.file_fingerprint(MINI_WEIGHTS)
+    base, config = gpt.build_gpt(weights=str(MINI_WEIGHTS))
+    finetune.prepare_for_classification(base, 2, trainable="lora", lora_rank=2)
+    checkpoint = tmp_path / "lora.safetensors"
+    lora = {"rank": 2, "alpha": 16, "model": "gpt2-small", "weights": str(MINI_WEIGHTS),
+            "seed": 123, "path": str(MINI_WEIGHTS), "bytes": size, "sha256": sha256}
+    classify.save_classifier(classify.GPTClassifier(base), checkpoint, config, 20, ["a", "b"],
+                             lora=lora)
+    monkeypatch.setattr(gpt, "file_fingerprint", None)
+    monkeypatch.setattr(classify, "file_fingerprint", None, raising=False)
+    model, _ = classify.load_classifier(checkpoint)
+    assert torch.equal(model.gpt.tok_emb.weight, base.tok_emb.weight)
+    classify.save_classifier(classify.GPTClassifier(base), checkpoint, config, 20, ["a", "b"],
+                             lora=dict(lora, sha256="0" * 64))
+    with pytest.raises(InputError, match="is not the base .* was fine-tuned on"):
+        classify.load_classifier(checkpoint)
