@@ -1668,7 +1668,7 @@ def test_a_silent_client_is_dropped_after_the_timeout_while_others_are_served():
 
 def test_connections_over_the_cap_are_answered_503():
     import socket
-    server = classify.make_server("127.0.0.1", 0, echo, {}, max_connections=1)
+    server = classify.make_server("127.0.0.1", 0, echo, {}, timeout=60, max_connections=1)
     with serving(server) as url, socket.create_connection(server.server_address,
                                                           timeout=60):
         status, headers, body = request(url, "GET", "/info")  # behind the silent one
