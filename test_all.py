@@ -1517,7 +1517,7 @@ def test_a_hundred_concurrent_requests_all_succeed(server):
     url, _ = server
 
     def ask(i):
-        status, _, body = fetch(url + "/classify", json.dumps({"texts": [f"message {i}"] * 3}))
+        status, _, body = fetch(url + "/classify", json.dumps({"texts": [f"message {i}"]}))
         return status, json.loads(body)["results"][0]["text"]
 
     with ThreadPoolExecutor(100) as pool:
