@@ -1685,6 +1685,29 @@ def test_the_server_listens_on_ipv6_and_a_wrong_host_is_named_not_the_port():
     assert "--port" not in str(error.value)
 
 
+def test_clients_that_go_away_are_no_traceback_but_a_bug_is(capsys):
+    import socket
+    server = classify.make_server("127.0.0.1", 0, echo, {})
+    with serving(server):
+        for _ in range(20):  # a body cut short by a reset
+            with socket.create_connection(server.server_address, timeout=60) as client:
+                client.sendall(b"POST /classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                               b"application/json\r\nContent-Length: 99\r\n\r\n{")
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        for error in [BrokenPipeError(), ConnectionResetError(), socket.timeout()]:
+            try:
+                raise error
+            except OSError:
+                server.handle_error(None, ("127.0.0.1", 1))
+        assert request(f"http://127.0.0.1:{server.server_port}", "GET", "/info")[0] == 200
+        assert capsys.readouterr().err == ""
+        try:
+            raise ValueError("a bug")
+        except ValueError:
+            server.handle_error(None, ("127.0.0.1", 1))
+        assert "ValueError: a bug" in capsys.readouterr().err
+
+
 def webdriver(base, method, path, body=None):
     status, _, answer = fetch(base + path, json.dumps(body) if body is not None else None,
                              method)
