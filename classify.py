@@ -9,11 +9,17 @@ python classify.py "You are a winner you have been specially selected ..."
 python classify.py --checkpoint runs/a/review_classifier.safetensors - < messages.txt
 """
 import argparse
+import base64
+import errno
 import hashlib
 import http.server
+import ipaddress
 import json
 import math
 import os
+import queue
+import re
+import socket
 import sys
 import tempfile
 import threading
@@ -516,6 +522,10 @@ def classify_review(text, model, tokenizer, device, max_length=None,
     return class_names[predicted_label]
 
 
+class NonFiniteLogits(InputError):
+    """The model computed NaN or infinity: its callers name the checkpoint."""
+
+
 def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD_TOKEN_ID,
                    batch_size=32):
     """Class probabilities (one list per text) for many texts, in batches of
@@ -535,7 +545,12 @@ def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD
         batch = order[start:start + batch_size]
         inputs = pad_ids([encoded[i] for i in batch], pad_token_id, length=width)
         with torch.inference_mode():
-            probas = torch.softmax(model(inputs.to(device)).float(), dim=-1).cpu()
+            logits = model(inputs.to(device)).float()
+        if not torch.isfinite(logits).all():
+            raise NonFiniteLogits("its logits are not all finite numbers (NaN or infinity), "
+                                  "so it has no answer: its weights are damaged. Fine-tune "
+                                  "it again, or check the file.")
+        probas = torch.softmax(logits, dim=-1).cpu()
         for row, i in enumerate(batch):
             probabilities[i] = probas[row].tolist()
         progress("classifying, messages", start + len(batch), len(texts), start_time)
@@ -555,7 +570,7 @@ def describe_checkpoint(path, info):
     config = info["config"]
     size = next((name for name, key in MODEL_NAMES.items() if model_config(name) == config),
                 "a custom size")
-    return {"checkpoint": str(path), "labels": info["labels"], "model": size,
+    return {"checkpoint": Path(path).name, "labels": info["labels"], "model": size,
             "layers": config["n_layers"], "emb_dim": config["emb_dim"],
             "max_length": info["max_length"], "pool": info["pool"],
             "trainable": info["trainable"]}
@@ -563,6 +578,9 @@ def describe_checkpoint(path, info):
 
 MAX_BODY = 1_000_000  # bytes of one /classify request
 MAX_TEXTS = 1_000     # messages in one /classify request
+TIMEOUT = 10.0          # seconds a client may stay silent before its connection is dropped
+MAX_CONNECTIONS = 128   # connections served at a time; more are answered 503
+MAX_DRAIN = 16_000_000  # bytes of an unread body read and dropped after an error answer
 
 
 # The page at /: one text box, a button, a bar per class; inline, nothing to fetch.
@@ -668,8 +686,53 @@ fetch("/info").then((r) => r.json()).then((info) => {
 """
 
 
+def inline_hashes(page, tag):
+    """The Content-Security-Policy sources of the page's inline <tag>s: the
+    sha256 of each one's text, so that no other script or style can run."""
+    return " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
+        for text in re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S))
+
+
+# Sent with every answer: the page runs only its own inline script and style,
+# talks only to this server, and no other site may frame it or sniff a type.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": f"default-src 'none'; script-src {inline_hashes(PAGE, 'script')}; "
+                               f"style-src {inline_hashes(PAGE, 'style')}; connect-src 'self'; "
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def host_names(host, server_name):
+    """The names, besides IP addresses, that a Host header may give this server."""
+    names = {"localhost", host, server_name}
+    if host in ("0.0.0.0", "::"):  # every interface: the machine's own name too
+        names.add(socket.gethostname())
+    return {name.lower().rstrip(".") for name in names}
+
+
+def names_this_server(host_header, names):
+    """Whether a Host header ("name:port", "[v6 address]:port") names this server:
+    an IP address or one of `names`. A DNS-rebinding page can only send a domain
+    name of its own. The port is not checked: a tunnel or port mapping changes it."""
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::\d*)?|([^:\[\]]+)(?::\d*)?",
+                         (host_header or "").strip())
+    if not match:
+        return False
+    name = (match[1] or match[2]).lower().rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return name in names
+
+
 class RequestError(Exception):
-    """A bad request: answered with this HTTP status and a JSON error."""
+    """A request not answered 200: this HTTP status and a JSON error."""
 
     def __init__(self, status, message):
         super().__init__(message)
@@ -680,7 +743,7 @@ def parse_request(body):
     """The texts of a /classify body {"texts": [...]}; RequestError otherwise."""
     try:
         request = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
         raise RequestError(400, "the body is not JSON") from None
     texts = request.get("texts") if isinstance(request, dict) else None
     if not isinstance(texts, list) or not texts:
@@ -695,37 +758,62 @@ def parse_request(body):
     return texts
 
 
-def make_handler(classify, description):
-    """The request handler: classify(texts) -> results; description: /info."""
+def make_handler(classify, description, timeout=TIMEOUT):
+    """The request handler: classify(texts) -> results; description: /info;
+    timeout: seconds a client may stay silent."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         routes = {"/": "GET", "/info": "GET", "/classify": "POST"}
+        busy = False  # True: the server is at its connection cap; answer 503
+        body_read = False
 
         def answer(self, status, body, content_type="application/json"):
             data = body.encode("utf-8") if isinstance(body, str) else \
-                json.dumps(body).encode("utf-8")
+                json.dumps(body, allow_nan=False).encode("utf-8")
             self.send_response(status)
             self.send_header("Content-Type", f"{content_type}; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
+            for name, value in SECURITY_HEADERS.items():
+                self.send_header(name, value)
             if status == 405:
-                self.send_header("Allow", self.routes[self.path])
+                self.send_header("Allow", "GET, HEAD" if self.routes[self.path] == "GET"
+                                 else self.routes[self.path])
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":  # HEAD: GET's headers, no body
+                self.wfile.write(data)
 
         def route(self, method):
-            if self.path not in self.routes:
-                return self.answer(404, {"error": f"no such page: {self.path}"})
-            if self.routes[self.path] != method:
-                return self.answer(405, {"error": f"{self.path} takes {self.routes[self.path]}"})
-            if self.path == "/":
-                return self.answer(200, PAGE, "text/html")
-            if self.path == "/info":
-                return self.answer(200, description)
             try:
+                self.check(method)
+                if self.path == "/":
+                    return self.answer(200, PAGE, "text/html")
+                if self.path == "/info":
+                    return self.answer(200, description)
                 texts = parse_request(self.read_body())
                 self.answer(200, {"results": classify(texts)})
             except RequestError as e:
                 self.answer(e.status, {"error": str(e)})
+                self.linger()
+
+        def check(self, method):
+            """RequestError unless this server takes this request from this client."""
+            if self.busy:
+                raise RequestError(503, "the server is answering as many connections as it "
+                                        "takes at a time; try again in a moment")
+            host = self.headers.get("Host")
+            if not names_this_server(host, self.server.host_names):
+                raise RequestError(403, f"the Host header {host!r} does not name this server")
+            if self.path not in self.routes:
+                raise RequestError(404, f"no such page: {self.path}")
+            if self.routes[self.path] != method:
+                raise RequestError(405, f"{self.path} takes {self.routes[self.path]}")
+            if method == "POST":  # what another site's page could make a browser send
+                origin = self.headers.get("Origin")
+                if origin is not None and origin.lower() != f"http://{host}".lower():
+                    raise RequestError(403, f"a page of {origin} may not use this server")
+                if self.headers.get_content_type() != "application/json":
+                    raise RequestError(415, "the body must be sent as Content-Type: "
+                                            "application/json")
 
         def read_body(self):
             try:
@@ -735,10 +823,29 @@ def make_handler(classify, description):
             if length < 0:
                 raise RequestError(400, "the request has no valid Content-Length")
             if length > MAX_BODY:
-                self.close_connection = True  # the unread body must not be parsed as a request
                 raise RequestError(413, f"the body has {length:,} bytes; at most "
                                         f"{MAX_BODY:,}")
-            return self.rfile.read(length)
+            body = self.rfile.read(length)
+            self.body_read = True
+            return body
+
+        def linger(self):
+            """After an error answer, reads and drops the unread body (up to
+            MAX_DRAIN bytes) before the connection closes: closing with unread
+            data resets it, and a client still sending would never see the answer."""
+            if self.body_read or (self.headers.get("Content-Length", "0") == "0"
+                                  and "Transfer-Encoding" not in self.headers):
+                return
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_WR)  # the answer is complete
+            left = MAX_DRAIN
+            while left > 0 and (chunk := self.rfile.read1(min(left, 65536))):
+                left -= len(chunk)
+
+        def send_error(self, code, message=None, explain=None):
+            # http.server's own errors (a malformed request line, an unknown method), in JSON
+            self.close_connection = True
+            self.answer(code, {"error": message or http.HTTPStatus(code).phrase})
 
         def do_GET(self):
             self.route("GET")
@@ -749,32 +856,95 @@ def make_handler(classify, description):
         def refuse(self):
             self.route(self.command)
 
-        do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = refuse
+        do_HEAD = do_GET
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = refuse
 
         def log_message(self, *args):  # the terminal shows the address, not every request
             pass
 
+    Handler.timeout = timeout  # socketserver sets it on the socket: a silent client is dropped
     return Handler
 
 
-def serve(checkpoint, device, base_weights, host, port):
-    """Serves the page, /info and /classify until Ctrl-C; the model is loaded once
-    and used by one request at a time."""
-    model, info = load_classifier(checkpoint, device, base_weights)
+class ClassifierServer(http.server.HTTPServer):
+    """http.server with limits: a listen backlog for bursts, a thread per
+    connection but at most max_connections served at a time (the others are
+    answered 503), and no traceback when a client goes away or stays silent."""
+    request_queue_size = 128  # socketserver's 5 resets connections in a burst
+
+    def __init__(self, address, family, handler, max_connections):
+        self.address_family = family
+        self.connections = threading.BoundedSemaphore(max_connections)
+        self.busy_handler = type("BusyHandler", (handler,), {"busy": True})
+        super().__init__(address, handler)
+        self.host_names = host_names(address[0], self.server_name)
+
+    def process_request(self, request, client_address):
+        # counted here, in the order the connections arrived
+        handler = self.RequestHandlerClass if self.connections.acquire(blocking=False) \
+            else self.busy_handler
+        threading.Thread(target=self.process_connection, daemon=True,
+                         args=(request, client_address, handler)).start()
+
+    def process_connection(self, request, client_address, handler):
+        try:
+            handler(request, client_address, self)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            if handler is self.RequestHandlerClass:
+                self.connections.release()
+            self.shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout)):
+            super().handle_error(request, client_address)  # a bug: its traceback
+
+
+def make_server(host, port, classify, description, timeout=TIMEOUT,
+                max_connections=MAX_CONNECTIONS):
+    """The server of --serve, listening on host and port (IPv4 or IPv6, as the
+    host's address is); serve_forever() serves it."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+    except socket.gaierror as e:
+        raise InputError(f"cannot listen on {host}: {e.strerror}. --host takes an address "
+                         f"or name of this machine: 127.0.0.1, ::1, 0.0.0.0 or ::.") from None
+    handler = make_handler(classify, description, timeout)
+    try:
+        return ClassifierServer((host, port), family, handler, max_connections)
+    except OSError as e:
+        if e.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise InputError(f"cannot listen on {host} port {port}: {e.strerror or e}. Choose "
+                             f"another with --port (0 lets the system pick a free one).") \
+                from None
+        raise InputError(f"cannot listen on {host}: {e.strerror or e}. --host takes an "
+                         f"address of this machine: 127.0.0.1, ::1, 0.0.0.0 or ::.") from None
+
+
+def classifier(model, info, device, checkpoint):
+    """classify(texts) -> result records, for the server's threads: the model
+    is used by one request at a time."""
     tokenizer, lock = get_tokenizer(), threading.Lock()
 
     def classify(texts):
         with lock:
-            probabilities = classify_texts(texts, model, tokenizer, device, info["max_length"],
-                                           info["pad_token_id"])
+            try:
+                probabilities = classify_texts(texts, model, tokenizer, device,
+                                               info["max_length"], info["pad_token_id"])
+            except NonFiniteLogits as e:  # the name only: a client is not told paths
+                raise RequestError(500, f"{Path(checkpoint).name}: {e}") from None
         return [result_record(t, p, info["labels"]) for t, p in zip(texts, probabilities)]
 
-    handler = make_handler(classify, describe_checkpoint(checkpoint, info))
-    try:
-        server = http.server.ThreadingHTTPServer((host, port), handler)
-    except OSError as e:
-        raise InputError(f"cannot listen on {host} port {port}: {e.strerror or e}. Choose "
-                         f"another with --port (0 lets the system pick a free one).") from None
+    return classify
+
+
+def serve(checkpoint, device, base_weights, host, port):
+    """Serves the page, /info and /classify until Ctrl-C; the model is loaded once."""
+    model, info = load_classifier(checkpoint, device, base_weights)
+    server = make_server(host, port, classifier(model, info, device, checkpoint),
+                         describe_checkpoint(checkpoint, info))
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {host}, not only on this machine: whoever reaches it on "
               f"port {server.server_port} can use the classifier.")
@@ -791,7 +961,12 @@ def serve(checkpoint, device, base_weights, host, port):
 
 # -------------------------------------------------------------------- the CLI
 
-CHUNK = 1024  # messages read from stdin, classified and printed at a time
+CHUNK = 1024  # at most this many lines of stdin classified and printed at a time
+BLANK = "empty or only whitespace: nothing to classify"
+# control characters as escapes (\n, \x1b): a label or a message can neither
+# break the one line printed per message nor send commands to the terminal
+CONTROL_ESCAPES = {c: chr(c).encode("unicode_escape").decode()
+                   for c in [*range(0x20), *range(0x7f, 0xa0)]}
 
 
 def port_number(text):
@@ -800,37 +975,133 @@ def port_number(text):
     return int(text)
 
 
-def text_chunks(args_texts, stdin, size=CHUNK):
-    """The texts to classify, in order, in lists of at most `size`. "-" reads
-    one message per line from stdin (blank lines skipped), a chunk at a time, so
-    that memory stays flat and results appear while the input still arrives."""
-    chunk = []
+def read_lines(stream, pending):
+    """Puts the lines of a binary stream on the queue `pending` as they arrive,
+    a list per read, without their "\n"; then None, or the OSError that ended it."""
+    parts = []  # of a line not yet complete
+    try:
+        while data := stream.read1(65536):  # what has arrived, without waiting for more
+            *lines, last = data.split(b"\n")
+            if lines:
+                lines[0] = b"".join(parts) + lines[0]
+                parts = []
+                pending.put(lines)
+            parts.append(last)
+        if b"".join(parts):
+            pending.put([b"".join(parts)])
+        pending.put(None)
+    except OSError as e:
+        pending.put(e)
+
+
+def line_batches(stream, size):
+    """The lines of a binary stream, in order, in lists of at most `size`: a
+    list as soon as every line that has arrived is in one, so that a pause in
+    the input (a person typing, tail -f) shows the answers so far."""
+    pending = queue.Queue(maxsize=16)  # bounded: memory stays flat however long the input
+    threading.Thread(target=read_lines, args=(stream, pending), daemon=True).start()
+    lines, ended = [], False
+    while True:
+        while not ended and (not lines or (len(lines) < size and not pending.empty())):
+            item = pending.get()
+            if isinstance(item, OSError):
+                raise InputError(f"cannot read stdin: {item.strerror or item}.")
+            ended = item is None
+            lines += item or []
+        if not lines:
+            return
+        yield lines[:size]
+        del lines[:size]
+
+
+def decode_line(line, number):
+    """A line of stdin as text, without its "\r"; bytes that are not UTF-8
+    become U+FFFD, and a note on stderr names the line."""
+    line = line[:-1] if line.endswith(b"\r") else line
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        print(f"note: line {number} of stdin is not UTF-8: its undecodable bytes are "
+              f"classified as U+FFFD.", file=sys.stderr)
+        return line.decode("utf-8", errors="replace")
+
+
+def text_batches(args_texts, stdin, size=CHUNK):
+    """The texts to classify, in order, in lists: the TEXTs, and for "-" each
+    line of stdin (blank ones too: they get an error line), as line_batches
+    gives them."""
+    texts, number = [], 0
     for text in args_texts:
-        lines = (line.rstrip("\r\n") for line in iter(stdin.readline, "")) \
-            if text == "-" else [text]
-        for line in lines:
-            if text == "-" and not line.strip():
-                continue
-            chunk.append(line)
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
-    if chunk:
-        yield chunk
+        if text != "-":
+            texts.append(text)
+            continue
+        if texts:
+            yield texts
+            texts = []
+        for lines in line_batches(stdin, size):
+            yield [decode_line(line, number + i) for i, line in enumerate(lines, 1)]
+            number += len(lines)
+    if texts:
+        yield texts
+
+
+def printable(text):
+    return text.translate(CONTROL_ESCAPES)
 
 
 def print_result(text, probas, labels, as_json, show_all):
     if as_json:
-        print(json.dumps(result_record(text, probas, labels)))
+        print(json.dumps(result_record(text, probas, labels), allow_nan=False))
         return
     best = max(range(len(labels)), key=lambda i: probas[i])
+    names = [printable(name) for name in labels]
     if show_all:
-        shown = "  ".join(f"P({name})={p:.3f}" for name, p in zip(labels, probas))
+        shown = "  ".join(f"P({name})={p:.3f}" for name, p in zip(names, probas))
     elif labels == SPAM_CLASS_NAMES:
         shown = f"P(spam)={probas[1]:.3f}"  # the one number a spam filter thresholds
     else:
-        shown = f"P({labels[best]})={probas[best]:.3f}"
-    print(f"{labels[best]}\t{shown}\t{text}")
+        shown = f"P({names[best]})={probas[best]:.3f}"
+    print(f"{names[best]}\t{shown}\t{printable(text)}")
+
+
+def print_blank(text, as_json):
+    """The line printed for a blank line of stdin, so that output line N stays
+    the answer to input line N."""
+    if as_json:
+        print(json.dumps({"text": text, "error": BLANK}))
+    else:
+        print(f"-\t{BLANK}\t{printable(text)}")
+
+
+def unwritable_stdout(error):
+    """The error for a stdout that cannot be written (a full disk, /dev/full);
+    stdout goes to nothing first, so that Python's own flush at exit is quiet."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return InputError(f"cannot write the results to stdout: {error.strerror or error}.")
+
+
+def classify_and_print(batches, model, tokenizer, device, info, as_json, show_all):
+    """Classifies each list of texts and prints a line per text, in order; the
+    number of texts."""
+    done = 0
+    for texts in batches:
+        messages = [text for text in texts if text.strip()]
+        probabilities = iter(classify_texts(messages, model, tokenizer, device,
+                                            info["max_length"], info["pad_token_id"])
+                             if messages else [])
+        try:
+            for text in texts:
+                if text.strip():
+                    print_result(text, next(probabilities), info["labels"], as_json, show_all)
+                else:
+                    print_blank(text, as_json)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise  # the reader went away: run_cli ends quietly
+        except OSError as e:
+            raise unwritable_stdout(e) from None
+        done += len(texts)
+    return done
 
 
 def build_parser():
@@ -838,8 +1109,13 @@ def build_parser():
         description="Classify messages with a classifier fine-tuned by finetune.py "
                     "(listing 6.12's classify_review, batched).")
     parser.add_argument("texts", nargs="*", metavar="TEXT",
-                        help="messages to classify; - reads one per line from stdin, "
-                             f"{CHUNK:,} at a time, printing each chunk's results in order")
+                        help="messages to classify; - reads one per line from stdin and "
+                             "prints one line per line read, in order, as soon as the input "
+                             f"pauses (at most {CHUNK:,} at a time). A blank line prints "
+                             f"'-<tab>{BLANK}' (--json: an object with \"error\"); a line "
+                             "that is not UTF-8 is classified with U+FFFD for its bad bytes, "
+                             "and a note on stderr names it. Control characters in what is "
+                             "printed (not --json) are escaped, as \\n or \\x1b")
     parser.add_argument("--checkpoint", default=CHECKPOINT_NAME,
                         help="the classifier finetune.py saved (default: %(default)s)")
     parser.add_argument("--base-weights", metavar="PATH",
@@ -854,10 +1130,12 @@ def build_parser():
                         help="print one JSON object per message: text, label, probabilities")
     parser.add_argument("--serve", action="store_true",
                         help="instead of classifying TEXTs, serve a page to try the classifier "
-                             "in a browser, and POST /classify with {\"texts\": [...]}")
+                             "in a browser, and POST /classify with {\"texts\": [...]} as "
+                             "Content-Type: application/json")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="with --serve: the address to listen on; 0.0.0.0 opens it to "
-                             "other machines (default: %(default)s, this machine only)")
+                        help="with --serve: the address to listen on (IPv4 or IPv6: ::1); "
+                             "0.0.0.0 or :: opens it to other machines (default: %(default)s, "
+                             "this machine only)")
     parser.add_argument("--port", type=port_number, default=8000,
                         help="with --serve: the port; 0 lets the system pick a free one "
                              "(default: %(default)s)")
@@ -880,19 +1158,20 @@ def main(argv=None):
                          "one per line from stdin.")
     if any(not text.strip() for text in args.texts):
         raise InputError("a message to classify is empty or only whitespace.")
+    if sys.stdout is None:  # started with >&-
+        raise InputError("stdout is closed: there is nowhere to print the results.")
+    if "-" in args.texts and sys.stdin is None:
+        raise InputError("stdin is closed: - has no line to read.")
     device = select_device(args.device)
     model, info = load_classifier(args.checkpoint, device, args.base_weights)
-    tokenizer = get_tokenizer()
-    done = 0
-    for chunk in text_chunks(args.texts, sys.stdin):
-        probabilities = classify_texts(chunk, model, tokenizer, device, info["max_length"],
-                                       info["pad_token_id"])
-        for text, probas in zip(chunk, probabilities):
-            print_result(text, probas, info["labels"], args.json, args.all)
-        sys.stdout.flush()
-        done += len(chunk)
+    batches = text_batches(args.texts, sys.stdin.buffer if "-" in args.texts else None)
+    try:
+        done = classify_and_print(batches, model, get_tokenizer(), device, info, args.json,
+                                  args.all)
+    except NonFiniteLogits as e:
+        raise InputError(f"{args.checkpoint}: {e}") from None
     if not done:
-        raise InputError("no message to classify: stdin held only blank lines.")
+        raise InputError("no message to classify: stdin was empty.")
 
 
 if __name__ == "__main__":

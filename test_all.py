@@ -2,6 +2,8 @@
 Everything they read is in testdata/ (see its README): the real SMS data,
 tiktoken's gpt2 files and a compact GPT-2 in the Hub's layout with the logits
 Hugging Face transformers computes for it."""
+import base64
+import contextlib
 import errno
 import hashlib
 import http.server
@@ -905,7 +907,8 @@ def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokeni
                                stdin="first message\n\nsecond 😀\n" + "long " * 4000 + "\n")
     assert code == 0, stderr
     results = [json.loads(line) for line in stdout.strip().split("\n")]
-    assert [r["text"][:6] for r in results] == ["first ", "second", "long l"]
+    assert [r["text"][:6] for r in results] == ["first ", "", "second", "long l"]
+    assert results[1] == {"text": "", "error": classify.BLANK}
     for blank in ["", "   "]:
         code, stdout, stderr = run("classify.py", "--checkpoint", checkpoint, blank)
         assert code == 1 and "empty or only whitespace" in stderr and "Traceback" not in stderr
@@ -1044,10 +1047,12 @@ def test_progress_shows_on_a_terminal_and_never_in_piped_output(tmp_path):
     classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20,
                              ["not spam", "spam"])
     stdin = "".join(f"message {i}\n" for i in range(300))
+    (tmp_path / "messages.txt").write_text(stdin)  # a file: all 300 lines arrive at once
     command = [sys.executable, "classify.py", "--checkpoint", str(checkpoint), "-"]
     master, terminal = pty.openpty()
-    done = subprocess.run(command, cwd=HERE, input=stdin, stdout=subprocess.PIPE,
-                          stderr=terminal, text=True, timeout=120)
+    with open(tmp_path / "messages.txt") as messages:
+        done = subprocess.run(command, cwd=HERE, stdin=messages, stdout=subprocess.PIPE,
+                              stderr=terminal, text=True, timeout=120)
     os.close(terminal)
     shown = b""
     while True:
@@ -1077,6 +1082,89 @@ def test_classify_into_a_pipe_closed_early_ends_without_a_traceback(tmp_path):
         shell=True, cwd=HERE, capture_output=True, text=True, timeout=300)
     assert done.stdout.count("\n") == 1 and "message number 0" in done.stdout
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def read_lines_within(pipe, count, seconds=120):
+    """count lines from an unbuffered pipe; fails if they have not all come
+    after `seconds`, a bound only a program waiting for more input misses."""
+    import select
+    data, deadline = b"", time.monotonic() + seconds
+    while data.count(b"\n") < count:
+        ready, _, _ = select.select([pipe], [], [], max(0, deadline - time.monotonic()))
+        assert ready, f"only these lines came while the input paused: {data!r}"
+        chunk = os.read(pipe.fileno(), 65536)
+        assert chunk, f"the output ended after {data!r}"
+        data += chunk
+    return data.decode().splitlines()
+
+
+def test_a_stream_gets_a_line_per_line_in_order_as_soon_as_the_input_pauses(tmp_path):
+    checkpoint = tmp_path / "c.safetensors"
+    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20,
+                             ["not spam", "spam"])
+    process = subprocess.Popen(
+        [sys.executable, "classify.py", "--checkpoint", str(checkpoint), "--json", "-"],
+        cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        bufsize=0)
+    try:
+        process.stdin.write(b"first message\n\n \t\r\ncaf\xe9 \xff\xfe\n")
+        first = [json.loads(line) for line in read_lines_within(process.stdout, 4)]
+        process.stdin.write(b"last, with no line end")  # and the pipe stays open till now
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert [r["text"] for r in first] == ["first message", "", " \t", "caf\ufffd \ufffd\ufffd"]
+    assert first[1] == {"text": "", "error": classify.BLANK} == dict(first[2], text="")
+    assert set(first[3]["probabilities"]) == {"not spam", "spam"}
+    assert json.loads(stdout)["text"] == "last, with no line end"
+    assert stderr.decode().splitlines() == [
+        "note: line 4 of stdin is not UTF-8: its undecodable bytes are classified as U+FFFD."]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_closed_or_full_stdout_is_one_error(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "c.safetensors"
+    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20, ["a", "b"])
+    monkeypatch.setattr(sys, "stdout", None)  # what Python makes of >&-
+    with pytest.raises(InputError, match="stdout is closed: there is nowhere to print"):
+        classify.main(["--checkpoint", str(checkpoint), "hello"])
+    with open("/dev/full", "w") as full:
+        monkeypatch.setattr(sys, "stdout", full)
+        with pytest.raises(InputError, match="cannot write the results to stdout: No space"):
+            classify.main(["--checkpoint", str(checkpoint), "hello"])
+
+
+def test_labels_and_messages_are_printed_with_control_characters_escaped(tmp_path, capsys):
+    checkpoint = tmp_path / "c.safetensors"
+    labels = ["\x1b[31mred", "two\nlines"]
+    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20, labels)
+    classify.main(["--checkpoint", str(checkpoint), "--all", "a\tb\rc\x85"])
+    printed = capsys.readouterr().out
+    assert printed.count("\n") == 1 and "\x1b" not in printed and "\r" not in printed
+    columns = printed.rstrip("\n").split("\t")
+    assert columns[0] in ("\\x1b[31mred", "two\\nlines") and columns[2] == "a\\tb\\rc\\x85"
+    assert re.fullmatch(r"P\(\\x1b\[31mred\)=0\.\d{3}  P\(two\\nlines\)=0\.\d{3}", columns[1])
+    classify.main(["--checkpoint", str(checkpoint), "--json", "x"])
+    assert set(json.loads(capsys.readouterr().out)["probabilities"]) == set(labels)
+
+
+def test_nan_logits_are_an_error_naming_the_checkpoint_never_an_answer(tmp_path, capsys):
+    checkpoint = tmp_path / "broken.safetensors"
+    model = tiny_classifier()
+    with torch.no_grad():
+        model.gpt.out_head.weight[1, 0] = float("nan")
+    classify.save_classifier(model, checkpoint, TINY_CONFIG, 20, ["not spam", "spam"])
+    with pytest.raises(InputError, match="logits are not all finite") as error:
+        classify.main(["--checkpoint", str(checkpoint), "--json", "hello"])
+    assert str(error.value).startswith(f"{checkpoint}: ") and capsys.readouterr().out == ""
+    model, info = classify.load_classifier(checkpoint)
+    server = classify.make_server("127.0.0.1", 0, classify.classifier(
+        model, info, "cpu", checkpoint), {})
+    with serving(server) as url:
+        status, _, body = request(url, "POST", "/classify", '{"texts": ["hello"]}')
+    answer = json.loads(body, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert status == 500 and answer["error"].startswith("broken.safetensors: its logits")
 
 
 def test_tokenizer_falls_back_to_the_repositorys_files_without_network(tmp_path):
@@ -1394,7 +1482,7 @@ def test_served_page_and_info_describe_the_checkpoint(server):
     assert b"<script src" not in page and b"<link" not in page  # nothing from elsewhere
     status, _, body = fetch(url + "/info")
     assert status == 200 and json.loads(body) == {
-        "checkpoint": str(checkpoint), "labels": ["not spam", "spam"], "model": "a custom size",
+        "checkpoint": checkpoint.name, "labels": ["not spam", "spam"], "model": "a custom size",
         "layers": 2, "emb_dim": 16, "max_length": 20, "pool": "last", "trainable": "last_block"}
 
 
@@ -1418,6 +1506,8 @@ def test_served_classify_equals_the_command_lines_json(server):
     ("/classify", "POST", json.dumps({"texts": ["x"] * 1001}), 413, "at most 1,000"),
     ("/classify", "POST", json.dumps({"texts": ["y" * 1_000_001]}), 413, "at most 1,000,000"),
     ("/classify", "POST", b"\xff\xfe", 400, "not JSON"),
+    pytest.param("/classify", "POST", '{"texts": ' + "[" * 100_000 + "]" * 100_000 + "}", 400,
+                 "not JSON", id="nested-100000-deep"),
     ("/nothing", "GET", None, 404, "no such page: /nothing"),
     ("/../classify.py", "GET", None, 404, "no such page"),
     ("/classify", "GET", None, 405, "/classify takes POST"),
@@ -1435,17 +1525,38 @@ def test_a_bad_request_gets_its_status_and_the_server_keeps_serving(
     assert got == 200 and json.loads(answer)["results"][0]["text"] == "still here"
 
 
-def test_twenty_concurrent_requests_all_succeed(server):
+def test_a_hundred_concurrent_requests_all_succeed(server):
     from concurrent.futures import ThreadPoolExecutor
     url, _ = server
 
     def ask(i):
-        status, _, body = fetch(url + "/classify", json.dumps({"texts": [f"message {i}"] * 3}))
+        status, _, body = fetch(url + "/classify", json.dumps({"texts": [f"message {i}"]}))
         return status, json.loads(body)["results"][0]["text"]
 
-    with ThreadPoolExecutor(20) as pool:
-        answers = list(pool.map(ask, range(20)))
-    assert answers == [(200, f"message {i}") for i in range(20)]
+    with ThreadPoolExecutor(100) as pool:
+        answers = list(pool.map(ask, range(100)))
+    assert answers == [(200, f"message {i}") for i in range(100)]
+
+
+def test_a_body_over_the_limit_gets_its_413_every_time(server):
+    url, _ = server
+    for size in [1_100_000] * 10 + [12_000_000]:  # 12 MB: more than the sockets buffer
+        body = json.dumps({"texts": ["z" * size]})
+        assert fetch(url + "/classify", body)[::2] == (
+            413, f'{{"error": "the body has {len(body):,} bytes; at most 1,000,000"}}'.encode())
+
+
+def test_a_burst_of_connections_waits_in_the_listen_queue():
+    import socket
+    server = classify.make_server("127.0.0.1", 0, echo, {})
+    # connected before the server accepts any: each waits in the kernel's queue
+    clients = [socket.create_connection(server.server_address, timeout=60) for _ in range(100)]
+    with serving(server):
+        for client in clients:
+            client.sendall(b"GET /info HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        for client in clients:
+            with client:
+                assert client.makefile("rb").readline() == b"HTTP/1.0 200 OK\r\n"
 
 
 def test_serve_stops_on_ctrl_c_and_a_port_in_use_is_one_error(tmp_path):
@@ -1470,6 +1581,144 @@ def test_serve_stops_on_ctrl_c_and_a_port_in_use_is_one_error(tmp_path):
     assert code == 2 and "--serve takes no TEXT" in stderr
     code, _, stderr = run("classify.py", "--port", "70000", "hello")
     assert code == 2 and "'70000' is not a port" in stderr
+
+
+def request(url, method, path, body=None, headers=None):
+    """(status, headers, body) of one request sent by http.client as given:
+    a Host header in `headers` replaces the one it would send."""
+    import http.client
+    import urllib.parse
+    address = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    try:
+        connection.request(method, path, body, {"Content-Type": "application/json",
+                                                **(headers or {})})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+@contextlib.contextmanager
+def serving(server):
+    """Runs a classify.make_server server in a thread: its URL."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host = server.server_address[0]
+    try:
+        yield f"http://[{host}]:{server.server_port}" if ":" in host else \
+            f"http://{host}:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def echo(texts):
+    """A stand-in for the model in servers that test the HTTP side."""
+    return [{"text": text, "label": "a", "probabilities": {"a": 1.0}} for text in texts]
+
+
+def test_the_server_refuses_what_another_site_makes_a_browser_send(server):
+    url, _ = server
+    port = url.rsplit(":", 1)[1]
+    good = '{"texts": ["hi"]}'
+    for host in [f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST.",
+                 "127.0.0.1:1234"]:  # a tunnel or port mapping changes the port
+        assert request(url, "POST", "/classify", good, {"Host": host})[0] == 200, host
+    for host in [f"rebind.example:{port}", f"127.0.0.1.nip.io:{port}", "", "[::1"]:
+        for method, path, body in [("GET", "/info", None), ("POST", "/classify", good)]:
+            status, _, answer = request(url, method, path, body, {"Host": host})
+            assert status == 403 and "does not name this server" in json.loads(answer)["error"]
+    for origin in ["http://evil.example", "null", f"http://localhost:{port}"]:
+        status, _, answer = request(url, "POST", "/classify", good, {"Origin": origin})
+        assert (status, json.loads(answer)["error"]) == (
+            403, f"a page of {origin} may not use this server")
+    assert request(url, "POST", "/classify", good, {"Origin": url})[0] == 200
+    for content_type in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]:
+        status, _, answer = request(url, "POST", "/classify", good,
+                                    {"Content-Type": content_type})
+        assert status == 415 and "application/json" in json.loads(answer)["error"]
+    assert request(url, "POST", "/classify", good,
+                   {"Content-Type": "application/json; charset=utf-8"})[0] == 200
+    status, headers, page = request(url, "GET", "/")
+    policy = headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in policy and "unsafe-inline" not in policy
+    script = re.search(rb"<script>(.*?)</script>", page, re.S)[1]
+    digest = "sha256-" + base64.b64encode(hashlib.sha256(script).digest()).decode()
+    assert f"script-src '{digest}';" in policy and "default-src 'none'" in policy
+    assert (headers["X-Content-Type-Options"], headers["X-Frame-Options"]) == ("nosniff", "DENY")
+
+
+def test_head_gets_the_headers_of_get_and_no_body(server):
+    import socket
+    url, _ = server
+    _, get_headers, page = request(url, "GET", "/")
+    port = int(url.rsplit(":", 1)[1])
+    for path, status in [("/", 200), ("/info", 200), ("/classify", 405)]:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
+            client.sendall(f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            answer = b""
+            while chunk := client.recv(65536):  # the server closes after one answer
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.0 {status} ".encode()) and body == b"", answer
+        if path == "/":
+            assert f"Content-Length: {len(page)}".encode() in head
+        if path == "/classify":
+            assert b"Allow: POST" in head
+
+
+def test_a_silent_client_is_dropped_after_the_timeout_while_others_are_served():
+    import socket
+    server = classify.make_server("127.0.0.1", 0, echo, {}, timeout=0.5)
+    with serving(server) as url, socket.create_connection(server.server_address,
+                                                          timeout=60) as silent:
+        silent.sendall(b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        status, _, body = request(url, "POST", "/classify", '{"texts": ["meanwhile"]}')
+        assert (status, json.loads(body)["results"][0]["text"]) == (200, "meanwhile")
+        assert silent.recv(65536) == b""  # closed by the server, not by this 60 s bound
+
+
+def test_connections_over_the_cap_are_answered_503():
+    import socket
+    server = classify.make_server("127.0.0.1", 0, echo, {}, timeout=60, max_connections=1)
+    with serving(server) as url, socket.create_connection(server.server_address,
+                                                          timeout=60):
+        status, headers, body = request(url, "GET", "/info")  # behind the silent one
+        assert status == 503 and "try again" in json.loads(body)["error"]
+
+
+def test_the_server_listens_on_ipv6_and_a_wrong_host_is_named_not_the_port():
+    server = classify.make_server("::1", 0, echo, {"labels": ["a"]})
+    with serving(server) as url:
+        assert url.startswith("http://[::1]:")
+        assert request(url, "GET", "/info")[::2] == (200, b'{"labels": ["a"]}')
+    with pytest.raises(InputError, match=r"^cannot listen on 192\.0\.2\.1: .*--host") as error:
+        classify.make_server("192.0.2.1", 0, echo, {})  # a documentation address: not ours
+    assert "--port" not in str(error.value)
+
+
+def test_clients_that_go_away_are_no_traceback_but_a_bug_is(capsys):
+    import socket
+    server = classify.make_server("127.0.0.1", 0, echo, {})
+    with serving(server):
+        for _ in range(20):  # a body cut short by a reset
+            with socket.create_connection(server.server_address, timeout=60) as client:
+                client.sendall(b"POST /classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                               b"application/json\r\nContent-Length: 99\r\n\r\n{")
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        for error in [BrokenPipeError(), ConnectionResetError(), socket.timeout()]:
+            try:
+                raise error
+            except OSError:
+                server.handle_error(None, ("127.0.0.1", 1))
+        assert request(f"http://127.0.0.1:{server.server_port}", "GET", "/info")[0] == 200
+        assert capsys.readouterr().err == ""
+        try:
+            raise ValueError("a bug")
+        except ValueError:
+            server.handle_error(None, ("127.0.0.1", 1))
+        assert "ValueError: a bug" in capsys.readouterr().err
 
 
 def webdriver(base, method, path, body=None):
