@@ -166,9 +166,25 @@ def test_last_block_at_one_position_equals_the_full_block():
     x = torch.randn(4, 10, 16)
     positions = torch.tensor([9, 0, 4, 7])
     full = block(x)
-    one = block(x, query_positions=positions)
+    one = classify.last_block_at(block, x, positions)
     assert one.shape == (4, 1, 16)
     assert torch.allclose(one[:, 0], full[torch.arange(4), positions], atol=1e-5)
+
+
+def test_chapter_4s_attention_and_block_take_only_x():
+    import inspect
+    for module in (gpt.MultiHeadAttention, gpt.TransformerBlock):
+        assert list(inspect.signature(module.forward).parameters) == ["self", "x"]
+
+
+def test_the_classifiers_plain_path_is_the_chapters_last_output_token():
+    model = tiny_classifier(pool="last")
+    model.fast = False
+    ids = torch.randint(0, 50000, (3, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = model(ids)
+        assert logits.shape == (3, 2) and model.gpt.out_head.out_features == 2  # the new head
+        assert torch.equal(logits, model.gpt(ids)[:, -1, :])
 
 
 def test_loader_accepts_a_transformer_prefix_and_ignores_extra_keys():
