@@ -660,6 +660,46 @@ def test_a_short_training_run_lowers_the_loss(capsys):
     assert "Ep 1 (Step 000000): Train loss" in capsys.readouterr().out
 
 
+def test_ranks_taking_their_rows_of_uneven_batches_add_up_to_one_processs_loss_and_accuracy(
+        monkeypatch):
+    """3 simulated ranks (threads, a sum over a barrier): batches of 5, 5 and 2
+    rows split 1/2/2 and 0/1/1, a rank with no row at all in the last."""
+    model = tiny_classifier().eval()
+    batches = [(ids[:n], labels[:n]) for (ids, labels), n in
+               zip(random_batches(3, batch_size=5, seed=5), [5, 5, 2])]
+    expected = (finetune.calc_loss_loader(batches, model, "cpu"),
+                finetune.calc_accuracy_loader(batches, model, "cpu"))
+    world, local, barrier, shared = 3, threading.local(), threading.Barrier(3, timeout=60), {}
+
+    def global_sum(device, *values):
+        shared[local.rank] = values
+        barrier.wait()
+        total = [sum(shared[r][i] for r in range(world)) for i in range(len(values))]
+        barrier.wait()  # every rank has read before the next sum overwrites
+        return total
+
+    monkeypatch.setattr(finetune, "ranks", lambda: (local.rank, world))
+    monkeypatch.setattr(finetune, "global_sum", global_sum)
+    results, rows = {}, {}
+
+    def rank_main(rank):
+        local.rank = rank
+        loader = finetune.ThisRanksRows(batches, "test")
+        rows[rank] = [len(labels) for _, labels in loader]
+        results[rank] = (finetune.calc_loss_loader(loader, model, "cpu"),
+                         finetune.calc_accuracy_loader(loader, model, "cpu"))
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert rows == {0: [1, 1, 0], 1: [2, 2, 1], 2: [2, 2, 1]}
+    for rank in range(world):
+        assert results[rank][0] == pytest.approx(expected[0], abs=1e-6)
+        assert results[rank][1] == expected[1]
+
+
 @pytest.mark.parametrize("pool, trainable", [("last", "last_block"), ("flexible", "last_block"),
                                              ("first", "last_two_blocks"), ("mean", "last_block"),
                                              ("last", "last_layer")])
