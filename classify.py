@@ -538,7 +538,7 @@ def classify_review(text, model, tokenizer, device, max_length=None,
     input_ids += [pad_token_id] * (max_length - len(input_ids))
     input_tensor = torch.tensor(input_ids, device=device).unsqueeze(0)  # adds batch dim
     with torch.inference_mode():
-        logits = model(input_tensor)  # logits of the last (pooled) output token
+        logits = model(input_tensor)  # the chapter's model(input_tensor)[:, -1, :]
     predicted_label = torch.argmax(logits, dim=-1).item()
     return class_names[predicted_label]
 
