@@ -29,7 +29,7 @@ from pathlib import Path
 from gpt import (MODEL_NAMES, GPTModel, InputError, check_config, check_floating,
                  download_gpt2, get_tokenizer, load_gpt2_file,
                  load_safetensors, model_config, progress, read_safetensors_header, run_cli,
-                 save_safetensors, take_positions, tensor_bytes, write_all)
+                 save_safetensors, tensor_bytes, write_all)
 import torch
 from data import PAD_TOKEN_ID, SPAM_CLASS_NAMES, encode, pad_ids
 
@@ -118,6 +118,45 @@ def mean_over_real_tokens(x, input_batch, pad_token_id):
     return (x * mask[..., None]).sum(dim=1) / lengths.clamp(min=1)[:, None]
 
 
+def take_positions(x, positions):
+    """x[i, positions[i]] for each row: (b, T, d) -> (b, 1, d)."""
+    return x[torch.arange(x.shape[0], device=x.device), positions].unsqueeze(1)
+
+
+def attention_at(att, x, positions):
+    """gpt.py's MultiHeadAttention `att` with one query per row, at `positions` (b,):
+    (b, T, d_in) -> (b, 1, d_out). Keys and values still come from every position
+    up to it: what the full attention computes there, for 1/T of the queries."""
+    b, num_tokens, _ = x.shape
+    keys = att.split_heads(att.W_key(x))
+    values = att.split_heads(att.W_value(x))
+    dropout_p = att.dropout.p if att.training else 0.0
+    queries = att.split_heads(att.W_query(take_positions(x, positions)))
+    key_pos = torch.arange(num_tokens, device=x.device)
+    mask = key_pos <= positions[:, None]  # (b, T): causal for that query
+    context = torch.nn.functional.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=mask[:, None, None, :], dropout_p=dropout_p)
+    context = context.transpose(1, 2).reshape(b, 1, att.d_out)
+    return att.out_proj(context)
+
+
+def last_block_at(block, x, positions):
+    """gpt.py's TransformerBlock `block` at one position per row, (b, T, d) ->
+    (b, 1, d): block(x)[i, positions[i]], with the block's own layers, but the
+    query, attention output and feed-forward computed there only."""
+    shortcut = take_positions(x, positions)
+    x = block.norm1(x)
+    x = attention_at(block.att, x, positions)
+    x = block.drop_resid(x)
+    x = x + shortcut
+
+    shortcut = x
+    x = block.norm2(x)
+    x = block.ff(x)
+    x = block.drop_resid(x)
+    return x + shortcut
+
+
 class PrefixCache:
     """The frozen prefix's hidden states, one (tokens, emb_dim) tensor per
     message, in the model's dtype: kept on the device up to `budget` bytes, the
@@ -189,13 +228,14 @@ class GPTClassifier(torch.nn.Module):
     """The chapter's `model(input_batch)[:, -1, :]` as one module: token ids
     (b, T) -> class logits (b, num_classes), read at the `pool` position.
 
-    With fast=True (the default) it computes the same thing with less work:
+    forward with fast=False is the chapter's plain pass. fast=True (the default)
+    computes the same with less work, in fast_forward:
     - the output of the frozen prefix (embeddings and the first, frozen blocks)
       never changes when dropout is off, so it is computed once per message and
       kept in prefix_cache;
     - the last block computes its query, attention output and feed-forward at
-      the pooled position only (keys and values still come from all positions).
-    fast=False is the chapter's plain forward pass, for teaching and timing."""
+      the pooled position only (last_block_at; keys and values still come from
+      all positions)."""
 
     def __init__(self, gpt, pool="last", pad_token_id=PAD_TOKEN_ID, fast=True):
         super().__init__()
@@ -205,6 +245,23 @@ class GPTClassifier(torch.nn.Module):
         self.fast = fast
         self.n_cached = None  # set by enable_prefix_cache
         self.prefix_cache = PrefixCache()
+
+    def forward(self, input_batch):
+        if self.fast:
+            return self.fast_forward(input_batch)
+        outputs = self.gpt(input_batch)  # (b, num_tokens, num_classes)
+        if self.pool == "last":
+            return outputs[:, -1, :]  # the chapter's: the last output token
+        return self.pool_outputs(outputs, input_batch)  # not the chapter's: --pool
+
+    def pool_outputs(self, outputs, input_batch):
+        # (b, T, n) -> (b, n): the chapter's outputs[:, -1, :] and its variants
+        positions = pool_positions(input_batch, self.pool, self.pad_token_id)
+        if positions is None:
+            return mean_over_real_tokens(outputs, input_batch, self.pad_token_id)
+        return take_positions(outputs, positions)[:, 0, :]
+
+    # ------------------------------------ the same result with less work
 
     def enable_prefix_cache(self, budget=None, spill_dir=None):
         """Caches the frozen prefix's output from now on, where it applies (frozen
@@ -217,9 +274,9 @@ class GPTClassifier(torch.nn.Module):
         self.prefix_cache = PrefixCache(budget, spill_dir)
         return self.n_cached is not None
 
-    def forward(self, input_batch):
-        if not self.fast:
-            return self.pool_outputs(self.gpt(input_batch), input_batch)
+    def fast_forward(self, input_batch):
+        """forward's result: the frozen prefix from the cache (when enabled), the
+        last block at the pooled position only (all positions for "mean")."""
         x = self.frozen_prefix(input_batch)  # (b, T, emb_dim)
         blocks = self.gpt.trf_blocks[self.n_cached or 0:]
         positions = pool_positions(input_batch, self.pool, self.pad_token_id)
@@ -227,15 +284,8 @@ class GPTClassifier(torch.nn.Module):
             x = self.gpt.final_norm(blocks(x))
             return self.gpt.out_head(self.pool_outputs(x, input_batch))
         x = blocks[:-1](x)
-        x = blocks[-1](x, query_positions=positions)  # (b, 1, emb_dim)
+        x = last_block_at(blocks[-1], x, positions)  # (b, 1, emb_dim)
         return self.gpt.out_head(self.gpt.final_norm(x[:, 0, :]))
-
-    def pool_outputs(self, outputs, input_batch):
-        # (b, T, n) -> (b, n): the chapter's outputs[:, -1, :] and its variants
-        positions = pool_positions(input_batch, self.pool, self.pad_token_id)
-        if positions is None:
-            return mean_over_real_tokens(outputs, input_batch, self.pad_token_id)
-        return take_positions(outputs, positions)[:, 0, :]
 
     def fill_prefix_cache(self, datasets, batch_size=32):
         """Computes the frozen prefix of every message once, up front, in batches
@@ -517,7 +567,7 @@ def classify_review(text, model, tokenizer, device, max_length=None,
     input_ids += [pad_token_id] * (max_length - len(input_ids))
     input_tensor = torch.tensor(input_ids, device=device).unsqueeze(0)  # adds batch dim
     with torch.inference_mode():
-        logits = model(input_tensor)  # logits of the last (pooled) output token
+        logits = model(input_tensor)  # the chapter's model(input_tensor)[:, -1, :]
     predicted_label = torch.argmax(logits, dim=-1).item()
     return class_names[predicted_label]
 

@@ -82,19 +82,27 @@ def ranks():
     return 0, 1
 
 
-def this_ranks_rows(*batches):
-    """This rank's equal share of the rows of a global batch: N ranks step through
-    the chapter's batches together, and the gradients DDP averages are its own."""
-    rank, world = ranks()
-    return [batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]
-            for batch in batches]
+class ThisRanksRows:
+    """A data loader's batches as this process uses them: under torchrun, its
+    share of each batch's rows, so that N ranks step through the chapter's
+    batches together (the gradients DDP averages, and the counts and losses
+    the listings add up, are the whole batch's); on a terminal, a progress line.
+    One process: the batches as they are."""
 
+    def __init__(self, data_loader, name):
+        self.data_loader, self.name = data_loader, name
 
-def is_this_ranks(batch_index):
-    """Evaluation splits the batches among the ranks (whole batches, so every
-    batch's mean is the one a single process computes)."""
-    rank, world = ranks()
-    return batch_index % world == rank
+    def __len__(self):
+        return len(self.data_loader)
+
+    def __iter__(self):
+        rank, world = ranks()
+        start = time.time()
+        for i, batch in enumerate(self.data_loader, 1):
+            # the last, short batch of a loader may split unevenly, or leave a rank none
+            yield [rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
+                   for rows in batch]
+            progress(f"{self.name} batches", i, len(self.data_loader), start)
 
 
 def global_sum(device, *values):
@@ -106,45 +114,54 @@ def global_sum(device, *values):
     return total.tolist()
 
 
+def whole_batch_loss(loss, target_batch):
+    """loss.item(): the batch's mean loss. Under torchrun, where loss is the mean
+    over this rank's rows of the batch, the mean over all its rows."""
+    if ranks()[1] == 1:
+        return loss.item()
+    rows = target_batch.shape[0]
+    loss_sum, batch_rows = global_sum(loss.device, loss.item() * rows if rows else 0.0, rows)
+    return loss_sum / batch_rows
+
+
 # ------------------------------------------- 6.6 classification loss and accuracy
 
+# Listing 6.8 Calculating the classification accuracy
 def calc_accuracy_loader(data_loader, model, device, num_batches=None):
-    """Listing 6.8."""
     model.eval()
     correct_predictions, num_examples = 0, 0
     if num_batches is None:
         num_batches = len(data_loader)
     else:
         num_batches = min(num_batches, len(data_loader))
-    start = time.time()
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i < num_batches:
-            if not is_this_ranks(i):  # torchrun: another rank evaluates this batch
-                continue
             input_batch = input_batch.to(device)
             target_batch = target_batch.to(device)
-            with torch.inference_mode():
-                logits = model(input_batch)  # logits of the last (pooled) output token
+            with torch.no_grad():
+                # the chapter's model(input_batch)[:, -1, :]: GPTClassifier reads
+                # the last output token itself (or the one --pool names)
+                logits = model(input_batch)
             predicted_labels = torch.argmax(logits, dim=-1)
             num_examples += predicted_labels.shape[0]
             correct_predictions += (predicted_labels == target_batch).sum().item()
-            progress("accuracy, batches", i + 1, num_batches, start)  # on a terminal only
         else:
             break
+    # not in the book: under torchrun each rank counted its rows (ThisRanksRows)
     correct_predictions, num_examples = global_sum(device, correct_predictions, num_examples)
-    return correct_predictions / num_examples if num_examples else float("nan")
+    return correct_predictions / num_examples
 
 
 def calc_loss_batch(input_batch, target_batch, model, device):
     input_batch = input_batch.to(device)
     target_batch = target_batch.to(device)
-    logits = model(input_batch)  # logits of the last (pooled) output token
+    logits = model(input_batch)  # the chapter's model(input_batch)[:, -1, :], as above
     loss = torch.nn.functional.cross_entropy(logits, target_batch)
     return loss
 
 
+# Listing 6.9 Calculating the classification loss
 def calc_loss_loader(data_loader, model, device, num_batches=None):
-    """Listing 6.9."""
     total_loss = 0.
     if len(data_loader) == 0:
         return float("nan")
@@ -154,31 +171,28 @@ def calc_loss_loader(data_loader, model, device, num_batches=None):
         num_batches = min(num_batches, len(data_loader))
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i < num_batches:
-            if not is_this_ranks(i):  # torchrun: another rank evaluates this batch
-                continue
             loss = calc_loss_batch(input_batch, target_batch, model, device)
-            total_loss += loss.item()
+            # the book's loss.item(); under torchrun, over every rank's rows
+            total_loss += whole_batch_loss(loss, target_batch)
         else:
             break
-    (total_loss,) = global_sum(device, total_loss)
     return total_loss / num_batches
 
 
 # --------------------------------------------------- 6.7 fine-tuning the model
 
+# Listing 6.10 Fine-tuning the model to classify spam
 def train_classifier_simple(model, train_loader, val_loader, optimizer, device,
                             num_epochs, eval_freq, eval_iter):
-    """Listing 6.10."""
     train_losses, val_losses, train_accs, val_accs = [], [], [], []
     examples_seen, global_step = 0, -1
 
     for epoch in range(num_epochs):
         model.train()
-        epoch_start = time.time()
-        for step, (input_batch, target_batch) in enumerate(train_loader, 1):
+
+        for input_batch, target_batch in train_loader:
             optimizer.zero_grad()
-            # one process: the whole batch; under torchrun: this rank's share of it
-            loss = calc_loss_batch(*this_ranks_rows(input_batch, target_batch), model, device)
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
             loss.backward()
             optimizer.step()
             examples_seen += input_batch.shape[0]  # examples instead of tokens
@@ -191,7 +205,6 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device,
                 val_losses.append(val_loss)
                 print(f"Ep {epoch+1} (Step {global_step:06d}): "
                       f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-            progress(f"epoch {epoch + 1}, batches", step, len(train_loader), epoch_start)
 
         train_accuracy = calc_accuracy_loader(train_loader, model, device, num_batches=eval_iter)
         val_accuracy = calc_accuracy_loader(val_loader, model, device, num_batches=eval_iter)
@@ -205,7 +218,7 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device,
 
 def evaluate_model(model, train_loader, val_loader, device, eval_iter):
     model.eval()
-    with torch.inference_mode():
+    with torch.no_grad():
         train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
         val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
     model.train()
@@ -218,15 +231,11 @@ def confusion_matrix_loader(data_loader, model, device, num_classes):
     """counts[true class][predicted class] over a whole loader."""
     model.eval()
     counts = [[0] * num_classes for _ in range(num_classes)]
-    start = time.time()
     with torch.inference_mode():
-        for i, (input_batch, target_batch) in enumerate(data_loader, 1):
-            if not is_this_ranks(i - 1):
-                continue
+        for input_batch, target_batch in data_loader:  # under torchrun, this rank's rows
             predicted = torch.argmax(model(input_batch.to(device)), dim=-1)
             for true, guess in zip(target_batch.tolist(), predicted.tolist()):
                 counts[true][guess] += 1
-            progress("confusion matrix, batches", i, len(data_loader), start)
     flat = global_sum(device, *(n for row in counts for n in row))
     return [[int(n) for n in flat[i:i + num_classes]]
             for i in range(0, len(flat), num_classes)]
@@ -654,7 +663,8 @@ def fine_tune(model, train_loader, val_loader, device, args, checkpoint):
     end_time = time.time()
     execution_time_minutes = (end_time - start_time) / 60
     print(f"Training completed in {execution_time_minutes:.2f} minutes.")
-    return results, end_time - start_time
+    *curves, examples_seen = results  # under torchrun, the rows this rank trained on: add up
+    return (*curves, int(global_sum(device, examples_seen)[0])), end_time - start_time
 
 
 def plot_curves(results, num_epochs, out):
@@ -888,8 +898,11 @@ def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out
     names = class_names(label_ids)
     max_length = datasets[0].max_length
     loaders = create_data_loaders(*datasets, batch_size=args.batch_size)
-    for loader, name in zip(loaders, ["training", "validation", "test"]):
-        print(f"{len(loader)} {name} batches")
+    # under torchrun each rank takes its rows of every batch here, not in the listings
+    loaders = [ThisRanksRows(loader, name)
+               for loader, name in zip(loaders, ["training", "validation", "test"])]
+    for loader in loaders:
+        print(f"{len(loader)} {loader.name} batches")
     classifier, config, cache = prepare_model(args, len(label_ids), datasets, device, work)
     cleanup.callback(lambda: classifier.prefix_cache.close())  # frees the spill file
     writer = ranks()[0] == 0

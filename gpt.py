@@ -109,11 +109,6 @@ def explicit_causal_attention(queries, keys, values, mask, dropout):
     return attn_weights @ values  # (b, heads, n_queries, head_dim)
 
 
-def take_positions(x, positions):
-    """x[i, positions[i]] for each row: (b, T, d) -> (b, 1, d)."""
-    return x[torch.arange(x.shape[0], device=x.device), positions].unsqueeze(1)
-
-
 class MultiHeadAttention(nn.Module):
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
         super().__init__()
@@ -133,27 +128,16 @@ class MultiHeadAttention(nn.Module):
         b, num_tokens, _ = x.shape  # (b, T, d_out) -> (b, heads, T, head_dim)
         return x.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, query_positions=None):
-        """x: (b, T, d_in) -> (b, T, d_out), or (b, 1, d_out) when query_positions
-        (b,) asks for one position per row: the classifier reads only one, and
-        keys and values still come from every position."""
-        b, num_tokens, _ = x.shape
+    def forward(self, x):
+        b, num_tokens, _ = x.shape  # (b, T, d_in) -> (b, T, d_out)
         keys = self.split_heads(self.W_key(x))
         values = self.split_heads(self.W_value(x))
+        queries = self.split_heads(self.W_query(x))
         dropout_p = self.dropout.p if self.training else 0.0
-        if query_positions is None:
-            queries = self.split_heads(self.W_query(x))
-            # equals explicit_causal_attention with a lower-triangular mask, fused
-            context = nn.functional.scaled_dot_product_attention(
-                queries, keys, values, dropout_p=dropout_p, is_causal=True)
-        else:
-            queries = self.split_heads(self.W_query(take_positions(x, query_positions)))
-            key_pos = torch.arange(num_tokens, device=x.device)
-            mask = key_pos <= query_positions[:, None]  # (b, T): causal for that query
-            context = nn.functional.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=mask[:, None, None, :],
-                dropout_p=dropout_p)
-        context = context.transpose(1, 2).reshape(b, -1, self.d_out)
+        # equals explicit_causal_attention with a lower-triangular mask, fused
+        context = nn.functional.scaled_dot_product_attention(
+            queries, keys, values, dropout_p=dropout_p, is_causal=True)
+        context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
         return self.out_proj(context)
 
 
@@ -169,11 +153,10 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg["emb_dim"])
         self.drop_resid = nn.Dropout(cfg["drop_rate"])
 
-    def forward(self, x, query_positions=None):
-        # (b, T, d) -> (b, T, d), or (b, 1, d) for the query_positions only
-        shortcut = x if query_positions is None else take_positions(x, query_positions)
+    def forward(self, x):
+        shortcut = x  # (b, T, d) -> (b, T, d)
         x = self.norm1(x)
-        x = self.att(x, query_positions)
+        x = self.att(x)
         x = self.drop_resid(x)
         x = x + shortcut
 

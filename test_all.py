@@ -169,9 +169,25 @@ def test_last_block_at_one_position_equals_the_full_block():
     x = torch.randn(4, 10, 16)
     positions = torch.tensor([9, 0, 4, 7])
     full = block(x)
-    one = block(x, query_positions=positions)
+    one = classify.last_block_at(block, x, positions)
     assert one.shape == (4, 1, 16)
     assert torch.allclose(one[:, 0], full[torch.arange(4), positions], atol=1e-5)
+
+
+def test_chapter_4s_attention_and_block_take_only_x():
+    import inspect
+    for module in (gpt.MultiHeadAttention, gpt.TransformerBlock):
+        assert list(inspect.signature(module.forward).parameters) == ["self", "x"]
+
+
+def test_the_classifiers_plain_path_is_the_chapters_last_output_token():
+    model = tiny_classifier(pool="last")
+    model.fast = False
+    ids = torch.randint(0, 50000, (3, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = model(ids)
+        assert logits.shape == (3, 2) and model.gpt.out_head.out_features == 2  # the new head
+        assert torch.equal(logits, model.gpt(ids)[:, -1, :])
 
 
 def test_loader_accepts_a_transformer_prefix_and_ignores_extra_keys():
@@ -652,6 +668,46 @@ def test_a_short_training_run_lowers_the_loss(capsys):
     train_losses, *_ = train_briefly(model, batches, epochs=6)
     assert finetune.calc_loss_loader(batches, model, "cpu") < before - 0.05
     assert "Ep 1 (Step 000000): Train loss" in capsys.readouterr().out
+
+
+def test_ranks_taking_their_rows_of_uneven_batches_add_up_to_one_processs_loss_and_accuracy(
+        monkeypatch):
+    """3 simulated ranks (threads, a sum over a barrier): batches of 5, 5 and 2
+    rows split 1/2/2 and 0/1/1, a rank with no row at all in the last."""
+    model = tiny_classifier().eval()
+    batches = [(ids[:n], labels[:n]) for (ids, labels), n in
+               zip(random_batches(3, batch_size=5, seed=5), [5, 5, 2])]
+    expected = (finetune.calc_loss_loader(batches, model, "cpu"),
+                finetune.calc_accuracy_loader(batches, model, "cpu"))
+    world, local, barrier, shared = 3, threading.local(), threading.Barrier(3, timeout=60), {}
+
+    def global_sum(device, *values):
+        shared[local.rank] = values
+        barrier.wait()
+        total = [sum(shared[r][i] for r in range(world)) for i in range(len(values))]
+        barrier.wait()  # every rank has read before the next sum overwrites
+        return total
+
+    monkeypatch.setattr(finetune, "ranks", lambda: (local.rank, world))
+    monkeypatch.setattr(finetune, "global_sum", global_sum)
+    results, rows = {}, {}
+
+    def rank_main(rank):
+        local.rank = rank
+        loader = finetune.ThisRanksRows(batches, "test")
+        rows[rank] = [len(labels) for _, labels in loader]
+        results[rank] = (finetune.calc_loss_loader(loader, model, "cpu"),
+                         finetune.calc_accuracy_loader(loader, model, "cpu"))
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert rows == {0: [1, 1, 0], 1: [2, 2, 1], 2: [2, 2, 1]}
+    for rank in range(world):
+        assert results[rank][0] == pytest.approx(expected[0], abs=1e-6)
+        assert results[rank][1] == expected[1]
 
 
 @pytest.mark.parametrize("pool, trainable", [("last", "last_block"), ("flexible", "last_block"),
