@@ -21,7 +21,7 @@ from pathlib import Path
 from gpt import (MODEL_NAMES, GPTModel, InputError, check_config, download_gpt2,
                  file_fingerprint, get_tokenizer, load_gpt2_file, load_safetensors,
                  model_config, progress, read_safetensors_header, run_cli, save_safetensors,
-                 take_positions, tensor_bytes)
+                 take_positions, tensor_bytes, weights_file)
 import torch
 from data import PAD_TOKEN_ID, SPAM_CLASS_NAMES, encode, pad_ids
 
@@ -371,7 +371,7 @@ def lora_base_file(lora, checkpoint, base_weights=None):
     finetune.py read it, else (for pretrained weights) the Hub's file downloaded
     into gpt2/. It must be the very file the adapters were trained on."""
     if base_weights:
-        weights = Path(base_weights)
+        weights = weights_file(base_weights, flag="--base-weights")  # a folder or OpenAI's prefix: the file itself
     elif Path(lora["path"]).is_file() or lora["weights"] != "pretrained":
         weights = Path(lora["path"])
     else:
@@ -821,8 +821,11 @@ def build_parser():
                         help="the classifier finetune.py saved (default: %(default)s)")
     parser.add_argument("--base-weights", metavar="PATH",
                         help="for a checkpoint of finetune.py --trainable lora: the base "
-                             "model.safetensors its adapters sit on, where it is no longer "
-                             "where finetune.py read it (checked by size and sha256)")
+                             "weights its adapters sit on, where they are no longer where "
+                             "finetune.py read them: a model.safetensors, the book's .pth or "
+                             "OpenAI's model.ckpt (its prefix or any of its files), or a "
+                             "folder holding a model.safetensors or OpenAI's checkpoint; "
+                             "checked by size and sha256 (of OpenAI's data file)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to run the model (default: %(default)s)")
     parser.add_argument("--all", action="store_true",

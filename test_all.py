@@ -173,11 +173,14 @@ def test_last_block_at_one_position_equals_the_full_block():
 
 def test_loader_accepts_a_transformer_prefix_and_ignores_extra_keys():
     tensors, _ = gpt.load_safetensors(MINI_WEIGHTS)
-    prefixed = [("transformer." + k, v) for k, v in tensors.items()]
-    prefixed.append(("lm_head.weight", tensors["wte.weight"]))
-    config = gpt.config_from_hub_json(MINI / "config.json")
+    prefixed = {"transformer." + k: v for k, v in tensors.items()}
+    prefixed["lm_head.weight"] = tensors["wte.weight"]
+    config = gpt.config_from_json(MINI / "config.json", "hub")
     model = gpt.GPTModel(config)
-    gpt.load_weights_into_gpt(model, prefixed)
+    params = gpt.params_from_hub(prefixed)
+    assert params["blocks"][1]["attn"]["c_attn"]["w"].shape == (16, 48)  # the book's layout
+    assert "bias" not in params["blocks"][0]["attn"]  # the mask buffer is left out
+    gpt.load_weights_into_gpt(model, params)
     assert torch.equal(model.tok_emb.weight, tensors["wte.weight"].float())
     assert torch.equal(model.out_head.weight, tensors["wte.weight"].float())  # tied
     assert torch.equal(model.trf_blocks[1].att.W_key.weight,
@@ -187,25 +190,26 @@ def test_loader_accepts_a_transformer_prefix_and_ignores_extra_keys():
 def test_loader_rejects_weights_missing_a_tensor():
     tensors, _ = gpt.load_safetensors(MINI_WEIGHTS)
     del tensors["h.1.mlp.c_fc.bias"]
-    model = gpt.GPTModel(gpt.config_from_hub_json(MINI / "config.json"))
+    model = gpt.GPTModel(gpt.config_from_json(MINI / "config.json", "hub"))
     with pytest.raises(InputError, match=r"trf_blocks\.1\.ff\.layers\.0\.bias"):
-        gpt.load_weights_into_gpt(model, tensors.items())
+        gpt.load_weights_into_gpt(model, gpt.params_from_hub(tensors))
 
 
 def test_weights_of_another_size_name_the_tensor_shapes_and_the_right_model():
-    entries, _ = gpt.read_safetensors_header(MINI_WEIGHTS)
+    params = gpt.params_from_hub(gpt.load_safetensors(MINI_WEIGHTS)[0])
     config = gpt.model_config("gpt2-small")
     with pytest.raises(InputError) as error:
-        gpt.check_gpt2_size(entries, dict(config, context_length=128), "w.safetensors")
-    assert "wte.weight" in str(error.value)
+        gpt.check_gpt2_size(params, dict(config, context_length=128), "w.safetensors")
+    assert "wte (the token embedding)" in str(error.value)
     assert "(50257, 16)" in str(error.value) and "(50257, 768)" in str(error.value)
-    mini = gpt.config_from_hub_json(MINI / "config.json")
-    with pytest.raises(InputError, match=r"wpe.weight has shape \(128, 16\), but the model "
-                                         r"needs \(64, 16\)"):
-        gpt.check_gpt2_size(entries, dict(mini, context_length=64), "w.safetensors")
-    # gpt2-medium's header against --model gpt2-small: the error suggests gpt2-medium
-    medium = {"wte.weight": ("F32", (50257, 1024), 0, 0), "wpe.weight": ("F32", (1024, 1024), 0, 0)}
-    medium.update({f"h.{i}.ln_1.weight": ("F32", (1024,), 0, 0) for i in range(24)})
+    mini = gpt.config_from_json(MINI / "config.json", "hub")
+    with pytest.raises(InputError, match=r"wpe \(the position embedding\) has shape "
+                                         r"\(128, 16\), but the model needs \(64, 16\)"):
+        gpt.check_gpt2_size(params, dict(mini, context_length=64), "w.safetensors")
+    # gpt2-medium's shapes against --model gpt2-small: the error suggests gpt2-medium
+    with torch.device("meta"):  # shapes without memory
+        medium = {"wte": torch.empty(50257, 1024), "wpe": torch.empty(1024, 1024),
+                  "blocks": [{"ln_1": {"g": torch.empty(1024)}} for _ in range(24)]}
     with pytest.raises(InputError, match="use --model gpt2-medium"):
         gpt.check_gpt2_size(medium, gpt.model_config("gpt2-small"), "w.safetensors")
 
@@ -355,6 +359,7 @@ def test_checkpoints_with_values_of_the_wrong_type_raise_the_projects_error(tmp_
 def test_failed_download_leaves_no_file_and_names_the_flag(tmp_path, monkeypatch):
     destination = tmp_path / "gpt2" / "124M" / "model.safetensors"
     monkeypatch.setattr(gpt, "HUB_URL", "http://127.0.0.1:9/{}")
+    monkeypatch.setattr(gpt, "OPENAI_URL", "http://127.0.0.1:9/{size}/{file}")
     with pytest.raises(InputError, match="--weights PATH"):
         gpt.download_gpt2("gpt2-small", tmp_path / "gpt2")
     assert not destination.exists() and not list(tmp_path.rglob("*.part"))
@@ -973,7 +978,7 @@ def test_paths_of_the_wrong_kind_are_one_line_errors_and_write_nothing(tmp_path,
             (["--data", sample_tsv, "--out", a_file], 2, f"--out {a_file} is a file"),
             (["--data", tmp_path, "--out", out], 1, f"data file {tmp_path} is a folder"),
             (["--data", sample_tsv, "--weights", tmp_path, "--out", out], 1,
-             f"weights file {tmp_path} is a folder")]:
+             f"weights folder {tmp_path} has neither a model.safetensors nor OpenAI's")]:
         flags = ["--weights", MINI_WEIGHTS, *flags]  # the last --weights counts
         returned, _, stderr = run("finetune.py", *flags)
         assert (returned, "Traceback" in stderr) == (code, False)
@@ -1269,6 +1274,7 @@ def test_a_pretrained_lora_base_that_cannot_be_found_names_base_weights(tmp_path
                                    "bytes": 1693464, "sha256": "0" * 64})
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(gpt, "HUB_URL", "http://127.0.0.1:9/{}")
+    monkeypatch.setattr(gpt, "OPENAI_URL", "http://127.0.0.1:9/{size}/{file}")
     with pytest.raises(InputError) as error:
         classify.load_classifier(checkpoint)
     assert "could not download the gpt2-small weights" in str(error.value)
