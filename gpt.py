@@ -885,9 +885,9 @@ def read_pth(path):
             # torch names the class it refused: "Unsupported global: GLOBAL m.C"
             # (torch 2.4+) or "Unsupported class m.C" (earlier)
             found = re.search(r"Unsupported (?:global: GLOBAL |class )(\S+)", str(e))
-            what = f"a {found.group(1).rstrip('.')}" if found else "other objects"
-            raise InputError(f"{path} was refused by torch.load(weights_only=True): it holds "
-                             f"{what}, not only tensors (nothing in it was run).") from None
+            what = found.group(1).rstrip(".") if found else "other objects"
+            raise InputError(f"{path} was refused by torch.load(weights_only=True): it refers "
+                             f"to {what}, not only to tensors (nothing in it was run).") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
         raise InputError(f"{path} could not be read by torch.load(weights_only=True): "
                          f"{first.rstrip('.')}.") from None

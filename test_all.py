@@ -424,6 +424,206 @@ def test_ctrl_c_during_a_download_leaves_no_partial_file(tmp_path, monkeypatch):
     assert not destination.exists() and not list(tmp_path.iterdir())
 
 
+# ------------------------------------- weights: OpenAI's TF checkpoint, the book's .pth
+
+MINI_TF = TESTDATA / "gpt2-mini-tf"
+MINI_BOOK = TESTDATA / "gpt2-mini-book" / "gpt2-mini-book.pth"
+
+
+@pytest.fixture(scope="module")
+def hub_state():
+    return gpt.build_gpt(weights=str(MINI_WEIGHTS))[0].state_dict()
+
+
+@pytest.mark.parametrize("weights", [MINI_TF, MINI_BOOK])
+def test_openai_checkpoint_and_book_pth_give_the_hub_copys_weights_and_logits(
+        weights, hub_state):
+    model, config = gpt.build_gpt(weights=str(weights))
+    assert (config["emb_dim"], config["n_layers"], config["n_heads"],
+            config["context_length"]) == (16, 2, 2, 128)
+    assert all(torch.equal(t, hub_state[n]) for n, t in model.state_dict().items())
+    expected, _ = gpt.load_safetensors(MINI / "expected.safetensors")
+    with torch.no_grad():
+        logits = model.eval()(expected["input_ids"].long())
+    assert torch.allclose(logits[:, -1], expected["logits_last"], atol=1e-4)
+    assert torch.allclose(logits[..., :1024], expected["logits_first_1024"], atol=1e-4)
+
+
+def test_weights_paths_name_a_file_a_folder_or_any_file_of_openais_checkpoint(tmp_path):
+    data = MINI_TF / "model.ckpt.data-00000-of-00001"
+    for path in [MINI_TF, MINI_TF / "model.ckpt", MINI_TF / "model.ckpt.index", data,
+                 MINI_TF / "model.ckpt.meta", MINI_TF / "checkpoint", MINI_TF / "hparams.json"]:
+        assert gpt.find_weights(path) == ("tf", data), path
+    assert gpt.find_weights(MINI) == ("safetensors", MINI_WEIGHTS)
+    assert gpt.find_weights(MINI_WEIGHTS) == ("safetensors", MINI_WEIGHTS)
+    assert gpt.find_weights(MINI_BOOK) == ("pth", MINI_BOOK)
+    renamed = tmp_path / "weights.bin"  # torch.save's zip is known by its first bytes
+    shutil.copy(MINI_BOOK, renamed)
+    assert gpt.find_weights(renamed) == ("pth", renamed)
+    with pytest.raises(InputError, match="has neither a model.safetensors nor OpenAI's"):
+        gpt.find_weights(tmp_path)
+
+
+def flat_params(params, keys=()):
+    """The book's nested params as {("blocks", 0, "attn", "c_attn", "w"): tensor}."""
+    items = params.items() if isinstance(params, dict) else enumerate(params)
+    flat = {}
+    for key, value in items:
+        if isinstance(value, (dict, list)):
+            flat.update(flat_params(value, keys + (key,)))
+        else:
+            flat[keys + (key,)] = value
+    return flat
+
+
+def test_every_file_gives_the_books_nested_params():
+    flats = {}
+    for weights in (MINI_TF, MINI_BOOK, MINI_WEIGHTS):
+        settings, params = gpt.download_and_load_gpt2(weights=str(weights))
+        assert settings["emb_dim"] == 16 and len(params["blocks"]) == 2
+        assert params["blocks"][1]["attn"]["c_attn"]["w"].shape == (16, 48)  # (in, 3 * out)
+        assert params["blocks"][0]["mlp"]["c_fc"]["w"].shape == (16, 64)
+        assert params["blocks"][0]["ln_2"]["g"].shape == params["g"].shape == (16,)
+        flats[weights] = flat_params(params)
+    assert set(flats[MINI_TF]) == set(flats[MINI_WEIGHTS])
+    assert set(flats[MINI_BOOK]) == set(flats[MINI_TF]) | {("out_head",)}  # kept as given
+    for keys, tensor in flats[MINI_TF].items():
+        for other in (MINI_BOOK, MINI_WEIGHTS):
+            assert torch.equal(flats[other][keys].float(), tensor.float()), (other, keys)
+    assert flats[MINI_TF][("wte",)].dtype == torch.float16  # as stored: no copy made
+
+
+@pytest.mark.parametrize("weights", [MINI_TF, MINI_BOOK])
+def test_gpt_prints_the_hub_copys_greedy_continuation_from_each_form(
+        weights, capsys, monkeypatch, tokenizer):
+    monkeypatch.setattr(gpt, "get_tokenizer", lambda: tokenizer)  # loaded once per session
+    expected = json.loads((MINI / "expected.json").read_text())["greedy_8_new_tokens"]
+    gpt.main(["--weights", str(weights), "--max-new-tokens", "8", expected["prompt"]])
+    assert capsys.readouterr().out.strip() == expected["prompt"] + expected["continuation"]
+
+
+def test_a_fine_tune_starts_alike_from_each_form_and_its_lora_base_is_found(tmp_path, capsys):
+    data = three_class_tsv(tmp_path / "t.tsv", per_class=6)
+    lines = {}
+    for weights in (MINI_TF, MINI_BOOK):  # their weights equal the Hub copy's (above)
+        out = tmp_path / weights.name
+        finetune.main(["--data", str(data), "--weights", str(weights), "--trainable", "lora",
+                       "--lora-rank", "2", "--epochs", "1", "--batch-size", "4",
+                       "--out", str(out), "--no-baseline"])
+        lines[weights] = chapter_lines(capsys.readouterr().out)
+        lora = json.loads(gpt.read_safetensors_header(out / CHECKPOINT)[1]["lora"])
+        assert lora["path"] == str(gpt.weights_file(weights).resolve())
+        classify.load_classifier(out / CHECKPOINT)  # the base rebuilt from the same file
+    assert any(line.startswith("Ep 1 (Step 000000): Train loss") for line in lines[MINI_TF])
+    assert lines[MINI_TF] == lines[MINI_BOOK]
+    assert gpt.weights_file(MINI_TF) == MINI_TF / "model.ckpt.data-00000-of-00001"
+
+
+def index_with_dtype(index, name, dtype):
+    """The mini index with one variable's DataType changed and its block's
+    checksum recomputed, as a writer would have written it."""
+    footer = index[-gpt.TABLE_FOOTER_BYTES:]
+    _, pos = gpt.block_handle(footer)
+    index_handle, _ = gpt.block_handle(footer, pos)
+    [(_, handle)] = gpt.block_entries(index, index_handle)  # one data block
+    offset, size = gpt.block_handle(handle)[0]
+    block = bytearray(index[offset:offset + size])
+    at = block.index(name) + len(name)  # the first variable's key is stored whole
+    assert block[at:at + 2] == b"\x08\x01"  # field 1 (dtype) = DT_FLOAT
+    block[at + 1] = dtype
+    crc = struct.pack("<I", gpt.masked_crc32c(bytes(block) + b"\x00"))
+    return index[:offset] + bytes(block) + b"\x00" + crc + index[offset + size + 5:]
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda d: (d / "model.ckpt.index").write_bytes((d / "model.ckpt.index").read_bytes()[:500]),
+     "model.ckpt.index is not a valid TensorFlow checkpoint index: it does not end with a "
+     "table footer (truncated?)"),
+    (lambda d: (d / "model.ckpt.data-00000-of-00001").write_bytes(
+        (d / "model.ckpt.data-00000-of-00001").read_bytes()[:1_000_000]),
+     "model.ckpt.data-00000-of-00001 is truncated: variable model/wte ends at byte 1,642,784 "
+     "and the file has 1,000,000"),
+    (lambda d: (d / "model.ckpt.index").write_bytes(index_with_dtype(
+        (d / "model.ckpt.index").read_bytes(), b"model/h0/attn/c_attn/b", 3)),
+     "variable model/h0/attn/c_attn/b has dtype DT_INT32; GPT-2's weights are floats"),
+    (lambda d: (d / "hparams.json").write_text(json.dumps(
+        {"n_vocab": 50257, "n_ctx": 128, "n_embd": 32, "n_head": 2, "n_layer": 2})),
+     "has shape (50257, 16) and there are 2 layers, but"),
+    (lambda d: (d / "hparams.json").write_text(json.dumps(
+        {"n_vocab": 50257, "n_ctx": 128, "n_embd": 16, "n_head": 2, "n_layer": 1})),
+     "has a layer h1, but the model config has 1 layers"),
+    (lambda d: (d / "model.ckpt.index").write_bytes(
+        (d / "model.ckpt.index").read_bytes().replace(b"model/h0", b"model/h7", 1)),
+     "fails its crc32c check"),
+])
+def test_a_damaged_openai_checkpoint_is_a_one_line_error_naming_the_file(
+        tmp_path, damage, problem):
+    folder = tmp_path / "gpt2-mini-tf"
+    shutil.copytree(MINI_TF, folder)
+    damage(folder)
+    with pytest.raises(InputError) as error:
+        gpt.build_gpt(weights=str(folder))
+    message = str(error.value)
+    assert problem in message and str(folder) in message and "\n" not in message
+    assert gpt.crc32c(b"123456789") == 0xE3069283  # the standard check value of crc32c
+
+
+def test_a_pth_holding_more_than_tensors_is_refused_without_running_it(tmp_path, monkeypatch):
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("MARKER", str(marker))
+    path = tmp_path / "gpt2-small-124M.pth"
+    torch.save({"tok_emb.weight": RunsWhenUnpickled()}, path)
+    with pytest.raises(InputError, match=r"refused by torch\.load\(weights_only=True\): it "
+                                         r"refers to \S+, not only to tensors") as error:
+        gpt.build_gpt(weights=str(path))
+    assert "\n" not in str(error.value) and not marker.exists()
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(InputError, match="does not hold a state_dict"):
+        gpt.build_gpt(weights=str(path))
+
+
+def test_a_book_pth_without_its_config_is_checked_against_model(tmp_path):
+    shutil.copy(MINI_BOOK, tmp_path / "gpt2-mini-book.pth")
+    with pytest.raises(InputError, match=r"has shape \(50257, 16\) and there are 2 layers, "
+                                         r"but the model needs \(50257, 768\) and 12 layers"):
+        gpt.build_gpt("gpt2-small", str(tmp_path / "gpt2-mini-book.pth"))
+
+
+def test_pretrained_falls_back_to_openais_files_and_reads_them_where_chapter_5_left_them(
+        tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror" / "124M"  # OpenAI's URLs, as file:// URLs
+    shutil.copytree(MINI_TF, mirror)
+    monkeypatch.setattr(gpt, "HUB_URL", "http://127.0.0.1:9/{}")
+    monkeypatch.setattr(gpt, "OPENAI_URL", (tmp_path / "mirror").as_uri() + "/{size}/{file}")
+    models_dir = tmp_path / "gpt2"
+    model, config = gpt.build_gpt("gpt2-small", "pretrained", models_dir)
+    folder = models_dir / "124M"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(gpt.OPENAI_FILES)
+    assert all((folder / n).read_bytes() == (MINI_TF / n).read_bytes() for n in gpt.OPENAI_FILES)
+    assert config["emb_dim"] == 16  # from the downloaded hparams.json
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("downloaded again")
+
+    monkeypatch.setattr(gpt.urllib.request, "urlopen", no_network)
+    again, _ = gpt.build_gpt("gpt2-small", "pretrained", models_dir)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    assert gpt.weights_file("pretrained", "gpt2-small", models_dir) == \
+        folder / "model.ckpt.data-00000-of-00001"
+
+
+def test_help_of_every_command_names_the_three_weight_forms_and_the_folder_rule(capsys):
+    with pytest.raises(SystemExit):
+        gpt.main(["--help"])
+    helps = {"gpt.py": capsys.readouterr().out,
+             "finetune.py": finetune.build_parser().format_help(),
+             "classify.py": classify.build_parser().format_help()}
+    for name, text in helps.items():
+        text = " ".join(text.split())
+        for words in ["model.safetensors", "the book's .pth", "OpenAI's model.ckpt",
+                      "a folder holding a model.safetensors", "OpenAI's checkpoint"]:
+            assert words in text, (name, words)
+
 # ------------------------------------------------------------------------ data.py
 
 def test_real_tsv_reads_balances_and_splits_row_for_row_as_the_chapters_pandas(capsys):
