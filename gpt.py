@@ -720,15 +720,26 @@ def read_table(raw):
     return table
 
 
+def first_field(fields, number, kind):
+    """The first value of a field, of the type its wire type must give."""
+    value = fields.get(number, [kind()])[0]
+    if not isinstance(value, kind):
+        raise DamagedFile(f"field {number} of an entry has the wrong wire type")
+    return value
+
+
 def bundle_entry(value):
     """A BundleEntryProto -> (dtype, shape, shard, offset, size)."""
     fields = proto_fields(value)
     if 7 in fields:
         raise DamagedFile("a variable is stored in slices (partitioned), which is not read here")
-    dims = proto_fields(fields.get(2, [b""])[0]).get(2, [])
-    shape = tuple(proto_fields(dim).get(1, [0])[0] for dim in dims)
-    first = {number: fields.get(number, [0])[0] for number in (1, 3, 4, 5)}
-    return first[1], shape, first[3], first[4], first[5]
+    shape_fields = proto_fields(first_field(fields, 2, bytes))  # TensorShapeProto
+    dims = shape_fields.get(2, [])
+    if not all(isinstance(dim, bytes) for dim in dims):
+        raise DamagedFile("a shape of an entry is damaged")
+    shape = tuple(first_field(proto_fields(dim), 1, int) for dim in dims)
+    dtype, shard, offset, size = (first_field(fields, n, int) for n in (1, 3, 4, 5))
+    return dtype, shape, shard, offset, size
 
 
 def tf_data_file(prefix, shard, num_shards):
@@ -744,8 +755,8 @@ def read_tf_checkpoint(prefix):
     try:
         table = read_table(index.read_bytes())
         header = proto_fields(table.pop(b"", b""))  # BundleHeaderProto
-        num_shards = header.get(1, [1])[0]
-        if header.get(2, [0])[0] != 0:
+        num_shards = first_field(header, 1, int) or 1
+        if first_field(header, 2, int) != 0:
             raise DamagedFile("its data is big-endian")
         entries = {key.decode("utf-8", "replace"): bundle_entry(value)
                    for key, value in table.items()}

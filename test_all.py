@@ -519,20 +519,44 @@ def test_a_fine_tune_starts_alike_from_each_form_and_its_lora_base_is_found(tmp_
     assert gpt.weights_file(MINI_TF) == MINI_TF / "model.ckpt.data-00000-of-00001"
 
 
-def index_with_dtype(index, name, dtype):
-    """The mini index with one variable's DataType changed and its block's
-    checksum recomputed, as a writer would have written it."""
+def with_data_block(index, change):
+    """The mini index with its one data block changed by change(bytearray) and
+    the block's checksum recomputed, as a writer would have written it."""
     footer = index[-gpt.TABLE_FOOTER_BYTES:]
     _, pos = gpt.block_handle(footer)
     index_handle, _ = gpt.block_handle(footer, pos)
-    [(_, handle)] = gpt.block_entries(index, index_handle)  # one data block
+    [(_, handle)] = gpt.block_entries(index, index_handle)
     offset, size = gpt.block_handle(handle)[0]
     block = bytearray(index[offset:offset + size])
-    at = block.index(name) + len(name)  # the first variable's key is stored whole
-    assert block[at:at + 2] == b"\x08\x01"  # field 1 (dtype) = DT_FLOAT
-    block[at + 1] = dtype
+    change(block)
     crc = struct.pack("<I", gpt.masked_crc32c(bytes(block) + b"\x00"))
     return index[:offset] + bytes(block) + b"\x00" + crc + index[offset + size + 5:]
+
+
+def index_with_dtype(index, name, dtype):
+    def change(block):
+        at = block.index(name) + len(name)  # the first variable's key is stored whole
+        assert block[at:at + 2] == b"\x08\x01"  # field 1 (dtype) = DT_FLOAT
+        block[at + 1] = dtype
+    return with_data_block(index, change)
+
+
+def test_fuzzed_openai_index_entries_parse_or_raise_the_projects_error(tmp_path):
+    rng = random.Random(0)
+    folder = tmp_path / "gpt2-mini-tf"
+    shutil.copytree(MINI_TF, folder)
+    index = (MINI_TF / "model.ckpt.index").read_bytes()
+
+    def flip(block):  # past the checksum, to reach the entry parser
+        for _ in range(rng.randrange(1, 4)):
+            block[rng.randrange(len(block))] = rng.randrange(256)
+
+    for _ in range(150):
+        (folder / "model.ckpt.index").write_bytes(with_data_block(index, flip))
+        try:
+            gpt.read_tf_checkpoint(folder / "model.ckpt")
+        except InputError:
+            pass
 
 
 @pytest.mark.parametrize("damage, problem", [
