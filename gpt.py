@@ -523,14 +523,16 @@ def download_gpt2(model_name, models_dir="gpt2", flag="--weights"):
     except InputError as hub_error:
         size, folder = gpt2_folder(model_name, models_dir).name, path.parent
         hint = (f"download model.safetensors of openai-community/{HUB_NAMES[model_name]} "
-                f"yourself and pass it with {flag} PATH (or place it at {path})")
+                f"yourself and pass it with {flag} PATH (or place it, or chapter 5's "
+                f"OpenAI files, in {folder})")
         try:
             for name in OPENAI_FILES:  # the data file last: its presence means all are there
                 if not (folder / name).exists():
                     download_file(OPENAI_URL.format(size=size, file=name), folder / name,
                                   f"{what} ({name})", hint)
         except InputError as openai_error:
-            raise InputError(f"{hub_error} {openai_error}") from None
+            second = str(openai_error)
+            raise InputError(f"{hub_error} {second[:1].upper()}{second[1:]}") from None
         return folder / OPENAI_FILES[-1]
 
 
