@@ -748,12 +748,9 @@ def tf_data_file(prefix, shard, num_shards):
     return Path(f"{prefix}.data-{shard:05d}-of-{num_shards:05d}")
 
 
-def read_tf_checkpoint(prefix):
-    """{variable name: tensor} of a TensorFlow checkpoint (model.ckpt.index and its
-    data file), each tensor a view of the memory-mapped data file: nothing is
-    copied until used. Sizes, offsets, dtypes and the index's checksums are
-    checked; the data's own crc32c are not (see notes/weights.md)."""
-    index = Path(f"{prefix}.index")
+def read_tf_index(index):
+    """model.ckpt.index -> ({variable name: (dtype, shape, shard, offset, size)},
+    number of data files), each entry checked against its dtype and shape."""
     try:
         table = read_table(index.read_bytes())
         header = proto_fields(table.pop(b"", b""))  # BundleHeaderProto
@@ -766,24 +763,38 @@ def read_tf_checkpoint(prefix):
         raise InputError(f"{index} is not a valid TensorFlow checkpoint index: {e}.") from None
     except OSError as e:
         raise InputError(f"cannot read {index}: {e.strerror or e}.") from None
-    buffers = {}
-    tensors = {}
-    for name, (dtype, shape, shard, offset, size) in entries.items():
+    for name, (dtype, shape, _, _, size) in entries.items():
         if dtype not in TF_FLOAT_DTYPES:
             raise InputError(f"{index}: variable {name} has dtype "
                              f"{TF_DTYPE_NAMES.get(dtype, dtype)}; GPT-2's weights are "
                              f"floats (DT_FLOAT, DT_HALF, DT_BFLOAT16 or DT_DOUBLE).")
-        torch_dtype, item_size = TF_FLOAT_DTYPES[dtype]
-        if size != math.prod(shape) * item_size:
+        needed = math.prod(shape) * TF_FLOAT_DTYPES[dtype][1]
+        if size != needed:
             raise InputError(f"{index}: variable {name} has {size:,} bytes but "
-                             f"{TF_DTYPE_NAMES[dtype]} x {list(shape)} needs "
-                             f"{math.prod(shape) * item_size:,}.")
+                             f"{TF_DTYPE_NAMES[dtype]} x {list(shape)} needs {needed:,}.")
+    spans = sorted((shard, offset, offset + size, name)
+                   for name, (_, _, shard, offset, size) in entries.items() if size)
+    for (sh1, _, e1, n1), (sh2, s2, _, n2) in zip(spans, spans[1:]):
+        if sh1 == sh2 and s2 < e1:
+            raise InputError(f"{index}: variables {n1} and {n2} overlap in the data file.")
+    return entries, num_shards
+
+
+def read_tf_checkpoint(prefix):
+    """{variable name: tensor} of a TensorFlow checkpoint (model.ckpt.index and its
+    data file), each tensor a view of the memory-mapped data file: nothing is
+    copied until used. Sizes, offsets, dtypes and the index's checksums are
+    checked; the data's own crc32c are not (see notes/weights.md)."""
+    entries, num_shards = read_tf_index(Path(f"{prefix}.index"))
+    buffers, tensors = {}, {}
+    for name, (dtype, shape, shard, offset, size) in entries.items():
+        data_file = tf_data_file(prefix, shard, num_shards)
         if shard not in buffers:
-            buffers[shard] = map_data_file(tf_data_file(prefix, shard, num_shards))
+            buffers[shard] = map_data_file(data_file)
         if offset + size > len(buffers[shard]):
-            raise InputError(f"{tf_data_file(prefix, shard, num_shards)} is truncated: variable "
-                             f"{name} ends at byte {offset + size:,} and the file has "
-                             f"{len(buffers[shard]):,}.")
+            raise InputError(f"{data_file} is truncated: variable {name} ends at byte "
+                             f"{offset + size:,} and the file has {len(buffers[shard]):,}.")
+        torch_dtype, item_size = TF_FLOAT_DTYPES[dtype]
         flat = torch.frombuffer(buffers[shard], dtype=torch_dtype, count=size // item_size,
                                 offset=offset) if size else torch.empty(0, dtype=torch_dtype)
         tensors[name] = flat.view(shape)

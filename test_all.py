@@ -533,11 +533,11 @@ def with_data_block(index, change):
     return index[:offset] + bytes(block) + b"\x00" + crc + index[offset + size + 5:]
 
 
-def index_with_dtype(index, name, dtype):
+def index_replacing(index, old, new):
+    """The mini index with bytes old of its data block replaced by new (as long)."""
     def change(block):
-        at = block.index(name) + len(name)  # the first variable's key is stored whole
-        assert block[at:at + 2] == b"\x08\x01"  # field 1 (dtype) = DT_FLOAT
-        block[at + 1] = dtype
+        at = block.index(old)
+        block[at:at + len(old)] = new
     return with_data_block(index, change)
 
 
@@ -567,9 +567,13 @@ def test_fuzzed_openai_index_entries_parse_or_raise_the_projects_error(tmp_path)
         (d / "model.ckpt.data-00000-of-00001").read_bytes()[:1_000_000]),
      "model.ckpt.data-00000-of-00001 is truncated: variable model/wte ends at byte 1,642,784 "
      "and the file has 1,000,000"),
-    (lambda d: (d / "model.ckpt.index").write_bytes(index_with_dtype(
-        (d / "model.ckpt.index").read_bytes(), b"model/h0/attn/c_attn/b", 3)),
+    (lambda d: (d / "model.ckpt.index").write_bytes(index_replacing(  # dtype: DT_INT32
+        (d / "model.ckpt.index").read_bytes(), b"c_attn/b\x08\x01", b"c_attn/b\x08\x03")),
      "variable model/h0/attn/c_attn/b has dtype DT_INT32; GPT-2's weights are floats"),
+    (lambda d: (d / "model.ckpt.index").write_bytes(index_replacing(  # offset 192 -> 128
+        (d / "model.ckpt.index").read_bytes(), b"\x20\xc0\x01\x28\x80\x18",
+        b"\x20\x80\x01\x28\x80\x18")),
+     "variables model/h0/attn/c_attn/b and model/h0/attn/c_attn/w overlap"),
     (lambda d: (d / "hparams.json").write_text(json.dumps(
         {"n_vocab": 50257, "n_ctx": 128, "n_embd": 32, "n_head": 2, "n_layer": 2})),
      "has shape (50257, 16) and there are 2 layers, but"),
