@@ -371,7 +371,8 @@ def lora_base_file(lora, checkpoint, base_weights=None):
     finetune.py read it, else (for pretrained weights) the Hub's file downloaded
     into gpt2/. It must be the very file the adapters were trained on."""
     if base_weights:
-        weights = weights_file(base_weights, flag="--base-weights")  # a folder or OpenAI's prefix: the file itself
+        # a folder or OpenAI's prefix names a file: the one fingerprinted
+        weights = weights_file(base_weights, flag="--base-weights")
     elif Path(lora["path"]).is_file() or lora["weights"] != "pretrained":
         weights = Path(lora["path"])
     else:

@@ -664,7 +664,9 @@ def proto_fields(raw):
                 size, pos = read_varint(raw, pos)
             if pos + size > len(raw):
                 raise DamagedFile("a field runs past the end of its entry")
-            value = raw[pos:pos + size] if wire == 2 else int.from_bytes(raw[pos:pos + size], "little")
+            value = raw[pos:pos + size]
+            if wire != 2:
+                value = int.from_bytes(value, "little")
             pos += size
         else:
             raise DamagedFile(f"an entry has a field of unknown wire type {wire}")
@@ -680,7 +682,8 @@ def block_entries(raw, handle):
     block, kind = raw[offset:offset + size], raw[offset + size]
     (stored_crc,) = struct.unpack("<I", raw[offset + size + 1:offset + size + 5])
     if kind != 0:
-        raise DamagedFile(f"a block is compressed (type {kind}); TensorFlow writes them uncompressed")
+        raise DamagedFile(f"a block is compressed (type {kind}); TensorFlow writes them "
+                          f"uncompressed")
     if masked_crc32c(block + bytes([kind])) != stored_crc:
         raise DamagedFile(f"the block at byte {offset:,} fails its crc32c check")
     if size < 4:
