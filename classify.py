@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 from gpt import (MODEL_NAMES, GPTModel, InputError, check_config, check_floating,
-                 download_gpt2, get_tokenizer, load_gpt2_file,
+                 download_gpt2, file_fingerprint, get_tokenizer, load_gpt2_file,
                  load_safetensors, model_config, progress, read_safetensors_header, run_cli,
-                 save_safetensors, tensor_bytes, write_all)
+                 save_safetensors, tensor_bytes, weights_file, write_all)
 import torch
 from data import PAD_TOKEN_ID, SPAM_CLASS_NAMES, encode, pad_ids
 
@@ -439,10 +439,11 @@ def lora_base_file(lora, checkpoint, base_weights=None):
     """The base weights file of a LoRA checkpoint: --base-weights, else where
     finetune.py read it, else (for pretrained weights) the Hub's file downloaded
     into gpt2/. It must be the very file the adapters were trained on: its size
-    is checked here, its sha256 by lora_base while it reads the file. Returns
+    is checked here, its sha256 by lora_base. Returns
     the path and the hint an error about it gives."""
     if base_weights:
-        weights = Path(base_weights)
+        # a folder or OpenAI's prefix names a file: the one fingerprinted
+        weights = weights_file(base_weights, flag="--base-weights")
     elif Path(lora["path"]).is_file() or lora["weights"] != "pretrained":
         weights = Path(lora["path"])
     else:
@@ -477,10 +478,9 @@ def lora_base(info, checkpoint, base_weights=None):
         gpt = GPTModel(config)
     else:
         weights, hint = lora_base_file(lora, checkpoint, base_weights)
-        digest = hashlib.sha256()  # fed while the file is read: one pass, not two
-        gpt = load_gpt2_file(weights, config, digest)
-        if digest.hexdigest() != lora["sha256"]:
+        if file_fingerprint(weights)[1] != lora["sha256"]:  # the one pass over the file
             raise not_the_base(weights, checkpoint, hint)
+        gpt = load_gpt2_file(weights, config)
     with torch.device("meta"):
         gpt.out_head = torch.nn.Linear(config["emb_dim"], info["num_classes"])
         replace_linear_with_lora(gpt.trf_blocks, lora["rank"], lora["alpha"])
@@ -1170,8 +1170,11 @@ def build_parser():
                         help="the classifier finetune.py saved (default: %(default)s)")
     parser.add_argument("--base-weights", metavar="PATH",
                         help="for a checkpoint of finetune.py --trainable lora: the base "
-                             "model.safetensors its adapters sit on, where it is no longer "
-                             "where finetune.py read it (checked by size and sha256)")
+                             "weights its adapters sit on, where they are no longer where "
+                             "finetune.py read them: a model.safetensors, the book's .pth or "
+                             "OpenAI's model.ckpt (its prefix or any of its files), or a "
+                             "folder holding a model.safetensors or OpenAI's checkpoint; "
+                             "checked by size and sha256 (of OpenAI's data file)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to run the model (default: %(default)s)")
     parser.add_argument("--all", action="store_true",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gpt import (InputError, MODEL_NAMES, build_gpt, download_gpt2, file_fingerprint,
                  get_tokenizer, gpt2_weights_path, interrupted_status, progress, run_cli,
-                 weights_config)
+                 weights_config, weights_file)
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -534,13 +534,18 @@ def build_parser():
                         help="where to train (section 6.6's device); auto picks cuda, then "
                              "mps (torch >= 2.9), then cpu")
     parser.add_argument("--model", default="gpt2-small", choices=list(MODEL_NAMES),
-                        help="GPT-2 size (section 6.4's CHOOSE_MODEL); a config.json beside "
-                             "--weights PATH overrides it")
+                        help="GPT-2 size (section 6.4's CHOOSE_MODEL); a config.json (or "
+                             "OpenAI's hparams.json) beside --weights PATH overrides it")
     parser.add_argument("--weights", default="pretrained",
-                        help="'pretrained' (the Hub's model.safetensors, downloaded once "
-                             "into gpt2/<size>/; section 6.4), 'random' (untrained: appendix "
-                             "B's random-weights experiment, and timing), or the path of a "
-                             "local model.safetensors")
+                        help="'pretrained' (section 6.4: gpt2/<size>/ as chapter 5 left it "
+                             "with OpenAI's checkpoint, else the Hub's model.safetensors "
+                             "downloaded there once, else OpenAI's files), 'random' "
+                             "(untrained: appendix B's random-weights experiment, and "
+                             "timing), or a local file: a model.safetensors (Hub layout), "
+                             "the book's .pth, or OpenAI's model.ckpt (its prefix or any "
+                             "of its files); or a folder holding a model.safetensors (+ "
+                             "config.json) or OpenAI's checkpoint (hparams.json, "
+                             "model.ckpt.*)")
     parser.add_argument("--data", metavar="PATH",
                         help="a local SMSSpamCollection TSV or the UCI zip, instead of "
                              "downloading it into sms_spam_collection/ (listing 6.1); or your own data: "
@@ -713,7 +718,7 @@ def lora_description(args):
     lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "model": args.model,
             "weights": args.weights, "seed": args.seed}
     if args.weights != "random":
-        path = gpt2_weights_path(args.model) if args.weights == "pretrained" else args.weights
+        path = weights_file(args.weights, args.model)  # for OpenAI's checkpoint: its data file
         lora["path"] = str(Path(path).resolve())
         lora["bytes"], lora["sha256"] = file_fingerprint(path)
     return lora
@@ -775,8 +780,8 @@ def download_before_process_group(model_name, local_rank):
     them if the download fails)."""
     if local_rank == 0:
         download_gpt2(model_name)
-    path = gpt2_weights_path(model_name)
-    while not path.exists():
+    # asked anew each time: where the Hub fails, OpenAI's files arrive instead
+    while not gpt2_weights_path(model_name).exists():
         time.sleep(1)
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import mmap
 import os
+import re
 import signal
 import struct
 import sys
@@ -392,27 +393,6 @@ def _tensor_from_bytes(buffer, entry, offset=0):
     return flat.view(shape)
 
 
-def iter_safetensors(path, digest=None):
-    """Yields (name, tensor) one tensor at a time, so that loading a model needs
-    the model's memory plus one tensor, even for gpt2-xl. The tensors come in
-    the order of their offsets: as they tile the data area, `digest` (a hashlib
-    object), when given, sees every byte of the file once, in order."""
-    entries, _ = read_safetensors_header(path)
-    with open(path, "rb") as f:
-        if digest is not None:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            f.seek(0)
-            digest.update(f.read(8 + header_len))
-        for name, entry in sorted(entries.items(), key=lambda item: item[1][2]):
-            f.seek(entry[2])
-            data = bytearray(entry[3] - entry[2])
-            if f.readinto(data) != len(data):
-                raise InputError(f"{path} is truncated: tensor {name!r} is incomplete.")
-            if digest is not None:
-                digest.update(data)
-            yield name, _tensor_from_bytes(data, entry, offset=entry[2])
-
-
 def load_safetensors(path):
     """All tensors of a file as views of a copy-on-write memory map, and the
     metadata: nothing is copied until used, so a checkpoint opens at once."""
@@ -492,6 +472,12 @@ def write_all(fd, data, offset=None):
 HUB_NAMES = {"gpt2-small": "gpt2", "gpt2-medium": "gpt2-medium",
              "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl"}
 HUB_URL = "https://huggingface.co/openai-community/{}/resolve/main/model.safetensors"
+# where chapter 5's gpt_download.py fetches OpenAI's original release
+OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models/{size}/{file}"
+# the files of that release read here, the data file last (the release also
+# holds model.ckpt.meta, encoder.json and vocab.bpe: tiktoken has the last two)
+OPENAI_FILES = ["checkpoint", "hparams.json", "model.ckpt.index",
+                "model.ckpt.data-00000-of-00001"]
 
 
 def download_file(url, destination, what, hint):
@@ -532,22 +518,50 @@ def download_file(url, destination, what, hint):
     return destination
 
 
-def gpt2_weights_path(model_name, models_dir="gpt2"):
+def gpt2_folder(model_name, models_dir="gpt2"):
+    """gpt2/124M/ for gpt2-small: where chapter 5 leaves OpenAI's files."""
     size = MODEL_NAMES[model_name].split("(")[-1].rstrip(")")  # "124M"
-    return Path(models_dir) / size / "model.safetensors"
+    return Path(models_dir) / size
+
+
+def gpt2_weights_path(model_name, models_dir="gpt2"):
+    """The file --weights pretrained reads in gpt2/<size>/: the Hub's
+    model.safetensors, else OpenAI's checkpoint where chapter 5 left it (its data
+    file, the last one downloaded), else model.safetensors, where a download goes."""
+    folder = gpt2_folder(model_name, models_dir)
+    hub_file, openai_data = folder / "model.safetensors", folder / OPENAI_FILES[-1]
+    if not hub_file.exists() and openai_data.exists():
+        return openai_data
+    return hub_file
 
 
 def download_gpt2(model_name, models_dir="gpt2", flag="--weights"):
-    """The Hub's model.safetensors of one GPT-2 size, skipped when present; a
-    failure names `flag`, the option of the calling command that takes a file."""
+    """The weights of one GPT-2 size in gpt2/<size>/, downloaded once: the Hub's
+    model.safetensors, or where the Hub cannot be reached, OpenAI's original
+    files from the URLs chapter 5 uses. Returns the file to read (as
+    gpt2_weights_path); a failure names `flag`, the option of the calling
+    command that takes a local file."""
     path = gpt2_weights_path(model_name, models_dir)
     if path.exists():
         return path
-    return download_file(
-        HUB_URL.format(HUB_NAMES[model_name]), path,
-        f"the {model_name} weights",
-        f"download model.safetensors of openai-community/{HUB_NAMES[model_name]} "
-        f"yourself and pass it with {flag} PATH (or place it at {path})")
+    what = f"the {model_name} weights"
+    try:
+        return download_file(HUB_URL.format(HUB_NAMES[model_name]), path, what,
+                             "OpenAI's original files were tried next")
+    except InputError as hub_error:
+        size, folder = gpt2_folder(model_name, models_dir).name, path.parent
+        hint = (f"download model.safetensors of openai-community/{HUB_NAMES[model_name]} "
+                f"yourself and pass it with {flag} PATH (or place it, or chapter 5's "
+                f"OpenAI files, in {folder})")
+        try:
+            for name in OPENAI_FILES:  # the data file last: its presence means all are there
+                if not (folder / name).exists():
+                    download_file(OPENAI_URL.format(size=size, file=name), folder / name,
+                                  f"{what} ({name})", hint)
+        except InputError as openai_error:
+            second = str(openai_error)
+            raise InputError(f"{hub_error} {second[:1].upper()}{second[1:]}") from None
+        return folder / OPENAI_FILES[-1]
 
 
 def file_fingerprint(path):
@@ -559,17 +573,31 @@ def file_fingerprint(path):
     return os.path.getsize(path), digest.hexdigest()
 
 
-def config_from_hub_json(path):
-    """Our config from a Hub-style config.json (n_embd, n_layer, ...)."""
+# our config key -> its name in a Hub config.json, OpenAI's hparams.json and the
+# book's config dict (as beside a .pth)
+CONFIG_NAMES = {
+    "hub": {"vocab_size": "vocab_size", "context_length": "n_positions",
+            "emb_dim": "n_embd", "n_layers": "n_layer", "n_heads": "n_head"},
+    "openai": {"vocab_size": "n_vocab", "context_length": "n_ctx",
+               "emb_dim": "n_embd", "n_layers": "n_layer", "n_heads": "n_head"},
+    "book": {"vocab_size": "vocab_size", "context_length": "context_length",
+             "emb_dim": "emb_dim", "n_layers": "n_layers", "n_heads": "n_heads"},
+}
+
+
+def config_from_json(path, naming=None):
+    """Our config from a JSON file of hyper-parameters in one of CONFIG_NAMES'
+    namings; naming None: the Hub's where the file has n_embd, else the book's."""
     try:
-        hub = json.loads(Path(path).read_text(encoding="utf-8"))
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"cannot read the model config {path}: {e}.") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: the model config is not a JSON object.")
+    names = CONFIG_NAMES[naming or ("hub" if "n_embd" in raw else "book")]
     config = dict(BASE_CONFIG)
-    for ours, theirs in [("vocab_size", "vocab_size"), ("context_length", "n_positions"),
-                         ("emb_dim", "n_embd"), ("n_layers", "n_layer"), ("n_heads", "n_head")]:
-        value = hub.get(theirs, config.get(ours)) if isinstance(hub, dict) else None
-        config[ours] = value
+    for ours, theirs in names.items():
+        config[ours] = raw.get(theirs, config.get(ours))
     return check_config(config, path)
 
 
@@ -592,141 +620,602 @@ def check_config(config, source):
     return config
 
 
-def hf_key_targets(gpt):
-    """Hub tensor name -> [(GPTModel parameter, how to turn the Hub tensor into it)].
-    The Hub stores Conv1D weights as (in, out), Linear wants (out, in): transpose."""
+# -------------------------------------------- OpenAI's TensorFlow checkpoint, by hand
+
+# The .index file is a LevelDB-format table (TensorFlow's tensor_bundle): sorted
+# keys, each a variable name, whose values are BundleEntryProto messages saying
+# where in the data file its bytes are. Read here without TensorFlow or protobuf.
+TABLE_MAGIC = 0xDB4775248B80FB57
+TABLE_FOOTER_BYTES = 48  # two block handles, padding, the magic
+# TensorFlow's DataType numbers: the floats a GPT-2 can be stored in -> (torch dtype, bytes)
+TF_FLOAT_DTYPES = {1: (torch.float32, 4), 2: (torch.float64, 8), 14: (torch.bfloat16, 2),
+                   19: (torch.float16, 2)}
+TF_DTYPE_NAMES = {1: "DT_FLOAT", 2: "DT_DOUBLE", 3: "DT_INT32", 4: "DT_UINT8",
+                  5: "DT_INT16", 6: "DT_INT8", 7: "DT_STRING", 9: "DT_INT64", 10: "DT_BOOL",
+                  14: "DT_BFLOAT16", 19: "DT_HALF"}
+
+
+def crc32c_table():
+    table = []
+    for n in range(256):
+        for _ in range(8):
+            n = (n >> 1) ^ (0x82F63B78 if n & 1 else 0)  # the Castagnoli polynomial, reflected
+        table.append(n)
+    return table
+
+
+CRC32C_TABLE = crc32c_table()
+
+
+def crc32c(data):
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data):
+    """The form LevelDB stores a block's checksum in (rotated, plus a constant)."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+class DamagedFile(Exception):
+    """A problem inside a checkpoint file; the caller names the file."""
+
+
+def read_varint(raw, pos):
+    """A protobuf/LevelDB varint at raw[pos:] -> (value, position after it)."""
+    value = shift = 0
+    while True:
+        if pos >= len(raw) or shift > 63:
+            raise DamagedFile("a number runs past its end")
+        byte = raw[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
+def proto_fields(raw):
+    """Protobuf wire format -> {field number: [values]}: varints and fixed
+    numbers as ints, length-delimited fields (strings, messages) as bytes."""
+    fields, pos = {}, 0
+    while pos < len(raw):
+        tag, pos = read_varint(raw, pos)
+        wire = tag & 7
+        if wire == 0:
+            value, pos = read_varint(raw, pos)
+        elif wire in (1, 2, 5):
+            size = {1: 8, 5: 4}.get(wire)
+            if size is None:
+                size, pos = read_varint(raw, pos)
+            if pos + size > len(raw):
+                raise DamagedFile("a field runs past the end of its entry")
+            value = raw[pos:pos + size]
+            if wire != 2:
+                value = int.from_bytes(value, "little")
+            pos += size
+        else:
+            raise DamagedFile(f"an entry has a field of unknown wire type {wire}")
+        fields.setdefault(tag >> 3, []).append(value)
+    return fields
+
+
+def block_entries(raw, handle):
+    """The (key, value) pairs of one table block; its checksum is checked first."""
+    (offset, size), end = handle, len(raw) - TABLE_FOOTER_BYTES
+    if offset + size + 5 > end:
+        raise DamagedFile(f"a block at byte {offset:,} runs past the end of the file (truncated?)")
+    block, kind = raw[offset:offset + size], raw[offset + size]
+    (stored_crc,) = struct.unpack("<I", raw[offset + size + 1:offset + size + 5])
+    if kind != 0:
+        raise DamagedFile(f"a block is compressed (type {kind}); TensorFlow writes them "
+                          f"uncompressed")
+    if masked_crc32c(block + bytes([kind])) != stored_crc:
+        raise DamagedFile(f"the block at byte {offset:,} fails its crc32c check")
+    if size < 4:
+        raise DamagedFile(f"the block at byte {offset:,} is too short")
+    (num_restarts,) = struct.unpack("<I", block[-4:])
+    entries_end = size - 4 - 4 * num_restarts
+    if entries_end < 0:
+        raise DamagedFile(f"the block at byte {offset:,} is too short")
+    entries, pos, key = [], 0, b""
+    while pos < entries_end:
+        shared, pos = read_varint(block, pos)
+        own, pos = read_varint(block, pos)
+        value_size, pos = read_varint(block, pos)
+        if shared > len(key) or pos + own + value_size > entries_end:
+            raise DamagedFile(f"an entry of the block at byte {offset:,} is damaged")
+        key = key[:shared] + block[pos:pos + own]  # keys share a prefix with the one before
+        entries.append((key, block[pos + own:pos + own + value_size]))
+        pos += own + value_size
+    return entries
+
+
+def block_handle(raw, pos=0):
+    offset, pos = read_varint(raw, pos)
+    size, pos = read_varint(raw, pos)
+    return (offset, size), pos
+
+
+def read_table(raw):
+    """A LevelDB-format table (uncompressed) -> {key: value}: the footer points at
+    the index block, whose values point at the data blocks."""
+    if len(raw) < TABLE_FOOTER_BYTES or struct.unpack("<Q", raw[-8:])[0] != TABLE_MAGIC:
+        raise DamagedFile("it does not end with a table footer (truncated?)")
+    footer = raw[-TABLE_FOOTER_BYTES:]
+    _, pos = block_handle(footer)  # the metaindex block: TensorFlow leaves it empty
+    index_handle, _ = block_handle(footer, pos)
+    table = {}
+    for _, handle in block_entries(raw, index_handle):
+        table.update(block_entries(raw, block_handle(handle)[0]))
+    return table
+
+
+def first_field(fields, number, kind):
+    """The first value of a field, of the type its wire type must give."""
+    value = fields.get(number, [kind()])[0]
+    if not isinstance(value, kind):
+        raise DamagedFile(f"field {number} of an entry has the wrong wire type")
+    return value
+
+
+def bundle_entry(value):
+    """A BundleEntryProto -> (dtype, shape, shard, offset, size)."""
+    fields = proto_fields(value)
+    if 7 in fields:
+        raise DamagedFile("a variable is stored in slices (partitioned), which is not read here")
+    shape_fields = proto_fields(first_field(fields, 2, bytes))  # TensorShapeProto
+    dims = shape_fields.get(2, [])
+    if not all(isinstance(dim, bytes) for dim in dims):
+        raise DamagedFile("a shape of an entry is damaged")
+    shape = tuple(first_field(proto_fields(dim), 1, int) for dim in dims)
+    dtype, shard, offset, size = (first_field(fields, n, int) for n in (1, 3, 4, 5))
+    return dtype, shape, shard, offset, size
+
+
+def tf_data_file(prefix, shard, num_shards):
+    return Path(f"{prefix}.data-{shard:05d}-of-{num_shards:05d}")
+
+
+def read_tf_index(index):
+    """model.ckpt.index -> ({variable name: (dtype, shape, shard, offset, size)},
+    number of data files), each entry checked against its dtype and shape."""
+    try:
+        table = read_table(index.read_bytes())
+        header = proto_fields(table.pop(b"", b""))  # BundleHeaderProto
+        num_shards = first_field(header, 1, int) or 1
+        if first_field(header, 2, int) != 0:
+            raise DamagedFile("its data is big-endian")
+        entries = {key.decode("utf-8", "replace"): bundle_entry(value)
+                   for key, value in table.items()}
+    except DamagedFile as e:
+        raise InputError(f"{index} is not a valid TensorFlow checkpoint index: {e}.") from None
+    except OSError as e:
+        raise InputError(f"cannot read {index}: {e.strerror or e}.") from None
+    for name, (dtype, shape, _, _, size) in entries.items():
+        if dtype not in TF_FLOAT_DTYPES:
+            raise InputError(f"{index}: variable {name} has dtype "
+                             f"{TF_DTYPE_NAMES.get(dtype, dtype)}; GPT-2's weights are "
+                             f"floats (DT_FLOAT, DT_HALF, DT_BFLOAT16 or DT_DOUBLE).")
+        needed = math.prod(shape) * TF_FLOAT_DTYPES[dtype][1]
+        if size != needed:
+            raise InputError(f"{index}: variable {name} has {size:,} bytes but "
+                             f"{TF_DTYPE_NAMES[dtype]} x {list(shape)} needs {needed:,}.")
+    spans = sorted((shard, offset, offset + size, name)
+                   for name, (_, _, shard, offset, size) in entries.items() if size)
+    for (sh1, _, e1, n1), (sh2, s2, _, n2) in zip(spans, spans[1:]):
+        if sh1 == sh2 and s2 < e1:
+            raise InputError(f"{index}: variables {n1} and {n2} overlap in the data file.")
+    return entries, num_shards
+
+
+def read_tf_checkpoint(prefix):
+    """{variable name: tensor} of a TensorFlow checkpoint (model.ckpt.index and its
+    data file), each tensor a view of the memory-mapped data file: nothing is
+    copied until used. Sizes, offsets, dtypes and the index's checksums are
+    checked; the data's own crc32c are not (see notes/weights.md)."""
+    entries, num_shards = read_tf_index(Path(f"{prefix}.index"))
+    buffers, tensors = {}, {}
+    for name, (dtype, shape, shard, offset, size) in entries.items():
+        data_file = tf_data_file(prefix, shard, num_shards)
+        if shard not in buffers:
+            buffers[shard] = map_data_file(data_file)
+        if offset + size > len(buffers[shard]):
+            raise InputError(f"{data_file} is truncated: variable {name} ends at byte "
+                             f"{offset + size:,} and the file has {len(buffers[shard]):,}.")
+        torch_dtype, item_size = TF_FLOAT_DTYPES[dtype]
+        flat = torch.frombuffer(buffers[shard], dtype=torch_dtype, count=size // item_size,
+                                offset=offset) if size else torch.empty(0, dtype=torch_dtype)
+        tensors[name] = flat.view(shape)
+    return tensors
+
+
+def map_data_file(path):
+    """A copy-on-write memory map of a whole file (b"" when empty)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}.") from None
+
+
+# ------------------------------------------- the book's params, from any of three files
+
+def params_from_tf(variables, n_layers, source):
+    """The book's load_gpt2_params_from_tf_ckpt without TensorFlow: OpenAI's names
+    ("model/h0/attn/c_attn/w") become nested keys (params["blocks"][0]["attn"]
+    ["c_attn"]["w"]), each array squeezed ([1, in, out] -> (in, out))."""
+    params = {"blocks": [{} for _ in range(n_layers)]}
+    for name, tensor in variables.items():
+        parts = name.split("/")[1:]  # without the "model/" prefix
+        if not name.startswith("model/") or not parts:
+            continue
+        target = params
+        if parts[0][:1] == "h" and parts[0][1:].isdigit():
+            layer = int(parts[0][1:])
+            if layer >= n_layers:
+                raise InputError(f"{source} has a layer {parts[0]}, but the model config "
+                                 f"has {n_layers} layers.")
+            target = params["blocks"][layer]
+        for key in parts[1:-1]:
+            target = target.setdefault(key, {})
+        target[parts[-1]] = tensor.squeeze()
+    return params
+
+
+def params_from_hub(tensors):
+    """The Hub's names ("h.0.attn.c_attn.weight", Conv1D weights already (in, out))
+    -> the book's nested params; the h.N.attn.bias mask buffers are left out."""
+    params = {"blocks": []}
+    for name, tensor in tensors.items():
+        parts = name.removeprefix("transformer.").split(".")
+        if parts[:1] in (["wte"], ["wpe"]) and parts[1:] == ["weight"]:
+            params[parts[0]] = tensor
+        elif parts[0] == "ln_f" and len(parts) == 2:
+            params[{"weight": "g", "bias": "b"}.get(parts[1], parts[1])] = tensor
+        elif parts[0] == "h" and len(parts) in (4, 5) and parts[1].isdigit() and \
+                parts[-1] in ("weight", "bias") and parts[2:4] != ["attn", "bias"]:
+            blocks = params["blocks"]
+            blocks.extend({} for _ in range(int(parts[1]) + 1 - len(blocks)))
+            target = blocks[int(parts[1])]
+            for key in parts[2:-1]:
+                target = target.setdefault(key, {})
+            layer_norm = parts[2].startswith("ln_")
+            target[{"weight": "g" if layer_norm else "w", "bias": "b"}[parts[-1]]] = tensor
+    return params
+
+
+# the book's GPTModel names inside a block -> where the tensor goes in params
+BOOK_BLOCK_NAMES = {
+    "att.out_proj": ("attn", "c_proj"), "ff.layers.0": ("mlp", "c_fc"),
+    "ff.layers.2": ("mlp", "c_proj"), "norm1": ("ln_1",), "norm2": ("ln_2",)}
+
+
+def params_from_book(state):
+    """The book's state_dict (.pth) -> its nested params: Linear weights back to
+    (in, out), W_query/W_key/W_value fused into c_attn as OpenAI stores them, the
+    att.mask buffers left out and out_head kept as given (the book ties it to wte
+    only when loading OpenAI's weights)."""
+    params = {"blocks": []}
+    top = {"tok_emb.weight": "wte", "pos_emb.weight": "wpe", "final_norm.scale": "g",
+           "final_norm.shift": "b", "out_head.weight": "out_head"}
+    fused = {}  # block -> {"W_query.weight": tensor, ...}
+    for name, tensor in state.items():
+        if name in top:
+            params[top[name]] = tensor
+            continue
+        parts = name.split(".")
+        if parts[0] != "trf_blocks" or not parts[1].isdigit():
+            continue
+        layer, module, leaf = int(parts[1]), ".".join(parts[2:-1]), parts[-1]
+        params["blocks"].extend({} for _ in range(layer + 1 - len(params["blocks"])))
+        if module in ("att.W_query", "att.W_key", "att.W_value"):
+            fused.setdefault(layer, {})[f"{module[4:]}.{leaf}"] = tensor
+        elif module in BOOK_BLOCK_NAMES:
+            target = params["blocks"][layer]
+            for key in BOOK_BLOCK_NAMES[module]:
+                target = target.setdefault(key, {})
+            key = {"scale": "g", "shift": "b", "weight": "w", "bias": "b"}.get(leaf, leaf)
+            target[key] = tensor.T if leaf == "weight" else tensor
+    for layer, parts in fused.items():
+        c_attn = params["blocks"][layer].setdefault("attn", {}).setdefault("c_attn", {})
+        for leaf, key in (("weight", "w"), ("bias", "b")):
+            qkv = [parts.get(f"{m}.{leaf}") for m in ("W_query", "W_key", "W_value")]
+            if all(t is not None for t in qkv):  # a missing one is reported as missing
+                # (in, 3 * out): the one copy this format needs, a quarter of a block
+                c_attn[key] = torch.cat([t.T if leaf == "weight" else t for t in qkv], dim=-1)
+    return params
+
+
+def read_pth(path):
+    """The book's .pth: torch.load with weights_only=True, which refuses anything
+    but tensors and plain containers (no code runs), memory-mapped."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several kinds for a damaged or unsafe file
+        if "Weights only load failed" in str(e):
+            # torch names the class it refused: "Unsupported global: GLOBAL m.C"
+            # (torch 2.4+) or "Unsupported class m.C" (earlier)
+            found = re.search(r"Unsupported (?:global: GLOBAL |class )(\S+)", str(e))
+            what = found.group(1).rstrip(".") if found else "other objects"
+            raise InputError(f"{path} was refused by torch.load(weights_only=True): it refers "
+                             f"to {what}, not only to tensors (nothing in it was run).") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise InputError(f"{path} could not be read by torch.load(weights_only=True): "
+                         f"{first.rstrip('.')}.") from None
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise InputError(f"{path} does not hold a state_dict (names -> tensors) as the "
+                         f"book's torch.save(model.state_dict()) writes.")
+    return state
+
+
+def find_weights(weights, flag="--weights"):
+    """What a --weights PATH names -> (form, file): "safetensors" (a
+    model.safetensors, or a folder holding one), "tf" (OpenAI's checkpoint: its
+    folder, the model.ckpt prefix or any of its files; file = its data file) or
+    "pth" (the book's .pth). The file is the one whose bytes are the weights."""
+    path = Path(weights)
+    if path.name in ("checkpoint", "hparams.json") and path.is_file():
+        path = path.parent  # a file of OpenAI's release that names no weights: its folder
+    if path.is_dir():
+        if (path / "model.safetensors").is_file():
+            return "safetensors", path / "model.safetensors"
+        prefix = path / checkpoint_prefix_name(path)
+        if Path(f"{prefix}.index").is_file():
+            return "tf", tf_data_file_of(prefix)
+        raise InputError(f"weights folder {path} has neither a model.safetensors nor "
+                         f"OpenAI's checkpoint (hparams.json, model.ckpt.index, "
+                         f"model.ckpt.data-...).")
+    prefix = tf_prefix(path)
+    if prefix is not None:
+        return "tf", tf_data_file_of(prefix)
+    if not path.is_file():
+        raise InputError(f"weights file {path} does not exist ({flag} takes a "
+                         f"model.safetensors, the book's .pth, OpenAI's model.ckpt or a "
+                         f"folder holding a model.safetensors or OpenAI's checkpoint).")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's format is a zip archive
+    return ("pth" if is_zip or path.suffix in (".pth", ".pt") else "safetensors"), path
+
+
+def checkpoint_prefix_name(folder):
+    """The checkpoint a folder's "checkpoint" file names (what TensorFlow's
+    latest_checkpoint reads), else model.ckpt."""
+    try:
+        text = (folder / "checkpoint").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return "model.ckpt"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model_checkpoint_path":
+            return Path(value.strip().strip('"')).name or "model.ckpt"
+    return "model.ckpt"
+
+
+def tf_prefix(path):
+    """The checkpoint prefix of model.ckpt, model.ckpt.index, .meta or .data-*, or None."""
+    name = path.name
+    for ending in (".index", ".meta"):
+        if name.endswith(ending):
+            return path.with_name(name[:-len(ending)])
+    if ".data-" in name:
+        return path.with_name(name.rsplit(".data-", 1)[0])
+    if not path.exists() and Path(f"{path}.index").is_file():
+        return path
+    return None
+
+
+def tf_data_file_of(prefix):
+    """A checkpoint's first data file (OpenAI's have one)."""
+    files = sorted(Path(prefix).parent.glob(f"{Path(prefix).name}.data-00000-of-*"))
+    return files[0] if files else tf_data_file(prefix, 0, 1)
+
+
+def weights_file(weights, model_name="gpt2-small", models_dir="gpt2", flag="--weights"):
+    """The file whose bytes are the weights `flag` names (for fingerprints)."""
+    if weights == "pretrained":
+        return gpt2_weights_path(model_name, models_dir)
+    return find_weights(weights, flag)[1]
+
+
+def settings_for(form, path, model_name):
+    """(config, the file it came from or None): hparams.json beside OpenAI's
+    checkpoint, a config.json beside a model.safetensors (the Hub's naming) or a
+    .pth (the book's or the Hub's), else --model's size."""
+    beside = path.parent / ("hparams.json" if form == "tf" else "config.json")
+    if beside.is_file():
+        return config_from_json(beside, {"tf": "openai", "safetensors": "hub"}.get(form)), beside
+    return model_config(model_name), None
+
+
+def read_params(form, path, n_layers):
+    """The book's nested params from one file, every tensor a view of the file
+    mapped into memory (a .pth's fused c_attn aside): nothing read yet."""
+    if form == "safetensors":
+        return params_from_hub(load_safetensors(path)[0])
+    if form == "pth":
+        return params_from_book(read_pth(path))
+    prefix = tf_prefix(path)
+    return params_from_tf(read_tf_checkpoint(prefix), n_layers, f"{prefix}.index")
+
+
+def load_gpt2(weights, model_name="gpt2-small", config=None):
+    """(settings, params) from any of the three forms --weights takes, checked
+    against the settings (or `config`, where the caller knows it) before a model
+    is built: sizes first, then every tensor on an empty model."""
+    form, path = find_weights(weights)
+    config_file = None
+    if config is None:
+        config, config_file = settings_for(form, path, model_name)
+    params = read_params(form, path, config["n_layers"])
+    source = f"{path.parent} (OpenAI's checkpoint)" if form == "tf" else str(path)
+    check_gpt2_size(params, config, source, config_file)
+    with torch.device("meta"):  # shapes only: no memory
+        matched_params(GPTModel(config), params, source)
+    return config, params
+
+
+def download_and_load_gpt2(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
+    """The chapter's download_and_load_gpt2: (settings, params), params the book's
+    nested dict, from the Hub's model.safetensors or OpenAI's checkpoint in
+    gpt2/<size>/ (downloaded once), or from the file or folder `weights` names."""
+    path = download_gpt2(model_name, models_dir) if weights == "pretrained" else weights
+    return load_gpt2(path, model_name)
+
+
+def params_targets(gpt):
+    """[(params keys, [(GPTModel parameter, how to turn the params tensor into
+    it)])]: the one table of where each of the book's params goes. Conv1D weights
+    are (in, out), Linear wants (out, in): transpose. A key is a tuple of
+    alternatives: out_head takes params["out_head"] where given (a .pth), else
+    the book's weight tying to wte."""
     def part(i, transpose=False):  # one of query/key/value from the fused c_attn
         return lambda t: (t.chunk(3, dim=-1)[i].T if transpose else t.chunk(3, dim=-1)[i])
 
-    targets = {
-        "wte.weight": [(gpt.tok_emb.weight, None)],
-        "wpe.weight": [(gpt.pos_emb.weight, None)],
-        "ln_f.weight": [(gpt.final_norm.scale, None)],
-        "ln_f.bias": [(gpt.final_norm.shift, None)],
-    }
-    if gpt.out_head.weight.shape == gpt.tok_emb.weight.shape:
-        targets["wte.weight"].append((gpt.out_head.weight, None))  # weight tying
+    def transposed(t):
+        return t.T
+
+    targets = [
+        ((("wte",),), [(gpt.tok_emb.weight, None)]),
+        ((("wpe",),), [(gpt.pos_emb.weight, None)]),
+        ((("out_head",), ("wte",)), [(gpt.out_head.weight, None)]),
+        ((("g",),), [(gpt.final_norm.scale, None)]),
+        ((("b",),), [(gpt.final_norm.shift, None)]),
+    ]
     for n, block in enumerate(gpt.trf_blocks):
         att, ff = block.att, block.ff
-        h = f"h.{n}."
-        targets.update({
-            h + "ln_1.weight": [(block.norm1.scale, None)],
-            h + "ln_1.bias": [(block.norm1.shift, None)],
-            h + "attn.c_attn.weight": [(att.W_query.weight, part(0, True)),
-                                       (att.W_key.weight, part(1, True)),
-                                       (att.W_value.weight, part(2, True))],
-            h + "attn.c_attn.bias": [(att.W_query.bias, part(0)), (att.W_key.bias, part(1)),
-                                     (att.W_value.bias, part(2))],
-            h + "attn.c_proj.weight": [(att.out_proj.weight, lambda t: t.T)],
-            h + "attn.c_proj.bias": [(att.out_proj.bias, None)],
-            h + "ln_2.weight": [(block.norm2.scale, None)],
-            h + "ln_2.bias": [(block.norm2.shift, None)],
-            h + "mlp.c_fc.weight": [(ff.layers[0].weight, lambda t: t.T)],
-            h + "mlp.c_fc.bias": [(ff.layers[0].bias, None)],
-            h + "mlp.c_proj.weight": [(ff.layers[2].weight, lambda t: t.T)],
-            h + "mlp.c_proj.bias": [(ff.layers[2].bias, None)],
-        })
+        b = ("blocks", n)
+        targets += [
+            (((*b, "ln_1", "g"),), [(block.norm1.scale, None)]),
+            (((*b, "ln_1", "b"),), [(block.norm1.shift, None)]),
+            (((*b, "attn", "c_attn", "w"),), [(att.W_query.weight, part(0, True)),
+                                               (att.W_key.weight, part(1, True)),
+                                               (att.W_value.weight, part(2, True))]),
+            (((*b, "attn", "c_attn", "b"),), [(att.W_query.bias, part(0)),
+                                               (att.W_key.bias, part(1)),
+                                               (att.W_value.bias, part(2))]),
+            (((*b, "attn", "c_proj", "w"),), [(att.out_proj.weight, transposed)]),
+            (((*b, "attn", "c_proj", "b"),), [(att.out_proj.bias, None)]),
+            (((*b, "ln_2", "g"),), [(block.norm2.scale, None)]),
+            (((*b, "ln_2", "b"),), [(block.norm2.shift, None)]),
+            (((*b, "mlp", "c_fc", "w"),), [(ff.layers[0].weight, transposed)]),
+            (((*b, "mlp", "c_fc", "b"),), [(ff.layers[0].bias, None)]),
+            (((*b, "mlp", "c_proj", "w"),), [(ff.layers[2].weight, transposed)]),
+            (((*b, "mlp", "c_proj", "b"),), [(ff.layers[2].bias, None)]),
+        ]
     return targets
 
 
-def load_weights_into_gpt(gpt, params, source="the weights"):
-    """Copies the Hub's GPT-2 tensors, given as (name, tensor) pairs, into gpt.
-    Every parameter must be filled: a missing tensor is an error, not a silent
-    random weight."""
-    targets = hf_key_targets(gpt)
-    filled = set()
-    with torch.no_grad():
-        for name, tensor in params:
-            name = name.removeprefix("transformer.")
-            if name not in targets:
-                continue  # h.N.attn.bias, h.N.attn.masked_bias, lm_head.weight (tied)
-            for param, transform in targets[name]:
-                value = transform(tensor) if transform else tensor
-                if value.shape != param.shape:
-                    raise InputError(
-                        f"{source}: tensor {name} has shape {tuple(tensor.shape)}, but the "
-                        f"model needs {tuple(param.shape)} there"
-                        f"{' (after splitting and transposing)' if transform else ''}. "
-                        f"{suggest_model(name, tensor)}")
-                param.copy_(value)
-                filled.add(id(param))
+def params_lookup(params, keys):
+    """params[k1][k2]... or None where any level is missing."""
+    for key in keys:
+        try:
+            params = params[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return params
+
+
+def params_name(keys):
+    return "params" + "".join(f"[{k!r}]" for k in keys)
+
+
+def matched_params(gpt, params, source):
+    """[(parameter, value)] for every parameter of gpt, each value checked (a
+    float tensor of the parameter's shape) before anything is copied: a missing
+    tensor is an error, not a silent random weight."""
+    pairs = []
+    for alternatives, targets in params_targets(gpt):
+        keys = next((k for k in alternatives if params_lookup(params, k) is not None), None)
+        if keys is None:
+            continue  # reported below, by the model's own names
+        tensor = params_lookup(params, keys)
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise InputError(f"{source}: {params_name(keys)} holds "
+                             f"{getattr(tensor, 'dtype', type(tensor).__name__)}, not floats.")
+        for param, transform in targets:
+            value = transform(tensor) if transform else tensor
+            if value.shape != param.shape:
+                raise InputError(
+                    f"{source}: {params_name(keys)} has shape {tuple(tensor.shape)}, but the "
+                    f"model needs {tuple(param.shape)} there"
+                    f"{' (after splitting and transposing)' if transform else ''}. "
+                    f"Check that --model matches the weights.")
+            pairs.append((param, value))
+    filled = {id(param) for param, _ in pairs}
     missing = [n for n, p in gpt.named_parameters() if id(p) not in filled]
     if missing:
         raise InputError(f"{source} is missing {len(missing)} of the model's tensors, "
                          f"e.g. {', '.join(missing[:3])}: not a complete GPT-2 checkpoint "
                          f"of this size.")
+    return pairs
 
 
-def suggest_model(name, tensor):
-    if name == "wte.weight" and tensor.dim() == 2:
-        for short, key in MODEL_NAMES.items():
-            if model_configs[key]["emb_dim"] == tensor.shape[1]:
-                return f"These look like {short} weights: use --model {short}."
-    return "Check that --model matches the weights."
+def load_weights_into_gpt(gpt, params, source="the weights"):
+    """Listing 6.6's loader: copies the book's nested params (as
+    load_gpt2_params_from_tf_ckpt builds them, whichever file they came from)
+    into gpt through params_targets, every tensor checked first."""
+    with torch.no_grad():
+        for param, value in matched_params(gpt, params, source):
+            param.copy_(value)
 
 
-def check_gpt2_size(entries, config, source):
-    """Compares the file's header with the config before reading any tensor, so
-    that no model larger than the file's tensors is ever allocated."""
-    check_floating(entries, entries, source)
-    names = {n.removeprefix("transformer."): e for n, e in entries.items()}
-    layers = {int(n.split(".")[1]) for n in names if n.startswith("h.") and n.split(".")[1].isdigit()}
-    if "wte.weight" not in names or "wpe.weight" not in names:
-        raise InputError(f"{source} has no wte.weight or wpe.weight tensor: not a GPT-2 "
-                         f"model.safetensors in the Hub's layout.")
-    wte, wpe = names["wte.weight"], names["wpe.weight"]
-    if (tuple(wte[1]) != (config["vocab_size"], config["emb_dim"])
-            or len(layers) != config["n_layers"]):
-        found = f"embedding {tuple(wte[1])}, {len(layers)} layers"
-        for short, key in MODEL_NAMES.items():
-            cfg = model_configs[key]
-            if (cfg["emb_dim"],) == tuple(wte[1])[-1:] and cfg["n_layers"] == len(layers):
-                found += f": these are {short} weights, use --model {short}"
+def check_gpt2_size(params, config, source, config_file=None):
+    """Compares the file's embeddings and layer count with the config before any
+    tensor is read, so that no model larger than the file's tensors is ever
+    allocated; suggests the --model the tensors fit."""
+    if params.get("wte") is None or params.get("wpe") is None:
+        raise InputError(f"{source} has no token or position embedding (wte, wpe): "
+                         f"not GPT-2 weights.")
+    wte, wpe = tuple(params["wte"].shape), tuple(params["wpe"].shape)
+    layers = sum(1 for block in params["blocks"] if block)
+    needs = "the model needs" if config_file is None else f"{config_file} says"
+    if wte != (config["vocab_size"], config["emb_dim"]) or layers != config["n_layers"]:
+        fits = [short for short, key in MODEL_NAMES.items()
+                if (model_configs[key]["emb_dim"],) == wte[-1:]
+                and model_configs[key]["n_layers"] == layers]
+        hint = f" (these are {fits[0]} weights: use --model {fits[0]})" \
+            if fits and config_file is None else ""
         raise InputError(
-            f"{source}: tensor wte.weight has shape {tuple(wte[1])} and the file has "
-            f"{len(layers)} layers, but the model needs "
-            f"{(config['vocab_size'], config['emb_dim'])} and {config['n_layers']} layers "
-            f"({found}).")
-    if tuple(wpe[1]) != (config["context_length"], config["emb_dim"]):
-        raise InputError(f"{source}: tensor wpe.weight has shape {tuple(wpe[1])}, but the "
-                         f"model needs {(config['context_length'], config['emb_dim'])}.")
+            f"{source}: wte (the token embedding) has shape {wte} and there are {layers} "
+            f"layers, but {needs} {(config['vocab_size'], config['emb_dim'])} and "
+            f"{config['n_layers']} layers{hint}.")
+    if wpe != (config["context_length"], config["emb_dim"]):
+        raise InputError(f"{source}: wpe (the position embedding) has shape {wpe}, but "
+                         f"{needs} {(config['context_length'], config['emb_dim'])}.")
 
 
 def weights_config(model_name, weights):
-    """The model config for --weights: a config.json beside a weights file sets
-    the hyper-parameters, otherwise model_name does. A weights file's header is
-    checked against it here, before any data is read or written."""
+    """The model config for --weights: where a file or folder is given, from the
+    config beside it (settings_for) or model_name, checked against the file's
+    tensors here, before any data is read or written."""
     if weights in ("pretrained", "random"):
         return model_config(model_name)
-    path = Path(weights)
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise InputError(f"weights file {path} {what} (--weights takes 'pretrained', "
-                         f"'random' or the path of a model.safetensors).")
-    hub_config = path.parent / "config.json"
-    config = config_from_hub_json(hub_config) if hub_config.is_file() else model_config(model_name)
-    check_gpt2_size(read_safetensors_header(path)[0], config, path)
-    return config
+    return load_gpt2(weights, model_name)[0]
 
 
-def load_gpt2_file(path, config, digest=None):
-    """GPTModel(config) holding the weights of a Hub-layout model.safetensors;
-    digest: a hashlib object to feed the file's bytes as they are read."""
-    check_gpt2_size(read_safetensors_header(path)[0], config, path)
-    model = GPTModel(config)
-    load_weights_into_gpt(model, iter_safetensors(path, digest), source=str(path))
+def load_gpt2_file(path, config):
+    """GPTModel(config) holding the weights of any --weights file or folder."""
+    settings, params = load_gpt2(path, config=config)
+    model = GPTModel(settings)
+    load_weights_into_gpt(model, params, source=str(path))
     return model
 
 
 def build_gpt(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
-    """Listing 6.6: GPTModel with its weights, "pretrained" (downloaded once, the
-    chapter's download_and_load_gpt2), "random", or a path to a Hub-layout
-    model.safetensors. Returns (model, config)."""
-    config = weights_config(model_name, weights)
+    """Listing 6.6: GPTModel with its weights, "pretrained" (downloaded once),
+    "random", or a local file or folder (find_weights). Returns (model, config)."""
     if weights == "random":
+        config = model_config(model_name)
         return GPTModel(config), config
-    path = download_gpt2(model_name, models_dir) if weights == "pretrained" else Path(weights)
-    return load_gpt2_file(path, config), config
+    settings, params = download_and_load_gpt2(model_name, weights, models_dir)
+    model = GPTModel(settings)
+    load_weights_into_gpt(model, params)
+    return model, settings
 
 
 # tiktoken's cache of OpenAI's two gpt2 files, kept in the repository for the tests
@@ -797,12 +1286,16 @@ def main(argv=None):
     parser.add_argument("prompt", nargs="?", default="Every effort moves you",
                         help="text to continue (default: %(default)r)")
     parser.add_argument("--model", choices=list(MODEL_NAMES), default="gpt2-small",
-                        help="GPT-2 size (default: %(default)s); a config.json beside "
-                             "--weights PATH overrides it")
+                        help="GPT-2 size (default: %(default)s); a config.json (or "
+                             "OpenAI's hparams.json) beside --weights PATH overrides it")
     parser.add_argument("--weights", default="pretrained",
-                        help="'pretrained' (downloads the Hub's model.safetensors into "
-                             "gpt2/<size>/ once) or the path of a local model.safetensors "
-                             "(default: %(default)s)")
+                        help="'pretrained' (gpt2/<size>/ as chapter 5 left it with "
+                             "OpenAI's checkpoint, else the Hub's model.safetensors "
+                             "downloaded there once, else OpenAI's files) or a local file: "
+                             "a model.safetensors (Hub layout), the book's .pth, or OpenAI's "
+                             "model.ckpt (its prefix or any of its files); or a folder "
+                             "holding a model.safetensors (+ config.json) or OpenAI's "
+                             "checkpoint (hparams.json, model.ckpt.*) (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=15,
                         help="number of tokens to generate (default: %(default)s)")
     args = parser.parse_args(argv)

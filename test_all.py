@@ -192,11 +192,14 @@ def test_the_classifiers_plain_path_is_the_chapters_last_output_token():
 
 def test_loader_accepts_a_transformer_prefix_and_ignores_extra_keys():
     tensors, _ = gpt.load_safetensors(MINI_WEIGHTS)
-    prefixed = [("transformer." + k, v) for k, v in tensors.items()]
-    prefixed.append(("lm_head.weight", tensors["wte.weight"]))
-    config = gpt.config_from_hub_json(MINI / "config.json")
+    prefixed = {"transformer." + k: v for k, v in tensors.items()}
+    prefixed["lm_head.weight"] = tensors["wte.weight"]
+    config = gpt.config_from_json(MINI / "config.json", "hub")
     model = gpt.GPTModel(config)
-    gpt.load_weights_into_gpt(model, prefixed)
+    params = gpt.params_from_hub(prefixed)
+    assert params["blocks"][1]["attn"]["c_attn"]["w"].shape == (16, 48)  # the book's layout
+    assert "bias" not in params["blocks"][0]["attn"]  # the mask buffer is left out
+    gpt.load_weights_into_gpt(model, params)
     assert torch.equal(model.tok_emb.weight, tensors["wte.weight"].float())
     assert torch.equal(model.out_head.weight, tensors["wte.weight"].float())  # tied
     assert torch.equal(model.trf_blocks[1].att.W_key.weight,
@@ -206,25 +209,26 @@ def test_loader_accepts_a_transformer_prefix_and_ignores_extra_keys():
 def test_loader_rejects_weights_missing_a_tensor():
     tensors, _ = gpt.load_safetensors(MINI_WEIGHTS)
     del tensors["h.1.mlp.c_fc.bias"]
-    model = gpt.GPTModel(gpt.config_from_hub_json(MINI / "config.json"))
+    model = gpt.GPTModel(gpt.config_from_json(MINI / "config.json", "hub"))
     with pytest.raises(InputError, match=r"trf_blocks\.1\.ff\.layers\.0\.bias"):
-        gpt.load_weights_into_gpt(model, tensors.items())
+        gpt.load_weights_into_gpt(model, gpt.params_from_hub(tensors))
 
 
 def test_weights_of_another_size_name_the_tensor_shapes_and_the_right_model():
-    entries, _ = gpt.read_safetensors_header(MINI_WEIGHTS)
+    params = gpt.params_from_hub(gpt.load_safetensors(MINI_WEIGHTS)[0])
     config = gpt.model_config("gpt2-small")
     with pytest.raises(InputError) as error:
-        gpt.check_gpt2_size(entries, dict(config, context_length=128), "w.safetensors")
-    assert "wte.weight" in str(error.value)
+        gpt.check_gpt2_size(params, dict(config, context_length=128), "w.safetensors")
+    assert "wte (the token embedding)" in str(error.value)
     assert "(50257, 16)" in str(error.value) and "(50257, 768)" in str(error.value)
-    mini = gpt.config_from_hub_json(MINI / "config.json")
-    with pytest.raises(InputError, match=r"wpe.weight has shape \(128, 16\), but the model "
-                                         r"needs \(64, 16\)"):
-        gpt.check_gpt2_size(entries, dict(mini, context_length=64), "w.safetensors")
-    # gpt2-medium's header against --model gpt2-small: the error suggests gpt2-medium
-    medium = {"wte.weight": ("F32", (50257, 1024), 0, 0), "wpe.weight": ("F32", (1024, 1024), 0, 0)}
-    medium.update({f"h.{i}.ln_1.weight": ("F32", (1024,), 0, 0) for i in range(24)})
+    mini = gpt.config_from_json(MINI / "config.json", "hub")
+    with pytest.raises(InputError, match=r"wpe \(the position embedding\) has shape "
+                                         r"\(128, 16\), but the model needs \(64, 16\)"):
+        gpt.check_gpt2_size(params, dict(mini, context_length=64), "w.safetensors")
+    # gpt2-medium's shapes against --model gpt2-small: the error suggests gpt2-medium
+    with torch.device("meta"):  # shapes without memory
+        medium = {"wte": torch.empty(50257, 1024), "wpe": torch.empty(1024, 1024),
+                  "blocks": [{"ln_1": {"g": torch.empty(1024)}} for _ in range(24)]}
     with pytest.raises(InputError, match="use --model gpt2-medium"):
         gpt.check_gpt2_size(medium, gpt.model_config("gpt2-small"), "w.safetensors")
 
@@ -237,8 +241,6 @@ def test_safetensors_round_trip_of_f32_f16_bf16_and_metadata(tmp_path):
     assert metadata == {"k": "v"}
     for name, t in tensors.items():
         assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t)
-    streamed = dict(gpt.iter_safetensors(tmp_path / "t.safetensors"))
-    assert all(torch.equal(streamed[n], t) for n, t in tensors.items())
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -293,9 +295,8 @@ def test_fuzzed_safetensors_bytes_parse_or_raise_the_projects_error(tmp_path):
             content = valid[:rng.randrange(len(valid))]
         path.write_bytes(bytes(content))
         try:
-            for _name, tensor in gpt.iter_safetensors(path):
+            for tensor in gpt.load_safetensors(path)[0].values():
                 tensor.sum()
-            gpt.load_safetensors(path)
         except InputError:
             pass
 
@@ -381,6 +382,7 @@ def test_checkpoints_with_values_of_the_wrong_type_raise_the_projects_error(tmp_
 def test_failed_download_leaves_no_file_and_names_the_flag(tmp_path, monkeypatch):
     destination = tmp_path / "gpt2" / "124M" / "model.safetensors"
     monkeypatch.setattr(gpt, "HUB_URL", "http://127.0.0.1:9/{}")
+    monkeypatch.setattr(gpt, "OPENAI_URL", "http://127.0.0.1:9/{size}/{file}")
     with pytest.raises(InputError, match="--weights PATH"):
         gpt.download_gpt2("gpt2-small", tmp_path / "gpt2")
     assert not destination.exists() and not list(tmp_path.rglob("*.part"))
@@ -444,6 +446,234 @@ def test_ctrl_c_during_a_download_leaves_no_partial_file(tmp_path, monkeypatch):
     assert Response.reads == 2
     assert not destination.exists() and not list(tmp_path.iterdir())
 
+
+# ------------------------------------- weights: OpenAI's TF checkpoint, the book's .pth
+
+MINI_TF = TESTDATA / "gpt2-mini-tf"
+MINI_BOOK = TESTDATA / "gpt2-mini-book" / "gpt2-mini-book.pth"
+
+
+@pytest.fixture(scope="module")
+def hub_state():
+    return gpt.build_gpt(weights=str(MINI_WEIGHTS))[0].state_dict()
+
+
+@pytest.mark.parametrize("weights", [MINI_TF, MINI_BOOK])
+def test_openai_checkpoint_and_book_pth_give_the_hub_copys_weights_and_logits(
+        weights, hub_state):
+    model, config = gpt.build_gpt(weights=str(weights))
+    assert (config["emb_dim"], config["n_layers"], config["n_heads"],
+            config["context_length"]) == (16, 2, 2, 128)
+    assert all(torch.equal(t, hub_state[n]) for n, t in model.state_dict().items())
+    expected, _ = gpt.load_safetensors(MINI / "expected.safetensors")
+    with torch.no_grad():
+        logits = model.eval()(expected["input_ids"].long())
+    assert torch.allclose(logits[:, -1], expected["logits_last"], atol=1e-4)
+    assert torch.allclose(logits[..., :1024], expected["logits_first_1024"], atol=1e-4)
+
+
+def test_weights_paths_name_a_file_a_folder_or_any_file_of_openais_checkpoint(tmp_path):
+    data = MINI_TF / "model.ckpt.data-00000-of-00001"
+    for path in [MINI_TF, MINI_TF / "model.ckpt", MINI_TF / "model.ckpt.index", data,
+                 MINI_TF / "model.ckpt.meta", MINI_TF / "checkpoint", MINI_TF / "hparams.json"]:
+        assert gpt.find_weights(path) == ("tf", data), path
+    assert gpt.find_weights(MINI) == ("safetensors", MINI_WEIGHTS)
+    assert gpt.find_weights(MINI_WEIGHTS) == ("safetensors", MINI_WEIGHTS)
+    assert gpt.find_weights(MINI_BOOK) == ("pth", MINI_BOOK)
+    renamed = tmp_path / "weights.bin"  # torch.save's zip is known by its first bytes
+    shutil.copy(MINI_BOOK, renamed)
+    assert gpt.find_weights(renamed) == ("pth", renamed)
+    with pytest.raises(InputError, match="has neither a model.safetensors nor OpenAI's"):
+        gpt.find_weights(tmp_path)
+
+
+def flat_params(params, keys=()):
+    """The book's nested params as {("blocks", 0, "attn", "c_attn", "w"): tensor}."""
+    items = params.items() if isinstance(params, dict) else enumerate(params)
+    flat = {}
+    for key, value in items:
+        if isinstance(value, (dict, list)):
+            flat.update(flat_params(value, keys + (key,)))
+        else:
+            flat[keys + (key,)] = value
+    return flat
+
+
+def test_every_file_gives_the_books_nested_params():
+    flats = {}
+    for weights in (MINI_TF, MINI_BOOK, MINI_WEIGHTS):
+        settings, params = gpt.download_and_load_gpt2(weights=str(weights))
+        assert settings["emb_dim"] == 16 and len(params["blocks"]) == 2
+        assert params["blocks"][1]["attn"]["c_attn"]["w"].shape == (16, 48)  # (in, 3 * out)
+        assert params["blocks"][0]["mlp"]["c_fc"]["w"].shape == (16, 64)
+        assert params["blocks"][0]["ln_2"]["g"].shape == params["g"].shape == (16,)
+        flats[weights] = flat_params(params)
+    assert set(flats[MINI_TF]) == set(flats[MINI_WEIGHTS])
+    assert set(flats[MINI_BOOK]) == set(flats[MINI_TF]) | {("out_head",)}  # kept as given
+    for keys, tensor in flats[MINI_TF].items():
+        for other in (MINI_BOOK, MINI_WEIGHTS):
+            assert torch.equal(flats[other][keys].float(), tensor.float()), (other, keys)
+    assert flats[MINI_TF][("wte",)].dtype == torch.float16  # as stored: no copy made
+
+
+@pytest.mark.parametrize("weights", [MINI_TF, MINI_BOOK])
+def test_gpt_prints_the_hub_copys_greedy_continuation_from_each_form(
+        weights, capsys, monkeypatch, tokenizer):
+    monkeypatch.setattr(gpt, "get_tokenizer", lambda: tokenizer)  # loaded once per session
+    expected = json.loads((MINI / "expected.json").read_text())["greedy_8_new_tokens"]
+    gpt.main(["--weights", str(weights), "--max-new-tokens", "8", expected["prompt"]])
+    assert capsys.readouterr().out.strip() == expected["prompt"] + expected["continuation"]
+
+
+def test_a_fine_tune_starts_alike_from_each_form_and_its_lora_base_is_found(tmp_path, capsys):
+    data = three_class_tsv(tmp_path / "t.tsv", per_class=6)
+    lines = {}
+    for weights in (MINI_TF, MINI_BOOK):  # their weights equal the Hub copy's (above)
+        out = tmp_path / weights.name
+        finetune.main(["--data", str(data), "--weights", str(weights), "--trainable", "lora",
+                       "--lora-rank", "2", "--epochs", "1", "--batch-size", "4",
+                       "--out", str(out), "--no-baseline"])
+        lines[weights] = chapter_lines(capsys.readouterr().out)
+        lora = json.loads(gpt.read_safetensors_header(out / CHECKPOINT)[1]["lora"])
+        assert lora["path"] == str(gpt.weights_file(weights).resolve())
+        classify.load_classifier(out / CHECKPOINT)  # the base rebuilt from the same file
+    assert any(line.startswith("Ep 1 (Step 000000): Train loss") for line in lines[MINI_TF])
+    assert lines[MINI_TF] == lines[MINI_BOOK]
+    assert gpt.weights_file(MINI_TF) == MINI_TF / "model.ckpt.data-00000-of-00001"
+
+
+def with_data_block(index, change):
+    """The mini index with its one data block changed by change(bytearray) and
+    the block's checksum recomputed, as a writer would have written it."""
+    footer = index[-gpt.TABLE_FOOTER_BYTES:]
+    _, pos = gpt.block_handle(footer)
+    index_handle, _ = gpt.block_handle(footer, pos)
+    [(_, handle)] = gpt.block_entries(index, index_handle)
+    offset, size = gpt.block_handle(handle)[0]
+    block = bytearray(index[offset:offset + size])
+    change(block)
+    crc = struct.pack("<I", gpt.masked_crc32c(bytes(block) + b"\x00"))
+    return index[:offset] + bytes(block) + b"\x00" + crc + index[offset + size + 5:]
+
+
+def index_replacing(index, old, new):
+    """The mini index with bytes old of its data block replaced by new (as long)."""
+    def change(block):
+        at = block.index(old)
+        block[at:at + len(old)] = new
+    return with_data_block(index, change)
+
+
+def test_fuzzed_openai_index_entries_parse_or_raise_the_projects_error(tmp_path):
+    rng = random.Random(0)
+    folder = tmp_path / "gpt2-mini-tf"
+    shutil.copytree(MINI_TF, folder)
+    index = (MINI_TF / "model.ckpt.index").read_bytes()
+
+    def flip(block):  # past the checksum, to reach the entry parser
+        for _ in range(rng.randrange(1, 4)):
+            block[rng.randrange(len(block))] = rng.randrange(256)
+
+    for _ in range(150):
+        (folder / "model.ckpt.index").write_bytes(with_data_block(index, flip))
+        try:
+            gpt.read_tf_checkpoint(folder / "model.ckpt")
+        except InputError:
+            pass
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda d: (d / "model.ckpt.index").write_bytes((d / "model.ckpt.index").read_bytes()[:500]),
+     "model.ckpt.index is not a valid TensorFlow checkpoint index: it does not end with a "
+     "table footer (truncated?)"),
+    (lambda d: (d / "model.ckpt.data-00000-of-00001").write_bytes(
+        (d / "model.ckpt.data-00000-of-00001").read_bytes()[:1_000_000]),
+     "model.ckpt.data-00000-of-00001 is truncated: variable model/wte ends at byte 1,642,784 "
+     "and the file has 1,000,000"),
+    (lambda d: (d / "model.ckpt.index").write_bytes(index_replacing(  # dtype: DT_INT32
+        (d / "model.ckpt.index").read_bytes(), b"c_attn/b\x08\x01", b"c_attn/b\x08\x03")),
+     "variable model/h0/attn/c_attn/b has dtype DT_INT32; GPT-2's weights are floats"),
+    (lambda d: (d / "model.ckpt.index").write_bytes(index_replacing(  # offset 192 -> 128
+        (d / "model.ckpt.index").read_bytes(), b"\x20\xc0\x01\x28\x80\x18",
+        b"\x20\x80\x01\x28\x80\x18")),
+     "variables model/h0/attn/c_attn/b and model/h0/attn/c_attn/w overlap"),
+    (lambda d: (d / "hparams.json").write_text(json.dumps(
+        {"n_vocab": 50257, "n_ctx": 128, "n_embd": 32, "n_head": 2, "n_layer": 2})),
+     "has shape (50257, 16) and there are 2 layers, but"),
+    (lambda d: (d / "hparams.json").write_text(json.dumps(
+        {"n_vocab": 50257, "n_ctx": 128, "n_embd": 16, "n_head": 2, "n_layer": 1})),
+     "has a layer h1, but the model config has 1 layers"),
+    (lambda d: (d / "model.ckpt.index").write_bytes(
+        (d / "model.ckpt.index").read_bytes().replace(b"model/h0", b"model/h7", 1)),
+     "fails its crc32c check"),
+])
+def test_a_damaged_openai_checkpoint_is_a_one_line_error_naming_the_file(
+        tmp_path, damage, problem):
+    folder = tmp_path / "gpt2-mini-tf"
+    shutil.copytree(MINI_TF, folder)
+    damage(folder)
+    with pytest.raises(InputError) as error:
+        gpt.build_gpt(weights=str(folder))
+    message = str(error.value)
+    assert problem in message and str(folder) in message and "\n" not in message
+    assert gpt.crc32c(b"123456789") == 0xE3069283  # the standard check value of crc32c
+
+
+def test_a_pth_holding_more_than_tensors_is_refused_without_running_it(tmp_path, monkeypatch):
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("MARKER", str(marker))
+    path = tmp_path / "gpt2-small-124M.pth"
+    torch.save({"tok_emb.weight": RunsWhenUnpickled()}, path)
+    with pytest.raises(InputError, match=r"refused by torch\.load\(weights_only=True\): it "
+                                         r"refers to \S+, not only to tensors") as error:
+        gpt.build_gpt(weights=str(path))
+    assert "\n" not in str(error.value) and not marker.exists()
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(InputError, match="does not hold a state_dict"):
+        gpt.build_gpt(weights=str(path))
+
+
+def test_a_book_pth_without_its_config_is_checked_against_model(tmp_path):
+    shutil.copy(MINI_BOOK, tmp_path / "gpt2-mini-book.pth")
+    with pytest.raises(InputError, match=r"has shape \(50257, 16\) and there are 2 layers, "
+                                         r"but the model needs \(50257, 768\) and 12 layers"):
+        gpt.build_gpt("gpt2-small", str(tmp_path / "gpt2-mini-book.pth"))
+
+
+def test_pretrained_falls_back_to_openais_files_and_reads_them_where_chapter_5_left_them(
+        tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror" / "124M"  # OpenAI's URLs, as file:// URLs
+    shutil.copytree(MINI_TF, mirror)
+    monkeypatch.setattr(gpt, "HUB_URL", "http://127.0.0.1:9/{}")
+    monkeypatch.setattr(gpt, "OPENAI_URL", (tmp_path / "mirror").as_uri() + "/{size}/{file}")
+    models_dir = tmp_path / "gpt2"
+    model, config = gpt.build_gpt("gpt2-small", "pretrained", models_dir)
+    folder = models_dir / "124M"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(gpt.OPENAI_FILES)
+    assert all((folder / n).read_bytes() == (MINI_TF / n).read_bytes() for n in gpt.OPENAI_FILES)
+    assert config["emb_dim"] == 16  # from the downloaded hparams.json
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("downloaded again")
+
+    monkeypatch.setattr(gpt.urllib.request, "urlopen", no_network)
+    again, _ = gpt.build_gpt("gpt2-small", "pretrained", models_dir)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    assert gpt.weights_file("pretrained", "gpt2-small", models_dir) == \
+        folder / "model.ckpt.data-00000-of-00001"
+
+
+def test_help_of_every_command_names_the_three_weight_forms_and_the_folder_rule(capsys):
+    with pytest.raises(SystemExit):
+        gpt.main(["--help"])
+    helps = {"gpt.py": capsys.readouterr().out,
+             "finetune.py": finetune.build_parser().format_help(),
+             "classify.py": classify.build_parser().format_help()}
+    for name, text in helps.items():
+        text = " ".join(text.split())
+        for words in ["model.safetensors", "the book's .pth", "OpenAI's model.ckpt",
+                      "a folder holding a model.safetensors", "OpenAI's checkpoint"]:
+            assert words in text, (name, words)
 
 # ------------------------------------------------------------------------ data.py
 
@@ -1042,7 +1272,7 @@ def test_paths_of_the_wrong_kind_are_one_line_errors_and_write_nothing(tmp_path,
             (["--data", sample_tsv, "--out", a_file], 2, f"--out {a_file} is a file"),
             (["--data", tmp_path, "--out", out], 1, f"data file {tmp_path} is a folder"),
             (["--data", sample_tsv, "--weights", tmp_path, "--out", out], 1,
-             f"weights file {tmp_path} is a folder")]:
+             f"weights folder {tmp_path} has neither a model.safetensors nor OpenAI's")]:
         flags = ["--weights", MINI_WEIGHTS, *flags]  # the last --weights counts
         returned, _, stderr = run("finetune.py", *flags)
         assert (returned, "Traceback" in stderr) == (code, False)
@@ -1426,6 +1656,7 @@ def test_a_pretrained_lora_base_that_cannot_be_found_names_base_weights(tmp_path
                                    "bytes": 1693464, "sha256": "0" * 64})
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(gpt, "HUB_URL", "http://127.0.0.1:9/{}")
+    monkeypatch.setattr(gpt, "OPENAI_URL", "http://127.0.0.1:9/{size}/{file}")
     with pytest.raises(InputError) as error:
         classify.load_classifier(checkpoint)
     assert "could not download the gpt2-small weights" in str(error.value)
@@ -2131,7 +2362,7 @@ def test_mps_under_torchrun_is_a_clear_error(tmp_path, sample_tsv, monkeypatch, 
     assert not (tmp_path / "out").exists()
 
 
-def test_a_lora_base_file_is_hashed_while_it_is_read_not_in_a_second_pass(
+def test_a_lora_base_file_is_hashed_once_when_its_checkpoint_loads(
         tmp_path, monkeypatch):
     size, sha256 = gpt.file_fingerprint(MINI_WEIGHTS)
     base, config = gpt.build_gpt(weights=str(MINI_WEIGHTS))
@@ -2141,9 +2372,11 @@ def test_a_lora_base_file_is_hashed_while_it_is_read_not_in_a_second_pass(
             "seed": 123, "path": str(MINI_WEIGHTS), "bytes": size, "sha256": sha256}
     classify.save_classifier(classify.GPTClassifier(base), checkpoint, config, 20, ["a", "b"],
                              lora=lora)
-    monkeypatch.setattr(gpt, "file_fingerprint", None)
-    monkeypatch.setattr(classify, "file_fingerprint", None, raising=False)
+    hashed = []
+    monkeypatch.setattr(classify, "file_fingerprint",
+                        lambda path: hashed.append(path) or gpt.file_fingerprint(path))
     model, _ = classify.load_classifier(checkpoint)
+    assert hashed == [MINI_WEIGHTS]
     assert torch.equal(model.gpt.tok_emb.weight, base.tok_emb.weight)
     classify.save_classifier(classify.GPTClassifier(base), checkpoint, config, 20, ["a", "b"],
                              lora=dict(lora, sha256="0" * 64))
