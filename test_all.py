@@ -71,6 +71,36 @@ def run(*args, cwd=HERE, env=None, stdin=None):
     return done.returncode, done.stdout, done.stderr
 
 
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """A command line of this project run in this process, as its __main__ runs
+    it (through run_cli), without a Python start-up: (exit status, stdout, stderr).
+    An unexpected exception is not caught: it fails the test with its traceback."""
+    import bench  # only the bench tests need it
+
+    def run_in_process(script, *args, cwd=None, env=None):
+        module = {"finetune.py": finetune, "classify.py": classify, "gpt.py": gpt,
+                  "bench.py": bench}[Path(script).name]
+        argv = [str(a) for a in args]
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", [Path(script).name, *argv])  # bench reads it
+        sigterm = signal.getsignal(signal.SIGTERM)  # run_cli sets its own
+        capsys.readouterr()
+        try:
+            gpt.run_cli(module.main if module is bench else lambda: module.main(argv))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run_in_process
+
+
 def offline_env():
     # a proxy on a closed port: every download fails at once, network or not
     return {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
@@ -1169,7 +1199,7 @@ def test_unavailable_device_names_the_available_ones(monkeypatch):
 
 # ---------------------------------------------------------------------- the CLIs
 
-def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokenizer):
+def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokenizer, cli):
     out = tmp_path / "run"
     code, stdout, stderr = run("finetune.py", "--data", sample_tsv, "--weights",
                                MINI_WEIGHTS, "--epochs", "2", "--device", "cpu",
@@ -1196,8 +1226,8 @@ def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokeni
     assert [r["text"][:6] for r in results] == ["first ", "", "second", "long l"]
     assert results[1] == {"text": "", "error": classify.BLANK}
     for blank in ["", "   "]:
-        code, stdout, stderr = run("classify.py", "--checkpoint", checkpoint, blank)
-        assert code == 1 and "empty or only whitespace" in stderr and "Traceback" not in stderr
+        code, stdout, stderr = cli("classify.py", "--checkpoint", checkpoint, blank)
+        assert code == 1 and "empty or only whitespace" in stderr
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -1212,8 +1242,8 @@ def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokeni
     (["--cache-memory", "lots"], "'lots' is not a size: use auto, 0 (no cache)"),
     (["--cache-memory", "5XB"], "'5XB' is not a size: use auto, 0 (no cache)"),
 ])
-def test_bad_flags_are_argparse_errors(tmp_path, sample_tsv, flags, message):
-    code, _, stderr = run("finetune.py", "--data", sample_tsv, "--weights", "random",
+def test_bad_flags_are_argparse_errors(tmp_path, sample_tsv, flags, message, cli):
+    code, _, stderr = cli("finetune.py", "--data", sample_tsv, "--weights", "random",
                           "--out", tmp_path, *flags)
     assert code == 2 and message in stderr and "Traceback" not in stderr
 
@@ -1224,19 +1254,20 @@ def test_bad_flags_are_argparse_errors(tmp_path, sample_tsv, flags, message):
     (["--model", "gpt3"], "invalid choice: 'gpt3'"),
     (["--data", "no-such-file.tsv"], "--data: no file at no-such-file.tsv"),
 ])
-def test_bench_rejects_bad_flags_before_running_anything(flags, message):
-    code, stdout, stderr = run("bench.py", *flags)
+def test_bench_rejects_bad_flags_before_running_anything(flags, message, cli):
+    code, stdout, stderr = cli("bench.py", *flags)
     assert code == 2 and message in stderr and "Traceback" not in stderr
     assert "running" not in stdout
 
 
-def test_finetune_without_network_or_local_files_names_what_is_missing(tmp_path, sample_tsv):
-    code, _, stderr = run(HERE / "finetune.py", "--weights", "random", cwd=tmp_path,
+def test_finetune_without_network_or_local_files_names_what_is_missing(
+        tmp_path, sample_tsv, cli):
+    code, _, stderr = cli("finetune.py", "--weights", "random", cwd=tmp_path,
                           env=offline_env())
     assert code == 1 and "Traceback" not in stderr
     assert "SMS Spam Collection" in stderr and "--data PATH" in stderr
     assert not list(tmp_path.rglob("*.part")) and not list(tmp_path.glob("sms_spam_collection*"))
-    code, _, stderr = run(HERE / "finetune.py", "--data", sample_tsv, cwd=tmp_path,
+    code, _, stderr = cli("finetune.py", "--data", sample_tsv, cwd=tmp_path,
                           env=offline_env())
     assert code == 1 and "gpt2-small weights" in stderr and "--weights PATH" in stderr
     assert "Traceback" not in stderr and not (tmp_path / "gpt2" / "124M" / "model.safetensors").exists()
@@ -1264,7 +1295,8 @@ def test_ctrl_c_during_fine_tuning_says_what_was_saved_and_keeps_the_checkpoint(
     assert (out / classify.CHECKPOINT_NAME).read_bytes() == b"an earlier checkpoint"
 
 
-def test_paths_of_the_wrong_kind_are_one_line_errors_and_write_nothing(tmp_path, sample_tsv):
+def test_paths_of_the_wrong_kind_are_one_line_errors_and_write_nothing(
+        tmp_path, sample_tsv, cli):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     out = tmp_path / "out"
@@ -1274,29 +1306,30 @@ def test_paths_of_the_wrong_kind_are_one_line_errors_and_write_nothing(tmp_path,
             (["--data", sample_tsv, "--weights", tmp_path, "--out", out], 1,
              f"weights folder {tmp_path} has neither a model.safetensors nor OpenAI's")]:
         flags = ["--weights", MINI_WEIGHTS, *flags]  # the last --weights counts
-        returned, _, stderr = run("finetune.py", *flags)
+        returned, _, stderr = cli("finetune.py", *flags)
         assert (returned, "Traceback" in stderr) == (code, False)
         assert message in stderr
         assert not out.exists()
-    code, _, stderr = run("classify.py", "--checkpoint", tmp_path, "hello")
+    code, _, stderr = cli("classify.py", "--checkpoint", tmp_path, "hello")
     assert code == 1 and f"{tmp_path} is a folder" in stderr and "Traceback" not in stderr
 
 
-def test_a_bad_weights_file_is_found_before_the_data_is_read_or_written(tmp_path, sample_tsv):
+def test_a_bad_weights_file_is_found_before_the_data_is_read_or_written(
+        tmp_path, sample_tsv, cli):
     broken = tmp_path / "model.safetensors"
     broken.write_bytes(MINI_WEIGHTS.read_bytes()[:5000])  # header intact, data cut
     out = tmp_path / "out"
-    code, stdout, stderr = run("finetune.py", "--data", sample_tsv, "--weights", broken,
+    code, stdout, stderr = cli("finetune.py", "--data", sample_tsv, "--weights", broken,
                                "--out", out)
     assert code == 1 and "truncated" in stderr and "Traceback" not in stderr
     assert "Dataset" not in stdout and not out.exists()
 
 
 def test_an_empty_message_in_the_data_fails_naming_the_line_before_anything_is_written(
-        tmp_path, sample_tsv, tokenizer):
+        tmp_path, sample_tsv, tokenizer, cli):
     tsv = tmp_path / "d.tsv"
     tsv.write_text(sample_tsv.read_text(encoding="utf-8") + "spam\t\n", encoding="utf-8")
-    code, _, stderr = run("finetune.py", "--data", tsv, "--weights", MINI_WEIGHTS,
+    code, _, stderr = cli("finetune.py", "--data", tsv, "--weights", MINI_WEIGHTS,
                           "--out", tmp_path / "out")
     assert code == 1 and f"{tsv}, line 121: the message is empty" in stderr
     assert "Traceback" not in stderr and not (tmp_path / "out").exists()
@@ -1462,8 +1495,8 @@ def test_tokenizer_falls_back_to_the_repositorys_files_without_network(tmp_path)
     assert not list(tmp_path.iterdir())
 
 
-def test_classify_without_a_checkpoint_says_how_to_make_one(tmp_path):
-    code, _, stderr = run(HERE / "classify.py", "hello", cwd=tmp_path)
+def test_classify_without_a_checkpoint_says_how_to_make_one(tmp_path, cli):
+    code, _, stderr = cli("classify.py", "hello", cwd=tmp_path)
     assert code == 1 and "python finetune.py" in stderr and "Traceback" not in stderr
 
 
@@ -1664,8 +1697,8 @@ def test_a_pretrained_lora_base_that_cannot_be_found_names_base_weights(tmp_path
     assert not (tmp_path / "gpt2").exists()
 
 
-def test_help_documents_every_flag_with_its_chapter_reference():
-    code, out, _ = run("finetune.py", "--help")
+def test_help_documents_every_flag_with_its_chapter_reference(cli):
+    code, out, _ = cli("finetune.py", "--help")
     assert code == 0
     out = " ".join(out.split())  # argparse wraps to the terminal's width
     flags = re.findall(r"--[a-z-]+", out)
@@ -2141,20 +2174,29 @@ def test_two_torchrun_nodes_on_one_machine_finish_with_one_processs_figures(
     assert other_stdout == "" and not (tmp_path / "node1").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--batch-size", "7"], "--batch-size 7 does not divide among 2 processes"),
-    (["--data", "no-such-file.tsv"], "data file no-such-file.tsv does not exist"),
-])
-def test_a_bad_flag_or_bad_data_under_torchrun_is_one_error_and_writes_nothing(
-        tmp_path, sample_tsv, flags, message):
+def test_bad_data_under_torchrun_is_one_error_and_writes_nothing(tmp_path, sample_tsv):
     out = tmp_path / "out"
-    process = torchrun("--data", sample_tsv, "--weights", MINI_WEIGHTS, "--out", out, *flags)
+    process = torchrun("--data", "no-such-file.tsv", "--weights", MINI_WEIGHTS, "--out", out)
     stdout, stderr = process.communicate(timeout=170)
     assert process.returncode != 0 and stdout == ""
     ours = [line for line in stderr.splitlines() if "error: " in line]
-    assert len(ours) == 1 and message in ours[0]
+    assert len(ours) == 1 and "data file no-such-file.tsv does not exist" in ours[0]
     assert 'finetune.py", line' not in stderr  # no traceback of ours (torchrun adds its own)
     assert not out.exists()
+
+
+def test_a_batch_size_the_processes_cannot_share_is_said_by_rank_0_only(
+        tmp_path, sample_tsv, cli):
+    # what torchrun sets; the flags are refused before any process group starts
+    said = {}
+    for rank in ("0", "1"):
+        env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        said[rank] = cli("finetune.py", "--data", sample_tsv, "--weights", MINI_WEIGHTS,
+                         "--out", tmp_path / "out", "--batch-size", "7", env=env)
+    code, stdout, stderr = said["0"]
+    assert code == 2 and stdout == "" and "--batch-size 7 does not divide among 2 processes" in stderr
+    assert said["1"] == (2, "", "")
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------- writes: full disks, read-only folders, SIGTERM, formats
