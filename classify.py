@@ -269,14 +269,15 @@ class GPTClassifier(torch.nn.Module):
 # ------------------------------------------------------------- the checkpoint
 
 def save_classifier(classifier, path, config, max_length, class_names, lora=None,
-                    trainable="last_block"):
+                    trainable="last_block", calibration=None):
     """The chapter's torch.save(model.state_dict(), "review_classifier.pth"),
     without pickle: a safetensors file whose metadata describes the model, so
     classify.py needs nothing else. Written atomically.
 
     With lora (finetune.py's lora_description: rank, alpha, the base weights and
     their size and sha256) only the adapters and the head are saved, with what
-    identifies the base weights they sit on."""
+    identifies the base weights they sit on. calibration: finetune.py's fitted
+    temperature and validated threshold, which classify.py applies."""
     gpt = classifier.gpt
     metadata = {
         "format": CHECKPOINT_FORMAT,
@@ -288,6 +289,8 @@ def save_classifier(classifier, path, config, max_length, class_names, lora=None
         "pool": classifier.pool,
         "trainable": trainable,  # finetune.py's --trainable, to describe the model
     }
+    if calibration:
+        metadata["calibration"] = json.dumps(calibration)
     tensors = gpt.state_dict()
     if lora:
         metadata["lora"] = json.dumps(lora)
@@ -331,8 +334,29 @@ def read_checkpoint_metadata(path, metadata):
         lora = "not JSON"
     if lora is not None and not valid_lora(lora, config):
         raise bad("its LoRA description is malformed")
+    temperature, threshold = read_calibration(metadata.get("calibration"), info, bad)
     return dict(info, config=config, labels=labels, pool=pool, lora=lora,
-                trainable=metadata.get("trainable", "not recorded"))
+                trainable=metadata.get("trainable", "not recorded"),
+                temperature=temperature, threshold=threshold)
+
+
+def read_calibration(text, info, bad):
+    """(temperature, threshold or None) of a checkpoint; the threshold chooses
+    class 1 where its probability is above it. (1.0, None) for a checkpoint
+    saved before finetune.py calibrated: it loads as it always did."""
+    if text is None:
+        return 1.0, None
+    try:
+        calibration = json.loads(text)
+        temperature, threshold = calibration["temperature"], calibration["threshold"]
+    except (ValueError, KeyError, TypeError):
+        raise bad("its calibration is malformed") from None
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise bad(f"its temperature {temperature!r} is not a positive number")
+    if threshold is not None and not (isinstance(threshold, (int, float))
+                                      and info["num_classes"] == 2 and 0 <= threshold <= 1):
+        raise bad(f"its threshold {threshold!r} is not a probability of a two-class model")
+    return float(temperature), threshold
 
 
 def valid_lora(lora, config):
@@ -494,10 +518,12 @@ def classify_review(text, model, tokenizer, device, max_length=None,
 
 
 def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD_TOKEN_ID,
-                   batch_size=32):
+                   batch_size=32, temperature=1.0):
     """Class probabilities (one list per text) for many texts, in batches of
     similar length. Padded to max_length only where the checkpoint's pooling
-    reads a padding position ("last"); otherwise to each batch's longest."""
+    reads a padding position ("last"); otherwise to each batch's longest.
+    temperature: the checkpoint's, fitted by finetune.py (the logits divided by
+    it; the argmax does not change)."""
     model.eval()
     max_length = min(max_length, model.gpt.pos_emb.weight.shape[0])
     encoded = [encode(text, tokenizer, max_length) for text in texts]
@@ -512,19 +538,189 @@ def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD
         batch = order[start:start + batch_size]
         inputs = pad_ids([encoded[i] for i in batch], pad_token_id, length=width)
         with torch.inference_mode():
-            probas = torch.softmax(model(inputs.to(device)).float(), dim=-1).cpu()
+            logits = model(inputs.to(device)).float() / temperature
+            probas = torch.softmax(logits, dim=-1).cpu()
         for row, i in enumerate(batch):
             probabilities[i] = probas[row].tolist()
         progress("classifying, messages", start + len(batch), len(texts), start_time)
     return probabilities
 
 
+# --------------------------------------- why: each token's share of the decision
+
+IG_STEPS = 20  # integrated gradients: points on the path from a zero embedding
+EXPLAIN_METHODS = {
+    "occlusion": "leave one token out: how far the predicted class's log-probability "
+                 "falls without it (one forward pass per token, batched)",
+    "gradient": "gradient x input: the gradient of the predicted class's log-probability "
+                "times each token's embedding (one forward and one backward pass)",
+    "integrated": f"integrated gradients, {IG_STEPS} steps from a zero embedding "
+                  f"({IG_STEPS} forward and backward passes, batched)",
+}
+EXPLAIN_DEFAULT = "occlusion"  # the most faithful of the three on ERASER's measures: notes/explain.md
+MAX_EXPLAINED = 16  # texts one /classify request may ask to explain: each costs a batch per token
+OCCLUSION_BATCH = 64
+
+
+def padded_batch(sequences, model, max_length, pad_token_id):
+    """Token id lists -> (b, T) as classify_texts pads them: to max_length where the
+    pooling reads a padding position ("last"), else to the longest."""
+    width = max_length if model.pool == "last" else None
+    return pad_ids(sequences, pad_token_id, length=width)
+
+
+def class_log_probas(model, sequences, max_length, pad_token_id):
+    """log-softmax of the logits of token id lists, (b, num_classes), batched."""
+    device = model.gpt.tok_emb.weight.device
+    rows = []
+    with torch.inference_mode():
+        for start in range(0, len(sequences), OCCLUSION_BATCH):
+            inputs = padded_batch(sequences[start:start + OCCLUSION_BATCH], model, max_length,
+                                  pad_token_id).to(device)
+            rows.append(torch.log_softmax(model(inputs).float(), dim=-1).cpu())
+    return torch.cat(rows)
+
+
+def without(ids, drop, pad_token_id):
+    """ids less the positions in drop; nothing left reads as one padding token."""
+    kept = [token for i, token in enumerate(ids) if i not in drop]
+    return kept or [pad_token_id]
+
+
+def occlusion_scores(model, ids, target, max_length, pad_token_id):
+    """log p(target | ids) - log p(target | ids without token i), for each i."""
+    variants = [ids] + [without(ids, {i}, pad_token_id) for i in range(len(ids))]
+    log_probas = class_log_probas(model, variants, max_length, pad_token_id)[:, target]
+    return (log_probas[0] - log_probas[1:]).tolist()
+
+
+def logits_from_token_embeddings(model, token_embeddings, input_batch):
+    """The classifier's logits from the token embeddings (b, T, emb_dim) instead of
+    ids, so that gradients reach them: every layer at every position."""
+    gpt = model.gpt
+    positions = torch.arange(input_batch.shape[1], device=input_batch.device)
+    x = gpt.drop_emb(token_embeddings + gpt.pos_emb(positions))
+    x = gpt.final_norm(gpt.trf_blocks(x))  # (b, T, emb_dim)
+    return gpt.out_head(model.pool_outputs(x, input_batch))
+
+
+def path_gradients(model, ids, target, max_length, pad_token_id, scales):
+    """The message's token embeddings (n, emb_dim) and the mean over `scales` of
+    the gradient of log p(target) at the real tokens' embeddings times each scale
+    (the padding keeps its own embeddings)."""
+    inputs = padded_batch([ids], model, max_length, pad_token_id)
+    inputs = inputs.to(model.gpt.tok_emb.weight.device).expand(len(scales), -1)
+    n = len(ids)
+    with torch.inference_mode(False), torch.enable_grad():
+        embeddings = model.gpt.tok_emb(inputs).detach()  # (steps, T, emb_dim)
+        scale = torch.ones(inputs.shape, device=inputs.device)
+        scale[:, :n] = torch.tensor(scales, device=inputs.device)[:, None]
+        scaled = (embeddings * scale[..., None]).requires_grad_()
+        log_probas = torch.log_softmax(logits_from_token_embeddings(model, scaled, inputs), -1)
+        (gradient,) = torch.autograd.grad(log_probas[:, target].sum(), scaled)
+    return embeddings[0, :n], gradient[:, :n].mean(dim=0)
+
+
+def gradient_scores(model, ids, target, max_length, pad_token_id):
+    embeddings, gradient = path_gradients(model, ids, target, max_length, pad_token_id, [1.0])
+    return (gradient * embeddings).sum(dim=-1).tolist()
+
+
+def integrated_gradient_scores(model, ids, target, max_length, pad_token_id, steps=IG_STEPS):
+    # the midpoint rule on the straight path from a zero embedding to the message's
+    scales = [(step + 0.5) / steps for step in range(steps)]
+    embeddings, gradient = path_gradients(model, ids, target, max_length, pad_token_id, scales)
+    return (gradient * embeddings).sum(dim=-1).tolist()
+
+
+SCORERS = {"occlusion": occlusion_scores, "gradient": gradient_scores,
+           "integrated": integrated_gradient_scores}
+
+
+def explain_ids(model, ids, max_length, pad_token_id=PAD_TOKEN_ID, method=EXPLAIN_DEFAULT,
+                target=None):
+    """(class explained, one signed score per token): positive pushes toward the
+    class, by default the predicted one. ids: the message's tokens as classified
+    (truncated)."""
+    model.eval()
+    if target is None:
+        target = int(class_log_probas(model, [ids], max_length, pad_token_id)[0].argmax())
+    return target, SCORERS[method](model, ids, target, max_length, pad_token_id)
+
+
+def token_pieces(ids, scores, tokenizer):
+    """[{"token", "score"}] whose tokens join to the decoded message: tokens that
+    split one character's UTF-8 bytes are merged, their scores summed."""
+    pieces, pending, total = [], b"", 0.0
+    for token, score in zip(ids, scores):
+        pending += tokenizer.decode_single_token_bytes(token)
+        total += score
+        try:
+            text = pending.decode("utf-8")
+        except UnicodeDecodeError:  # a character continues in the next token
+            continue
+        pieces.append({"token": text, "score": round(total, 6)})
+        pending, total = b"", 0.0
+    if pending:  # truncation cut a character: decoded as tokenizer.decode does
+        pieces.append({"token": pending.decode("utf-8", errors="replace"),
+                       "score": round(total, 6)})
+    return pieces
+
+
+def explain_texts(texts, targets, model, tokenizer, max_length, pad_token_id=PAD_TOKEN_ID,
+                  method=EXPLAIN_DEFAULT):
+    """Each text's token pieces with their scores toward its class in targets."""
+    max_length = min(max_length, model.gpt.pos_emb.weight.shape[0])
+    explanations = []
+    for text, target in zip(texts, targets):
+        ids = encode(text, tokenizer, max_length)
+        _, scores = explain_ids(model, ids, max_length, pad_token_id, method, target)
+        explanations.append(token_pieces(ids, scores, tokenizer))
+    return explanations
+
+
+def ansi_colour(score, largest):
+    """A background from white to red (toward the predicted class) or blue
+    (against it), as strong as the score is against the message's largest."""
+    strength = min(abs(score) / largest, 1.0) if largest > 0 else 0.0
+    fade = round(255 * (1 - 0.75 * strength))
+    red, blue = (255, fade) if score > 0 else (fade, 255)
+    return f"\x1b[30;48;2;{red};{fade};{blue}m"
+
+
+def explanation_lines(pieces, label, coloured, top=5):
+    """What the terminal shows under a result: the message coloured token by token
+    (on a terminal only), then the tokens that pushed most toward the label."""
+    lines = []
+    if coloured:
+        largest = max(abs(piece["score"]) for piece in pieces)
+        lines.append("  why: " + "".join(
+            ansi_colour(piece["score"], largest) + piece["token"] + "\x1b[0m" for piece in pieces)
+            + f"   (\x1b[30;48;2;255;64;64m toward {label} \x1b[0m "
+              f"\x1b[30;48;2;64;64;255m against \x1b[0m)")
+    strongest = sorted(pieces, key=lambda piece: -piece["score"])[:top]
+    lines.append(f"  toward {label}: " + "  ".join(
+        f"{piece['token']!r} {piece['score']:+.3f}" for piece in strongest))
+    return lines
+
+
 # -------------------------------------------------- a page to try it: --serve
 
-def result_record(text, probas, labels):
+def predicted_class(probas, threshold=None):
+    """The chapter's argmax or, given a validated threshold (two classes), class 1
+    where its probability is above it."""
+    if threshold is not None:
+        return int(probas[1] > threshold)
+    return max(range(len(probas)), key=lambda i: probas[i])
+
+
+def result_record(text, probas, labels, threshold=None, explanation=None):
     """One message's result, as --json prints it and /classify answers it."""
-    best = max(range(len(labels)), key=lambda i: probas[i])
-    return {"text": text, "label": labels[best], "probabilities": dict(zip(labels, probas))}
+    record = {"text": text, "label": labels[predicted_class(probas, threshold)],
+              "probabilities": dict(zip(labels, probas))}
+    if explanation is not None:
+        record["explanation"] = explanation
+    return record
 
 
 def describe_checkpoint(path, info):
@@ -572,6 +768,13 @@ PAGE = r"""<!doctype html>
   .fill { background: #8a94a8; border-radius: 4px; height: 100%; }
   .best .fill { background: #2f5bd3; }
   .p { text-align: right; font-variant-numeric: tabular-nums; }
+  .ask { margin-top: .5rem; padding: .2rem .7rem; font-size: .85rem; }
+  .why { margin-top: .6rem; border-top: 1px solid #e6e9ef; padding-top: .5rem; }
+  .tokens { white-space: pre-wrap; overflow-wrap: anywhere; line-height: 1.8; }
+  .tok { border-radius: 3px; }
+  .legend { font-size: .8rem; color: #5b6475; margin-top: .3rem; }
+  .swatch { display: inline-block; width: .9rem; height: .9rem; border-radius: 3px;
+            vertical-align: middle; margin: 0 .25rem 0 .6rem; }
 </style>
 </head>
 <body>
@@ -608,7 +811,54 @@ function showResult(result) {
     row.append(element("span", "", name), track, element("span", "p", (100 * p).toFixed(1) + "%"));
     box.append(row);
   }
+  const ask = element("button", "ask", "why?");
+  ask.addEventListener("click", () => explain(result.text, box, ask));
+  box.append(ask);
   $("results").append(box);
+}
+
+// red pushes toward the label shown, blue away from it, as strong as the score
+// is against the message's largest
+function tint(score, largest) {
+  const strength = largest > 0 ? Math.min(Math.abs(score) / largest, 1) : 0;
+  return score > 0 ? `rgba(220, 40, 40, ${0.75 * strength})`
+                   : `rgba(40, 80, 220, ${0.75 * strength})`;
+}
+
+function showExplanation(result, box) {
+  const why = element("div", "why");
+  const tokens = element("div", "tokens");
+  const largest = Math.max(...result.explanation.map((piece) => Math.abs(piece.score)));
+  for (const piece of result.explanation) {
+    const span = element("span", "tok", piece.token);
+    span.style.background = tint(piece.score, largest);
+    span.title = (piece.score >= 0 ? "+" : "") + piece.score.toFixed(3);
+    tokens.append(span);
+  }
+  const legend = element("div", "legend", "Each token's share of the decision:");
+  const toward = element("span", "swatch"), against = element("span", "swatch");
+  toward.style.background = tint(1, 1);
+  against.style.background = tint(-1, 1);
+  legend.append(toward, `toward ${result.label}`, against, `against it`,
+                " · stronger colour, larger share; hover a token for its score");
+  why.append(tokens, legend);
+  box.append(why);
+}
+
+async function explain(text, box, ask) {
+  ask.disabled = true;
+  try {
+    const response = await fetch("/classify", {method: "POST",
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({texts: [text], explain: true})});
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error);
+    showExplanation(answer.results[0], box);
+    ask.remove();
+  } catch (error) {
+    $("error").textContent = "Error: " + error.message;
+    ask.disabled = false;
+  }
 }
 
 async function classify() {
@@ -654,7 +904,8 @@ class RequestError(Exception):
 
 
 def parse_request(body):
-    """The texts of a /classify body {"texts": [...]}; RequestError otherwise."""
+    """The texts of a /classify body {"texts": [...], "explain": false} and whether
+    to explain them; RequestError otherwise."""
     try:
         request = json.loads(body)
     except (UnicodeDecodeError, ValueError):
@@ -669,11 +920,17 @@ def parse_request(body):
             raise RequestError(400, f"texts[{i}] is not a string")
         if not text.strip():
             raise RequestError(400, f"texts[{i}] is empty or only whitespace")
-    return texts
+    explain = request.get("explain", False)
+    if not isinstance(explain, bool):
+        raise RequestError(400, '"explain" is not true or false')
+    if explain and len(texts) > MAX_EXPLAINED:
+        raise RequestError(413, f"{len(texts):,} texts to explain; at most {MAX_EXPLAINED} "
+                                f"per request")
+    return texts, explain
 
 
 def make_handler(classify, description):
-    """The request handler: classify(texts) -> results; description: /info."""
+    """The request handler: classify(texts, explain) -> results; description: /info."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         routes = {"/": "GET", "/info": "GET", "/classify": "POST"}
@@ -699,8 +956,8 @@ def make_handler(classify, description):
             if self.path == "/info":
                 return self.answer(200, description)
             try:
-                texts = parse_request(self.read_body())
-                self.answer(200, {"results": classify(texts)})
+                texts, explain = parse_request(self.read_body())
+                self.answer(200, {"results": classify(texts, explain)})
             except RequestError as e:
                 self.answer(e.status, {"error": str(e)})
 
@@ -740,11 +997,15 @@ def serve(checkpoint, device, base_weights, host, port):
     model, info = load_classifier(checkpoint, device, base_weights)
     tokenizer, lock = get_tokenizer(), threading.Lock()
 
-    def classify(texts):
+    def classify(texts, explain):
         with lock:
             probabilities = classify_texts(texts, model, tokenizer, device, info["max_length"],
-                                           info["pad_token_id"])
-        return [result_record(t, p, info["labels"]) for t, p in zip(texts, probabilities)]
+                                           info["pad_token_id"], temperature=info["temperature"])
+            targets = [predicted_class(p) for p in probabilities]
+            explanations = explain_texts(texts, targets, model, tokenizer, info["max_length"],
+                                         info["pad_token_id"]) if explain else [None] * len(texts)
+        return [result_record(t, p, info["labels"], explanation=e)
+                for t, p, e in zip(texts, probabilities, explanations)]
 
     handler = make_handler(classify, describe_checkpoint(checkpoint, info))
     try:
@@ -796,11 +1057,11 @@ def text_chunks(args_texts, stdin, size=CHUNK):
         yield chunk
 
 
-def print_result(text, probas, labels, as_json, show_all):
+def print_result(text, probas, labels, as_json, show_all, threshold=None, explanation=None):
     if as_json:
-        print(json.dumps(result_record(text, probas, labels)))
+        print(json.dumps(result_record(text, probas, labels, threshold, explanation)))
         return
-    best = max(range(len(labels)), key=lambda i: probas[i])
+    best = predicted_class(probas, threshold)
     if show_all:
         shown = "  ".join(f"P({name})={p:.3f}" for name, p in zip(labels, probas))
     elif labels == SPAM_CLASS_NAMES:
@@ -808,12 +1069,29 @@ def print_result(text, probas, labels, as_json, show_all):
     else:
         shown = f"P({labels[best]})={probas[best]:.3f}"
     print(f"{labels[best]}\t{shown}\t{text}")
+    if explanation is not None:
+        print("\n".join(explanation_lines(explanation, labels[best], sys.stdout.isatty())))
+
+
+def validated_threshold(choice, info, checkpoint):
+    """The threshold --threshold validated asks for; None for the argmax."""
+    if choice == "argmax":
+        return None
+    if info["threshold"] is None:
+        raise InputError(f"{checkpoint} has no validated threshold (it has two classes only "
+                         f"when finetune.py saves one, since this version): fine-tune again, "
+                         f"or leave out --threshold validated.")
+    return info["threshold"]
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Classify messages with a classifier fine-tuned by finetune.py "
-                    "(listing 6.12's classify_review, batched).")
+                    "(listing 6.12's classify_review, batched). The probabilities printed "
+                    "are temperature-scaled with the temperature finetune.py fitted on the "
+                    "validation split and saved in the checkpoint (none in an older "
+                    "checkpoint: T=1); the label is the most probable class unless "
+                    "--threshold validated.")
     parser.add_argument("texts", nargs="*", metavar="TEXT",
                         help="messages to classify; - reads one per line from stdin, "
                              f"{CHUNK:,} at a time, printing each chunk's results in order")
@@ -828,10 +1106,28 @@ def build_parser():
     parser.add_argument("--all", action="store_true",
                         help="print the probability of every class, not only the chosen one")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object per message: text, label, probabilities")
+                        help="print one JSON object per message: text, label, probabilities "
+                             "(and with --explain: explanation, a list of {token, score} "
+                             "whose tokens join to the text as classified, after truncation)")
+    parser.add_argument("--explain", action="store_true",
+                        help="also show each token's signed share of the label (positive: "
+                             "toward it): on a terminal the message coloured token by token, "
+                             "then the tokens that pushed most toward the label")
+    parser.add_argument("--explain-method", default=EXPLAIN_DEFAULT,
+                        choices=list(EXPLAIN_METHODS),
+                        help="with --explain, how the shares are computed (default: "
+                             "%(default)s, the most faithful here): " + "; ".join(
+                                 f"{k}: {v}" for k, v in EXPLAIN_METHODS.items()))
+    parser.add_argument("--threshold", default="argmax", choices=["argmax", "validated"],
+                        help="how the label is chosen: argmax, the most probable class (the "
+                             "chapter); validated, for two classes, class 1 (spam) where its "
+                             "probability is above the threshold finetune.py chose on the "
+                             "validation split for its --target-fpr (default: %(default)s)")
     parser.add_argument("--serve", action="store_true",
                         help="instead of classifying TEXTs, serve a page to try the classifier "
-                             "in a browser, and POST /classify with {\"texts\": [...]}")
+                             "in a browser (with a \"why?\" view per message), and POST "
+                             "/classify with {\"texts\": [...]}, and \"explain\": true for "
+                             f"each token's share (at most {MAX_EXPLAINED} texts then)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="with --serve: the address to listen on; 0.0.0.0 opens it to "
                              "other machines (default: %(default)s, this machine only)")
@@ -845,13 +1141,15 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.serve:
-        if args.texts or args.all or args.json:
-            parser.error("--serve takes no TEXT, --all or --json: the page shows every "
-                         "class's probability")
+        if args.texts or args.all or args.json or args.explain or args.threshold != "argmax":
+            parser.error("--serve takes no TEXT, --all, --json, --explain or --threshold: the "
+                         "page shows every class's probability, and explains on request")
         return serve(args.checkpoint, select_device(args.device), args.base_weights,
                      args.host, args.port)
     if args.host != "127.0.0.1" or args.port != 8000:
         parser.error("--host and --port go with --serve")
+    if args.explain_method != EXPLAIN_DEFAULT and not args.explain:
+        parser.error("--explain-method goes with --explain")
     if not args.texts:
         raise InputError("no message to classify: give texts as arguments, or - to read "
                          "one per line from stdin.")
@@ -859,13 +1157,20 @@ def main(argv=None):
         raise InputError("a message to classify is empty or only whitespace.")
     device = select_device(args.device)
     model, info = load_classifier(args.checkpoint, device, args.base_weights)
+    threshold = validated_threshold(args.threshold, info, args.checkpoint)
     tokenizer = get_tokenizer()
     done = 0
     for chunk in text_chunks(args.texts, sys.stdin):
         probabilities = classify_texts(chunk, model, tokenizer, device, info["max_length"],
-                                       info["pad_token_id"])
-        for text, probas in zip(chunk, probabilities):
-            print_result(text, probas, info["labels"], args.json, args.all)
+                                       info["pad_token_id"], temperature=info["temperature"])
+        explanations = [None] * len(chunk)
+        if args.explain:
+            targets = [predicted_class(p, threshold) for p in probabilities]
+            explanations = explain_texts(chunk, targets, model, tokenizer, info["max_length"],
+                                         info["pad_token_id"], args.explain_method)
+        for text, probas, explanation in zip(chunk, probabilities, explanations):
+            print_result(text, probas, info["labels"], args.json, args.all, threshold,
+                         explanation)
         sys.stdout.flush()
         done += len(chunk)
     if not done:
