@@ -3,6 +3,7 @@ with --beyond, the same beyond the chapter's size.
 
 python bench.py --json bench.json                  # the SMS data of testdata/, gpt2-small
 python bench.py --beyond --json bench-beyond.json  # long texts, a cache budget, all data
+python bench.py --explain runs/a/review_classifier.safetensors  # how faithful --explain is
 
 Modes, each the chapter's whole schedule (data, initial evaluations, --epochs
 epochs with their evaluations, final accuracies, saving) with random weights,
@@ -21,6 +22,10 @@ default, --pool flexible, and the default with --cache-memory a third of the
 cache; the whole SMS collection with --no-balance, the default (5 epochs) and
 --plain (its training only: the time of an epoch); classify.py - on 3,000
 lines, and its peak memory on 3,000 and 100,000 lines with a tiny model.
+
+--explain CHECKPOINT: classify.py --explain's methods on the test.csv that
+finetune.py wrote beside the checkpoint, each against a random ranking, with
+ERASER's comprehensiveness and sufficiency (AOPC) and the time per message.
 """
 import argparse
 import csv
@@ -312,11 +317,11 @@ def method_ranking(method, model, max_length, pad_token_id):
 
 def random_ranking(model, max_length, pad_token_id, seed=123):
     """The baseline every explanation must beat: the tokens in a random order."""
-    from classify import class_log_probas
+    from classify import class_logits
     rng = random.Random(seed)
 
     def rank(ids):
-        target = int(class_log_probas(model, [ids], max_length, pad_token_id)[0].argmax())
+        target = int(class_logits(model, [ids], max_length, pad_token_id)[0].argmax())
         order = list(range(len(ids)))
         rng.shuffle(order)
         return target, order
@@ -329,7 +334,8 @@ def aopc(model, messages, rank, max_length, pad_token_id):
     without its top k%) (higher is better) and sufficiency p(y|x) - p(y|its top
     k% only) (lower is better), y the class explained. At least one token is
     taken; nothing left reads as one padding token."""
-    from classify import class_log_probas, without
+    import torch
+    from classify import class_logits, without
     comprehensiveness = sufficiency = 0.0
     for ids in messages:
         target, order = rank(ids)
@@ -338,7 +344,7 @@ def aopc(model, messages, rank, max_length, pad_token_id):
             top = set(order[:max(1, math.ceil(share * len(ids)))])
             variants += [without(ids, top, pad_token_id),
                          without(ids, set(range(len(ids))) - top, pad_token_id)]
-        p = class_log_probas(model, variants, max_length, pad_token_id)[:, target].exp()
+        p = torch.softmax(class_logits(model, variants, max_length, pad_token_id), -1)[:, target]
         comprehensiveness += (p[0] - p[1::2]).mean().item()
         sufficiency += (p[0] - p[2::2]).mean().item()
     return comprehensiveness / len(messages), sufficiency / len(messages)

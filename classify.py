@@ -550,10 +550,10 @@ def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD
 
 IG_STEPS = 20  # integrated gradients: points on the path from a zero embedding
 EXPLAIN_METHODS = {
-    "occlusion": "leave one token out: how far the predicted class's log-probability "
-                 "falls without it (one forward pass per token, batched)",
-    "gradient": "gradient x input: the gradient of the predicted class's log-probability "
-                "times each token's embedding (one forward and one backward pass)",
+    "occlusion": "leave one token out: how far the label's log-odds fall without it "
+                 "(one forward pass per token, batched)",
+    "gradient": "gradient x input: the gradient of the label's log-odds times each "
+                "token's embedding (one forward and one backward pass)",
     "integrated": f"integrated gradients, {IG_STEPS} steps from a zero embedding "
                   f"({IG_STEPS} forward and backward passes, batched)",
 }
@@ -569,16 +569,24 @@ def padded_batch(sequences, model, max_length, pad_token_id):
     return pad_ids(sequences, pad_token_id, length=width)
 
 
-def class_log_probas(model, sequences, max_length, pad_token_id):
-    """log-softmax of the logits of token id lists, (b, num_classes), batched."""
+def class_logits(model, sequences, max_length, pad_token_id):
+    """The logits of token id lists, (b, num_classes), batched, on the CPU."""
     device = model.gpt.tok_emb.weight.device
     rows = []
     with torch.inference_mode():
         for start in range(0, len(sequences), OCCLUSION_BATCH):
             inputs = padded_batch(sequences[start:start + OCCLUSION_BATCH], model, max_length,
                                   pad_token_id).to(device)
-            rows.append(torch.log_softmax(model(inputs).float(), dim=-1).cpu())
+            rows.append(model(inputs).float().cpu())
     return torch.cat(rows)
+
+
+def log_odds(logits, target):
+    """log p / (1 - p) of class target from logits (..., num_classes): unlike the
+    probability it does not saturate, so a token that matters still shows where
+    the model is already sure."""
+    others = torch.cat([logits[..., :target], logits[..., target + 1:]], dim=-1)
+    return logits[..., target] - torch.logsumexp(others, dim=-1)
 
 
 def without(ids, drop, pad_token_id):
@@ -588,10 +596,10 @@ def without(ids, drop, pad_token_id):
 
 
 def occlusion_scores(model, ids, target, max_length, pad_token_id):
-    """log p(target | ids) - log p(target | ids without token i), for each i."""
+    """The log-odds of target for ids less those without token i, for each i."""
     variants = [ids] + [without(ids, {i}, pad_token_id) for i in range(len(ids))]
-    log_probas = class_log_probas(model, variants, max_length, pad_token_id)[:, target]
-    return (log_probas[0] - log_probas[1:]).tolist()
+    odds = log_odds(class_logits(model, variants, max_length, pad_token_id), target)
+    return (odds[0] - odds[1:]).tolist()
 
 
 def logits_from_token_embeddings(model, token_embeddings, input_batch):
@@ -606,8 +614,8 @@ def logits_from_token_embeddings(model, token_embeddings, input_batch):
 
 def path_gradients(model, ids, target, max_length, pad_token_id, scales):
     """The message's token embeddings (n, emb_dim) and the mean over `scales` of
-    the gradient of log p(target) at the real tokens' embeddings times each scale
-    (the padding keeps its own embeddings)."""
+    the gradient of target's log-odds at the real tokens' embeddings times each
+    scale (the padding keeps its own embeddings)."""
     inputs = padded_batch([ids], model, max_length, pad_token_id)
     inputs = inputs.to(model.gpt.tok_emb.weight.device).expand(len(scales), -1)
     n = len(ids)
@@ -616,8 +624,8 @@ def path_gradients(model, ids, target, max_length, pad_token_id, scales):
         scale = torch.ones(inputs.shape, device=inputs.device)
         scale[:, :n] = torch.tensor(scales, device=inputs.device)[:, None]
         scaled = (embeddings * scale[..., None]).requires_grad_()
-        log_probas = torch.log_softmax(logits_from_token_embeddings(model, scaled, inputs), -1)
-        (gradient,) = torch.autograd.grad(log_probas[:, target].sum(), scaled)
+        odds = log_odds(logits_from_token_embeddings(model, scaled, inputs).float(), target)
+        (gradient,) = torch.autograd.grad(odds.sum(), scaled)
     return embeddings[0, :n], gradient[:, :n].mean(dim=0)
 
 
@@ -644,7 +652,7 @@ def explain_ids(model, ids, max_length, pad_token_id=PAD_TOKEN_ID, method=EXPLAI
     (truncated)."""
     model.eval()
     if target is None:
-        target = int(class_log_probas(model, [ids], max_length, pad_token_id)[0].argmax())
+        target = int(class_logits(model, [ids], max_length, pad_token_id)[0].argmax())
     return target, SCORERS[method](model, ids, target, max_length, pad_token_id)
 
 

@@ -1677,15 +1677,15 @@ def test_occlusion_beats_a_random_ranking_on_erasers_faithfulness(rule_model):
     assert shipped[1] < chance[1]  # sufficiency: the top tokens alone keep the decision
 
 
-def test_occlusion_scores_are_the_fall_in_log_probability_without_each_token(rule_model):
+def test_occlusion_scores_are_the_fall_in_log_odds_without_each_token(rule_model):
     model, (message, *_) = rule_model
     ids = message[0]
     target, scores = classify.explain_ids(model, ids, 12, RULE_PAD, "occlusion")
     with torch.no_grad():
-        def log_p(sequence):
-            inputs = data.pad_ids([sequence], RULE_PAD, length=12)
-            return torch.log_softmax(model(inputs), dim=-1)[0, target].item()
-        expected = [log_p(ids) - log_p(ids[:i] + ids[i + 1:]) for i in range(len(ids))]
+        def log_odds(sequence):  # log p / (1 - p) with two classes
+            logits = model(data.pad_ids([sequence], RULE_PAD, length=12))[0]
+            return (logits[target] - logits[1 - target]).item()
+        expected = [log_odds(ids) - log_odds(ids[:i] + ids[i + 1:]) for i in range(len(ids))]
     assert scores == pytest.approx(expected, abs=1e-5)
     for method in ("gradient", "integrated"):
         assert len(classify.explain_ids(model, ids, 12, RULE_PAD, method)[1]) == len(ids)
