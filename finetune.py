@@ -585,7 +585,7 @@ def operating_point(val_scores, val_targets, test_scores, test_targets, names, t
 CHANCE_STYLE = 'stroke="#999" stroke-dasharray="3 3"'
 
 
-def plot_unit_square(path, title, x_label, y_label, curves, key_at_left=False):
+def plot_unit_square(path, title, x_label, y_label, curves, key_corner="bottom right"):
     """Curves [(name, points, style)] on axes from 0 to 1, written as an SVG in the
     loss plot's style, the title where the loss plot has its top axis."""
     ticks = nice_ticks(0.0, 1.0)
@@ -602,17 +602,19 @@ def plot_unit_square(path, title, x_label, y_label, curves, key_at_left=False):
                    x_label=x_label, top_label=escape(title))
     svg += [svg_curve([(sx(x), sy(y)) for x, y in points], style)
             for _, points, style in curves if points]
-    svg += svg_key([(escape(name), style) for name, _, style in curves], key_at_left)
+    svg += svg_key([(escape(name), style) for name, _, style in curves], key_corner)
     write_atomically(path, "\n".join(svg + ["</svg>"]) + "\n")
 
 
-def svg_key(entries, at_left):
-    """The legend of (name, style) entries, in the bottom left or right corner."""
+def svg_key(entries, corner):
+    """The legend of (name, style) entries in a corner ("top left", "bottom right"...)
+    that the curves leave empty."""
     width = 48 + 6.4 * max(len(name) for name, _ in entries)
-    x = SVG_SIZE["left"] + 10 if at_left else \
+    x = SVG_SIZE["left"] + 10 if corner.endswith("left") else \
         SVG_SIZE["width"] - SVG_SIZE["right"] - 10 - width
     height = 8 + 16 * len(entries)
-    y = SVG_SIZE["height"] - SVG_SIZE["bottom"] - 10 - height
+    y = SVG_SIZE["top"] + 10 if corner.startswith("top") else \
+        SVG_SIZE["height"] - SVG_SIZE["bottom"] - 10 - height
     svg = [f'<rect x="{x:.1f}" y="{y}" width="{width:.1f}" height="{height}" fill="white" '
            f'stroke="#ccc"/>']
     for row, (name, style) in enumerate(entries):
@@ -633,7 +635,8 @@ def plot_reliability(bins_before, bins_after, temperature, out):
                      "accuracy",
                      [("Perfect calibration", [(0, 0), (1, 1)], CHANCE_STYLE),
                       ("T = 1", points(bins_before), TRAIN_STYLE),
-                      (f"T = {temperature:.2f}", points(bins_after), VALIDATION_STYLE)])
+                      (f"T = {temperature:.2f}", points(bins_after), VALIDATION_STYLE)],
+                     key_corner="top left")  # over-confidence: the curves fall below
 
 
 def plot_roc_pr(roc, roc_auc, pr, pr_auc, positive, out):
@@ -645,7 +648,7 @@ def plot_roc_pr(roc, roc_auc, pr, pr_auc, positive, out):
     area = "undefined" if pr_auc is None else f"{pr_auc:.3f}"
     plot_unit_square(Path(out) / "pr-plot.svg", f"Precision-recall on the test split "
                      f"({positive}), AP {area}", "Recall", "precision",
-                     [("Model", pr, TRAIN_STYLE)], key_at_left=True)
+                     [("Model", pr, TRAIN_STYLE)], key_corner="bottom left")
 
 
 # -------------------------------------------------------------------- the CLI

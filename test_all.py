@@ -1881,3 +1881,18 @@ def test_a_real_browser_shows_why_with_highlighted_tokens_and_a_legend(server, t
         webdriver(base, "DELETE", at)
     finally:
         driver.kill()
+
+
+def test_target_fpr_and_explain_flags_are_checked_when_parsed(capsys):
+    args = finetune.build_parser().parse_args(["--target-fpr", "0.05"])
+    assert args.target_fpr == 0.05 and finetune.build_parser().parse_args([]).target_fpr == 0.01
+    for bad in ("1", "-0.1", "often"):
+        with pytest.raises(SystemExit):
+            finetune.build_parser().parse_args(["--target-fpr", bad])
+        assert "--target-fpr" in capsys.readouterr().err
+    for argv, message in [(["--explain-method", "gradient", "hi"], "goes with --explain"),
+                          (["--serve", "--explain"], "--serve takes no"),
+                          (["--explain-method", "shap", "hi"], "invalid choice: 'shap'")]:
+        with pytest.raises(SystemExit):
+            classify.main(argv)
+        assert message in capsys.readouterr().err
