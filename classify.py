@@ -557,8 +557,9 @@ EXPLAIN_METHODS = {
     "integrated": f"integrated gradients, {IG_STEPS} steps from a zero embedding "
                   f"({IG_STEPS} forward and backward passes, batched)",
 }
-EXPLAIN_DEFAULT = "occlusion"  # the most faithful of the three on ERASER's measures: notes/explain.md
-MAX_EXPLAINED = 16  # texts one /classify request may ask to explain: each costs a batch per token
+# the most faithful of the three on ERASER's measures, by far (bench.py --explain)
+EXPLAIN_DEFAULT = "integrated"
+MAX_EXPLAINED = 16  # texts one /classify request may explain: each costs IG_STEPS passes
 OCCLUSION_BATCH = 64
 
 

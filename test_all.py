@@ -1654,7 +1654,7 @@ def rule_model():
     return classifier.eval(), rule_messages(60, seed=2)
 
 
-def test_the_rule_word_gets_the_top_occlusion_score_in_nine_of_ten_spam_messages(rule_model):
+def test_the_rule_word_gets_the_top_score_in_nine_of_ten_spam_messages(rule_model):
     model, messages = rule_model
     tops = []
     for ids, label in messages:
@@ -1665,7 +1665,7 @@ def test_the_rule_word_gets_the_top_occlusion_score_in_nine_of_ten_spam_messages
     assert sum(tops) >= 0.9 * len(tops)
 
 
-def test_occlusion_beats_a_random_ranking_on_erasers_faithfulness(rule_model):
+def test_the_default_method_beats_a_random_ranking_on_erasers_faithfulness(rule_model):
     import bench
     model, messages = rule_model
     sequences = [ids for ids, _ in messages]
