@@ -2,6 +2,7 @@
 Everything they read is in testdata/ (see its README): the real SMS data,
 tiktoken's gpt2 files and a compact GPT-2 in the Hub's layout with the logits
 Hugging Face transformers computes for it."""
+import contextlib
 import hashlib
 import http.server
 import io
@@ -1633,6 +1634,18 @@ def rule_messages(count, seed):
     return rows
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Tensors this small train and explain in a fraction of a second on one thread,
+    and up to 40 times slower on two where another process holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def rule_model():
     """A tiny classifier trained for a moment to the rule, and 60 messages it has
@@ -1643,24 +1656,26 @@ def rule_model():
     classifier = classify.GPTClassifier(model, pool="last", pad_token_id=RULE_PAD)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-2)
     train = rule_messages(256, seed=1)
-    for _ in range(3):
-        for start in range(0, len(train), 32):
-            batch = train[start:start + 32]
-            inputs = data.pad_ids([ids for ids, _ in batch], RULE_PAD, length=12)
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(
-                classifier(inputs), torch.tensor([label for _, label in batch])).backward()
-            optimizer.step()
+    with one_thread():
+        for _ in range(3):
+            for start in range(0, len(train), 32):
+                batch = train[start:start + 32]
+                inputs = data.pad_ids([ids for ids, _ in batch], RULE_PAD, length=12)
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(
+                    classifier(inputs), torch.tensor([label for _, label in batch])).backward()
+                optimizer.step()
     return classifier.eval(), rule_messages(60, seed=2)
 
 
 def test_the_rule_word_gets_the_top_score_in_nine_of_ten_spam_messages(rule_model):
     model, messages = rule_model
     tops = []
-    for ids, label in messages:
-        target, scores = classify.explain_ids(model, ids, 12, RULE_PAD)
-        if label == target == 1:
-            tops.append(ids[max(range(len(ids)), key=lambda i: scores[i])] == RULE_WORD)
+    with one_thread():
+        for ids, label in messages:
+            target, scores = classify.explain_ids(model, ids, 12, RULE_PAD)
+            if label == target == 1:
+                tops.append(ids[max(range(len(ids)), key=lambda i: scores[i])] == RULE_WORD)
     assert len(tops) >= 25  # the model learnt the rule: most of the 30 spam found
     assert sum(tops) >= 0.9 * len(tops)
 
@@ -1669,10 +1684,11 @@ def test_the_default_method_beats_a_random_ranking_on_erasers_faithfulness(rule_
     import bench
     model, messages = rule_model
     sequences = [ids for ids, _ in messages]
-    shipped = bench.aopc(model, sequences, bench.method_ranking(
-        classify.EXPLAIN_DEFAULT, model, 12, RULE_PAD), 12, RULE_PAD)
-    chance = bench.aopc(model, sequences, bench.random_ranking(model, 12, RULE_PAD), 12,
-                        RULE_PAD)
+    with one_thread():
+        shipped = bench.aopc(model, sequences, bench.method_ranking(
+            classify.EXPLAIN_DEFAULT, model, 12, RULE_PAD), 12, RULE_PAD)
+        chance = bench.aopc(model, sequences, bench.random_ranking(model, 12, RULE_PAD), 12,
+                            RULE_PAD)
     assert shipped[0] > chance[0] + 0.1  # comprehensiveness: removing the top tokens hurts
     assert shipped[1] < chance[1]  # sufficiency: the top tokens alone keep the decision
 
