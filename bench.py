@@ -3,6 +3,7 @@ with --beyond, the same beyond the chapter's size.
 
 python bench.py --json bench.json                  # the SMS data of testdata/, gpt2-small
 python bench.py --beyond --json bench-beyond.json  # long texts, a cache budget, all data
+python bench.py --explain runs/a/review_classifier.safetensors  # how faithful --explain is
 
 Modes, each the chapter's whole schedule (data, initial evaluations, --epochs
 epochs with their evaluations, final accuracies, saving) with random weights,
@@ -21,10 +22,15 @@ default, --pool flexible, and the default with --cache-memory a third of the
 cache; the whole SMS collection with --no-balance, the default (5 epochs) and
 --plain (its training only: the time of an epoch); classify.py - on 3,000
 lines, and its peak memory on 3,000 and 100,000 lines with a tiny model.
+
+--explain CHECKPOINT: classify.py --explain's methods on the test.csv that
+finetune.py wrote beside the checkpoint, each against a random ranking, with
+ERASER's comprehensiveness and sufficiency (AOPC) and the time per message.
 """
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import random
@@ -293,6 +299,89 @@ def beyond(args, work, save):
     return report
 
 
+# ------------------------------------- --explain: how faithful each explanation is
+
+ERASER_SHARES = (0.01, 0.05, 0.10, 0.20, 0.50)  # k: the top k% of a message's tokens
+
+
+def method_ranking(method, model, max_length, pad_token_id):
+    """ids -> (class explained, token positions from the most important): a
+    classify.py explanation method."""
+    from classify import explain_ids
+
+    def rank(ids):
+        target, scores = explain_ids(model, ids, max_length, pad_token_id, method)
+        return target, sorted(range(len(ids)), key=lambda i: -scores[i])
+    return rank
+
+
+def random_ranking(model, max_length, pad_token_id, seed=123):
+    """The baseline every explanation must beat: the tokens in a random order."""
+    from classify import class_logits
+    rng = random.Random(seed)
+
+    def rank(ids):
+        target = int(class_logits(model, [ids], max_length, pad_token_id)[0].argmax())
+        order = list(range(len(ids)))
+        rng.shuffle(order)
+        return target, order
+    return rank
+
+
+def aopc(model, messages, rank, max_length, pad_token_id):
+    """ERASER's faithfulness (DeYoung et al. 2020), averaged over k in ERASER_SHARES
+    (AOPC) and the messages (token id lists): comprehensiveness p(y|x) - p(y|x
+    without its top k%) (higher is better) and sufficiency p(y|x) - p(y|its top
+    k% only) (lower is better), y the class explained. At least one token is
+    taken; nothing left reads as one padding token."""
+    import torch
+    from classify import class_logits, without
+    comprehensiveness = sufficiency = 0.0
+    for ids in messages:
+        target, order = rank(ids)
+        variants = [ids]
+        for share in ERASER_SHARES:
+            top = set(order[:max(1, math.ceil(share * len(ids)))])
+            variants += [without(ids, top, pad_token_id),
+                         without(ids, set(range(len(ids))) - top, pad_token_id)]
+        p = torch.softmax(class_logits(model, variants, max_length, pad_token_id), -1)[:, target]
+        comprehensiveness += (p[0] - p[1::2]).mean().item()
+        sufficiency += (p[0] - p[2::2]).mean().item()
+    return comprehensiveness / len(messages), sufficiency / len(messages)
+
+
+def faithfulness_table(checkpoint, test_csv, device):
+    """Each method's comprehensiveness and sufficiency AOPC on the test split,
+    the random ranking's, and the seconds per message each method took."""
+    from classify import EXPLAIN_METHODS, load_classifier
+    from data import encode, read_csv
+    from gpt import get_tokenizer
+    model, info = load_classifier(checkpoint, device)
+    max_length = min(info["max_length"], model.gpt.pos_emb.weight.shape[0])
+    tokenizer = get_tokenizer()
+    messages = [encode(text, tokenizer, max_length) for _, text in
+                read_csv(test_csv, info["num_classes"])]
+    rows = []
+    rankings = {method: method_ranking(method, model, max_length, info["pad_token_id"])
+                for method in EXPLAIN_METHODS}
+    rankings["random"] = random_ranking(model, max_length, info["pad_token_id"])
+    for name, rank in rankings.items():
+        start = time.time()
+        for ids in messages:
+            rank(ids)
+        seconds = (time.time() - start) / len(messages)
+        comprehensiveness, sufficiency = aopc(model, messages, rank, max_length,
+                                              info["pad_token_id"])
+        rows.append({"method": name, "comprehensiveness": round(comprehensiveness, 4),
+                     "sufficiency": round(sufficiency, 4),
+                     "ms_per_message": round(1000 * seconds, 1)})
+        print(f"{name:<12}comprehensiveness {comprehensiveness:.4f}  sufficiency "
+              f"{sufficiency:.4f}  {1000 * seconds:.1f} ms per message", flush=True)
+    return {"checkpoint": str(checkpoint), "test_csv": str(test_csv),
+            "messages": len(messages), "mean_tokens": sum(map(len, messages)) / len(messages),
+            "shares": ERASER_SHARES, "methods": rows}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -311,6 +400,11 @@ def main():
                         help="measure beyond the chapter's size instead (about 100 minutes "
                              "on 2 CPU cores): long texts, a cache budget, all data, "
                              "streaming classification")
+    parser.add_argument("--explain", metavar="CHECKPOINT",
+                        help="measure classify.py --explain's methods instead: ERASER "
+                             "comprehensiveness and sufficiency (AOPC) against a random "
+                             "ranking, and the time per message, on the test.csv beside "
+                             "CHECKPOINT")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     args = parser.parse_args()
     unknown = [mode for mode in args.modes.split(",") if mode not in MODES]
@@ -319,6 +413,16 @@ def main():
     if not Path(args.data).is_file():
         parser.error(f"--data: no file at {args.data}; pass the SMS Spam Collection's TSV "
                      f"(or the UCI zip)")
+    if args.explain:
+        test_csv = Path(args.explain).parent / "test.csv"
+        if not test_csv.is_file():
+            parser.error(f"--explain: no test.csv beside {args.explain}: pass the checkpoint "
+                         f"in the --out folder finetune.py wrote")
+        report = dict(machine=machine(), **faithfulness_table(args.explain, test_csv,
+                                                              args.device))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     if args.beyond:
         def save(report):

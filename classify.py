@@ -338,14 +338,15 @@ class GPTClassifier(torch.nn.Module):
 # ------------------------------------------------------------- the checkpoint
 
 def save_classifier(classifier, path, config, max_length, class_names, lora=None,
-                    trainable="last_block"):
+                    trainable="last_block", calibration=None):
     """The chapter's torch.save(model.state_dict(), "review_classifier.pth"),
     without pickle: a safetensors file whose metadata describes the model, so
     classify.py needs nothing else. Written atomically.
 
     With lora (finetune.py's lora_description: rank, alpha, the base weights and
     their size and sha256) only the adapters and the head are saved, with what
-    identifies the base weights they sit on."""
+    identifies the base weights they sit on. calibration: finetune.py's fitted
+    temperature and validated threshold, which classify.py applies."""
     gpt = classifier.gpt
     metadata = {
         "format": CHECKPOINT_FORMAT,
@@ -357,6 +358,8 @@ def save_classifier(classifier, path, config, max_length, class_names, lora=None
         "pool": classifier.pool,
         "trainable": trainable,  # finetune.py's --trainable, to describe the model
     }
+    if calibration:
+        metadata["calibration"] = json.dumps(calibration)
     tensors = gpt.state_dict()
     if lora:
         metadata["lora"] = json.dumps(lora)
@@ -400,8 +403,29 @@ def read_checkpoint_metadata(path, metadata):
         lora = "not JSON"
     if lora is not None and not valid_lora(lora, config):
         raise bad("its LoRA description is malformed")
+    temperature, threshold = read_calibration(metadata.get("calibration"), info, bad)
     return dict(info, config=config, labels=labels, pool=pool, lora=lora,
-                trainable=metadata.get("trainable", "not recorded"))
+                trainable=metadata.get("trainable", "not recorded"),
+                temperature=temperature, threshold=threshold)
+
+
+def read_calibration(text, info, bad):
+    """(temperature, threshold or None) of a checkpoint; the threshold chooses
+    class 1 where its probability is above it. (1.0, None) for a checkpoint
+    saved before finetune.py calibrated: it loads as it always did."""
+    if text is None:
+        return 1.0, None
+    try:
+        calibration = json.loads(text)
+        temperature, threshold = calibration["temperature"], calibration["threshold"]
+    except (ValueError, KeyError, TypeError):
+        raise bad("its calibration is malformed") from None
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise bad(f"its temperature {temperature!r} is not a positive number")
+    if threshold is not None and not (isinstance(threshold, (int, float))
+                                      and info["num_classes"] == 2 and 0 <= threshold <= 1):
+        raise bad(f"its threshold {threshold!r} is not a probability of a two-class model")
+    return float(temperature), threshold
 
 
 def valid_lora(lora, config):
@@ -577,10 +601,12 @@ class NonFiniteLogits(InputError):
 
 
 def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD_TOKEN_ID,
-                   batch_size=32):
+                   batch_size=32, temperature=1.0):
     """Class probabilities (one list per text) for many texts, in batches of
     similar length. Padded to max_length only where the checkpoint's pooling
-    reads a padding position ("last"); otherwise to each batch's longest."""
+    reads a padding position ("last"); otherwise to each batch's longest.
+    temperature: the checkpoint's, fitted by finetune.py (the logits divided by
+    it; the argmax does not change)."""
     model.eval()
     max_length = min(max_length, model.gpt.pos_emb.weight.shape[0])
     encoded = [encode(text, tokenizer, max_length) for text in texts]
@@ -600,19 +626,198 @@ def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD
             raise NonFiniteLogits("its logits are not all finite numbers (NaN or infinity), "
                                   "so it has no answer: its weights are damaged. Fine-tune "
                                   "it again, or check the file.")
-        probas = torch.softmax(logits, dim=-1).cpu()
+        probas = torch.softmax(logits / temperature, dim=-1).cpu()
         for row, i in enumerate(batch):
             probabilities[i] = probas[row].tolist()
         progress("classifying, messages", start + len(batch), len(texts), start_time)
     return probabilities
 
 
+# --------------------------------------- why: each token's share of the decision
+
+IG_STEPS = 20  # integrated gradients: points on the path from a zero embedding
+EXPLAIN_METHODS = {
+    "occlusion": "leave one token out: how far the label's log-odds fall without it "
+                 "(one forward pass per token, batched)",
+    "gradient": "gradient x input: the gradient of the label's log-odds times each "
+                "token's embedding (one forward and one backward pass)",
+    "integrated": f"integrated gradients, {IG_STEPS} steps from a zero embedding "
+                  f"({IG_STEPS} forward and backward passes, batched)",
+}
+# the most faithful of the three on ERASER's measures, by far (bench.py --explain)
+EXPLAIN_DEFAULT = "integrated"
+MAX_EXPLAINED = 16  # texts one /classify request may explain: each costs IG_STEPS passes
+OCCLUSION_BATCH = 64
+
+
+def padded_batch(sequences, model, max_length, pad_token_id):
+    """Token id lists -> (b, T) as classify_texts pads them: to max_length where the
+    pooling reads a padding position ("last"), else to the longest."""
+    width = max_length if model.pool == "last" else None
+    return pad_ids(sequences, pad_token_id, length=width)
+
+
+def class_logits(model, sequences, max_length, pad_token_id):
+    """The logits of token id lists, (b, num_classes), batched, on the CPU."""
+    device = model.gpt.tok_emb.weight.device
+    rows = []
+    with torch.inference_mode():
+        for start in range(0, len(sequences), OCCLUSION_BATCH):
+            inputs = padded_batch(sequences[start:start + OCCLUSION_BATCH], model, max_length,
+                                  pad_token_id).to(device)
+            rows.append(model(inputs).float().cpu())
+    return torch.cat(rows)
+
+
+def log_odds(logits, target):
+    """log p / (1 - p) of class target from logits (..., num_classes): unlike the
+    probability it does not saturate, so a token that matters still shows where
+    the model is already sure."""
+    others = torch.cat([logits[..., :target], logits[..., target + 1:]], dim=-1)
+    return logits[..., target] - torch.logsumexp(others, dim=-1)
+
+
+def without(ids, drop, pad_token_id):
+    """ids less the positions in drop; nothing left reads as one padding token."""
+    kept = [token for i, token in enumerate(ids) if i not in drop]
+    return kept or [pad_token_id]
+
+
+def occlusion_scores(model, ids, target, max_length, pad_token_id):
+    """The log-odds of target for ids less those without token i, for each i."""
+    variants = [ids] + [without(ids, {i}, pad_token_id) for i in range(len(ids))]
+    odds = log_odds(class_logits(model, variants, max_length, pad_token_id), target)
+    return (odds[0] - odds[1:]).tolist()
+
+
+def logits_from_token_embeddings(model, token_embeddings, input_batch):
+    """The classifier's logits from the token embeddings (b, T, emb_dim) instead of
+    ids, so that gradients reach them: every layer at every position."""
+    gpt = model.gpt
+    positions = torch.arange(input_batch.shape[1], device=input_batch.device)
+    x = gpt.drop_emb(token_embeddings + gpt.pos_emb(positions))
+    x = gpt.final_norm(gpt.trf_blocks(x))  # (b, T, emb_dim)
+    return gpt.out_head(model.pool_outputs(x, input_batch))
+
+
+def path_gradients(model, ids, target, max_length, pad_token_id, scales):
+    """The message's token embeddings (n, emb_dim) and the mean over `scales` of
+    the gradient of target's log-odds at the real tokens' embeddings times each
+    scale (the padding keeps its own embeddings)."""
+    inputs = padded_batch([ids], model, max_length, pad_token_id)
+    inputs = inputs.to(model.gpt.tok_emb.weight.device).expand(len(scales), -1)
+    n = len(ids)
+    with torch.inference_mode(False), torch.enable_grad():
+        embeddings = model.gpt.tok_emb(inputs).detach()  # (steps, T, emb_dim)
+        scale = torch.ones(inputs.shape, device=inputs.device)
+        scale[:, :n] = torch.tensor(scales, device=inputs.device)[:, None]
+        scaled = (embeddings * scale[..., None]).requires_grad_()
+        odds = log_odds(logits_from_token_embeddings(model, scaled, inputs).float(), target)
+        (gradient,) = torch.autograd.grad(odds.sum(), scaled)
+    return embeddings[0, :n], gradient[:, :n].mean(dim=0)
+
+
+def gradient_scores(model, ids, target, max_length, pad_token_id):
+    embeddings, gradient = path_gradients(model, ids, target, max_length, pad_token_id, [1.0])
+    return (gradient * embeddings).sum(dim=-1).tolist()
+
+
+def integrated_gradient_scores(model, ids, target, max_length, pad_token_id, steps=IG_STEPS):
+    # the midpoint rule on the straight path from a zero embedding to the message's
+    scales = [(step + 0.5) / steps for step in range(steps)]
+    embeddings, gradient = path_gradients(model, ids, target, max_length, pad_token_id, scales)
+    return (gradient * embeddings).sum(dim=-1).tolist()
+
+
+SCORERS = {"occlusion": occlusion_scores, "gradient": gradient_scores,
+           "integrated": integrated_gradient_scores}
+
+
+def explain_ids(model, ids, max_length, pad_token_id=PAD_TOKEN_ID, method=EXPLAIN_DEFAULT,
+                target=None):
+    """(class explained, one signed score per token): positive pushes toward the
+    class, by default the predicted one. ids: the message's tokens as classified
+    (truncated)."""
+    model.eval()
+    if target is None:
+        target = int(class_logits(model, [ids], max_length, pad_token_id)[0].argmax())
+    return target, SCORERS[method](model, ids, target, max_length, pad_token_id)
+
+
+def token_pieces(ids, scores, tokenizer):
+    """[{"token", "score"}] whose tokens join to the decoded message: tokens that
+    split one character's UTF-8 bytes are merged, their scores summed."""
+    pieces, pending, total = [], b"", 0.0
+    for token, score in zip(ids, scores):
+        pending += tokenizer.decode_single_token_bytes(token)
+        total += score
+        try:
+            text = pending.decode("utf-8")
+        except UnicodeDecodeError:  # a character continues in the next token
+            continue
+        pieces.append({"token": text, "score": round(total, 6)})
+        pending, total = b"", 0.0
+    if pending:  # truncation cut a character: decoded as tokenizer.decode does
+        pieces.append({"token": pending.decode("utf-8", errors="replace"),
+                       "score": round(total, 6)})
+    return pieces
+
+
+def explain_texts(texts, targets, model, tokenizer, max_length, pad_token_id=PAD_TOKEN_ID,
+                  method=EXPLAIN_DEFAULT):
+    """Each text's token pieces with their scores toward its class in targets."""
+    max_length = min(max_length, model.gpt.pos_emb.weight.shape[0])
+    explanations = []
+    for text, target in zip(texts, targets):
+        ids = encode(text, tokenizer, max_length)
+        _, scores = explain_ids(model, ids, max_length, pad_token_id, method, target)
+        explanations.append(token_pieces(ids, scores, tokenizer))
+    return explanations
+
+
+def ansi_colour(score, largest):
+    """A background from white to red (toward the predicted class) or blue
+    (against it), as strong as the score is against the message's largest."""
+    strength = min(abs(score) / largest, 1.0) if largest > 0 else 0.0
+    fade = round(255 * (1 - 0.75 * strength))
+    red, blue = (255, fade) if score > 0 else (fade, 255)
+    return f"\x1b[30;48;2;{red};{fade};{blue}m"
+
+
+def explanation_lines(pieces, label, coloured, top=5):
+    """What the terminal shows under a result: the message coloured token by token
+    (on a terminal only), then the tokens that pushed most toward the label."""
+    lines = []
+    if coloured:
+        largest = max(abs(piece["score"]) for piece in pieces)
+        lines.append("  why: " + "".join(
+            ansi_colour(piece["score"], largest) + printable(piece["token"]) + "\x1b[0m"
+            for piece in pieces)
+            + f"   (\x1b[30;48;2;255;64;64m toward {label} \x1b[0m "
+              f"\x1b[30;48;2;64;64;255m against \x1b[0m)")
+    strongest = sorted(pieces, key=lambda piece: -piece["score"])[:top]
+    lines.append(f"  toward {label}: " + "  ".join(
+        f"{piece['token']!r} {piece['score']:+.3f}" for piece in strongest))
+    return lines
+
+
 # -------------------------------------------------- a page to try it: --serve
 
-def result_record(text, probas, labels):
+def predicted_class(probas, threshold=None):
+    """The chapter's argmax or, given a validated threshold (two classes), class 1
+    where its probability is above it."""
+    if threshold is not None:
+        return int(probas[1] > threshold)
+    return max(range(len(probas)), key=lambda i: probas[i])
+
+
+def result_record(text, probas, labels, threshold=None, explanation=None):
     """One message's result, as --json prints it and /classify answers it."""
-    best = max(range(len(labels)), key=lambda i: probas[i])
-    return {"text": text, "label": labels[best], "probabilities": dict(zip(labels, probas))}
+    record = {"text": text, "label": labels[predicted_class(probas, threshold)],
+              "probabilities": dict(zip(labels, probas))}
+    if explanation is not None:
+        record["explanation"] = explanation
+    return record
 
 
 def describe_checkpoint(path, info):
@@ -663,6 +868,13 @@ PAGE = r"""<!doctype html>
   .fill { background: #8a94a8; border-radius: 4px; height: 100%; }
   .best .fill { background: #2f5bd3; }
   .p { text-align: right; font-variant-numeric: tabular-nums; }
+  .ask { margin-top: .5rem; padding: .2rem .7rem; font-size: .85rem; }
+  .why { margin-top: .6rem; border-top: 1px solid #e6e9ef; padding-top: .5rem; }
+  .tokens { white-space: pre-wrap; overflow-wrap: anywhere; line-height: 1.8; }
+  .tok { border-radius: 3px; }
+  .legend { font-size: .8rem; color: #5b6475; margin-top: .3rem; }
+  .swatch { display: inline-block; width: .9rem; height: .9rem; border-radius: 3px;
+            vertical-align: middle; margin: 0 .25rem 0 .6rem; }
 </style>
 </head>
 <body>
@@ -699,7 +911,54 @@ function showResult(result) {
     row.append(element("span", "", name), track, element("span", "p", (100 * p).toFixed(1) + "%"));
     box.append(row);
   }
+  const ask = element("button", "ask", "why?");
+  ask.addEventListener("click", () => explain(result.text, box, ask));
+  box.append(ask);
   $("results").append(box);
+}
+
+// red pushes toward the label shown, blue away from it, as strong as the score
+// is against the message's largest
+function tint(score, largest) {
+  const strength = largest > 0 ? Math.min(Math.abs(score) / largest, 1) : 0;
+  return score > 0 ? `rgba(220, 40, 40, ${0.75 * strength})`
+                   : `rgba(40, 80, 220, ${0.75 * strength})`;
+}
+
+function showExplanation(result, box) {
+  const why = element("div", "why");
+  const tokens = element("div", "tokens");
+  const largest = Math.max(...result.explanation.map((piece) => Math.abs(piece.score)));
+  for (const piece of result.explanation) {
+    const span = element("span", "tok", piece.token);
+    span.style.background = tint(piece.score, largest);
+    span.title = (piece.score >= 0 ? "+" : "") + piece.score.toFixed(3);
+    tokens.append(span);
+  }
+  const legend = element("div", "legend", "Each token's share of the decision:");
+  const toward = element("span", "swatch"), against = element("span", "swatch");
+  toward.style.background = tint(1, 1);
+  against.style.background = tint(-1, 1);
+  legend.append(toward, `toward ${result.label}`, against, `against it`,
+                " · stronger colour, larger share; hover a token for its score");
+  why.append(tokens, legend);
+  box.append(why);
+}
+
+async function explain(text, box, ask) {
+  ask.disabled = true;
+  try {
+    const response = await fetch("/classify", {method: "POST",
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({texts: [text], explain: true})});
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error);
+    showExplanation(answer.results[0], box);
+    ask.remove();
+  } catch (error) {
+    $("error").textContent = "Error: " + error.message;
+    ask.disabled = false;
+  }
 }
 
 async function classify() {
@@ -790,7 +1049,8 @@ class RequestError(Exception):
 
 
 def parse_request(body):
-    """The texts of a /classify body {"texts": [...]}; RequestError otherwise."""
+    """The texts of a /classify body {"texts": [...], "explain": false} and whether
+    to explain them; RequestError otherwise."""
     try:
         request = json.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
@@ -805,11 +1065,17 @@ def parse_request(body):
             raise RequestError(400, f"texts[{i}] is not a string")
         if not text.strip():
             raise RequestError(400, f"texts[{i}] is empty or only whitespace")
-    return texts
+    explain = request.get("explain", False)
+    if not isinstance(explain, bool):
+        raise RequestError(400, '"explain" is not true or false')
+    if explain and len(texts) > MAX_EXPLAINED:
+        raise RequestError(413, f"{len(texts):,} texts to explain; at most {MAX_EXPLAINED} "
+                                f"per request")
+    return texts, explain
 
 
 def make_handler(classify, description, timeout=TIMEOUT):
-    """The request handler: classify(texts) -> results; description: /info;
+    """The request handler: classify(texts, explain) -> results; description: /info;
     timeout: seconds a client may stay silent."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -839,8 +1105,8 @@ def make_handler(classify, description, timeout=TIMEOUT):
                     return self.answer(200, PAGE, "text/html")
                 if self.path == "/info":
                     return self.answer(200, description)
-                texts = parse_request(self.read_body())
-                self.answer(200, {"results": classify(texts)})
+                texts, explain = parse_request(self.read_body())
+                self.answer(200, {"results": classify(texts, explain)})
             except RequestError as e:
                 self.answer(e.status, {"error": str(e)})
                 self.linger()
@@ -978,14 +1244,19 @@ def classifier(model, info, device, checkpoint):
     is used by one request at a time."""
     tokenizer, lock = get_tokenizer(), threading.Lock()
 
-    def classify(texts):
+    def classify(texts, explain):
         with lock:
             try:
                 probabilities = classify_texts(texts, model, tokenizer, device,
-                                               info["max_length"], info["pad_token_id"])
+                                               info["max_length"], info["pad_token_id"],
+                                               temperature=info["temperature"])
             except NonFiniteLogits as e:  # the name only: a client is not told paths
                 raise RequestError(500, f"{Path(checkpoint).name}: {e}") from None
-        return [result_record(t, p, info["labels"]) for t, p in zip(texts, probabilities)]
+            targets = [predicted_class(p) for p in probabilities]
+            explanations = explain_texts(texts, targets, model, tokenizer, info["max_length"],
+                                         info["pad_token_id"]) if explain else [None] * len(texts)
+        return [result_record(t, p, info["labels"], explanation=e)
+                for t, p, e in zip(texts, probabilities, explanations)]
 
     return classify
 
@@ -1099,11 +1370,12 @@ def printable(text):
     return text.translate(CONTROL_ESCAPES)
 
 
-def print_result(text, probas, labels, as_json, show_all):
+def print_result(text, probas, labels, as_json, show_all, threshold=None, explanation=None):
     if as_json:
-        print(json.dumps(result_record(text, probas, labels), allow_nan=False))
+        print(json.dumps(result_record(text, probas, labels, threshold, explanation),
+                         allow_nan=False))
         return
-    best = max(range(len(labels)), key=lambda i: probas[i])
+    best = predicted_class(probas, threshold)
     names = [printable(name) for name in labels]
     if show_all:
         shown = "  ".join(f"P({name})={p:.3f}" for name, p in zip(names, probas))
@@ -1112,6 +1384,8 @@ def print_result(text, probas, labels, as_json, show_all):
     else:
         shown = f"P({names[best]})={probas[best]:.3f}"
     print(f"{names[best]}\t{shown}\t{printable(text)}")
+    if explanation is not None:
+        print("\n".join(explanation_lines(explanation, names[best], sys.stdout.isatty())))
 
 
 def print_blank(text, as_json):
@@ -1130,21 +1404,29 @@ def unwritable_stdout(error):
     return InputError(f"cannot write the results to stdout: {error.strerror or error}.")
 
 
-def classify_and_print(batches, model, tokenizer, device, info, as_json, show_all):
-    """Classifies each list of texts and prints a line per text, in order; the
-    number of texts."""
+def classify_and_print(batches, model, tokenizer, device, info, args, threshold):
+    """Classifies (and with --explain explains) each list of texts and prints a
+    line per text, in order; the number of texts."""
     done = 0
     for texts in batches:
         messages = [text for text in texts if text.strip()]
-        probabilities = iter(classify_texts(messages, model, tokenizer, device,
-                                            info["max_length"], info["pad_token_id"])
-                             if messages else [])
+        probabilities = classify_texts(messages, model, tokenizer, device, info["max_length"],
+                                       info["pad_token_id"], temperature=info["temperature"]) \
+            if messages else []
+        explanations = [None] * len(messages)
+        if args.explain and messages:
+            targets = [predicted_class(p, threshold) for p in probabilities]
+            explanations = explain_texts(messages, targets, model, tokenizer, info["max_length"],
+                                         info["pad_token_id"], args.explain_method)
+        answers = zip(probabilities, explanations)
         try:
             for text in texts:
                 if text.strip():
-                    print_result(text, next(probabilities), info["labels"], as_json, show_all)
+                    probas, explanation = next(answers)
+                    print_result(text, probas, info["labels"], args.json, args.all, threshold,
+                                 explanation)
                 else:
-                    print_blank(text, as_json)
+                    print_blank(text, args.json)
             sys.stdout.flush()
         except BrokenPipeError:
             raise  # the reader went away: run_cli ends quietly
@@ -1154,10 +1436,25 @@ def classify_and_print(batches, model, tokenizer, device, info, as_json, show_al
     return done
 
 
+def validated_threshold(choice, info, checkpoint):
+    """The threshold --threshold validated asks for; None for the argmax."""
+    if choice == "argmax":
+        return None
+    if info["threshold"] is None:
+        raise InputError(f"{checkpoint} has no validated threshold (it has two classes only "
+                         f"when finetune.py saves one, since this version): fine-tune again, "
+                         f"or leave out --threshold validated.")
+    return info["threshold"]
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Classify messages with a classifier fine-tuned by finetune.py "
-                    "(listing 6.12's classify_review, batched).")
+                    "(listing 6.12's classify_review, batched). The probabilities printed "
+                    "are temperature-scaled with the temperature finetune.py fitted on the "
+                    "validation split and saved in the checkpoint (none in an older "
+                    "checkpoint: T=1); the label is the most probable class unless "
+                    "--threshold validated.")
     parser.add_argument("texts", nargs="*", metavar="TEXT",
                         help="messages to classify; - reads one per line from stdin and "
                              "prints one line per line read, in order, as soon as the input "
@@ -1180,11 +1477,29 @@ def build_parser():
     parser.add_argument("--all", action="store_true",
                         help="print the probability of every class, not only the chosen one")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object per message: text, label, probabilities")
+                        help="print one JSON object per message: text, label, probabilities "
+                             "(and with --explain: explanation, a list of {token, score} "
+                             "whose tokens join to the text as classified, after truncation)")
+    parser.add_argument("--explain", action="store_true",
+                        help="also show each token's signed share of the label (positive: "
+                             "toward it): on a terminal the message coloured token by token, "
+                             "then the tokens that pushed most toward the label")
+    parser.add_argument("--explain-method", default=EXPLAIN_DEFAULT,
+                        choices=list(EXPLAIN_METHODS),
+                        help="with --explain, how the shares are computed (default: "
+                             "%(default)s, the most faithful here): " + "; ".join(
+                                 f"{k}: {v}" for k, v in EXPLAIN_METHODS.items()))
+    parser.add_argument("--threshold", default="argmax", choices=["argmax", "validated"],
+                        help="how the label is chosen: argmax, the most probable class (the "
+                             "chapter); validated, for two classes, class 1 (spam) where its "
+                             "probability is above the threshold finetune.py chose on the "
+                             "validation split for its --target-fpr (default: %(default)s)")
     parser.add_argument("--serve", action="store_true",
                         help="instead of classifying TEXTs, serve a page to try the classifier "
-                             "in a browser, and POST /classify with {\"texts\": [...]} as "
-                             "Content-Type: application/json")
+                             "in a browser (with a \"why?\" view per message), and POST "
+                             "/classify with {\"texts\": [...]} as Content-Type: "
+                             "application/json, and \"explain\": true for each token's share "
+                             f"(at most {MAX_EXPLAINED} texts then)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="with --serve: the address to listen on (IPv4 or IPv6: ::1); "
                              "0.0.0.0 or :: opens it to other machines (default: %(default)s, "
@@ -1199,13 +1514,15 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.serve:
-        if args.texts or args.all or args.json:
-            parser.error("--serve takes no TEXT, --all or --json: the page shows every "
-                         "class's probability")
+        if args.texts or args.all or args.json or args.explain or args.threshold != "argmax":
+            parser.error("--serve takes no TEXT, --all, --json, --explain or --threshold: the "
+                         "page shows every class's probability, and explains on request")
         return serve(args.checkpoint, select_device(args.device), args.base_weights,
                      args.host, args.port)
     if args.host != "127.0.0.1" or args.port != 8000:
         parser.error("--host and --port go with --serve")
+    if args.explain_method != EXPLAIN_DEFAULT and not args.explain:
+        parser.error("--explain-method goes with --explain")
     if not args.texts:
         raise InputError("no message to classify: give texts as arguments, or - to read "
                          "one per line from stdin.")
@@ -1217,10 +1534,11 @@ def main(argv=None):
         raise InputError("stdin is closed: - has no line to read.")
     device = select_device(args.device)
     model, info = load_classifier(args.checkpoint, device, args.base_weights)
+    threshold = validated_threshold(args.threshold, info, args.checkpoint)
     batches = text_batches(args.texts, sys.stdin.buffer if "-" in args.texts else None)
     try:
-        done = classify_and_print(batches, model, get_tokenizer(), device, info, args.json,
-                                  args.all)
+        done = classify_and_print(batches, model, get_tokenizer(), device, info, args,
+                                  threshold)
     except NonFiniteLogits as e:
         raise InputError(f"{args.checkpoint}: {e}") from None
     if not done:

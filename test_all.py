@@ -1124,6 +1124,9 @@ def checkpoint_with(tmp_path, **changes):
     ({"labels": json.dumps(["spam"])}, "labels"),
     ({"pool": "middle"}, "unknown pooling"),
     ({"num_classes": "two"}, "malformed"),
+    ({"calibration": "{}"}, "its calibration is malformed"),
+    ({"calibration": json.dumps({"temperature": -1, "threshold": None})}, "temperature -1"),
+    ({"calibration": json.dumps({"temperature": 1, "threshold": 2})}, "threshold 2"),
 ])
 def test_bad_checkpoints_fail_before_allocating(tmp_path, changes, problem):
     path = checkpoint_with(tmp_path, **changes)
@@ -1212,8 +1215,13 @@ def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokeni
     assert re.search(r"Training completed in \d+\.\d\d minutes\.", stdout)
     assert re.search(r"Test accuracy: \d+\.\d\d%", stdout)
     assert sorted(p.name for p in out.iterdir()) == [
-        "accuracy-plot.svg", "loss-plot.svg", "metrics.json", "review_classifier.safetensors",
-        "test.csv", "train.csv", "validation.csv"]
+        "accuracy-plot.svg", "loss-plot.svg", "metrics.json", "pr-plot.svg",
+        "reliability-plot.svg", "review_classifier.safetensors", "roc-plot.svg", "test.csv",
+        "train.csv", "validation.csv"]
+    calibration = json.loads((out / "metrics.json").read_text())["calibration"]
+    assert calibration["val_nll_after"] <= calibration["val_nll_before"]
+    assert calibration["val_fpr"] <= calibration["target_fpr"] == 0.01
+    assert re.search(r"Test ECE \(15 bins\): \d\.\d{3} before, \d\.\d{3} after", stdout)
     checkpoint = out / "review_classifier.safetensors"
     code, stdout, stderr = run("classify.py", "--checkpoint", checkpoint, SPAM_TEXT, "hi there")
     assert code == 0, stderr
@@ -2424,3 +2432,300 @@ def test_a_lora_base_file_is_hashed_once_when_its_checkpoint_loads(
                              lora=dict(lora, sha256="0" * 64))
     with pytest.raises(InputError, match="is not the base .* was fine-tuned on"):
         classify.load_classifier(checkpoint)
+
+
+# ------------------------- why and how sure: explanations, calibration (issue 17)
+
+RULE_CONFIG = dict(TINY_CONFIG, vocab_size=128, context_length=16)
+RULE_WORD, RULE_PAD = 100, 127  # spam exactly when the rule's word is among the filler
+
+
+def rule_messages(count, seed):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        ids = [rng.randrange(10, 60) for _ in range(rng.randint(4, 12))]
+        if i % 2:
+            ids[rng.randrange(len(ids))] = RULE_WORD
+        rows.append((ids, i % 2))
+    return rows
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tensors this small train and explain in a fraction of a second on one thread,
+    and up to 40 times slower on two where another process holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def rule_model():
+    """A tiny classifier trained for a moment to the rule, and 60 messages it has
+    not seen."""
+    torch.manual_seed(0)
+    model = gpt.GPTModel(RULE_CONFIG)
+    finetune.prepare_for_classification(model, 2, trainable="all", seed=0)
+    classifier = classify.GPTClassifier(model, pool="last", pad_token_id=RULE_PAD)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-2)
+    train = rule_messages(256, seed=1)
+    with one_thread():
+        for _ in range(3):
+            for start in range(0, len(train), 32):
+                batch = train[start:start + 32]
+                inputs = data.pad_ids([ids for ids, _ in batch], RULE_PAD, length=12)
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(
+                    classifier(inputs), torch.tensor([label for _, label in batch])).backward()
+                optimizer.step()
+    return classifier.eval(), rule_messages(60, seed=2)
+
+
+def test_the_rule_word_gets_the_top_score_in_nine_of_ten_spam_messages(rule_model):
+    model, messages = rule_model
+    tops = []
+    with one_thread():
+        for ids, label in messages:
+            target, scores = classify.explain_ids(model, ids, 12, RULE_PAD)
+            if label == target == 1:
+                tops.append(ids[max(range(len(ids)), key=lambda i: scores[i])] == RULE_WORD)
+    assert len(tops) >= 25  # the model learnt the rule: most of the 30 spam found
+    assert sum(tops) >= 0.9 * len(tops)
+
+
+def test_the_default_method_beats_a_random_ranking_on_erasers_faithfulness(rule_model):
+    import bench
+    model, messages = rule_model
+    sequences = [ids for ids, _ in messages]
+    with one_thread():
+        shipped = bench.aopc(model, sequences, bench.method_ranking(
+            classify.EXPLAIN_DEFAULT, model, 12, RULE_PAD), 12, RULE_PAD)
+        chance = bench.aopc(model, sequences, bench.random_ranking(model, 12, RULE_PAD), 12,
+                            RULE_PAD)
+    assert shipped[0] > chance[0] + 0.1  # comprehensiveness: removing the top tokens hurts
+    assert shipped[1] < chance[1]  # sufficiency: the top tokens alone keep the decision
+
+
+def test_occlusion_scores_are_the_fall_in_log_odds_without_each_token(rule_model):
+    model, (message, *_) = rule_model
+    ids = message[0]
+    target, scores = classify.explain_ids(model, ids, 12, RULE_PAD, "occlusion")
+    with torch.no_grad():
+        def log_odds(sequence):  # log p / (1 - p) with two classes
+            logits = model(data.pad_ids([sequence], RULE_PAD, length=12))[0]
+            return (logits[target] - logits[1 - target]).item()
+        expected = [log_odds(ids) - log_odds(ids[:i] + ids[i + 1:]) for i in range(len(ids))]
+    assert scores == pytest.approx(expected, abs=1e-5)
+    for method in ("gradient", "integrated"):
+        assert len(classify.explain_ids(model, ids, 12, RULE_PAD, method)[1]) == len(ids)
+
+
+def test_explanation_tokens_join_to_the_classified_text_after_truncation(tokenizer):
+    model = tiny_classifier().eval()
+    texts = [SPAM_TEXT, "😀 日本語 привет", "x" * 200, "naïve 🙂🙂 " * 30]
+    pieces = classify.explain_texts(texts, [1, 0, 1, 0], model, tokenizer, 20)
+    for text, explanation in zip(texts, pieces):
+        ids = tokenizer.encode(text)[:20]
+        assert "".join(p["token"] for p in explanation) == tokenizer.decode(ids)
+        assert all(isinstance(p["score"], float) for p in explanation)
+    assert "".join(p["token"] for p in pieces[1]) == "😀 日本語 привет"  # whole characters
+    assert len(pieces[1]) < len(tokenizer.encode(texts[1]))  # split ones merged
+
+
+def test_explain_prints_json_tokens_and_plain_text_in_a_pipe(tmp_path, capsys):
+    path = tmp_path / "c.safetensors"
+    classify.save_classifier(tiny_classifier(), path, TINY_CONFIG, 20, ["not spam", "spam"])
+    classify.main(["--checkpoint", str(path), "--explain", "--json", SPAM_TEXT])
+    result = json.loads(capsys.readouterr().out)
+    assert "".join(p["token"] for p in result["explanation"]) == \
+        gpt.get_tokenizer().decode(gpt.get_tokenizer().encode(SPAM_TEXT)[:20])
+    classify.main(["--checkpoint", str(path), "--explain", "--explain-method", "gradient",
+                   SPAM_TEXT])
+    printed = capsys.readouterr().out
+    assert "\x1b[" not in printed and re.search(r"\n  toward (spam|not spam): '.+' [+-]\d", printed)
+    pieces = [{"token": "win", "score": 2.0}, {"token": " now", "score": -1.0}]
+    coloured = classify.explanation_lines(pieces, "spam", coloured=True)
+    assert coloured[0].startswith("  why: \x1b[30;48;2;255;64;64mwin\x1b[0m")
+    assert "\x1b[30;48;2;" in coloured[0] and coloured[1] == "  toward spam: 'win' +2.000  ' now' -1.000"
+
+
+def test_fitting_a_temperature_recovers_it_and_never_raises_the_nll():
+    g = torch.Generator().manual_seed(0)
+    logits = 2 * torch.randn(20000, 3, generator=g)
+    targets = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=g)[:, 0]
+    assert finetune.fit_temperature(3.0 * logits, targets) == pytest.approx(3.0, abs=0.1)
+    separable = torch.tensor([[5.0, -5.0], [-4.0, 4.0]])
+    for case_logits, case_targets in [(logits[:50], targets[:50]), (separable, torch.tensor([0, 1])),
+                                      (-logits[:50], targets[:50])]:
+        t = finetune.fit_temperature(case_logits, case_targets)
+        assert finetune.nll(case_logits, case_targets, t) <= finetune.nll(case_logits, case_targets)
+    assert finetune.fit_temperature(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)) == 1.0
+
+
+def test_roc_auc_equals_a_count_of_correctly_ordered_pairs():
+    rng = random.Random(0)
+    scores = [rng.choice([0.1, 0.2, 0.3, 0.5, 0.8, 0.9]) for _ in range(40)]
+    positives = [rng.random() < 0.5 for _ in range(40)]
+    pairs = [(s, t) for s, p in zip(scores, positives) if p
+             for t, q in zip(scores, positives) if not q]
+    expected = sum(1.0 if s > t else 0.5 if s == t else 0.0 for s, t in pairs) / len(pairs)
+    points, area = finetune.roc_curve(scores, positives)
+    assert area == pytest.approx(expected) and points[0] == (0, 0) and points[-1] == (1, 1)
+    points, average_precision = finetune.pr_curve([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0])
+    assert average_precision == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert finetune.roc_curve([0.1, 0.2], [1, 1]) == ([], None)
+
+
+def test_the_threshold_keeps_the_validation_false_positive_rate_within_the_target():
+    rng = random.Random(1)
+    ham = [round(rng.random(), 2) for _ in range(300)]  # ties included
+    for target in (0.0, 0.01, 0.05, 0.5):
+        threshold = finetune.threshold_for_fpr(ham, target)
+        fpr, _ = finetune.rates_at(threshold, ham, [0] * len(ham))
+        assert fpr <= target
+        lower = max(score for score in ham + [-1.0] if score < threshold)
+        assert finetune.rates_at(lower, ham, [0] * len(ham))[0] > target  # the lowest such
+    assert finetune.rates_at(0.5, [0.4, 0.6, 0.7, 0.2], [1, 1, 0, 0]) == (0.5, 0.5)
+
+
+def test_ece_equals_a_hand_computation():
+    probas = torch.tensor([[0.95, 0.05], [0.9, 0.1], [0.3, 0.7], [0.38, 0.62], [0.5, 0.5]])
+    targets = torch.tensor([0, 1, 1, 0, 0])
+    # one message per bin of width 1/15: (14/15, 1] 0.95 right, (13/15, 14/15] 0.9 wrong,
+    # (10/15, 11/15] 0.7 right, (9/15, 10/15] 0.62 wrong, (7/15, 8/15] 0.5 right (argmax 0)
+    expected = (abs(1 - 0.95) + abs(0 - 0.9) + abs(1 - 0.7) + abs(0 - 0.62) + abs(1 - 0.5)) / 5
+    assert finetune.expected_calibration_error(probas, targets) == pytest.approx(expected)
+    bins = finetune.reliability_bins(probas, targets)
+    assert [i for i, row in enumerate(bins) if row] == [7, 9, 10, 13, 14]
+
+
+def test_calibration_writes_metrics_svgs_and_what_the_checkpoint_keeps(rule_model, tmp_path,
+                                                                     capsys):
+    model, messages = rule_model
+    batches = [(data.pad_ids([ids for ids, _ in messages[i:i + 20]], RULE_PAD, length=12),
+                torch.tensor([label for _, label in messages[i:i + 20]]))
+               for i in range(0, 60, 20)]
+    result, kept = finetune.calibrate(model, [batches, batches[:2], batches[2:]], "cpu",
+                                      ["not spam", "spam"], 0.05, tmp_path)
+    assert kept == {"temperature": result["temperature"], "threshold": result["threshold"],
+                    "target_fpr": 0.05}
+    assert result["val_nll_after"] <= result["val_nll_before"]
+    assert result["val_fpr"] <= 0.05 and 0 <= result["test_ece_after"] <= 1
+    assert 0.5 < result["roc_auc"] <= 1 and "Test ROC AUC" in capsys.readouterr().out
+    for name in ("reliability-plot.svg", "roc-plot.svg", "pr-plot.svg"):
+        root = ET.parse(tmp_path / name).getroot()
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+        assert root.findall(".//{http://www.w3.org/2000/svg}polyline")
+    finetune.plot_roc_pr([], None, [], None, "<b>&", tmp_path)  # one class only: still XML
+    ET.parse(tmp_path / "roc-plot.svg")
+
+
+def test_classify_applies_the_checkpoints_temperature_and_validated_threshold(
+        tmp_path, tokenizer, capsys):
+    model = tiny_classifier().eval()
+    old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    classify.save_classifier(model, old, TINY_CONFIG, 20, ["not spam", "spam"])
+    classify.save_classifier(model, new, TINY_CONFIG, 20, ["not spam", "spam"],
+                             calibration={"temperature": 0.01, "threshold": 0.0,
+                                          "target_fpr": 0.01})
+    _, info = classify.load_classifier(old)
+    assert (info["temperature"], info["threshold"]) == (1.0, None)  # still loads
+    loaded, info = classify.load_classifier(new)
+    assert (info["temperature"], info["threshold"]) == (0.01, 0.0)
+    ids = torch.tensor([tokenizer.encode("hello")])
+    with torch.no_grad():
+        expected = torch.softmax(model(ids) / 0.01, dim=-1)[0].tolist()
+    assert classify.classify_texts(["hello"], loaded, tokenizer, "cpu", 20, 50256,
+                                   temperature=0.01)[0] == pytest.approx(expected, abs=1e-5)
+    classify.main(["--checkpoint", str(new), "--json", "--threshold", "validated", "hello"])
+    assert json.loads(capsys.readouterr().out)["label"] == "spam"  # any P(spam) > 0
+    with pytest.raises(InputError, match="has no validated threshold"):
+        classify.main(["--checkpoint", str(old), "--threshold", "validated", "hello"])
+
+
+def test_the_api_explains_on_request_within_its_bound(server):
+    url, _ = server
+    status, _, body = fetch(url + "/classify", json.dumps({"texts": ["win a prize"],
+                                                            "explain": True}))
+    result = json.loads(body)["results"][0]
+    assert status == 200 and "".join(p["token"] for p in result["explanation"]) == "win a prize"
+    status, _, body = fetch(url + "/classify", json.dumps({"texts": ["x"] * 17, "explain": True}))
+    assert status == 413 and "at most 16" in json.loads(body)["error"]
+    status, _, body = fetch(url + "/classify", json.dumps({"texts": ["x"], "explain": "yes"}))
+    assert status == 400 and "explain" in json.loads(body)["error"]
+    status, _, body = fetch(url + "/classify", json.dumps({"texts": ["x"] * 17}))
+    assert status == 200 and "explanation" not in json.loads(body)["results"][0]
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="needs a browser: Debian's chromium and chromium-driver")
+def test_a_real_browser_shows_why_with_highlighted_tokens_and_a_legend(server, tmp_path):
+    import socket
+    url, _ = server
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    driver = subprocess.Popen(["chromedriver", f"--port={port}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                fetch(base + "/status")
+                break
+            except OSError:
+                time.sleep(0.1)
+        options = {"args": ["--headless", "--no-sandbox", "--disable-gpu", "--no-proxy-server",
+                            "--window-size=900,700", f"--user-data-dir={tmp_path}",
+                            "--disable-background-networking", "--no-first-run"]}
+        session = webdriver(base, "POST", "/session", {"capabilities": {"alwaysMatch": {
+            "goog:chromeOptions": options}}})["sessionId"]
+        at = f"/session/{session}"
+        webdriver(base, "POST", at + "/url", {"url": url + "/"})
+
+        def run_script(script):
+            return webdriver(base, "POST", at + "/execute/sync", {"script": script, "args": []})
+
+        def wait_for(script):
+            for _ in range(100):
+                value = run_script(script)
+                if value:
+                    return value
+                time.sleep(0.1)
+            return value
+
+        run_script("document.getElementById('texts').value = 'WINNER! Claim your prize'; "
+                   "document.getElementById('go').click();")
+        assert wait_for("return document.querySelector('.result .ask') !== null")
+        run_script("document.querySelector('.result .ask').click();")
+        tokens = wait_for("return [...document.querySelectorAll('.why .tok')].map("
+                          "t => [t.textContent, getComputedStyle(t).backgroundColor, t.title])")
+        assert "".join(text for text, _, _ in tokens) == "WINNER! Claim your prize"
+        assert len(tokens) > 3 and all(re.fullmatch(r"[+-]\d+\.\d{3}", title)
+                                       for _, _, title in tokens)
+        assert any(colour.startswith("rgba(220, 40, 40") for _, colour, _ in tokens) or any(
+            colour.startswith("rgba(40, 80, 220") for _, colour, _ in tokens)
+        legend = run_script("return document.querySelector('.why .legend').innerText")
+        assert "toward" in legend and "against it" in legend
+        webdriver(base, "DELETE", at)
+    finally:
+        driver.kill()
+
+
+def test_target_fpr_and_explain_flags_are_checked_when_parsed(capsys):
+    args = finetune.build_parser().parse_args(["--target-fpr", "0.05"])
+    assert args.target_fpr == 0.05 and finetune.build_parser().parse_args([]).target_fpr == 0.01
+    for bad in ("1", "-0.1", "often"):
+        with pytest.raises(SystemExit):
+            finetune.build_parser().parse_args(["--target-fpr", bad])
+        assert "--target-fpr" in capsys.readouterr().err
+    for argv, message in [(["--explain-method", "gradient", "hi"], "goes with --explain"),
+                          (["--serve", "--explain"], "--serve takes no"),
+                          (["--explain-method", "shap", "hi"], "invalid choice: 'shap'")]:
+        with pytest.raises(SystemExit):
+            classify.main(argv)
+        assert message in capsys.readouterr().err
