@@ -1940,7 +1940,7 @@ def serving(server):
         server.server_close()
 
 
-def echo(texts):
+def echo(texts, explain=False):
     """A stand-in for the model in servers that test the HTTP side."""
     return [{"text": text, "label": "a", "probabilities": {"a": 1.0}} for text in texts]
 
