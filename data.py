@@ -31,25 +31,32 @@ EMPTY_TEXT = "the message is empty (or only whitespace); remove the line or give
 # ---------------------------------- the chapter: listings 6.1-6.5, in the book's order
 
 def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
-    """Listing 6.1. Reads only the SMSSpamCollection member of the zip (a member
-    path such as ../x is never written anywhere) and writes it atomically."""
+    """Listing 6.1: downloads the UCI zip and saves its SMSSpamCollection member
+    as data_file_path (extracted_path/SMSSpamCollection.tsv, as in the book)."""
     data_file_path = Path(data_file_path)
     if data_file_path.exists():
         print(f"{data_file_path} already exists. Skipping download and extraction.")
         return
-    # the zip of this process: torchrun's ranks may download side by side
-    own_zip = Path(f"{zip_path}.{os.getpid()}")
+    # not the book's: the process id in the zip's name, because torchrun's ranks
+    # may download side by side
+    zip_path = Path(f"{zip_path}.{os.getpid()}")
     try:
-        download_file(url, own_zip, "the SMS Spam Collection",
+        # the book's urlopen and write, ending in a message, not a traceback, offline
+        download_file(url, zip_path, "the SMS Spam Collection",
                       "pass a local copy of SMSSpamCollection (or the UCI zip) with --data PATH")
-        write_atomically(data_file_path, read_member(own_zip))
+        # not the book's extractall and os.rename: only the one member is read, so
+        # no path inside the archive (such as ../x) is ever written, and the .tsv
+        # is written whole or not at all
+        write_atomically(data_file_path, read_member(zip_path))
     finally:
-        own_zip.unlink(missing_ok=True)
+        zip_path.unlink(missing_ok=True)  # not the book's: the zip is not kept
     print(f"File downloaded and saved as {data_file_path}")
 
 
 def load_messages(path):
-    """[(label, text)] from --data: the SMS collection (TSV, or the UCI zip), whose
+    """The chapter's pd.read_csv(data_file_path, sep="\t", header=None,
+    names=["Label", "Text"]), without pandas (read_tsv quotes as it does):
+    [(label, text)] from --data: the SMS collection (TSV, or the UCI zip), whose
     labels must be ham or spam, or your own label<TAB>text TSV or Label,Text CSV,
     whose distinct labels are the classes."""
     path = Path(path)
@@ -67,24 +74,25 @@ def load_messages(path):
 
 
 def create_balanced_dataset(rows, seed=SEED):
-    """Listing 6.2, for any number of classes: undersamples every class to the
-    size of the smallest (for the SMS data: ham to the number of spam), the
-    sampled classes first, like the chapter's concat of ham_subset and spam."""
+    """Listing 6.2, for any number of classes (not the book's, which knows ham
+    and spam): undersamples every class to the size of the smallest, the
+    sampled classes first. The chapter's next step, map({"ham": 0, "spam": 1}),
+    happens where the splits are written (write_csv's label_ids)."""
     groups = {label: [row for row in rows if row[0] == label] for label in class_ids(rows)}
-    smallest = min(len(group) for group in groups.values())
+    smallest = min(len(group) for group in groups.values())  # the book's num_spam
     sampled, kept = [], []
     for group in groups.values():
         if len(group) > smallest:
-            sampled += [group[i] for i in sample_order(len(group), seed)[:smallest]]
+            sampled += sample(group, smallest, seed)  # the book's ham_subset
         else:
-            kept += group
-    return sampled + kept
+            kept += group  # the book's df[df["Label"] == "spam"]
+    return sampled + kept  # the book's pd.concat([ham_subset, spam])
 
 
 def random_split(rows, train_frac, validation_frac, seed=SEED):
     """Listing 6.3: a seeded shuffle, then the first 70% train, 10% validation,
     the rest test."""
-    rows = [rows[i] for i in sample_order(len(rows), seed)]
+    rows = sample(rows, len(rows), seed)  # the book's df.sample(frac=1, random_state=123)
     train_end = int(len(rows) * train_frac)
     validation_end = train_end + int(len(rows) * validation_frac)
     train, validation, test = rows[:train_end], rows[train_end:validation_end], rows[validation_end:]
@@ -96,8 +104,9 @@ def random_split(rows, train_frac, validation_frac, seed=SEED):
 
 
 def write_csv(rows, path, label_ids=SPAM_LABELS):
-    """Columns Label,Text with integer labels, like the chapter's to_csv; commas,
-    quotes and newlines inside texts are quoted by the csv module."""
+    """Columns Label,Text with integer labels: the chapter's map({"ham": 0,
+    "spam": 1}) (label_ids) and to_csv(index=None); commas, quotes and newlines
+    inside texts are quoted by the csv module."""
     out = io.StringIO(newline="")
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["Label", "Text"])
@@ -286,6 +295,12 @@ def read_labeled_csv(path):
     except (UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"{path} is not a readable UTF-8 CSV file ({e}).") from None
     return rows
+
+
+def sample(rows, n, seed=SEED):
+    """pandas' df.sample(n, random_state=seed) on a list: the same n rows in the
+    same order (not the book's: no pandas here)."""
+    return [rows[i] for i in sample_order(len(rows), seed)[:n]]
 
 
 def sample_order(n, seed=SEED):
