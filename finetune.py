@@ -169,43 +169,16 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter):
     return train_loss, val_loss
 
 
-SVG_SIZE = {"width": 500, "height": 300, "left": 64, "right": 16, "top": 48, "bottom": 44}
-TRAIN_STYLE = 'stroke="#1f77b4"'                              # solid, as in the chapter
-VALIDATION_STYLE = 'stroke="#ff7f0e" stroke-dasharray="7 4"'  # dashed
-
-
 def plot_values(epochs_seen, examples_seen, train_values, val_values, label="loss",
                 out_dir="."):
-    """Listing 6.11 without Matplotlib: training (solid) and validation (dashed)
-    values against epochs (bottom axis) and examples seen (top axis), written
-    as <label>-plot.svg."""
-    epochs_seen, examples_seen = list(map(float, epochs_seen)), list(map(float, examples_seen))
-    values = [v for v in list(train_values) + list(val_values) if math.isfinite(v)]
-    y_ticks = nice_ticks(min(values, default=0.0), max(values, default=1.0))
-    x_ticks = nice_ticks(0.0, epochs_seen[-1] if epochs_seen[-1] > 0 else 1.0)
-    w, h = SVG_SIZE["width"], SVG_SIZE["height"]
-    left, right, top, bottom = (SVG_SIZE[k] for k in ("left", "right", "top", "bottom"))
-
-    def sx(epoch):
-        return left + (w - left - right) * epoch / x_ticks[-1]
-
-    def sy(value):
-        return h - bottom - (h - top - bottom) * (value - y_ticks[0]) / (y_ticks[-1] - y_ticks[0])
-
-    # the top axis: examples seen grow linearly with the epochs
-    per_epoch = examples_seen[-1] / epochs_seen[-1] if epochs_seen[-1] else 0
-    top_ticks = [(sx(n / per_epoch), n) for n in nice_ticks(0.0, max(per_epoch * x_ticks[-1], 1))
-                 if n <= per_epoch * x_ticks[-1] + 1e-9] if per_epoch else []
-    ends = [v[-1] for v in (train_values, val_values) if len(v) and math.isfinite(v[-1])]
-    curves_end_high = bool(ends) and sum(ends) / len(ends) > (y_ticks[0] + y_ticks[-1]) / 2
-    svg = (svg_axes(label, [(sx(x), x) for x in x_ticks], top_ticks, [(sy(y), y) for y in y_ticks])
-           + [svg_curve([(sx(x), sy(y)) for x, y in zip(epochs_seen, train_values)
-                         if math.isfinite(y)], TRAIN_STYLE),
-              svg_curve([(sx(x), sy(y)) for x, y in zip(epochs_seen, val_values)
-                         if math.isfinite(y)], VALIDATION_STYLE)]
-           + svg_legend(label, at_bottom=curves_end_high) + ["</svg>"])
+    """Listing 6.11: training and validation values against epochs and examples
+    seen, saved as <label>-plot.svg in out_dir."""
+    # not the book's: an SVG drawn by hand (svg_figure, in "a Matplotlib stand-in"
+    # below) for its plt.subplots, ax1.plot, twiny, legend and savefig, because
+    # this project does not depend on Matplotlib; and the book's PDF is an SVG
+    figure = svg_figure(epochs_seen, examples_seen, train_values, val_values, label)
     path = Path(out_dir) / f"{label}-plot.svg"
-    write_atomically(path, "\n".join(svg) + "\n")
+    write_atomically(path, figure)
     return path
 
 
@@ -619,6 +592,11 @@ def naive_bayes_baseline(label_ids, splits):
 
 # ===== beyond the chapter: a Matplotlib stand-in (SVG by hand) =====
 
+SVG_SIZE = {"width": 500, "height": 300, "left": 64, "right": 16, "top": 48, "bottom": 44}
+TRAIN_STYLE = 'stroke="#1f77b4"'                              # solid, as in the chapter
+VALIDATION_STYLE = 'stroke="#ff7f0e" stroke-dasharray="7 4"'  # dashed
+
+
 def nice_ticks(lo, hi, count=5):
     """About `count` round tick values covering [lo, hi]."""
     if not hi > lo:
@@ -631,6 +609,38 @@ def nice_ticks(lo, hi, count=5):
     while not ticks or ticks[-1] < hi - 1e-9:
         ticks.append(round((first + len(ticks)) * step, 10))
     return ticks
+
+
+def svg_figure(epochs_seen, examples_seen, train_values, val_values, label):
+    """What plot_values asks of Matplotlib, as the text of an SVG file: training
+    (solid) and validation (dashed) values against epochs (bottom axis) and
+    examples seen (top axis, the book's ax2 = ax1.twiny()), with a legend."""
+    epochs_seen, examples_seen = list(map(float, epochs_seen)), list(map(float, examples_seen))
+    values = [v for v in list(train_values) + list(val_values) if math.isfinite(v)]
+    y_ticks = nice_ticks(min(values, default=0.0), max(values, default=1.0))
+    x_ticks = nice_ticks(0.0, epochs_seen[-1] if epochs_seen[-1] > 0 else 1.0)
+    w, h = SVG_SIZE["width"], SVG_SIZE["height"]
+    left, right, top, bottom = (SVG_SIZE[k] for k in ("left", "right", "top", "bottom"))
+
+    def sx(epoch):
+        return left + (w - left - right) * epoch / x_ticks[-1]
+
+    def sy(value):
+        return h - bottom - (h - top - bottom) * (value - y_ticks[0]) / (y_ticks[-1] - y_ticks[0])
+
+    # the top axis: examples seen grow linearly with the epochs
+    per_epoch = examples_seen[-1] / epochs_seen[-1] if epochs_seen[-1] else 0
+    top_ticks = [(sx(n / per_epoch), n) for n in nice_ticks(0.0, max(per_epoch * x_ticks[-1], 1))
+                 if n <= per_epoch * x_ticks[-1] + 1e-9] if per_epoch else []
+    ends = [v[-1] for v in (train_values, val_values) if len(v) and math.isfinite(v[-1])]
+    curves_end_high = bool(ends) and sum(ends) / len(ends) > (y_ticks[0] + y_ticks[-1]) / 2
+    svg = (svg_axes(label, [(sx(x), x) for x in x_ticks], top_ticks, [(sy(y), y) for y in y_ticks])
+           + [svg_curve([(sx(x), sy(y)) for x, y in zip(epochs_seen, train_values)
+                         if math.isfinite(y)], TRAIN_STYLE),
+              svg_curve([(sx(x), sy(y)) for x, y in zip(epochs_seen, val_values)
+                         if math.isfinite(y)], VALIDATION_STYLE)]
+           + svg_legend(label, at_bottom=curves_end_high) + ["</svg>"])
+    return "\n".join(svg) + "\n"
 
 
 def svg_axes(label, bottom_ticks, top_ticks, left_ticks, x_label="Epochs",
