@@ -53,17 +53,23 @@ def classify_review(text, model, tokenizer, device, max_length=None,
                     pad_token_id=PAD_TOKEN_ID, class_names=SPAM_CLASS_NAMES):
     """Listing 6.12: the class name of one text."""
     model.eval()
-    input_ids = encode(text, tokenizer)
+    input_ids = encode(text, tokenizer)  # the book's tokenizer.encode(text), see encode
+    # not the book's shape[1] (the embedding size): shape[0] is the context length,
+    # as the book's own repository fixed it (rasbt/LLMs-from-scratch#371)
     supported_context_length = model.gpt.pos_emb.weight.shape[0]
-    if max_length is None:
+    if max_length is None:  # not the book's: None there fails in min()
         max_length = supported_context_length
+    # not the book's: max_length is clamped before padding too; the book pads to
+    # max_length, which past the context has no position embedding (#497)
     max_length = min(max_length, supported_context_length)
     input_ids = input_ids[:max_length]  # truncates sequences that are too long
     input_ids += [pad_token_id] * (max_length - len(input_ids))
     input_tensor = torch.tensor(input_ids, device=device).unsqueeze(0)  # adds batch dim
-    with torch.inference_mode():
+    with torch.inference_mode():  # the book's no_grad, with less bookkeeping
         logits = model(input_tensor)  # the chapter's model(input_tensor)[:, -1, :]
     predicted_label = torch.argmax(logits, dim=-1).item()
+    # not the book's "spam" if 1 else "not spam": the checkpoint's class names,
+    # which are those for the SMS data
     return class_names[predicted_label]
 
 
@@ -256,7 +262,9 @@ def load_classifier(path, device="cpu", base_weights=None):
 
 def select_device(name):
     """auto: cuda, then mps (only from torch 2.9: earlier versions were reported
-    to compute differently there), then cpu. An unavailable device is an error."""
+    to compute differently there), then cpu. An unavailable device is an error.
+    The chapter's torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+    with the mps of its note and a --device flag."""
     available = ["cpu"]
     if torch.cuda.is_available():
         available.append("cuda")

@@ -134,7 +134,8 @@ class SpamDataset(Dataset):
 
     def __init__(self, csv_file, tokenizer, max_length=None, pad_token_id=PAD_TOKEN_ID,
                  num_classes=2, pad=True):
-        self.data = read_csv(csv_file, num_classes)
+        self.data = read_csv(csv_file, num_classes)  # the book's pd.read_csv(csv_file)
+        # the book's tokenizer.encode(text), but "<|endoftext|>" in a text stays text
         self.encoded_texts = [encode(text, tokenizer) for _, text in self.data]
         if max_length is None:
             self.max_length = self._longest_encoded_length()
@@ -142,7 +143,7 @@ class SpamDataset(Dataset):
             self.max_length = max_length
             self.encoded_texts = [encoded_text[:self.max_length]
                                   for encoded_text in self.encoded_texts]
-        if pad:
+        if pad:  # not the book's: pad=False leaves the padding to each batch (--pool)
             self.encoded_texts = [
                 encoded_text + [pad_token_id] * (self.max_length - len(encoded_text))
                 for encoded_text in self.encoded_texts

@@ -53,8 +53,12 @@ def prepare_for_classification(model, num_classes, trainable="last_block", seed=
     for param in model.parameters():
         param.requires_grad = False
     torch.manual_seed(seed)
+    # not the book's BASE_CONFIG["emb_dim"]: read from the model, so that any size
+    # (--model) or config beside the weights gets a head that fits
     emb_dim = model.tok_emb.weight.shape[1]
     model.out_head = torch.nn.Linear(in_features=emb_dim, out_features=num_classes)
+    # the chapter unfreezes the last block and final_norm ("last_block"); the other
+    # choices are Exercise 6.2's and appendix E's LoRA
     if trainable == "lora":
         replace_linear_with_lora(model.trf_blocks, lora_rank, lora_alpha)
         return model

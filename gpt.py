@@ -218,9 +218,11 @@ def token_ids_to_text(token_ids, tokenizer):
 def build_gpt(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
     """Listing 6.6: GPTModel with its weights, "pretrained" (downloaded once),
     "random", or a local file or folder (find_weights). Returns (model, config)."""
-    if weights == "random":
+    if weights == "random":  # not the book's: an untrained GPT-2, for tests and timings
         config = model_config(model_name)
         return GPTModel(config), config
+    # the book's download_and_load_gpt2(model_size, models_dir), which also takes
+    # a local file or folder here, and checks it before any model is built
     settings, params = download_and_load_gpt2(model_name, weights, models_dir)
     model = GPTModel(settings)
     load_weights_into_gpt(model, params)
