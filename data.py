@@ -168,7 +168,9 @@ def create_data_loaders(train_dataset, val_dataset, test_dataset, batch_size=8,
     batch; validation and test keep every message. Like the chapter's, the
     loaders draw from torch's global generator, so the torch.manual_seed calls
     before sections 6.6 and 6.7 give the book's batches."""
-    collate = pad_batch  # stacks padded datasets as they are, pads the others per batch
+    # not the book's default collate: the same stack for padded datasets, and
+    # padding per batch for the others (pad=False)
+    collate = pad_batch
     train_loader = DataLoader(dataset=train_dataset, batch_size=batch_size, shuffle=True,
                               num_workers=num_workers, drop_last=True, collate_fn=collate)
     val_loader = DataLoader(dataset=val_dataset, batch_size=batch_size,
