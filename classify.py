@@ -3,7 +3,9 @@
 The GPT-2 with its new head as one module (GPTClassifier: pooling, the frozen-
 prefix cache, the one-position last block), the LoRA layers of appendix E, and
 the checkpoint: review_classifier.safetensors, saved and loaded. finetune.py
-trains what this file defines; this file never imports finetune.py.
+trains what this file defines; this file never imports finetune.py. Listing
+6.12 comes first, then the classifier and its saving; the rest follows under
+"# ===== beyond the chapter".
 
 python classify.py "You are a winner you have been specially selected ..."
 python classify.py --checkpoint runs/a/review_classifier.safetensors - < messages.txt

@@ -3,6 +3,8 @@
 Hand-written replacements for the chapter's pandas calls that give the book's
 rows: a TSV reader that quotes as pd.read_csv does, balancing and splitting with
 pandas' seeded sampler, and CSV files written with the standard csv module.
+Listings 6.1-6.5 come first, in the book's order; what the book gets from
+pandas and zipfile, and the rest, follow under "# ===== beyond the chapter".
 """
 import csv
 import io

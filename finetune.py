@@ -1,6 +1,9 @@
 """Sections 6.4-6.8: load GPT-2, swap its head, fine-tune it as a spam classifier,
 evaluate, plot and save it. The classifier module and its checkpoint format are
-classify.py's; this file trains them.
+classify.py's; this file trains them. Listings 6.7-6.11 come first, in the
+book's order, then the run's steps as the chapter takes them (main); torchrun,
+the metrics beyond accuracy, the SVG drawing and the rest follow under
+"# ===== beyond the chapter".
 
 python finetune.py                      # the whole chapter, with its defaults
 python finetune.py --device cuda --out runs/a

@@ -2,6 +2,8 @@
 
 python gpt.py [--model gpt2-small] [--weights pretrained|PATH] "Every effort moves you"
 prints the greedy continuation, the chapter's check that the weights loaded.
+Chapter 4's model and listing 6.6 come first; the file readers and the rest
+follow under "# ===== beyond the chapter".
 """
 import argparse
 import ctypes
