@@ -59,10 +59,13 @@ def classify_review(text, model, tokenizer, device, max_length=None,
     # not the book's shape[1] (the embedding size): shape[0] is the context length,
     # as the book's own repository fixed it (rasbt/LLMs-from-scratch#371)
     supported_context_length = model.gpt.pos_emb.weight.shape[0]
-    if max_length is None:  # not the book's: None there fails in min()
+    # not the book's: None means the whole context; the book's fails in min()
+    # (rasbt/LLMs-from-scratch#666)
+    if max_length is None:
         max_length = supported_context_length
     # not the book's: max_length is clamped before padding too; the book pads to
-    # max_length, which past the context has no position embedding (#497)
+    # max_length, which past the context has no position embedding
+    # (rasbt/LLMs-from-scratch#497)
     max_length = min(max_length, supported_context_length)
     input_ids = input_ids[:max_length]  # truncates sequences that are too long
     input_ids += [pad_token_id] * (max_length - len(input_ids))
