@@ -3,7 +3,9 @@
 The GPT-2 with its new head as one module (GPTClassifier: pooling, the frozen-
 prefix cache, the one-position last block), the LoRA layers of appendix E, and
 the checkpoint: review_classifier.safetensors, saved and loaded. finetune.py
-trains what this file defines; this file never imports finetune.py.
+trains what this file defines; this file never imports finetune.py. Listing
+6.12 comes first, then the classifier and its saving; the rest follows under
+"# ===== beyond the chapter".
 
 python classify.py "You are a winner you have been specially selected ..."
 python classify.py --checkpoint runs/a/review_classifier.safetensors - < messages.txt
@@ -34,7 +36,11 @@ import torch
 from data import PAD_TOKEN_ID, SPAM_CLASS_NAMES, encode, pad_ids
 
 CHECKPOINT_NAME = "review_classifier.safetensors"
+
+
 CHECKPOINT_FORMAT = "gpt2-classifier/1"
+
+
 POOLS = {  # which output position the head reads
     "last": "the last position of the padded sequence (the chapter)",
     "first": "the first token (Exercise 6.3)",
@@ -43,42 +49,394 @@ POOLS = {  # which output position the head reads
 }
 
 
-# ------------------------------------------------------------ LoRA (appendix E)
+# ------------------------------------------- 6.8 using the model to classify (listing 6.12)
 
-class LoRALayer(torch.nn.Module):
-    """Appendix E: a low-rank update alpha/rank * (x A B); B starts at zero, so
-    training starts from the pretrained model exactly."""
+def classify_review(text, model, tokenizer, device, max_length=None,
+                    pad_token_id=PAD_TOKEN_ID, class_names=SPAM_CLASS_NAMES):
+    """Listing 6.12: the class name of one text."""
+    model.eval()
+    input_ids = encode(text, tokenizer)  # the book's tokenizer.encode(text), see encode
+    # not the book's shape[1] (the embedding size): shape[0] is the context length,
+    # as the book's own repository fixed it (rasbt/LLMs-from-scratch#371)
+    supported_context_length = model.gpt.pos_emb.weight.shape[0]
+    # not the book's: None means the whole context; the book's fails in min()
+    # (rasbt/LLMs-from-scratch#666)
+    if max_length is None:
+        max_length = supported_context_length
+    # not the book's: max_length is clamped before padding too; the book pads to
+    # max_length, which past the context has no position embedding
+    # (rasbt/LLMs-from-scratch#497)
+    max_length = min(max_length, supported_context_length)
+    input_ids = input_ids[:max_length]  # truncates sequences that are too long
+    input_ids += [pad_token_id] * (max_length - len(input_ids))
+    input_tensor = torch.tensor(input_ids, device=device).unsqueeze(0)  # adds batch dim
+    with torch.inference_mode():  # the book's no_grad, with less bookkeeping
+        logits = model(input_tensor)  # the chapter's model(input_tensor)[:, -1, :]
+    predicted_label = torch.argmax(logits, dim=-1).item()
+    # not the book's "spam" if 1 else "not spam": the checkpoint's class names,
+    # which are those for the SMS data
+    return class_names[predicted_label]
 
-    def __init__(self, in_dim, out_dim, rank, alpha):
+
+# ------------------ the classifier: GPT-2 with its new head, the chapter's model(x)[:, -1, :]
+
+class GPTClassifier(torch.nn.Module):
+    """The chapter's `model(input_batch)[:, -1, :]` as one module: token ids
+    (b, T) -> class logits (b, num_classes), read at the `pool` position.
+
+    forward with fast=False is the chapter's plain pass. fast=True (the default)
+    computes the same with less work, in fast_forward:
+    - the output of the frozen prefix (embeddings and the first, frozen blocks)
+      never changes when dropout is off, so it is computed once per message and
+      kept in prefix_cache;
+    - the last block computes its query, attention output and feed-forward at
+      the pooled position only (last_block_at; keys and values still come from
+      all positions)."""
+
+    def __init__(self, gpt, pool="last", pad_token_id=PAD_TOKEN_ID, fast=True):
         super().__init__()
-        self.A = torch.nn.Parameter(torch.empty(in_dim, rank))
-        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.B = torch.nn.Parameter(torch.zeros(rank, out_dim))
-        self.scaling = alpha / rank
+        self.gpt = gpt
+        self.pool = pool
+        self.pad_token_id = pad_token_id
+        self.fast = fast
+        self.n_cached = None  # set by enable_prefix_cache
+        self.prefix_cache = PrefixCache()
 
-    def forward(self, x):
-        return self.scaling * (x @ self.A @ self.B)
+    def forward(self, input_batch):
+        if self.fast:
+            return self.fast_forward(input_batch)
+        outputs = self.gpt(input_batch)  # (b, num_tokens, num_classes)
+        if self.pool == "last":
+            return outputs[:, -1, :]  # the chapter's: the last output token
+        return self.pool_outputs(outputs, input_batch)  # not the chapter's: --pool
 
+    def pool_outputs(self, outputs, input_batch):
+        # (b, T, n) -> (b, n): the chapter's outputs[:, -1, :] and its variants
+        positions = pool_positions(input_batch, self.pool, self.pad_token_id)
+        if positions is None:
+            return mean_over_real_tokens(outputs, input_batch, self.pad_token_id)
+        return take_positions(outputs, positions)[:, 0, :]
 
-class LinearWithLoRA(torch.nn.Module):
-    def __init__(self, linear, rank, alpha):
-        super().__init__()
-        self.linear = linear
-        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+    # ------------------------------------ the same result with less work
 
-    def forward(self, x):
-        return self.linear(x) + self.lora(x)
+    def enable_prefix_cache(self, budget=None, spill_dir=None):
+        """Caches the frozen prefix's output from now on, where it applies (frozen
+        embeddings and first block, no dropout, budget not 0); returns whether it
+        does. Only for fine-tuning: the cache keeps every message it has seen,
+        budget bytes of them on the device (None: no limit), the rest in a
+        temporary file in spill_dir (None: recomputed)."""
+        self.n_cached = frozen_prefix_length(self.gpt) if self.fast and budget != 0 else None
+        self.prefix_cache.close()
+        self.prefix_cache = PrefixCache(budget, spill_dir)
+        return self.n_cached is not None
 
+    def fast_forward(self, input_batch):
+        """forward's result: the frozen prefix from the cache (when enabled), the
+        last block at the pooled position only (all positions for "mean")."""
+        x = self.frozen_prefix(input_batch)  # (b, T, emb_dim)
+        blocks = self.gpt.trf_blocks[self.n_cached or 0:]
+        positions = pool_positions(input_batch, self.pool, self.pad_token_id)
+        if positions is None or len(blocks) == 0:
+            x = self.gpt.final_norm(blocks(x))
+            return self.gpt.out_head(self.pool_outputs(x, input_batch))
+        x = blocks[:-1](x)
+        x = last_block_at(blocks[-1], x, positions)  # (b, 1, emb_dim)
+        return self.gpt.out_head(self.gpt.final_norm(x[:, 0, :]))
 
-def replace_linear_with_lora(module, rank, alpha):
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.Linear):
-            setattr(module, name, LinearWithLoRA(child, rank, alpha))
+    def fill_prefix_cache(self, datasets, batch_size=32):
+        """Computes the frozen prefix of every message once, up front, in batches
+        of similar length: far less padding than the shuffled training batches.
+        The shortest come first, so a budget keeps as many messages as it can."""
+        if self.n_cached is None:
+            return
+        messages = sorted((ids for dataset in datasets for ids, _ in dataset), key=len)
+        device = self.gpt.tok_emb.weight.device
+        start_time = time.time()
+        with torch.no_grad():
+            for start in range(0, len(messages), batch_size):
+                batch = pad_ids(messages[start:start + batch_size], self.pad_token_id)
+                self.frozen_prefix(batch.to(device))
+                progress("caching the frozen layers' output, messages",
+                         min(start + batch_size, len(messages)), len(messages), start_time)
+
+    def frozen_prefix(self, input_batch):
+        """Output of the embeddings and the first n_cached blocks, (b, T, emb_dim),
+        each message computed once. Key and value: the message's token ids and
+        hidden states, including the padding when pool is "last" (it reads a
+        padding position), only the real tokens otherwise (later padding cannot
+        change them, through the causal mask)."""
+        if self.n_cached is None:
+            return self.gpt.embed(input_batch)
+        b, num_tokens = input_batch.shape
+        if self.pool == "last":
+            keep = [num_tokens] * b
         else:
-            replace_linear_with_lora(child, rank, alpha)
+            keep = real_lengths(input_batch, self.pad_token_id).tolist()
+        keys = [tuple(ids[:n]) for ids, n in zip(input_batch.tolist(), keep)]
+        rows = {}  # batch row -> hidden states computed now
+        missing = [i for i, key in enumerate(keys) if key not in self.prefix_cache]
+        if missing:
+            # outside inference mode: cached tensors are later used in training
+            with torch.inference_mode(False), torch.no_grad():
+                hidden = self.gpt.embed(input_batch[missing].clone())
+                hidden = self.gpt.trf_blocks[:self.n_cached](hidden)
+                for row, i in enumerate(missing):
+                    rows[i] = hidden[row, :keep[i]]
+                    self.prefix_cache.put(keys[i], rows[i])
+        weight = self.gpt.tok_emb.weight
+        x = torch.zeros(b, num_tokens, weight.shape[1], dtype=weight.dtype,
+                        device=input_batch.device)
+        for i, key in enumerate(keys):
+            x[i, :keep[i]] = rows[i] if i in rows else self.prefix_cache.get(key, x.device)
+        return x
 
 
-# ------------------------------------- the classifier: GPT-2 with its new head
+# ------------------------------- saving and loading it (the chapter's torch.save, load_state_dict)
+
+def save_classifier(classifier, path, config, max_length, class_names, lora=None,
+                    trainable="last_block", calibration=None):
+    """The chapter's torch.save(model.state_dict(), "review_classifier.pth"),
+    without pickle: a safetensors file whose metadata describes the model, so
+    classify.py needs nothing else. Written atomically.
+
+    With lora (finetune.py's lora_description: rank, alpha, the base weights and
+    their size and sha256) only the adapters and the head are saved, with what
+    identifies the base weights they sit on. calibration: finetune.py's fitted
+    temperature and validated threshold, which classify.py applies."""
+    gpt = classifier.gpt
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "config": json.dumps(config),
+        "num_classes": str(gpt.out_head.out_features),
+        "max_length": str(max_length),
+        "pad_token_id": str(classifier.pad_token_id),
+        "labels": json.dumps(class_names),
+        "pool": classifier.pool,
+        "trainable": trainable,  # finetune.py's --trainable, to describe the model
+    }
+    if calibration:
+        metadata["calibration"] = json.dumps(calibration)
+    tensors = gpt.state_dict()
+    if lora:
+        metadata["lora"] = json.dumps(lora)
+        tensors = {name: t for name, t in tensors.items()
+                   if ".lora." in name or name.startswith("out_head.")}
+    save_safetensors(tensors, path, metadata)
+
+
+def load_classifier(path, device="cpu", base_weights=None):
+    """A GPTClassifier and its metadata from a checkpoint written by finetune.py.
+    The tensors' names and shapes are checked against the config on an empty
+    ("meta") model first; then the model takes the memory-mapped tensors as its
+    parameters, without copying them on the CPU. base_weights: the file under a
+    LoRA checkpoint's adapters, where it is not where finetune.py read it."""
+    try:
+        entries, metadata = read_safetensors_header(path)
+    except InputError:
+        if not os.path.exists(path):
+            raise InputError(f"no checkpoint at {path}. Fine-tune one first with "
+                             f"python finetune.py (it writes {CHECKPOINT_NAME}), or pass "
+                             f"--checkpoint PATH.") from None
+        raise
+    info = read_checkpoint_metadata(path, metadata)
+    lora = info["lora"]
+    if base_weights and not lora:
+        raise InputError(f"{path} holds every weight of its model: --base-weights is only "
+                         f"for checkpoints of --trainable lora.")
+    if lora:  # adapters and head only: rebuild the base model they sit on
+        gpt = lora_base(info, path, base_weights)
+        expected = {name: tuple(t.shape) for name, t in gpt.state_dict().items()
+                    if ".lora." in name or name.startswith("out_head.")}
+    else:
+        gpt = empty_gpt(info["config"], info["num_classes"])
+        expected = {name: tuple(t.shape) for name, t in gpt.state_dict().items()}
+    found = {name: entry[1] for name, entry in entries.items()}
+    for name, shape in expected.items():
+        if name not in found:
+            raise InputError(f"{path} lacks tensor {name}: not a complete checkpoint.")
+        if found[name] != shape:
+            raise InputError(f"{path}: tensor {name} has shape {found[name]}, but its own "
+                             f"config needs {shape}.")
+    check_floating(entries, expected, path)
+    tensors, _ = load_safetensors(path)
+    state = {name: tensors[name].float() for name in expected}
+    gpt.load_state_dict(state, assign=True, strict=not lora)
+    model = GPTClassifier(gpt, pool=info["pool"], pad_token_id=info["pad_token_id"])
+    return model.to(device).eval(), info
+
+
+def select_device(name):
+    """auto: cuda, then mps (only from torch 2.9: earlier versions were reported
+    to compute differently there), then cpu. An unavailable device is an error.
+    The chapter's torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+    with the mps of its note and a --device flag."""
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available.append("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        available.append("mps")
+    if name == "auto":
+        if "cuda" in available:
+            return torch.device("cuda")
+        if "mps" in available and torch_version() >= (2, 9):
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in available:
+        raise InputError(f"--device {name} is not available on this machine; "
+                         f"available: {', '.join(available)} (or auto).")
+    return torch.device(name)
+
+
+# ===== beyond the chapter: the checkpoint's metadata, LoRA's base weights =====
+
+def read_checkpoint_metadata(path, metadata):
+    """Checks the metadata of a checkpoint before anything large is allocated."""
+    def bad(problem):
+        return InputError(f"{path} is not a classifier checkpoint this version can read: "
+                          f"{problem}. Make a new one with python finetune.py.")
+
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise bad(f"its format is {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    try:
+        config = json.loads(metadata["config"])
+        labels = json.loads(metadata["labels"])
+        info = {key: int(metadata[key]) for key in ("num_classes", "max_length", "pad_token_id")}
+        pool = metadata["pool"]
+    except (KeyError, ValueError, TypeError) as e:
+        raise bad(f"its metadata is incomplete or malformed ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise bad("its model config is not an object")
+    check_config(config, path)
+    if not 2 <= info["num_classes"] <= 100_000:
+        raise bad(f"num_classes is {info['num_classes']}")
+    if (not isinstance(labels, list) or len(labels) != info["num_classes"]
+            or not all(isinstance(label, str) for label in labels)):
+        raise bad("its labels do not name each class once")
+    if not 1 <= info["max_length"] <= config["context_length"]:
+        raise bad(f"max_length {info['max_length']} is outside 1..{config['context_length']}")
+    if not 0 <= info["pad_token_id"] < config["vocab_size"]:
+        raise bad(f"pad_token_id {info['pad_token_id']} is outside the vocabulary")
+    if pool not in POOLS:
+        raise bad(f"unknown pooling {pool!r}")
+    try:
+        lora = json.loads(metadata["lora"]) if "lora" in metadata else None
+    except ValueError:
+        lora = "not JSON"
+    if lora is not None and not valid_lora(lora, config):
+        raise bad("its LoRA description is malformed")
+    temperature, threshold = read_calibration(metadata.get("calibration"), info, bad)
+    return dict(info, config=config, labels=labels, pool=pool, lora=lora,
+                trainable=metadata.get("trainable", "not recorded"),
+                temperature=temperature, threshold=threshold)
+
+
+def read_calibration(text, info, bad):
+    """(temperature, threshold or None) of a checkpoint; the threshold chooses
+    class 1 where its probability is above it. (1.0, None) for a checkpoint
+    saved before finetune.py calibrated: it loads as it always did."""
+    if text is None:
+        return 1.0, None
+    try:
+        calibration = json.loads(text)
+        temperature, threshold = calibration["temperature"], calibration["threshold"]
+    except (ValueError, KeyError, TypeError):
+        raise bad("its calibration is malformed") from None
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise bad(f"its temperature {temperature!r} is not a positive number")
+    if threshold is not None and not (isinstance(threshold, (int, float))
+                                      and info["num_classes"] == 2 and 0 <= threshold <= 1):
+        raise bad(f"its threshold {threshold!r} is not a probability of a two-class model")
+    return float(temperature), threshold
+
+
+def valid_lora(lora, config):
+    """Whether a LoRA description names a base model that can be rebuilt: random
+    weights of a known size (no larger: nothing else bounds what they allocate),
+    or a file identified by its size and sha256."""
+    try:
+        if not (isinstance(lora["rank"], int) and 1 <= lora["rank"] <= 4096 and lora["alpha"] > 0
+                and lora["model"] in MODEL_NAMES and isinstance(lora["seed"], int)):
+            return False
+        if lora["weights"] == "random":
+            return config == model_config(lora["model"])
+        return (isinstance(lora["weights"], str) and isinstance(lora["path"], str)
+                and isinstance(lora["bytes"], int) and isinstance(lora["sha256"], str))
+    except (TypeError, KeyError):  # not a dict, or a field of the wrong type
+        return False
+
+
+def empty_gpt(config, num_classes):
+    """A GPTModel with a num_classes head whose parameters take no memory and no
+    time: "meta" tensors, to be replaced by a checkpoint's."""
+    reset = torch.nn.Embedding.reset_parameters
+    # normal_ on meta tensors imports torch._dynamo, a second of start-up
+    torch.nn.Embedding.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            gpt = GPTModel(config)
+            gpt.out_head = torch.nn.Linear(config["emb_dim"], num_classes)
+    finally:
+        torch.nn.Embedding.reset_parameters = reset
+    return gpt
+
+
+def lora_base_file(lora, checkpoint, base_weights=None):
+    """The base weights file of a LoRA checkpoint: --base-weights, else where
+    finetune.py read it, else (for pretrained weights) the Hub's file downloaded
+    into gpt2/. It must be the very file the adapters were trained on: its size
+    is checked here, its sha256 by lora_base. Returns
+    the path and the hint an error about it gives."""
+    if base_weights:
+        # a folder or OpenAI's prefix names a file: the one fingerprinted
+        weights = weights_file(base_weights, flag="--base-weights")
+    elif Path(lora["path"]).is_file() or lora["weights"] != "pretrained":
+        weights = Path(lora["path"])
+    else:
+        weights = download_gpt2(lora["model"], flag="--base-weights")
+    hint = (f"pass the file it was fine-tuned on with --base-weights PATH "
+            f"({lora['bytes']:,} bytes, sha256 {lora['sha256']})")
+    if not weights.is_file():
+        what = "is a folder" if weights.is_dir() else "does not exist"
+        raise InputError(f"{checkpoint} holds LoRA adapters for the base weights {weights}, "
+                         f"which {what}: {hint}.")
+    if os.path.getsize(weights) != lora["bytes"]:
+        raise not_the_base(weights, checkpoint, hint)
+    return weights, hint
+
+
+def not_the_base(weights, checkpoint, hint):
+    return InputError(f"{weights} is not the base {checkpoint} was fine-tuned on (its "
+                      f"size or sha256 differs, so its predictions would too): {hint}.")
+
+
+def lora_base(info, checkpoint, base_weights=None):
+    """The base GPT-2 under a LoRA checkpoint's adapters (random with the seed
+    finetune.py used, or the checked file), with an empty ("meta") head and
+    adapters for the checkpoint's tensors to fill."""
+    lora, config = info["lora"], info["config"]
+    if lora["weights"] == "random":
+        if base_weights:
+            raise InputError(f"{checkpoint} was fine-tuned on random base weights (seed "
+                             f"{lora['seed']}), which classify.py rebuilds itself: leave "
+                             f"out --base-weights.")
+        torch.manual_seed(lora["seed"])  # finetune.py seeds the same way
+        gpt = GPTModel(config)
+    else:
+        weights, hint = lora_base_file(lora, checkpoint, base_weights)
+        if file_fingerprint(weights)[1] != lora["sha256"]:  # the one pass over the file
+            raise not_the_base(weights, checkpoint, hint)
+        gpt = load_gpt2_file(weights, config)
+    with torch.device("meta"):
+        gpt.out_head = torch.nn.Linear(config["emb_dim"], info["num_classes"])
+        replace_linear_with_lora(gpt.trf_blocks, lora["rank"], lora["alpha"])
+    return gpt
+
+
+def torch_version():
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+# ===== beyond the chapter: other pools, the prefix cache, the one-position last block =====
 
 def frozen_prefix_length(gpt):
     """How many leading blocks (after the embeddings) never change, or None when
@@ -224,377 +582,42 @@ def cache_size(datasets, emb_dim, dtype):
     return sum(lengths.values()) * emb_dim * dtype.itemsize
 
 
-class GPTClassifier(torch.nn.Module):
-    """The chapter's `model(input_batch)[:, -1, :]` as one module: token ids
-    (b, T) -> class logits (b, num_classes), read at the `pool` position.
+# ===== beyond the chapter: LoRA (appendix E) =====
 
-    forward with fast=False is the chapter's plain pass. fast=True (the default)
-    computes the same with less work, in fast_forward:
-    - the output of the frozen prefix (embeddings and the first, frozen blocks)
-      never changes when dropout is off, so it is computed once per message and
-      kept in prefix_cache;
-    - the last block computes its query, attention output and feed-forward at
-      the pooled position only (last_block_at; keys and values still come from
-      all positions)."""
+class LoRALayer(torch.nn.Module):
+    """Appendix E: a low-rank update alpha/rank * (x A B); B starts at zero, so
+    training starts from the pretrained model exactly."""
 
-    def __init__(self, gpt, pool="last", pad_token_id=PAD_TOKEN_ID, fast=True):
+    def __init__(self, in_dim, out_dim, rank, alpha):
         super().__init__()
-        self.gpt = gpt
-        self.pool = pool
-        self.pad_token_id = pad_token_id
-        self.fast = fast
-        self.n_cached = None  # set by enable_prefix_cache
-        self.prefix_cache = PrefixCache()
+        self.A = torch.nn.Parameter(torch.empty(in_dim, rank))
+        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = torch.nn.Parameter(torch.zeros(rank, out_dim))
+        self.scaling = alpha / rank
 
-    def forward(self, input_batch):
-        if self.fast:
-            return self.fast_forward(input_batch)
-        outputs = self.gpt(input_batch)  # (b, num_tokens, num_classes)
-        if self.pool == "last":
-            return outputs[:, -1, :]  # the chapter's: the last output token
-        return self.pool_outputs(outputs, input_batch)  # not the chapter's: --pool
+    def forward(self, x):
+        return self.scaling * (x @ self.A @ self.B)
 
-    def pool_outputs(self, outputs, input_batch):
-        # (b, T, n) -> (b, n): the chapter's outputs[:, -1, :] and its variants
-        positions = pool_positions(input_batch, self.pool, self.pad_token_id)
-        if positions is None:
-            return mean_over_real_tokens(outputs, input_batch, self.pad_token_id)
-        return take_positions(outputs, positions)[:, 0, :]
 
-    # ------------------------------------ the same result with less work
+class LinearWithLoRA(torch.nn.Module):
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
 
-    def enable_prefix_cache(self, budget=None, spill_dir=None):
-        """Caches the frozen prefix's output from now on, where it applies (frozen
-        embeddings and first block, no dropout, budget not 0); returns whether it
-        does. Only for fine-tuning: the cache keeps every message it has seen,
-        budget bytes of them on the device (None: no limit), the rest in a
-        temporary file in spill_dir (None: recomputed)."""
-        self.n_cached = frozen_prefix_length(self.gpt) if self.fast and budget != 0 else None
-        self.prefix_cache.close()
-        self.prefix_cache = PrefixCache(budget, spill_dir)
-        return self.n_cached is not None
+    def forward(self, x):
+        return self.linear(x) + self.lora(x)
 
-    def fast_forward(self, input_batch):
-        """forward's result: the frozen prefix from the cache (when enabled), the
-        last block at the pooled position only (all positions for "mean")."""
-        x = self.frozen_prefix(input_batch)  # (b, T, emb_dim)
-        blocks = self.gpt.trf_blocks[self.n_cached or 0:]
-        positions = pool_positions(input_batch, self.pool, self.pad_token_id)
-        if positions is None or len(blocks) == 0:
-            x = self.gpt.final_norm(blocks(x))
-            return self.gpt.out_head(self.pool_outputs(x, input_batch))
-        x = blocks[:-1](x)
-        x = last_block_at(blocks[-1], x, positions)  # (b, 1, emb_dim)
-        return self.gpt.out_head(self.gpt.final_norm(x[:, 0, :]))
 
-    def fill_prefix_cache(self, datasets, batch_size=32):
-        """Computes the frozen prefix of every message once, up front, in batches
-        of similar length: far less padding than the shuffled training batches.
-        The shortest come first, so a budget keeps as many messages as it can."""
-        if self.n_cached is None:
-            return
-        messages = sorted((ids for dataset in datasets for ids, _ in dataset), key=len)
-        device = self.gpt.tok_emb.weight.device
-        start_time = time.time()
-        with torch.no_grad():
-            for start in range(0, len(messages), batch_size):
-                batch = pad_ids(messages[start:start + batch_size], self.pad_token_id)
-                self.frozen_prefix(batch.to(device))
-                progress("caching the frozen layers' output, messages",
-                         min(start + batch_size, len(messages)), len(messages), start_time)
-
-    def frozen_prefix(self, input_batch):
-        """Output of the embeddings and the first n_cached blocks, (b, T, emb_dim),
-        each message computed once. Key and value: the message's token ids and
-        hidden states, including the padding when pool is "last" (it reads a
-        padding position), only the real tokens otherwise (later padding cannot
-        change them, through the causal mask)."""
-        if self.n_cached is None:
-            return self.gpt.embed(input_batch)
-        b, num_tokens = input_batch.shape
-        if self.pool == "last":
-            keep = [num_tokens] * b
+def replace_linear_with_lora(module, rank, alpha):
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear):
+            setattr(module, name, LinearWithLoRA(child, rank, alpha))
         else:
-            keep = real_lengths(input_batch, self.pad_token_id).tolist()
-        keys = [tuple(ids[:n]) for ids, n in zip(input_batch.tolist(), keep)]
-        rows = {}  # batch row -> hidden states computed now
-        missing = [i for i, key in enumerate(keys) if key not in self.prefix_cache]
-        if missing:
-            # outside inference mode: cached tensors are later used in training
-            with torch.inference_mode(False), torch.no_grad():
-                hidden = self.gpt.embed(input_batch[missing].clone())
-                hidden = self.gpt.trf_blocks[:self.n_cached](hidden)
-                for row, i in enumerate(missing):
-                    rows[i] = hidden[row, :keep[i]]
-                    self.prefix_cache.put(keys[i], rows[i])
-        weight = self.gpt.tok_emb.weight
-        x = torch.zeros(b, num_tokens, weight.shape[1], dtype=weight.dtype,
-                        device=input_batch.device)
-        for i, key in enumerate(keys):
-            x[i, :keep[i]] = rows[i] if i in rows else self.prefix_cache.get(key, x.device)
-        return x
+            replace_linear_with_lora(child, rank, alpha)
 
 
-# ------------------------------------------------------------- the checkpoint
-
-def save_classifier(classifier, path, config, max_length, class_names, lora=None,
-                    trainable="last_block", calibration=None):
-    """The chapter's torch.save(model.state_dict(), "review_classifier.pth"),
-    without pickle: a safetensors file whose metadata describes the model, so
-    classify.py needs nothing else. Written atomically.
-
-    With lora (finetune.py's lora_description: rank, alpha, the base weights and
-    their size and sha256) only the adapters and the head are saved, with what
-    identifies the base weights they sit on. calibration: finetune.py's fitted
-    temperature and validated threshold, which classify.py applies."""
-    gpt = classifier.gpt
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "config": json.dumps(config),
-        "num_classes": str(gpt.out_head.out_features),
-        "max_length": str(max_length),
-        "pad_token_id": str(classifier.pad_token_id),
-        "labels": json.dumps(class_names),
-        "pool": classifier.pool,
-        "trainable": trainable,  # finetune.py's --trainable, to describe the model
-    }
-    if calibration:
-        metadata["calibration"] = json.dumps(calibration)
-    tensors = gpt.state_dict()
-    if lora:
-        metadata["lora"] = json.dumps(lora)
-        tensors = {name: t for name, t in tensors.items()
-                   if ".lora." in name or name.startswith("out_head.")}
-    save_safetensors(tensors, path, metadata)
-
-
-def read_checkpoint_metadata(path, metadata):
-    """Checks the metadata of a checkpoint before anything large is allocated."""
-    def bad(problem):
-        return InputError(f"{path} is not a classifier checkpoint this version can read: "
-                          f"{problem}. Make a new one with python finetune.py.")
-
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise bad(f"its format is {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-    try:
-        config = json.loads(metadata["config"])
-        labels = json.loads(metadata["labels"])
-        info = {key: int(metadata[key]) for key in ("num_classes", "max_length", "pad_token_id")}
-        pool = metadata["pool"]
-    except (KeyError, ValueError, TypeError) as e:
-        raise bad(f"its metadata is incomplete or malformed ({type(e).__name__}: {e})") from None
-    if not isinstance(config, dict):
-        raise bad("its model config is not an object")
-    check_config(config, path)
-    if not 2 <= info["num_classes"] <= 100_000:
-        raise bad(f"num_classes is {info['num_classes']}")
-    if (not isinstance(labels, list) or len(labels) != info["num_classes"]
-            or not all(isinstance(label, str) for label in labels)):
-        raise bad("its labels do not name each class once")
-    if not 1 <= info["max_length"] <= config["context_length"]:
-        raise bad(f"max_length {info['max_length']} is outside 1..{config['context_length']}")
-    if not 0 <= info["pad_token_id"] < config["vocab_size"]:
-        raise bad(f"pad_token_id {info['pad_token_id']} is outside the vocabulary")
-    if pool not in POOLS:
-        raise bad(f"unknown pooling {pool!r}")
-    try:
-        lora = json.loads(metadata["lora"]) if "lora" in metadata else None
-    except ValueError:
-        lora = "not JSON"
-    if lora is not None and not valid_lora(lora, config):
-        raise bad("its LoRA description is malformed")
-    temperature, threshold = read_calibration(metadata.get("calibration"), info, bad)
-    return dict(info, config=config, labels=labels, pool=pool, lora=lora,
-                trainable=metadata.get("trainable", "not recorded"),
-                temperature=temperature, threshold=threshold)
-
-
-def read_calibration(text, info, bad):
-    """(temperature, threshold or None) of a checkpoint; the threshold chooses
-    class 1 where its probability is above it. (1.0, None) for a checkpoint
-    saved before finetune.py calibrated: it loads as it always did."""
-    if text is None:
-        return 1.0, None
-    try:
-        calibration = json.loads(text)
-        temperature, threshold = calibration["temperature"], calibration["threshold"]
-    except (ValueError, KeyError, TypeError):
-        raise bad("its calibration is malformed") from None
-    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
-        raise bad(f"its temperature {temperature!r} is not a positive number")
-    if threshold is not None and not (isinstance(threshold, (int, float))
-                                      and info["num_classes"] == 2 and 0 <= threshold <= 1):
-        raise bad(f"its threshold {threshold!r} is not a probability of a two-class model")
-    return float(temperature), threshold
-
-
-def valid_lora(lora, config):
-    """Whether a LoRA description names a base model that can be rebuilt: random
-    weights of a known size (no larger: nothing else bounds what they allocate),
-    or a file identified by its size and sha256."""
-    try:
-        if not (isinstance(lora["rank"], int) and 1 <= lora["rank"] <= 4096 and lora["alpha"] > 0
-                and lora["model"] in MODEL_NAMES and isinstance(lora["seed"], int)):
-            return False
-        if lora["weights"] == "random":
-            return config == model_config(lora["model"])
-        return (isinstance(lora["weights"], str) and isinstance(lora["path"], str)
-                and isinstance(lora["bytes"], int) and isinstance(lora["sha256"], str))
-    except (TypeError, KeyError):  # not a dict, or a field of the wrong type
-        return False
-
-
-def empty_gpt(config, num_classes):
-    """A GPTModel with a num_classes head whose parameters take no memory and no
-    time: "meta" tensors, to be replaced by a checkpoint's."""
-    reset = torch.nn.Embedding.reset_parameters
-    # normal_ on meta tensors imports torch._dynamo, a second of start-up
-    torch.nn.Embedding.reset_parameters = lambda self: None
-    try:
-        with torch.device("meta"):
-            gpt = GPTModel(config)
-            gpt.out_head = torch.nn.Linear(config["emb_dim"], num_classes)
-    finally:
-        torch.nn.Embedding.reset_parameters = reset
-    return gpt
-
-
-def lora_base_file(lora, checkpoint, base_weights=None):
-    """The base weights file of a LoRA checkpoint: --base-weights, else where
-    finetune.py read it, else (for pretrained weights) the Hub's file downloaded
-    into gpt2/. It must be the very file the adapters were trained on: its size
-    is checked here, its sha256 by lora_base. Returns
-    the path and the hint an error about it gives."""
-    if base_weights:
-        # a folder or OpenAI's prefix names a file: the one fingerprinted
-        weights = weights_file(base_weights, flag="--base-weights")
-    elif Path(lora["path"]).is_file() or lora["weights"] != "pretrained":
-        weights = Path(lora["path"])
-    else:
-        weights = download_gpt2(lora["model"], flag="--base-weights")
-    hint = (f"pass the file it was fine-tuned on with --base-weights PATH "
-            f"({lora['bytes']:,} bytes, sha256 {lora['sha256']})")
-    if not weights.is_file():
-        what = "is a folder" if weights.is_dir() else "does not exist"
-        raise InputError(f"{checkpoint} holds LoRA adapters for the base weights {weights}, "
-                         f"which {what}: {hint}.")
-    if os.path.getsize(weights) != lora["bytes"]:
-        raise not_the_base(weights, checkpoint, hint)
-    return weights, hint
-
-
-def not_the_base(weights, checkpoint, hint):
-    return InputError(f"{weights} is not the base {checkpoint} was fine-tuned on (its "
-                      f"size or sha256 differs, so its predictions would too): {hint}.")
-
-
-def lora_base(info, checkpoint, base_weights=None):
-    """The base GPT-2 under a LoRA checkpoint's adapters (random with the seed
-    finetune.py used, or the checked file), with an empty ("meta") head and
-    adapters for the checkpoint's tensors to fill."""
-    lora, config = info["lora"], info["config"]
-    if lora["weights"] == "random":
-        if base_weights:
-            raise InputError(f"{checkpoint} was fine-tuned on random base weights (seed "
-                             f"{lora['seed']}), which classify.py rebuilds itself: leave "
-                             f"out --base-weights.")
-        torch.manual_seed(lora["seed"])  # finetune.py seeds the same way
-        gpt = GPTModel(config)
-    else:
-        weights, hint = lora_base_file(lora, checkpoint, base_weights)
-        if file_fingerprint(weights)[1] != lora["sha256"]:  # the one pass over the file
-            raise not_the_base(weights, checkpoint, hint)
-        gpt = load_gpt2_file(weights, config)
-    with torch.device("meta"):
-        gpt.out_head = torch.nn.Linear(config["emb_dim"], info["num_classes"])
-        replace_linear_with_lora(gpt.trf_blocks, lora["rank"], lora["alpha"])
-    return gpt
-
-
-def load_classifier(path, device="cpu", base_weights=None):
-    """A GPTClassifier and its metadata from a checkpoint written by finetune.py.
-    The tensors' names and shapes are checked against the config on an empty
-    ("meta") model first; then the model takes the memory-mapped tensors as its
-    parameters, without copying them on the CPU. base_weights: the file under a
-    LoRA checkpoint's adapters, where it is not where finetune.py read it."""
-    try:
-        entries, metadata = read_safetensors_header(path)
-    except InputError:
-        if not os.path.exists(path):
-            raise InputError(f"no checkpoint at {path}. Fine-tune one first with "
-                             f"python finetune.py (it writes {CHECKPOINT_NAME}), or pass "
-                             f"--checkpoint PATH.") from None
-        raise
-    info = read_checkpoint_metadata(path, metadata)
-    lora = info["lora"]
-    if base_weights and not lora:
-        raise InputError(f"{path} holds every weight of its model: --base-weights is only "
-                         f"for checkpoints of --trainable lora.")
-    if lora:  # adapters and head only: rebuild the base model they sit on
-        gpt = lora_base(info, path, base_weights)
-        expected = {name: tuple(t.shape) for name, t in gpt.state_dict().items()
-                    if ".lora." in name or name.startswith("out_head.")}
-    else:
-        gpt = empty_gpt(info["config"], info["num_classes"])
-        expected = {name: tuple(t.shape) for name, t in gpt.state_dict().items()}
-    found = {name: entry[1] for name, entry in entries.items()}
-    for name, shape in expected.items():
-        if name not in found:
-            raise InputError(f"{path} lacks tensor {name}: not a complete checkpoint.")
-        if found[name] != shape:
-            raise InputError(f"{path}: tensor {name} has shape {found[name]}, but its own "
-                             f"config needs {shape}.")
-    check_floating(entries, expected, path)
-    tensors, _ = load_safetensors(path)
-    state = {name: tensors[name].float() for name in expected}
-    gpt.load_state_dict(state, assign=True, strict=not lora)
-    model = GPTClassifier(gpt, pool=info["pool"], pad_token_id=info["pad_token_id"])
-    return model.to(device).eval(), info
-
-
-def torch_version():
-    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-
-
-def select_device(name):
-    """auto: cuda, then mps (only from torch 2.9: earlier versions were reported
-    to compute differently there), then cpu. An unavailable device is an error."""
-    available = ["cpu"]
-    if torch.cuda.is_available():
-        available.append("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        available.append("mps")
-    if name == "auto":
-        if "cuda" in available:
-            return torch.device("cuda")
-        if "mps" in available and torch_version() >= (2, 9):
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name not in available:
-        raise InputError(f"--device {name} is not available on this machine; "
-                         f"available: {', '.join(available)} (or auto).")
-    return torch.device(name)
-
-
-# ------------------------------------------- 6.8 using the model to classify
-
-def classify_review(text, model, tokenizer, device, max_length=None,
-                    pad_token_id=PAD_TOKEN_ID, class_names=SPAM_CLASS_NAMES):
-    """Listing 6.12: the class name of one text."""
-    model.eval()
-    input_ids = encode(text, tokenizer)
-    supported_context_length = model.gpt.pos_emb.weight.shape[0]
-    if max_length is None:
-        max_length = supported_context_length
-    max_length = min(max_length, supported_context_length)
-    input_ids = input_ids[:max_length]  # truncates sequences that are too long
-    input_ids += [pad_token_id] * (max_length - len(input_ids))
-    input_tensor = torch.tensor(input_ids, device=device).unsqueeze(0)  # adds batch dim
-    with torch.inference_mode():
-        logits = model(input_tensor)  # the chapter's model(input_tensor)[:, -1, :]
-    predicted_label = torch.argmax(logits, dim=-1).item()
-    return class_names[predicted_label]
-
+# ===== beyond the chapter: many texts at once =====
 
 class NonFiniteLogits(InputError):
     """The model computed NaN or infinity: its callers name the checkpoint."""
@@ -633,7 +656,7 @@ def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD
     return probabilities
 
 
-# --------------------------------------- why: each token's share of the decision
+# ===== beyond the chapter: why: each token's share of the decision =====
 
 IG_STEPS = 20  # integrated gradients: points on the path from a zero embedding
 EXPLAIN_METHODS = {
@@ -801,7 +824,7 @@ def explanation_lines(pieces, label, coloured, top=5):
     return lines
 
 
-# -------------------------------------------------- a page to try it: --serve
+# ===== beyond the chapter: a page to try it: --serve =====
 
 def predicted_class(probas, threshold=None):
     """The chapter's argmax or, given a validated threshold (two classes), class 1
@@ -1280,7 +1303,7 @@ def serve(checkpoint, device, base_weights, host, port):
         server.server_close()
 
 
-# -------------------------------------------------------------------- the CLI
+# ===== beyond the chapter: the command line =====
 
 CHUNK = 1024  # at most this many lines of stdin classified and printed at a time
 BLANK = "empty or only whitespace: nothing to classify"

@@ -3,6 +3,8 @@
 Hand-written replacements for the chapter's pandas calls that give the book's
 rows: a TSV reader that quotes as pd.read_csv does, balancing and splitting with
 pandas' seeded sampler, and CSV files written with the standard csv module.
+Listings 6.1-6.5 come first, in the book's order; what the book gets from
+pandas and zipfile, and the rest, follow under "# ===== beyond the chapter".
 """
 import csv
 import io
@@ -28,23 +30,159 @@ SEED = 123                               # the chapter's random_state and manual
 EMPTY_TEXT = "the message is empty (or only whitespace); remove the line or give it a text."
 
 
+# ---------------------------------- the chapter: listings 6.1-6.5, in the book's order
+
 def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
-    """Listing 6.1. Reads only the SMSSpamCollection member of the zip (a member
-    path such as ../x is never written anywhere) and writes it atomically."""
+    """Listing 6.1: downloads the UCI zip and saves its SMSSpamCollection member
+    as data_file_path (extracted_path/SMSSpamCollection.tsv, as in the book)."""
     data_file_path = Path(data_file_path)
     if data_file_path.exists():
         print(f"{data_file_path} already exists. Skipping download and extraction.")
         return
-    # the zip of this process: torchrun's ranks may download side by side
-    own_zip = Path(f"{zip_path}.{os.getpid()}")
+    # not the book's: the process id in the zip's name, because torchrun's ranks
+    # may download side by side
+    zip_path = Path(f"{zip_path}.{os.getpid()}")
     try:
-        download_file(url, own_zip, "the SMS Spam Collection",
+        # the book's urlopen and write, ending in a message, not a traceback, offline
+        download_file(url, zip_path, "the SMS Spam Collection",
                       "pass a local copy of SMSSpamCollection (or the UCI zip) with --data PATH")
-        write_atomically(data_file_path, read_member(own_zip))
+        # not the book's extractall and os.rename: only the one member is read, so
+        # no path inside the archive (such as ../x) is ever written, and the .tsv
+        # is written whole or not at all
+        write_atomically(data_file_path, read_member(zip_path))
     finally:
-        own_zip.unlink(missing_ok=True)
+        zip_path.unlink(missing_ok=True)  # not the book's: the zip is not kept
     print(f"File downloaded and saved as {data_file_path}")
 
+
+def load_messages(path):
+    """The chapter's pd.read_csv(data_file_path, sep="\t", header=None,
+    names=["Label", "Text"]), without pandas (read_tsv quotes as it does):
+    [(label, text)] from --data: the SMS collection (TSV, or the UCI zip), whose
+    labels must be ham or spam, or your own label<TAB>text TSV or Label,Text CSV,
+    whose distinct labels are the classes."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise InputError(f"data file {path} {what}.")
+    if zipfile.is_zipfile(path):  # parsed in memory: the zip's folder may be read-only
+        return parse_tsv(read_member(path), f"{path}:{ZIP_MEMBER}", labels=SPAM_LABELS)
+    if path.suffix.lower() == ".csv":
+        rows = read_labeled_csv(path)
+        if not rows:
+            raise InputError(f"{path} holds no messages.")
+        return rows
+    return read_tsv(path, labels=SPAM_LABELS if path.name.startswith(ZIP_MEMBER) else None)
+
+
+def create_balanced_dataset(rows, seed=SEED):
+    """Listing 6.2, for any number of classes (not the book's, which knows ham
+    and spam): undersamples every class to the size of the smallest, the
+    sampled classes first. The chapter's next step, map({"ham": 0, "spam": 1}),
+    happens where the splits are written (write_csv's label_ids)."""
+    groups = {label: [row for row in rows if row[0] == label] for label in class_ids(rows)}
+    smallest = min(len(group) for group in groups.values())  # the book's num_spam
+    sampled, kept = [], []
+    for group in groups.values():
+        if len(group) > smallest:
+            sampled += sample(group, smallest, seed)  # the book's ham_subset
+        else:
+            kept += group  # the book's df[df["Label"] == "spam"]
+    return sampled + kept  # the book's pd.concat([ham_subset, spam])
+
+
+def random_split(rows, train_frac, validation_frac, seed=SEED):
+    """Listing 6.3: a seeded shuffle, then the first 70% train, 10% validation,
+    the rest test."""
+    rows = sample(rows, len(rows), seed)  # the book's df.sample(frac=1, random_state=123)
+    train_end = int(len(rows) * train_frac)
+    validation_end = train_end + int(len(rows) * validation_frac)
+    train, validation, test = rows[:train_end], rows[train_end:validation_end], rows[validation_end:]
+    if not train or not validation or not test:
+        raise InputError(f"{len(rows)} messages are too few to split {train_frac:.0%} / "
+                         f"{validation_frac:.0%} / rest into non-empty training, validation "
+                         f"and test sets.")
+    return train, validation, test
+
+
+def write_csv(rows, path, label_ids=SPAM_LABELS):
+    """Columns Label,Text with integer labels: the chapter's map({"ham": 0,
+    "spam": 1}) (label_ids) and to_csv(index=None); commas, quotes and newlines
+    inside texts are quoted by the csv module."""
+    out = io.StringIO(newline="")
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["Label", "Text"])
+    for label, text in rows:
+        writer.writerow([label_ids[label], text])
+    write_atomically(path, out.getvalue())
+
+
+def read_csv(path, num_classes=2):
+    """[(label_id, text)] from a split written by write_csv; a label that is not a
+    class id is an error naming the row."""
+    rows = []
+    for number, (label, text) in enumerate(read_labeled_csv(path), start=2):
+        if not label.strip().isdigit() or not 0 <= int(label) < num_classes:
+            raise InputError(f"{path}, row {number}: label {label!r} is not a class id "
+                             f"from 0 to {num_classes - 1}.")
+        rows.append((int(label), text))
+    return rows
+
+
+class SpamDataset(Dataset):
+    """Listing 6.4: pre-tokenized messages, truncated to max_length (the longest
+    message when None) and padded with pad_token_id. With pad=False messages keep
+    their own length and pad_batch pads each batch to its longest message."""
+
+    def __init__(self, csv_file, tokenizer, max_length=None, pad_token_id=PAD_TOKEN_ID,
+                 num_classes=2, pad=True):
+        self.data = read_csv(csv_file, num_classes)  # the book's pd.read_csv(csv_file)
+        # the book's tokenizer.encode(text), but "<|endoftext|>" in a text stays text
+        self.encoded_texts = [encode(text, tokenizer) for _, text in self.data]
+        if max_length is None:
+            self.max_length = self._longest_encoded_length()
+        else:
+            self.max_length = max_length
+            self.encoded_texts = [encoded_text[:self.max_length]
+                                  for encoded_text in self.encoded_texts]
+        if pad:  # not the book's: pad=False leaves the padding to each batch (--pool)
+            self.encoded_texts = [
+                encoded_text + [pad_token_id] * (self.max_length - len(encoded_text))
+                for encoded_text in self.encoded_texts
+            ]
+
+    def __getitem__(self, index):
+        encoded = self.encoded_texts[index]
+        label = self.data[index][0]
+        return (torch.tensor(encoded, dtype=torch.long),
+                torch.tensor(label, dtype=torch.long))
+
+    def __len__(self):
+        return len(self.data)
+
+    def _longest_encoded_length(self):
+        return max((len(encoded_text) for encoded_text in self.encoded_texts), default=0)
+
+
+def create_data_loaders(train_dataset, val_dataset, test_dataset, batch_size=8,
+                        num_workers=0):
+    """Listing 6.5: the training loader shuffles and drops the last incomplete
+    batch; validation and test keep every message. Like the chapter's, the
+    loaders draw from torch's global generator, so the torch.manual_seed calls
+    before sections 6.6 and 6.7 give the book's batches."""
+    # not the book's default collate: the same stack for padded datasets, and
+    # padding per batch for the others (pad=False)
+    collate = pad_batch
+    train_loader = DataLoader(dataset=train_dataset, batch_size=batch_size, shuffle=True,
+                              num_workers=num_workers, drop_last=True, collate_fn=collate)
+    val_loader = DataLoader(dataset=val_dataset, batch_size=batch_size,
+                            num_workers=num_workers, drop_last=False, collate_fn=collate)
+    test_loader = DataLoader(dataset=test_dataset, batch_size=batch_size,
+                             num_workers=num_workers, drop_last=False, collate_fn=collate)
+    return train_loader, val_loader, test_loader
+
+
+# ===== beyond the chapter: what zipfile and pandas did for it, by hand =====
 
 def read_member(zip_file, member=ZIP_MEMBER):
     """The bytes of the one expected member of zip_file; no other member, and no
@@ -164,23 +302,33 @@ def read_labeled_csv(path):
     return rows
 
 
-def load_messages(path):
-    """[(label, text)] from --data: the SMS collection (TSV, or the UCI zip), whose
-    labels must be ham or spam, or your own label<TAB>text TSV or Label,Text CSV,
-    whose distinct labels are the classes."""
-    path = Path(path)
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise InputError(f"data file {path} {what}.")
-    if zipfile.is_zipfile(path):  # parsed in memory: the zip's folder may be read-only
-        return parse_tsv(read_member(path), f"{path}:{ZIP_MEMBER}", labels=SPAM_LABELS)
-    if path.suffix.lower() == ".csv":
-        rows = read_labeled_csv(path)
-        if not rows:
-            raise InputError(f"{path} holds no messages.")
-        return rows
-    return read_tsv(path, labels=SPAM_LABELS if path.name.startswith(ZIP_MEMBER) else None)
+def sample(rows, n, seed=SEED):
+    """pandas' df.sample(n, random_state=seed) on a list: the same n rows in the
+    same order (not the book's: no pandas here)."""
+    return [rows[i] for i in sample_order(len(rows), seed)[:n]]
 
+
+def sample_order(n, seed=SEED):
+    """The row order of pandas' df.sample(frac=1, random_state=seed), which is
+    NumPy's RandomState(seed).permutation(n), so that balancing and splitting pick
+    the book's rows. NumPy runs the Mersenne Twister of Python's random module but
+    seeds it with init_genrand and shuffles with masked draws, done here by hand."""
+    state = [seed]
+    for i in range(1, 624):
+        state.append((1812433253 * (state[-1] ^ (state[-1] >> 30)) + i) & 0xFFFFFFFF)
+    rng = random.Random()
+    rng.setstate((3, (*state, 624), None))  # 624: regenerate before the first draw
+    order = list(range(n))
+    for i in range(n - 1, 0, -1):
+        mask = (1 << i.bit_length()) - 1
+        j = rng.getrandbits(32) & mask
+        while j > i:
+            j = rng.getrandbits(32) & mask
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+# ===== beyond the chapter: any labels, not only ham and spam =====
 
 def count_labels(rows):
     counts = {}
@@ -206,116 +354,12 @@ def class_names(label_ids):
     return sorted(label_ids, key=label_ids.get)
 
 
-def sample_order(n, seed=SEED):
-    """The row order of pandas' df.sample(frac=1, random_state=seed), which is
-    NumPy's RandomState(seed).permutation(n), so that balancing and splitting pick
-    the book's rows. NumPy runs the Mersenne Twister of Python's random module but
-    seeds it with init_genrand and shuffles with masked draws, done here by hand."""
-    state = [seed]
-    for i in range(1, 624):
-        state.append((1812433253 * (state[-1] ^ (state[-1] >> 30)) + i) & 0xFFFFFFFF)
-    rng = random.Random()
-    rng.setstate((3, (*state, 624), None))  # 624: regenerate before the first draw
-    order = list(range(n))
-    for i in range(n - 1, 0, -1):
-        mask = (1 << i.bit_length()) - 1
-        j = rng.getrandbits(32) & mask
-        while j > i:
-            j = rng.getrandbits(32) & mask
-        order[i], order[j] = order[j], order[i]
-    return order
-
-
-def create_balanced_dataset(rows, seed=SEED):
-    """Listing 6.2, for any number of classes: undersamples every class to the
-    size of the smallest (for the SMS data: ham to the number of spam), the
-    sampled classes first, like the chapter's concat of ham_subset and spam."""
-    groups = {label: [row for row in rows if row[0] == label] for label in class_ids(rows)}
-    smallest = min(len(group) for group in groups.values())
-    sampled, kept = [], []
-    for group in groups.values():
-        if len(group) > smallest:
-            sampled += [group[i] for i in sample_order(len(group), seed)[:smallest]]
-        else:
-            kept += group
-    return sampled + kept
-
-
-def random_split(rows, train_frac, validation_frac, seed=SEED):
-    """Listing 6.3: a seeded shuffle, then the first 70% train, 10% validation,
-    the rest test."""
-    rows = [rows[i] for i in sample_order(len(rows), seed)]
-    train_end = int(len(rows) * train_frac)
-    validation_end = train_end + int(len(rows) * validation_frac)
-    train, validation, test = rows[:train_end], rows[train_end:validation_end], rows[validation_end:]
-    if not train or not validation or not test:
-        raise InputError(f"{len(rows)} messages are too few to split {train_frac:.0%} / "
-                         f"{validation_frac:.0%} / rest into non-empty training, validation "
-                         f"and test sets.")
-    return train, validation, test
-
-
-def write_csv(rows, path, label_ids=SPAM_LABELS):
-    """Columns Label,Text with integer labels, like the chapter's to_csv; commas,
-    quotes and newlines inside texts are quoted by the csv module."""
-    out = io.StringIO(newline="")
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["Label", "Text"])
-    for label, text in rows:
-        writer.writerow([label_ids[label], text])
-    write_atomically(path, out.getvalue())
-
-
-def read_csv(path, num_classes=2):
-    """[(label_id, text)] from a split written by write_csv; a label that is not a
-    class id is an error naming the row."""
-    rows = []
-    for number, (label, text) in enumerate(read_labeled_csv(path), start=2):
-        if not label.strip().isdigit() or not 0 <= int(label) < num_classes:
-            raise InputError(f"{path}, row {number}: label {label!r} is not a class id "
-                             f"from 0 to {num_classes - 1}.")
-        rows.append((int(label), text))
-    return rows
-
+# ===== beyond the chapter: tokens, and padding per batch =====
 
 def encode(text, tokenizer, max_length=None):
     """Token ids of one message, cut to max_length. disallowed_special=(): a
     message containing "<|endoftext|>" is plain text, never the pad id."""
     return tokenizer.encode(text, disallowed_special=())[:max_length]
-
-
-class SpamDataset(Dataset):
-    """Listing 6.4: pre-tokenized messages, truncated to max_length (the longest
-    message when None) and padded with pad_token_id. With pad=False messages keep
-    their own length and pad_batch pads each batch to its longest message."""
-
-    def __init__(self, csv_file, tokenizer, max_length=None, pad_token_id=PAD_TOKEN_ID,
-                 num_classes=2, pad=True):
-        self.data = read_csv(csv_file, num_classes)
-        self.encoded_texts = [encode(text, tokenizer) for _, text in self.data]
-        if max_length is None:
-            self.max_length = self._longest_encoded_length()
-        else:
-            self.max_length = max_length
-            self.encoded_texts = [encoded_text[:self.max_length]
-                                  for encoded_text in self.encoded_texts]
-        if pad:
-            self.encoded_texts = [
-                encoded_text + [pad_token_id] * (self.max_length - len(encoded_text))
-                for encoded_text in self.encoded_texts
-            ]
-
-    def __getitem__(self, index):
-        encoded = self.encoded_texts[index]
-        label = self.data[index][0]
-        return (torch.tensor(encoded, dtype=torch.long),
-                torch.tensor(label, dtype=torch.long))
-
-    def __len__(self):
-        return len(self.data)
-
-    def _longest_encoded_length(self):
-        return max((len(encoded_text) for encoded_text in self.encoded_texts), default=0)
 
 
 def pad_ids(sequences, pad_token_id=PAD_TOKEN_ID, length=None):
@@ -332,19 +376,3 @@ def pad_batch(batch, pad_token_id=PAD_TOKEN_ID):
     """Collates (ids, label) pairs, padding ids to the batch's longest: (b, T), (b,)."""
     inputs = pad_ids([ids for ids, _ in batch], pad_token_id)
     return inputs, torch.stack([label for _, label in batch])
-
-
-def create_data_loaders(train_dataset, val_dataset, test_dataset, batch_size=8,
-                        num_workers=0):
-    """Listing 6.5: the training loader shuffles and drops the last incomplete
-    batch; validation and test keep every message. Like the chapter's, the
-    loaders draw from torch's global generator, so the torch.manual_seed calls
-    before sections 6.6 and 6.7 give the book's batches."""
-    collate = pad_batch  # stacks padded datasets as they are, pads the others per batch
-    train_loader = DataLoader(dataset=train_dataset, batch_size=batch_size, shuffle=True,
-                              num_workers=num_workers, drop_last=True, collate_fn=collate)
-    val_loader = DataLoader(dataset=val_dataset, batch_size=batch_size,
-                            num_workers=num_workers, drop_last=False, collate_fn=collate)
-    test_loader = DataLoader(dataset=test_dataset, batch_size=batch_size,
-                             num_workers=num_workers, drop_last=False, collate_fn=collate)
-    return train_loader, val_loader, test_loader

@@ -1,6 +1,9 @@
 """Sections 6.4-6.8: load GPT-2, swap its head, fine-tune it as a spam classifier,
 evaluate, plot and save it. The classifier module and its checkpoint format are
-classify.py's; this file trains them.
+classify.py's; this file trains them. Listings 6.7-6.11 come first, in the
+book's order, then the run's steps as the chapter takes them (main); torchrun,
+the metrics beyond accuracy, the SVG drawing and the rest follow under
+"# ===== beyond the chapter".
 
 python finetune.py                      # the whole chapter, with its defaults
 python finetune.py --device cuda --out runs/a
@@ -34,6 +37,7 @@ from classify import (CHECKPOINT_NAME, POOLS, GPTClassifier, cache_size, classif
 # A collective that waits longer than this (a rank stuck or gone) ends the job.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
+
 TRAINABLE = {  # which parts train (appendix B's layer experiments; Exercise 6.2 is "all")
     "last_layer": "only the new output layer",
     "last_block": "the last transformer block, final_norm and the new head (the chapter)",
@@ -52,8 +56,12 @@ def prepare_for_classification(model, num_classes, trainable="last_block", seed=
     for param in model.parameters():
         param.requires_grad = False
     torch.manual_seed(seed)
+    # not the book's BASE_CONFIG["emb_dim"]: read from the model, so that any size
+    # (--model) or config beside the weights gets a head that fits
     emb_dim = model.tok_emb.weight.shape[1]
     model.out_head = torch.nn.Linear(in_features=emb_dim, out_features=num_classes)
+    # the chapter unfreezes the last block and final_norm ("last_block"); the other
+    # choices are Exercise 6.2's and appendix E's LoRA
     if trainable == "lora":
         replace_linear_with_lora(model.trf_blocks, lora_rank, lora_alpha)
         return model
@@ -65,64 +73,6 @@ def prepare_for_classification(model, num_classes, trainable="last_block", seed=
         for param in module.parameters():
             param.requires_grad = True
     return model
-
-
-# --------------------------------- several processes (torchrun), the same results
-
-def torchrun_ranks():
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0)
-    for a plain python finetune.py."""
-    return tuple(int(os.environ.get(name, default)) for name, default in
-                 [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
-
-
-def ranks():
-    """(this process's rank, number of processes) in the running process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class ThisRanksRows:
-    """A data loader's batches as this process uses them: under torchrun, its
-    share of each batch's rows, so that N ranks step through the chapter's
-    batches together (the gradients DDP averages, and the counts and losses
-    the listings add up, are the whole batch's); on a terminal, a progress line.
-    One process: the batches as they are."""
-
-    def __init__(self, data_loader, name):
-        self.data_loader, self.name = data_loader, name
-
-    def __len__(self):
-        return len(self.data_loader)
-
-    def __iter__(self):
-        rank, world = ranks()
-        start = time.time()
-        for i, batch in enumerate(self.data_loader, 1):
-            # the last, short batch of a loader may split unevenly, or leave a rank none
-            yield [rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
-                   for rows in batch]
-            progress(f"{self.name} batches", i, len(self.data_loader), start)
-
-
-def global_sum(device, *values):
-    """The sums of values over all ranks (the values themselves in one process)."""
-    if ranks()[1] == 1:
-        return list(values)
-    total = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return total.tolist()
-
-
-def whole_batch_loss(loss, target_batch):
-    """loss.item(): the batch's mean loss. Under torchrun, where loss is the mean
-    over this rank's rows of the batch, the mean over all its rows."""
-    if ranks()[1] == 1:
-        return loss.item()
-    rows = target_batch.shape[0]
-    loss_sum, batch_rows = global_sum(loss.device, loss.item() * rows if rows else 0.0, rows)
-    return loss_sum / batch_rows
 
 
 # ------------------------------------------- 6.6 classification loss and accuracy
@@ -226,7 +176,343 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter):
     return train_loss, val_loss
 
 
-# ------------------------------------------- metrics a spam filter needs, a baseline
+def plot_values(epochs_seen, examples_seen, train_values, val_values, label="loss",
+                out_dir="."):
+    """Listing 6.11: training and validation values against epochs and examples
+    seen, saved as <label>-plot.svg in out_dir."""
+    # not the book's: an SVG drawn by hand (svg_figure, in "a Matplotlib stand-in"
+    # below) for its plt.subplots, ax1.plot, twiny, legend and savefig, because
+    # this project does not depend on Matplotlib; and the book's PDF is an SVG
+    figure = svg_figure(epochs_seen, examples_seen, train_values, val_values, label)
+    path = Path(out_dir) / f"{label}-plot.svg"
+    write_atomically(path, figure)
+    return path
+
+
+# --------------------------- the chapter's steps in order: what `python finetune.py` runs
+
+def main(argv=None):
+    rank, world, local_rank = torchrun_ranks()
+    # one writer: the other ranks print nothing but errors
+    with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
+        return run(argv, rank, world, local_rank)
+
+
+def run(argv, rank, world, local_rank):
+    parser = build_parser()
+    with contextlib.ExitStack() as cleanup:
+        with said_by_rank_0(rank):
+            args = parser.parse_args(argv)
+            device = select_device(args.device)
+            if world > 1 and device.type == "mps":
+                parser.error("--device mps (which auto picks on a Mac) cannot run under "
+                             "torchrun: its gloo backend takes CPU tensors only; use "
+                             "--device cpu, or one process without torchrun")
+            config = check_args(parser, args, world)
+            out = Path(args.out)
+            rows = load_rows(args)
+            work = work_folder(out, rank, cleanup)  # only now: bad data leaves no folder
+            label_ids, splits = prepare_splits(args, rows, work)  # 6.2
+            tokenizer = get_tokenizer()  # 6.3
+            datasets = create_datasets(work, tokenizer, args.max_length,
+                                       config["context_length"], args.pool, len(label_ids))
+        if world > 1 and args.weights == "pretrained":
+            download_before_process_group(args.model, local_rank)
+        try:
+            if world > 1:
+                device = start_process_group(device, local_rank)
+            return fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device,
+                                      out, work, cleanup)
+        finally:
+            if world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out, work,
+                       cleanup):
+    """Sections 6.4-6.8 once the data is ready: the model, its training and
+    evaluation (by every rank), the plots, metrics and checkpoint (by rank 0),
+    written into `work` and moved into `out` at the end."""
+    names = class_names(label_ids)
+    max_length = datasets[0].max_length
+    loaders = create_data_loaders(*datasets, batch_size=args.batch_size)
+    # under torchrun each rank takes its rows of every batch here, not in the listings
+    loaders = [ThisRanksRows(loader, name)
+               for loader, name in zip(loaders, ["training", "validation", "test"])]
+    for loader in loaders:
+        print(f"{len(loader)} {loader.name} batches")
+    classifier, config, cache = prepare_model(args, len(label_ids), datasets, device, work)
+    cleanup.callback(lambda: classifier.prefix_cache.close())  # frees the spill file
+    writer = ranks()[0] == 0
+    # the base file is hashed once, by the process that writes the checkpoint
+    lora = lora_description(args) if args.trainable == "lora" and writer else None
+    model = classifier if ranks()[1] == 1 else DistributedDataParallel(
+        classifier, device_ids=[device.index] if device.type == "cuda" else None)
+    print_initial_metrics(model, loaders, device, args.seed)  # 6.6
+
+    checkpoint = out / CHECKPOINT_NAME  # 6.7
+    results, train_seconds = fine_tune(model, loaders[0], loaders[1], device, args, checkpoint)
+    if writer:
+        with out_left_as_it_was(out):
+            plot_curves(results, args.epochs, work)
+    metrics = final_metrics(model, loaders, device, names)
+    metrics.update(train_seconds=round(train_seconds, 1), args=vars(args),
+                   prefix_cache=dict(cache, memory_bytes=classifier.prefix_cache.memory_bytes,
+                                     file_bytes=classifier.prefix_cache.file_bytes))
+    if not writer:
+        return dict(metrics, checkpoint=str(checkpoint))
+    if not args.no_baseline:
+        metrics["naive_bayes"] = naive_bayes_baseline(label_ids, splits)
+    with out_left_as_it_was(out):
+        # rank 0 alone, on every row: the loaders' whole batches, not its share
+        metrics["calibration"], calibration = calibrate(
+            classifier, [loader.data_loader for loader in loaders], device, names,
+            args.target_fpr, work)
+        save_classifier(classifier, work / CHECKPOINT_NAME, config, max_length,  # 6.8
+                        names, lora=lora, trainable=args.trainable, calibration=calibration)
+        write_atomically(work / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    publish(work, out)
+    plots = "reliability-plot.svg, roc-plot.svg, pr-plot.svg" if len(names) == 2 else \
+        "reliability-plot.svg"
+    print(f"Saved {checkpoint}, metrics.json, loss-plot.svg, accuracy-plot.svg, {plots} "
+          f"and the CSV splits in {out}")
+    if names == SPAM_CLASS_NAMES:
+        classify_examples(classifier, tokenizer, device, max_length)
+    return dict(metrics, checkpoint=str(checkpoint))
+
+
+def load_rows(args):
+    """[(label, text)] from --data, or downloaded as listing 6.1 does."""
+    if args.data:
+        return load_messages(args.data)
+    download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path)
+    return read_tsv(data_file_path, labels=SPAM_LABELS)
+
+
+def prepare_splits(args, rows, out):
+    """Section 6.2: balance, split and write train/validation/test.csv into out.
+    Returns label -> class id and the three splits of (label, text) rows."""
+    print(f"Dataset: {len(rows)} messages, label counts {count_labels(rows)}")
+    label_ids = class_ids(rows)
+    if not args.no_balance:
+        rows = create_balanced_dataset(rows, seed=args.seed)
+        print(f"Balanced: label counts {count_labels(rows)}")
+    splits = random_split(rows, 0.7, 0.1, seed=args.seed)
+    for name, split in zip(["train", "validation", "test"], splits):
+        write_csv(split, out / f"{name}.csv", label_ids)
+    if len(splits[0]) < args.batch_size:
+        raise InputError(f"the training set has {len(splits[0])} messages, fewer than one "
+                         f"batch of {args.batch_size}: lower --batch-size or add data.")
+    return label_ids, splits
+
+
+def create_datasets(out, tokenizer, max_length, context_length, pool, num_classes):
+    """Section 6.3: the three SpamDatasets, validation and test cut to the
+    training set's max_length, which never exceeds the model's context."""
+    settings = {"pad": pool == "last",  # the other pools read real tokens: pad per batch
+                "num_classes": num_classes}
+    train_dataset = SpamDataset(out / "train.csv", tokenizer, max_length=max_length, **settings)
+    if train_dataset.max_length > context_length:
+        train_dataset = SpamDataset(out / "train.csv", tokenizer, max_length=context_length,
+                                    **settings)
+    max_length = train_dataset.max_length
+    val_dataset = SpamDataset(out / "validation.csv", tokenizer, max_length=max_length,
+                              **settings)
+    test_dataset = SpamDataset(out / "test.csv", tokenizer, max_length=max_length, **settings)
+    print(f"Longest training sequence (max_length): {max_length} tokens")
+    return train_dataset, val_dataset, test_dataset
+
+
+def prepare_model(args, num_classes, datasets, device, work):
+    """Sections 6.4-6.5: GPT-2 with the new head, on the device, its frozen
+    prefix cached where it applies (spilling into the folder `work`). Returns the
+    classifier, its config and what the cache was allowed and needed."""
+    torch.manual_seed(args.seed)  # 6.4
+    gpt, config = build_gpt(args.model, args.weights)
+    prepare_for_classification(gpt, num_classes=num_classes, trainable=args.trainable,
+                               seed=args.seed, lora_rank=args.lora_rank,
+                               lora_alpha=args.lora_alpha)  # 6.5
+    classifier = GPTClassifier(gpt, pool=args.pool, fast=not args.plain).to(device)
+    budget, source = cache_budget(args.cache_memory, device)
+    needed = 0
+    if classifier.enable_prefix_cache(budget, spill_dir=work):
+        blocks = "block" if classifier.n_cached == 1 else "blocks"
+        print(f"Caching the output of the frozen embeddings and first {classifier.n_cached} "
+              f"{blocks} (--plain recomputes them on every batch, as the chapter does)")
+        weight = gpt.tok_emb.weight
+        needed = cache_size(datasets, weight.shape[1], weight.dtype)
+        print(cache_plan(needed, budget, source, work.parent))  # --out
+        classifier.fill_prefix_cache(datasets)  # each rank: every message it may read
+    cache = {"needed_bytes": needed, "budget_bytes": budget if classifier.n_cached else 0}
+    return classifier, config, cache
+
+
+def print_initial_metrics(model, loaders, device, seed):
+    """Section 6.6: accuracy on 10 batches and loss on 5, before fine-tuning."""
+    torch.manual_seed(seed)
+    names = ["Training", "Validation", "Test"]
+    for name, loader in zip(names, loaders):
+        print(f"{name} accuracy: "
+              f"{calc_accuracy_loader(loader, model, device, num_batches=10)*100:.2f}%")
+    with torch.inference_mode():
+        for name, loader in zip(names, loaders):
+            print(f"{name} loss: {calc_loss_loader(loader, model, device, num_batches=5):.3f}")
+
+
+def fine_tune(model, train_loader, val_loader, device, args, checkpoint):
+    """Section 6.7's run of train_classifier_simple; Ctrl-C says what is saved."""
+    start_time = time.time()
+    torch.manual_seed(args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    try:
+        results = train_classifier_simple(model, train_loader, val_loader, optimizer, device,
+                                          num_epochs=args.epochs, eval_freq=50, eval_iter=5)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli)
+        kept = f"{checkpoint} is unchanged" if checkpoint.exists() else "no checkpoint was written"
+        if ranks()[0] == 0:  # every rank got Ctrl-C; one says so
+            print(f"\ninterrupted during training: nothing of this run was saved, "
+                  f"{checkpoint.parent} is as it was; {kept}.", file=sys.stderr)
+        sys.exit(interrupted_status(e))
+    end_time = time.time()
+    execution_time_minutes = (end_time - start_time) / 60
+    print(f"Training completed in {execution_time_minutes:.2f} minutes.")
+    *curves, examples_seen = results  # under torchrun, the rows this rank trained on: add up
+    return (*curves, int(global_sum(device, examples_seen)[0])), end_time - start_time
+
+
+def plot_curves(results, num_epochs, out):
+    """Listing 6.11's two calls: loss and accuracy against epochs and examples."""
+    train_losses, val_losses, train_accs, val_accs, examples_seen = results
+    for label, train_values, val_values in [("loss", train_losses, val_losses),
+                                            ("accuracy", train_accs, val_accs)]:
+        epochs_tensor = torch.linspace(0, num_epochs, len(train_values))
+        examples_seen_tensor = torch.linspace(0, examples_seen, len(train_values))
+        plot_values(epochs_tensor.tolist(), examples_seen_tensor.tolist(), train_values,
+                    val_values, label=label, out_dir=out)
+
+
+def final_metrics(model, loaders, device, names):
+    """The full training, validation and test accuracy (section 6.7), then the
+    test set's per-class metrics and confusion matrix."""
+    train_accuracy, val_accuracy, test_accuracy = (
+        calc_accuracy_loader(loader, model, device) for loader in loaders)
+    print(f"Training accuracy: {train_accuracy*100:.2f}%")
+    print(f"Validation accuracy: {val_accuracy*100:.2f}%")
+    print(f"Test accuracy: {test_accuracy*100:.2f}%")
+    counts = confusion_matrix_loader(loaders[2], model, device, len(names))
+    metrics = {"train_accuracy": train_accuracy, "val_accuracy": val_accuracy,
+               "test_accuracy": test_accuracy, "labels": names,
+               "test_per_class": per_class_metrics(counts, names),
+               "test_confusion_matrix": counts}
+    print_test_metrics(metrics["test_per_class"], counts, names)
+    return metrics
+
+
+def classify_examples(model, tokenizer, device, max_length):
+    """Section 6.8's two example texts."""
+    for text in ["You are a winner you have been specially selected to receive $1000 "
+                 "cash or a $2000 award.",
+                 "Hey, just wanted to check if we're still on for dinner tonight? "
+                 "Let me know!"]:
+        print(f"{classify_review(text, model, tokenizer, device, max_length=max_length)}: {text}")
+
+
+# ===== beyond the chapter: several processes (torchrun), the same results =====
+
+def torchrun_ranks():
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0)
+    for a plain python finetune.py."""
+    return tuple(int(os.environ.get(name, default)) for name, default in
+                 [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
+
+
+def ranks():
+    """(this process's rank, number of processes) in the running process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ThisRanksRows:
+    """A data loader's batches as this process uses them: under torchrun, its
+    share of each batch's rows, so that N ranks step through the chapter's
+    batches together (the gradients DDP averages, and the counts and losses
+    the listings add up, are the whole batch's); on a terminal, a progress line.
+    One process: the batches as they are."""
+
+    def __init__(self, data_loader, name):
+        self.data_loader, self.name = data_loader, name
+
+    def __len__(self):
+        return len(self.data_loader)
+
+    def __iter__(self):
+        rank, world = ranks()
+        start = time.time()
+        for i, batch in enumerate(self.data_loader, 1):
+            # the last, short batch of a loader may split unevenly, or leave a rank none
+            yield [rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
+                   for rows in batch]
+            progress(f"{self.name} batches", i, len(self.data_loader), start)
+
+
+def global_sum(device, *values):
+    """The sums of values over all ranks (the values themselves in one process)."""
+    if ranks()[1] == 1:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def whole_batch_loss(loss, target_batch):
+    """loss.item(): the batch's mean loss. Under torchrun, where loss is the mean
+    over this rank's rows of the batch, the mean over all its rows."""
+    if ranks()[1] == 1:
+        return loss.item()
+    rows = target_batch.shape[0]
+    loss_sum, batch_rows = global_sum(loss.device, loss.item() * rows if rows else 0.0, rows)
+    return loss_sum / batch_rows
+
+
+@contextlib.contextmanager
+def said_by_rank_0(rank):
+    """Before the process group starts, every rank meets the same bad flag or bad
+    data: only rank 0 says so, the others end quietly with the same status."""
+    if rank == 0:
+        yield
+        return
+    with contextlib.redirect_stderr(open(os.devnull, "w")):
+        try:
+            yield
+        except InputError:
+            sys.exit(1)
+
+
+def start_process_group(device, local_rank):
+    """torchrun's environment -> a process group: NCCL between GPUs (one per
+    process), gloo between CPU processes. Returns this process's device."""
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=COLLECTIVE_TIMEOUT)
+    return device
+
+
+def download_before_process_group(model_name, local_rank):
+    """Under torchrun, the pretrained weights are downloaded before the process
+    group starts, whose collectives time out (gpt2-xl is 6.4 GB): one download
+    per machine, by local rank 0; the others wait for the file (torchrun ends
+    them if the download fails)."""
+    if local_rank == 0:
+        download_gpt2(model_name)
+    # asked anew each time: where the Hub fails, OpenAI's files arrive instead
+    while not gpt2_weights_path(model_name).exists():
+        time.sleep(1)
+
+
+# ===== beyond the chapter: metrics a spam filter needs, a baseline =====
 
 def confusion_matrix_loader(data_loader, model, device, num_classes):
     """counts[true class][predicted class] over a whole loader."""
@@ -299,7 +585,24 @@ def naive_bayes_accuracy(model, rows):
     return sum(predict_naive_bayes(model, text) == label for label, text in rows) / len(rows)
 
 
-# ------------------------------------------------------- listing 6.11, as SVG
+def naive_bayes_baseline(label_ids, splits):
+    """The baseline's validation and test accuracy on the same split."""
+    train, validation, test = ([(label_ids[label], text) for label, text in split]
+                               for split in splits)
+    baseline = fit_naive_bayes(train)
+    result = {"val_accuracy": naive_bayes_accuracy(baseline, validation),
+              "test_accuracy": naive_bayes_accuracy(baseline, test)}
+    print(f"Naive Bayes baseline (word counts, same split): validation accuracy "
+          f"{result['val_accuracy']*100:.2f}%, test accuracy {result['test_accuracy']*100:.2f}%")
+    return result
+
+
+# ===== beyond the chapter: a Matplotlib stand-in (SVG by hand) =====
+
+SVG_SIZE = {"width": 500, "height": 300, "left": 64, "right": 16, "top": 48, "bottom": 44}
+TRAIN_STYLE = 'stroke="#1f77b4"'                              # solid, as in the chapter
+VALIDATION_STYLE = 'stroke="#ff7f0e" stroke-dasharray="7 4"'  # dashed
+
 
 def nice_ticks(lo, hi, count=5):
     """About `count` round tick values covering [lo, hi]."""
@@ -315,16 +618,10 @@ def nice_ticks(lo, hi, count=5):
     return ticks
 
 
-SVG_SIZE = {"width": 500, "height": 300, "left": 64, "right": 16, "top": 48, "bottom": 44}
-TRAIN_STYLE = 'stroke="#1f77b4"'                              # solid, as in the chapter
-VALIDATION_STYLE = 'stroke="#ff7f0e" stroke-dasharray="7 4"'  # dashed
-
-
-def plot_values(epochs_seen, examples_seen, train_values, val_values, label="loss",
-                out_dir="."):
-    """Listing 6.11 without Matplotlib: training (solid) and validation (dashed)
-    values against epochs (bottom axis) and examples seen (top axis), written
-    as <label>-plot.svg."""
+def svg_figure(epochs_seen, examples_seen, train_values, val_values, label):
+    """What plot_values asks of Matplotlib, as the text of an SVG file: training
+    (solid) and validation (dashed) values against epochs (bottom axis) and
+    examples seen (top axis, the book's ax2 = ax1.twiny()), with a legend."""
     epochs_seen, examples_seen = list(map(float, epochs_seen)), list(map(float, examples_seen))
     values = [v for v in list(train_values) + list(val_values) if math.isfinite(v)]
     y_ticks = nice_ticks(min(values, default=0.0), max(values, default=1.0))
@@ -350,9 +647,7 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, label="los
               svg_curve([(sx(x), sy(y)) for x, y in zip(epochs_seen, val_values)
                          if math.isfinite(y)], VALIDATION_STYLE)]
            + svg_legend(label, at_bottom=curves_end_high) + ["</svg>"])
-    path = Path(out_dir) / f"{label}-plot.svg"
-    write_atomically(path, "\n".join(svg) + "\n")
-    return path
+    return "\n".join(svg) + "\n"
 
 
 def svg_axes(label, bottom_ticks, top_ticks, left_ticks, x_label="Epochs",
@@ -406,7 +701,7 @@ def svg_legend(label, at_bottom):
     return svg
 
 
-# ------------------------------------- how sure: calibration and an operating point
+# ===== beyond the chapter: how sure: calibration and an operating point =====
 
 ECE_BINS = 15
 
@@ -660,7 +955,7 @@ def plot_roc_pr(roc, roc_auc, pr, pr_auc, positive, out):
                      [("Model", pr, TRAIN_STYLE)], key_corner="bottom left")
 
 
-# -------------------------------------------------------------------- the CLI
+# ===== beyond the chapter: the command line =====
 
 def integer(text):
     try:
@@ -704,90 +999,6 @@ def fraction(text):
         raise argparse.ArgumentTypeError(f"must be a rate from 0 up to (not including) 1, "
                                          f"such as 0.01, got {text}")
     return value
-
-
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-# --cache-memory auto: the other half stays for the model, its gradients and AdamW's
-# two moments, the activations of a batch, and (on the CPU) the data and the OS
-CACHE_SHARE = 0.5
-
-
-def memory_size(text):
-    """--cache-memory: auto, 0 (no cache) or a size such as 500MB, 2GB, 1.5GiB."""
-    if text == "auto":
-        return text
-    match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMGT]I?B|B)?", text.strip(), re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size: use auto, 0 (no cache) or a number with B, KB, MB, "
-            f"GB, TB (or KiB, MiB, GiB, TiB), such as 500MB or 2GB")
-    return int(float(match[1]) * SIZE_UNITS[(match[2] or "").upper()])
-
-
-def available_memory(device):
-    """(bytes free now, what they are); bytes None if unknown. CUDA: the card's
-    free memory. MPS: what Metal recommends this process use, less what it holds
-    (torch >= 2.5; before, the RAM, which Apple's GPUs share). Otherwise the
-    available RAM, or the physical RAM where the system does not say what is
-    available (macOS)."""
-    if device.type == "cuda":
-        # an index, not the device: before torch 2.5 "cuda" without one is refused
-        index = torch.cuda.current_device() if device.index is None else device.index
-        return torch.cuda.mem_get_info(index)[0], "free GPU memory"
-    if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
-        return (torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory(),
-                "memory Metal recommends for this process")
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "available RAM"
-    except OSError:
-        pass
-    for pages, what in [("SC_AVPHYS_PAGES", "available RAM"), ("SC_PHYS_PAGES", "RAM")]:
-        try:
-            return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE"), what
-        except (ValueError, OSError, AttributeError):
-            pass
-    return None, "available RAM"
-
-
-def processes_per_machine():
-    """torchrun's processes on this machine (1 without torchrun): they share its RAM."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-
-
-def cache_budget(setting, device):
-    """--cache-memory in bytes (None: no limit) and where the figure comes from.
-    auto: half the free memory, shared among the processes that draw on it (under
-    torchrun every process on a machine shares its RAM; each has its own GPU)."""
-    if setting != "auto":
-        return setting, "--cache-memory"
-    free, where = available_memory(device)
-    if free is None:
-        return None, f"--cache-memory auto: the {where} is unknown, no limit"
-    sharing = 1 if device.type == "cuda" else processes_per_machine()
-    if sharing == 1:
-        return int(free * CACHE_SHARE), f"--cache-memory auto: half the {where}"
-    return (int(free * CACHE_SHARE / sharing),
-            f"--cache-memory auto: half the {where}, shared by {sharing} processes")
-
-
-def human_bytes(n):
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else \
-        f"{n / 1e3:.0f} kB"
-
-
-def cache_plan(needed, budget, source, out):
-    """The one line that says what the prefix cache will hold, and its cost."""
-    if budget is None or needed <= budget:
-        limit = "no memory limit" if budget is None else f"the budget of {human_bytes(budget)}"
-        return f"Prefix cache: {human_bytes(needed)}, within {limit} ({source})"
-    return (f"Prefix cache: {human_bytes(needed)}, over the budget of {human_bytes(budget)} "
-            f"({source}): {human_bytes(budget)} stays in memory, the other "
-            f"{human_bytes(needed - budget)} goes to a temporary file in {out} and is read "
-            f"back from disk at every pass over the data")
 
 
 def build_parser():
@@ -873,142 +1084,6 @@ def build_parser():
     return parser
 
 
-def load_rows(args):
-    """[(label, text)] from --data, or downloaded as listing 6.1 does."""
-    if args.data:
-        return load_messages(args.data)
-    download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path)
-    return read_tsv(data_file_path, labels=SPAM_LABELS)
-
-
-def prepare_splits(args, rows, out):
-    """Section 6.2: balance, split and write train/validation/test.csv into out.
-    Returns label -> class id and the three splits of (label, text) rows."""
-    print(f"Dataset: {len(rows)} messages, label counts {count_labels(rows)}")
-    label_ids = class_ids(rows)
-    if not args.no_balance:
-        rows = create_balanced_dataset(rows, seed=args.seed)
-        print(f"Balanced: label counts {count_labels(rows)}")
-    splits = random_split(rows, 0.7, 0.1, seed=args.seed)
-    for name, split in zip(["train", "validation", "test"], splits):
-        write_csv(split, out / f"{name}.csv", label_ids)
-    if len(splits[0]) < args.batch_size:
-        raise InputError(f"the training set has {len(splits[0])} messages, fewer than one "
-                         f"batch of {args.batch_size}: lower --batch-size or add data.")
-    return label_ids, splits
-
-
-def create_datasets(out, tokenizer, max_length, context_length, pool, num_classes):
-    """Section 6.3: the three SpamDatasets, validation and test cut to the
-    training set's max_length, which never exceeds the model's context."""
-    settings = {"pad": pool == "last",  # the other pools read real tokens: pad per batch
-                "num_classes": num_classes}
-    train_dataset = SpamDataset(out / "train.csv", tokenizer, max_length=max_length, **settings)
-    if train_dataset.max_length > context_length:
-        train_dataset = SpamDataset(out / "train.csv", tokenizer, max_length=context_length,
-                                    **settings)
-    max_length = train_dataset.max_length
-    val_dataset = SpamDataset(out / "validation.csv", tokenizer, max_length=max_length,
-                              **settings)
-    test_dataset = SpamDataset(out / "test.csv", tokenizer, max_length=max_length, **settings)
-    print(f"Longest training sequence (max_length): {max_length} tokens")
-    return train_dataset, val_dataset, test_dataset
-
-
-def print_initial_metrics(model, loaders, device, seed):
-    """Section 6.6: accuracy on 10 batches and loss on 5, before fine-tuning."""
-    torch.manual_seed(seed)
-    names = ["Training", "Validation", "Test"]
-    for name, loader in zip(names, loaders):
-        print(f"{name} accuracy: "
-              f"{calc_accuracy_loader(loader, model, device, num_batches=10)*100:.2f}%")
-    with torch.inference_mode():
-        for name, loader in zip(names, loaders):
-            print(f"{name} loss: {calc_loss_loader(loader, model, device, num_batches=5):.3f}")
-
-
-def fine_tune(model, train_loader, val_loader, device, args, checkpoint):
-    """Section 6.7's run of train_classifier_simple; Ctrl-C says what is saved."""
-    start_time = time.time()
-    torch.manual_seed(args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    try:
-        results = train_classifier_simple(model, train_loader, val_loader, optimizer, device,
-                                          num_epochs=args.epochs, eval_freq=50, eval_iter=5)
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli)
-        kept = f"{checkpoint} is unchanged" if checkpoint.exists() else "no checkpoint was written"
-        if ranks()[0] == 0:  # every rank got Ctrl-C; one says so
-            print(f"\ninterrupted during training: nothing of this run was saved, "
-                  f"{checkpoint.parent} is as it was; {kept}.", file=sys.stderr)
-        sys.exit(interrupted_status(e))
-    end_time = time.time()
-    execution_time_minutes = (end_time - start_time) / 60
-    print(f"Training completed in {execution_time_minutes:.2f} minutes.")
-    *curves, examples_seen = results  # under torchrun, the rows this rank trained on: add up
-    return (*curves, int(global_sum(device, examples_seen)[0])), end_time - start_time
-
-
-def plot_curves(results, num_epochs, out):
-    """Listing 6.11's two calls: loss and accuracy against epochs and examples."""
-    train_losses, val_losses, train_accs, val_accs, examples_seen = results
-    for label, train_values, val_values in [("loss", train_losses, val_losses),
-                                            ("accuracy", train_accs, val_accs)]:
-        epochs_tensor = torch.linspace(0, num_epochs, len(train_values))
-        examples_seen_tensor = torch.linspace(0, examples_seen, len(train_values))
-        plot_values(epochs_tensor.tolist(), examples_seen_tensor.tolist(), train_values,
-                    val_values, label=label, out_dir=out)
-
-
-def final_metrics(model, loaders, device, names):
-    """The full training, validation and test accuracy (section 6.7), then the
-    test set's per-class metrics and confusion matrix."""
-    train_accuracy, val_accuracy, test_accuracy = (
-        calc_accuracy_loader(loader, model, device) for loader in loaders)
-    print(f"Training accuracy: {train_accuracy*100:.2f}%")
-    print(f"Validation accuracy: {val_accuracy*100:.2f}%")
-    print(f"Test accuracy: {test_accuracy*100:.2f}%")
-    counts = confusion_matrix_loader(loaders[2], model, device, len(names))
-    metrics = {"train_accuracy": train_accuracy, "val_accuracy": val_accuracy,
-               "test_accuracy": test_accuracy, "labels": names,
-               "test_per_class": per_class_metrics(counts, names),
-               "test_confusion_matrix": counts}
-    print_test_metrics(metrics["test_per_class"], counts, names)
-    return metrics
-
-
-def naive_bayes_baseline(label_ids, splits):
-    """The baseline's validation and test accuracy on the same split."""
-    train, validation, test = ([(label_ids[label], text) for label, text in split]
-                               for split in splits)
-    baseline = fit_naive_bayes(train)
-    result = {"val_accuracy": naive_bayes_accuracy(baseline, validation),
-              "test_accuracy": naive_bayes_accuracy(baseline, test)}
-    print(f"Naive Bayes baseline (word counts, same split): validation accuracy "
-          f"{result['val_accuracy']*100:.2f}%, test accuracy {result['test_accuracy']*100:.2f}%")
-    return result
-
-
-def lora_description(args):
-    """What classify.py needs to rebuild the base model under the adapters, and
-    to check that it is the very file they were trained on: its size and sha256."""
-    lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "model": args.model,
-            "weights": args.weights, "seed": args.seed}
-    if args.weights != "random":
-        path = weights_file(args.weights, args.model)  # for OpenAI's checkpoint: its data file
-        lora["path"] = str(Path(path).resolve())
-        lora["bytes"], lora["sha256"] = file_fingerprint(path)
-    return lora
-
-
-def classify_examples(model, tokenizer, device, max_length):
-    """Section 6.8's two example texts."""
-    for text in ["You are a winner you have been specially selected to receive $1000 "
-                 "cash or a $2000 award.",
-                 "Hey, just wanted to check if we're still on for dinner tonight? "
-                 "Let me know!"]:
-        print(f"{classify_review(text, model, tokenizer, device, max_length=max_length)}: {text}")
-
-
 def check_args(parser, args, world):
     """What the flags must satisfy beyond their own types; returns the model config
     (a --weights file's header is read here, before any data)."""
@@ -1024,103 +1099,105 @@ def check_args(parser, args, world):
     return config
 
 
-@contextlib.contextmanager
-def said_by_rank_0(rank):
-    """Before the process group starts, every rank meets the same bad flag or bad
-    data: only rank 0 says so, the others end quietly with the same status."""
-    if rank == 0:
-        yield
-        return
-    with contextlib.redirect_stderr(open(os.devnull, "w")):
-        try:
-            yield
-        except InputError:
-            sys.exit(1)
+def lora_description(args):
+    """What classify.py needs to rebuild the base model under the adapters, and
+    to check that it is the very file they were trained on: its size and sha256."""
+    lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "model": args.model,
+            "weights": args.weights, "seed": args.seed}
+    if args.weights != "random":
+        path = weights_file(args.weights, args.model)  # for OpenAI's checkpoint: its data file
+        lora["path"] = str(Path(path).resolve())
+        lora["bytes"], lora["sha256"] = file_fingerprint(path)
+    return lora
 
 
-def start_process_group(device, local_rank):
-    """torchrun's environment -> a process group: NCCL between GPUs (one per
-    process), gloo between CPU processes. Returns this process's device."""
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+# --cache-memory auto: the other half stays for the model, its gradients and AdamW's
+# two moments, the activations of a batch, and (on the CPU) the data and the OS
+CACHE_SHARE = 0.5
+
+
+def memory_size(text):
+    """--cache-memory: auto, 0 (no cache) or a size such as 500MB, 2GB, 1.5GiB."""
+    if text == "auto":
+        return text
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMGT]I?B|B)?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: use auto, 0 (no cache) or a number with B, KB, MB, "
+            f"GB, TB (or KiB, MiB, GiB, TiB), such as 500MB or 2GB")
+    return int(float(match[1]) * SIZE_UNITS[(match[2] or "").upper()])
+
+
+def available_memory(device):
+    """(bytes free now, what they are); bytes None if unknown. CUDA: the card's
+    free memory. MPS: what Metal recommends this process use, less what it holds
+    (torch >= 2.5; before, the RAM, which Apple's GPUs share). Otherwise the
+    available RAM, or the physical RAM where the system does not say what is
+    available (macOS)."""
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=COLLECTIVE_TIMEOUT)
-    return device
-
-
-def download_before_process_group(model_name, local_rank):
-    """Under torchrun, the pretrained weights are downloaded before the process
-    group starts, whose collectives time out (gpt2-xl is 6.4 GB): one download
-    per machine, by local rank 0; the others wait for the file (torchrun ends
-    them if the download fails)."""
-    if local_rank == 0:
-        download_gpt2(model_name)
-    # asked anew each time: where the Hub fails, OpenAI's files arrive instead
-    while not gpt2_weights_path(model_name).exists():
-        time.sleep(1)
-
-
-def prepare_model(args, num_classes, datasets, device, work):
-    """Sections 6.4-6.5: GPT-2 with the new head, on the device, its frozen
-    prefix cached where it applies (spilling into the folder `work`). Returns the
-    classifier, its config and what the cache was allowed and needed."""
-    torch.manual_seed(args.seed)  # 6.4
-    gpt, config = build_gpt(args.model, args.weights)
-    prepare_for_classification(gpt, num_classes=num_classes, trainable=args.trainable,
-                               seed=args.seed, lora_rank=args.lora_rank,
-                               lora_alpha=args.lora_alpha)  # 6.5
-    classifier = GPTClassifier(gpt, pool=args.pool, fast=not args.plain).to(device)
-    budget, source = cache_budget(args.cache_memory, device)
-    needed = 0
-    if classifier.enable_prefix_cache(budget, spill_dir=work):
-        blocks = "block" if classifier.n_cached == 1 else "blocks"
-        print(f"Caching the output of the frozen embeddings and first {classifier.n_cached} "
-              f"{blocks} (--plain recomputes them on every batch, as the chapter does)")
-        weight = gpt.tok_emb.weight
-        needed = cache_size(datasets, weight.shape[1], weight.dtype)
-        print(cache_plan(needed, budget, source, work.parent))  # --out
-        classifier.fill_prefix_cache(datasets)  # each rank: every message it may read
-    cache = {"needed_bytes": needed, "budget_bytes": budget if classifier.n_cached else 0}
-    return classifier, config, cache
-
-
-def main(argv=None):
-    rank, world, local_rank = torchrun_ranks()
-    # one writer: the other ranks print nothing but errors
-    with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
-        return run(argv, rank, world, local_rank)
-
-
-def run(argv, rank, world, local_rank):
-    parser = build_parser()
-    with contextlib.ExitStack() as cleanup:
-        with said_by_rank_0(rank):
-            args = parser.parse_args(argv)
-            device = select_device(args.device)
-            if world > 1 and device.type == "mps":
-                parser.error("--device mps (which auto picks on a Mac) cannot run under "
-                             "torchrun: its gloo backend takes CPU tensors only; use "
-                             "--device cpu, or one process without torchrun")
-            config = check_args(parser, args, world)
-            out = Path(args.out)
-            rows = load_rows(args)
-            work = work_folder(out, rank, cleanup)  # only now: bad data leaves no folder
-            label_ids, splits = prepare_splits(args, rows, work)  # 6.2
-            tokenizer = get_tokenizer()  # 6.3
-            datasets = create_datasets(work, tokenizer, args.max_length,
-                                       config["context_length"], args.pool, len(label_ids))
-        if world > 1 and args.weights == "pretrained":
-            download_before_process_group(args.model, local_rank)
+        # an index, not the device: before torch 2.5 "cuda" without one is refused
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return torch.cuda.mem_get_info(index)[0], "free GPU memory"
+    if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+        return (torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory(),
+                "memory Metal recommends for this process")
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM"
+    except OSError:
+        pass
+    for pages, what in [("SC_AVPHYS_PAGES", "available RAM"), ("SC_PHYS_PAGES", "RAM")]:
         try:
-            if world > 1:
-                device = start_process_group(device, local_rank)
-            return fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device,
-                                      out, work, cleanup)
-        finally:
-            if world > 1 and dist.is_initialized():
-                dist.destroy_process_group()
+            return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE"), what
+        except (ValueError, OSError, AttributeError):
+            pass
+    return None, "available RAM"
 
+
+def processes_per_machine():
+    """torchrun's processes on this machine (1 without torchrun): they share its RAM."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def cache_budget(setting, device):
+    """--cache-memory in bytes (None: no limit) and where the figure comes from.
+    auto: half the free memory, shared among the processes that draw on it (under
+    torchrun every process on a machine shares its RAM; each has its own GPU)."""
+    if setting != "auto":
+        return setting, "--cache-memory"
+    free, where = available_memory(device)
+    if free is None:
+        return None, f"--cache-memory auto: the {where} is unknown, no limit"
+    sharing = 1 if device.type == "cuda" else processes_per_machine()
+    if sharing == 1:
+        return int(free * CACHE_SHARE), f"--cache-memory auto: half the {where}"
+    return (int(free * CACHE_SHARE / sharing),
+            f"--cache-memory auto: half the {where}, shared by {sharing} processes")
+
+
+def human_bytes(n):
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else \
+        f"{n / 1e3:.0f} kB"
+
+
+def cache_plan(needed, budget, source, out):
+    """The one line that says what the prefix cache will hold, and its cost."""
+    if budget is None or needed <= budget:
+        limit = "no memory limit" if budget is None else f"the budget of {human_bytes(budget)}"
+        return f"Prefix cache: {human_bytes(needed)}, within {limit} ({source})"
+    return (f"Prefix cache: {human_bytes(needed)}, over the budget of {human_bytes(budget)} "
+            f"({source}): {human_bytes(budget)} stays in memory, the other "
+            f"{human_bytes(needed - budget)} goes to a temporary file in {out} and is read "
+            f"back from disk at every pass over the data")
+
+
+# ===== beyond the chapter: the --out folder, written whole or not at all =====
 
 def work_folder(out, rank, cleanup):
     """This process's folder for the run, a TemporaryDirectory inside --out (made
@@ -1169,59 +1246,6 @@ def publish(work, out):
                 f"run's: {', '.join(moved) or 'none'}; the other files in {out} are the "
                 f"earlier run's.") from None
         moved.append(path.name)
-
-
-def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out, work,
-                       cleanup):
-    """Sections 6.4-6.8 once the data is ready: the model, its training and
-    evaluation (by every rank), the plots, metrics and checkpoint (by rank 0),
-    written into `work` and moved into `out` at the end."""
-    names = class_names(label_ids)
-    max_length = datasets[0].max_length
-    loaders = create_data_loaders(*datasets, batch_size=args.batch_size)
-    # under torchrun each rank takes its rows of every batch here, not in the listings
-    loaders = [ThisRanksRows(loader, name)
-               for loader, name in zip(loaders, ["training", "validation", "test"])]
-    for loader in loaders:
-        print(f"{len(loader)} {loader.name} batches")
-    classifier, config, cache = prepare_model(args, len(label_ids), datasets, device, work)
-    cleanup.callback(lambda: classifier.prefix_cache.close())  # frees the spill file
-    writer = ranks()[0] == 0
-    # the base file is hashed once, by the process that writes the checkpoint
-    lora = lora_description(args) if args.trainable == "lora" and writer else None
-    model = classifier if ranks()[1] == 1 else DistributedDataParallel(
-        classifier, device_ids=[device.index] if device.type == "cuda" else None)
-    print_initial_metrics(model, loaders, device, args.seed)  # 6.6
-
-    checkpoint = out / CHECKPOINT_NAME  # 6.7
-    results, train_seconds = fine_tune(model, loaders[0], loaders[1], device, args, checkpoint)
-    if writer:
-        with out_left_as_it_was(out):
-            plot_curves(results, args.epochs, work)
-    metrics = final_metrics(model, loaders, device, names)
-    metrics.update(train_seconds=round(train_seconds, 1), args=vars(args),
-                   prefix_cache=dict(cache, memory_bytes=classifier.prefix_cache.memory_bytes,
-                                     file_bytes=classifier.prefix_cache.file_bytes))
-    if not writer:
-        return dict(metrics, checkpoint=str(checkpoint))
-    if not args.no_baseline:
-        metrics["naive_bayes"] = naive_bayes_baseline(label_ids, splits)
-    with out_left_as_it_was(out):
-        # rank 0 alone, on every row: the loaders' whole batches, not its share
-        metrics["calibration"], calibration = calibrate(
-            classifier, [loader.data_loader for loader in loaders], device, names,
-            args.target_fpr, work)
-        save_classifier(classifier, work / CHECKPOINT_NAME, config, max_length,  # 6.8
-                        names, lora=lora, trainable=args.trainable, calibration=calibration)
-        write_atomically(work / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    publish(work, out)
-    plots = "reliability-plot.svg, roc-plot.svg, pr-plot.svg" if len(names) == 2 else \
-        "reliability-plot.svg"
-    print(f"Saved {checkpoint}, metrics.json, loss-plot.svg, accuracy-plot.svg, {plots} "
-          f"and the CSV splits in {out}")
-    if names == SPAM_CLASS_NAMES:
-        classify_examples(classifier, tokenizer, device, max_length)
-    return dict(metrics, checkpoint=str(checkpoint))
 
 
 if __name__ == "__main__":

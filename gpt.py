@@ -2,6 +2,8 @@
 
 python gpt.py [--model gpt2-small] [--weights pretrained|PATH] "Every effort moves you"
 prints the greedy continuation, the chapter's check that the weights loaded.
+Chapter 4's model and listing 6.6 come first; the file readers and the rest
+follow under "# ===== beyond the chapter".
 """
 import argparse
 import ctypes
@@ -213,57 +215,541 @@ def token_ids_to_text(token_ids, tokenizer):
     return tokenizer.decode(token_ids.squeeze(0).tolist())
 
 
-# -------------------------------------------------------------- progress on a terminal
+# ----------------------------------- 6.4 loading the pretrained weights (listing 6.6)
 
-class StdoutAfterProgress:
-    """sys.stdout while a progress line may be on the terminal: a printed line
-    first clears it, so that the chapter's log lines never run into it."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.line_drawn = False
-
-    def write(self, text):
-        if self.line_drawn and text:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-            self.line_drawn = False
-        return self.stream.write(text)
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
+def build_gpt(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
+    """Listing 6.6: GPTModel with its weights, "pretrained" (downloaded once),
+    "random", or a local file or folder (find_weights). Returns (model, config)."""
+    if weights == "random":  # not the book's: an untrained GPT-2, for tests and timings
+        config = model_config(model_name)
+        return GPTModel(config), config
+    # the book's download_and_load_gpt2(model_size, models_dir), which also takes
+    # a local file or folder here, and checks it before any model is built
+    settings, params = download_and_load_gpt2(model_name, weights, models_dir)
+    model = GPTModel(settings)
+    load_weights_into_gpt(model, params)
+    return model, settings
 
 
-def clock(seconds):
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 \
-        else f"{minutes}:{seconds:02d}"
+def download_and_load_gpt2(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
+    """The chapter's download_and_load_gpt2: (settings, params), params the book's
+    nested dict, from the Hub's model.safetensors or OpenAI's checkpoint in
+    gpt2/<size>/ (downloaded once), or from the file or folder `weights` names."""
+    path = download_gpt2(model_name, models_dir) if weights == "pretrained" else weights
+    return load_gpt2(path, model_name)
 
 
-def progress(label, done, total, start):
-    """One updating line on stderr: done/total, time elapsed since `start` and
-    time left (total None: a count). Only when stderr is a terminal: a pipe or a
-    file gets nothing, so logs stay the chapter's. Cleared once done >= total.
-    Under torchrun only rank 0 draws it."""
-    if not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0":
-        return
-    if not isinstance(sys.stdout, StdoutAfterProgress):
-        sys.stdout = StdoutAfterProgress(sys.stdout)
-    elapsed = time.time() - start
-    if total is None:
-        text = f"{label}: {done:,}, {clock(elapsed)} elapsed"
-    else:
-        left = elapsed / done * (total - done) if done else math.nan
-        text = f"{label}: {done:,}/{total:,}, {clock(elapsed)} elapsed, {clock(left)} left"
-    finished = total is not None and done >= total
-    sys.stderr.write("\r\033[K" + ("" if finished else text))
-    sys.stderr.flush()
-    sys.stdout.line_drawn = not finished
+def load_weights_into_gpt(gpt, params, source="the weights"):
+    """Listing 6.6's loader: copies the book's nested params (as
+    load_gpt2_params_from_tf_ckpt builds them, whichever file they came from)
+    into gpt through params_targets, every tensor checked first."""
+    with torch.no_grad():
+        for param, value in matched_params(gpt, params, source):
+            param.copy_(value)
 
 
-# ------------------------------------------------------------------ safetensors files
+def params_targets(gpt):
+    """[(params keys, [(GPTModel parameter, how to turn the params tensor into
+    it)])]: the one table of where each of the book's params goes. Conv1D weights
+    are (in, out), Linear wants (out, in): transpose. A key is a tuple of
+    alternatives: out_head takes params["out_head"] where given (a .pth), else
+    the book's weight tying to wte."""
+    def part(i, transpose=False):  # one of query/key/value from the fused c_attn
+        return lambda t: (t.chunk(3, dim=-1)[i].T if transpose else t.chunk(3, dim=-1)[i])
+
+    def transposed(t):
+        return t.T
+
+    targets = [
+        ((("wte",),), [(gpt.tok_emb.weight, None)]),
+        ((("wpe",),), [(gpt.pos_emb.weight, None)]),
+        ((("out_head",), ("wte",)), [(gpt.out_head.weight, None)]),
+        ((("g",),), [(gpt.final_norm.scale, None)]),
+        ((("b",),), [(gpt.final_norm.shift, None)]),
+    ]
+    for n, block in enumerate(gpt.trf_blocks):
+        att, ff = block.att, block.ff
+        b = ("blocks", n)
+        targets += [
+            (((*b, "ln_1", "g"),), [(block.norm1.scale, None)]),
+            (((*b, "ln_1", "b"),), [(block.norm1.shift, None)]),
+            (((*b, "attn", "c_attn", "w"),), [(att.W_query.weight, part(0, True)),
+                                               (att.W_key.weight, part(1, True)),
+                                               (att.W_value.weight, part(2, True))]),
+            (((*b, "attn", "c_attn", "b"),), [(att.W_query.bias, part(0)),
+                                               (att.W_key.bias, part(1)),
+                                               (att.W_value.bias, part(2))]),
+            (((*b, "attn", "c_proj", "w"),), [(att.out_proj.weight, transposed)]),
+            (((*b, "attn", "c_proj", "b"),), [(att.out_proj.bias, None)]),
+            (((*b, "ln_2", "g"),), [(block.norm2.scale, None)]),
+            (((*b, "ln_2", "b"),), [(block.norm2.shift, None)]),
+            (((*b, "mlp", "c_fc", "w"),), [(ff.layers[0].weight, transposed)]),
+            (((*b, "mlp", "c_fc", "b"),), [(ff.layers[0].bias, None)]),
+            (((*b, "mlp", "c_proj", "w"),), [(ff.layers[2].weight, transposed)]),
+            (((*b, "mlp", "c_proj", "b"),), [(ff.layers[2].bias, None)]),
+        ]
+    return targets
+
+
+def params_lookup(params, keys):
+    """params[k1][k2]... or None where any level is missing."""
+    for key in keys:
+        try:
+            params = params[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return params
+
+
+def params_name(keys):
+    return "params" + "".join(f"[{k!r}]" for k in keys)
+
+
+def matched_params(gpt, params, source):
+    """[(parameter, value)] for every parameter of gpt, each value checked (a
+    float tensor of the parameter's shape) before anything is copied: a missing
+    tensor is an error, not a silent random weight."""
+    pairs = []
+    for alternatives, targets in params_targets(gpt):
+        keys = next((k for k in alternatives if params_lookup(params, k) is not None), None)
+        if keys is None:
+            continue  # reported below, by the model's own names
+        tensor = params_lookup(params, keys)
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise InputError(f"{source}: {params_name(keys)} holds "
+                             f"{getattr(tensor, 'dtype', type(tensor).__name__)}, not floats.")
+        for param, transform in targets:
+            value = transform(tensor) if transform else tensor
+            if value.shape != param.shape:
+                raise InputError(
+                    f"{source}: {params_name(keys)} has shape {tuple(tensor.shape)}, but the "
+                    f"model needs {tuple(param.shape)} there"
+                    f"{' (after splitting and transposing)' if transform else ''}. "
+                    f"Check that --model matches the weights.")
+            pairs.append((param, value))
+    filled = {id(param) for param, _ in pairs}
+    missing = [n for n, p in gpt.named_parameters() if id(p) not in filled]
+    if missing:
+        raise InputError(f"{source} is missing {len(missing)} of the model's tensors, "
+                         f"e.g. {', '.join(missing[:3])}: not a complete GPT-2 checkpoint "
+                         f"of this size.")
+    return pairs
+
+
+# ===== beyond the chapter: which file, downloaded where, and checked =====
+
+# the Hub's repository for each size: openai-community/<name>
+HUB_NAMES = {"gpt2-small": "gpt2", "gpt2-medium": "gpt2-medium",
+             "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl"}
+HUB_URL = "https://huggingface.co/openai-community/{}/resolve/main/model.safetensors"
+# where chapter 5's gpt_download.py fetches OpenAI's original release
+OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models/{size}/{file}"
+# the files of that release read here, the data file last (the release also
+# holds model.ckpt.meta, encoder.json and vocab.bpe: tiktoken has the last two)
+OPENAI_FILES = ["checkpoint", "hparams.json", "model.ckpt.index",
+                "model.ckpt.data-00000-of-00001"]
+
+
+def download_file(url, destination, what, hint):
+    """Streams url to destination + ".part" (progress on a terminal), renamed to
+    destination only when complete: a dropped connection, a full disk or Ctrl-C
+    never leaves a partial file at destination, and the next run starts over."""
+    destination = Path(destination)
+    # folders this call creates, removed again if the download fails
+    created = [p for p in [destination.parent, *destination.parent.parents] if not p.exists()]
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    part = destination.with_name(f"{destination.name}.{os.getpid()}.part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            done, start = 0, time.time()
+            label = f"downloading {destination.name}, MB"
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                done += len(chunk)
+                progress(label, done >> 20, total >> 20 if total else None, start)
+            progress(label, done >> 20, done >> 20, start)  # clears the line
+            if total and done != total:
+                raise InputError(f"the download of {what} from {url} stopped after "
+                                 f"{done:,} of {total:,} bytes; run again to start over, "
+                                 f"or {hint}.")
+        os.replace(part, destination)
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        raise InputError(f"could not download {what} from {url} ({reason}). "
+                         f"Nothing was saved at {destination}; {hint}.") from None
+    finally:
+        if part.exists():
+            part.unlink()
+        if not destination.exists():
+            for folder in created:  # innermost first
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+    return destination
+
+
+def gpt2_folder(model_name, models_dir="gpt2"):
+    """gpt2/124M/ for gpt2-small: where chapter 5 leaves OpenAI's files."""
+    size = MODEL_NAMES[model_name].split("(")[-1].rstrip(")")  # "124M"
+    return Path(models_dir) / size
+
+
+def gpt2_weights_path(model_name, models_dir="gpt2"):
+    """The file --weights pretrained reads in gpt2/<size>/: the Hub's
+    model.safetensors, else OpenAI's checkpoint where chapter 5 left it (its data
+    file, the last one downloaded), else model.safetensors, where a download goes."""
+    folder = gpt2_folder(model_name, models_dir)
+    hub_file, openai_data = folder / "model.safetensors", folder / OPENAI_FILES[-1]
+    if not hub_file.exists() and openai_data.exists():
+        return openai_data
+    return hub_file
+
+
+def download_gpt2(model_name, models_dir="gpt2", flag="--weights"):
+    """The weights of one GPT-2 size in gpt2/<size>/, downloaded once: the Hub's
+    model.safetensors, or where the Hub cannot be reached, OpenAI's original
+    files from the URLs chapter 5 uses. Returns the file to read (as
+    gpt2_weights_path); a failure names `flag`, the option of the calling
+    command that takes a local file."""
+    path = gpt2_weights_path(model_name, models_dir)
+    if path.exists():
+        return path
+    what = f"the {model_name} weights"
+    try:
+        return download_file(HUB_URL.format(HUB_NAMES[model_name]), path, what,
+                             "OpenAI's original files were tried next")
+    except InputError as hub_error:
+        size, folder = gpt2_folder(model_name, models_dir).name, path.parent
+        hint = (f"download model.safetensors of openai-community/{HUB_NAMES[model_name]} "
+                f"yourself and pass it with {flag} PATH (or place it, or chapter 5's "
+                f"OpenAI files, in {folder})")
+        try:
+            for name in OPENAI_FILES:  # the data file last: its presence means all are there
+                if not (folder / name).exists():
+                    download_file(OPENAI_URL.format(size=size, file=name), folder / name,
+                                  f"{what} ({name})", hint)
+        except InputError as openai_error:
+            second = str(openai_error)
+            raise InputError(f"{hub_error} {second[:1].upper()}{second[1:]}") from None
+        return folder / OPENAI_FILES[-1]
+
+
+def file_fingerprint(path):
+    """(size in bytes, sha256 hex) of a file, read in 1 MB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return os.path.getsize(path), digest.hexdigest()
+
+
+def load_gpt2(weights, model_name="gpt2-small", config=None):
+    """(settings, params) from any of the three forms --weights takes, checked
+    against the settings (or `config`, where the caller knows it) before a model
+    is built: sizes first, then every tensor on an empty model."""
+    form, path = find_weights(weights)
+    config_file = None
+    if config is None:
+        config, config_file = settings_for(form, path, model_name)
+    params = read_params(form, path, config["n_layers"])
+    source = f"{path.parent} (OpenAI's checkpoint)" if form == "tf" else str(path)
+    check_gpt2_size(params, config, source, config_file)
+    with torch.device("meta"):  # shapes only: no memory
+        matched_params(GPTModel(config), params, source)
+    return config, params
+
+
+def settings_for(form, path, model_name):
+    """(config, the file it came from or None): hparams.json beside OpenAI's
+    checkpoint, a config.json beside a model.safetensors (the Hub's naming) or a
+    .pth (the book's or the Hub's), else --model's size."""
+    beside = path.parent / ("hparams.json" if form == "tf" else "config.json")
+    if beside.is_file():
+        return config_from_json(beside, {"tf": "openai", "safetensors": "hub"}.get(form)), beside
+    return model_config(model_name), None
+
+
+def read_params(form, path, n_layers):
+    """The book's nested params from one file, every tensor a view of the file
+    mapped into memory (a .pth's fused c_attn aside): nothing read yet."""
+    if form == "safetensors":
+        return params_from_hub(load_safetensors(path)[0])
+    if form == "pth":
+        return params_from_book(read_pth(path))
+    prefix = tf_prefix(path)
+    return params_from_tf(read_tf_checkpoint(prefix), n_layers, f"{prefix}.index")
+
+
+def check_gpt2_size(params, config, source, config_file=None):
+    """Compares the file's embeddings and layer count with the config before any
+    tensor is read, so that no model larger than the file's tensors is ever
+    allocated; suggests the --model the tensors fit."""
+    if params.get("wte") is None or params.get("wpe") is None:
+        raise InputError(f"{source} has no token or position embedding (wte, wpe): "
+                         f"not GPT-2 weights.")
+    wte, wpe = tuple(params["wte"].shape), tuple(params["wpe"].shape)
+    layers = sum(1 for block in params["blocks"] if block)
+    needs = "the model needs" if config_file is None else f"{config_file} says"
+    if wte != (config["vocab_size"], config["emb_dim"]) or layers != config["n_layers"]:
+        fits = [short for short, key in MODEL_NAMES.items()
+                if (model_configs[key]["emb_dim"],) == wte[-1:]
+                and model_configs[key]["n_layers"] == layers]
+        hint = f" (these are {fits[0]} weights: use --model {fits[0]})" \
+            if fits and config_file is None else ""
+        raise InputError(
+            f"{source}: wte (the token embedding) has shape {wte} and there are {layers} "
+            f"layers, but {needs} {(config['vocab_size'], config['emb_dim'])} and "
+            f"{config['n_layers']} layers{hint}.")
+    if wpe != (config["context_length"], config["emb_dim"]):
+        raise InputError(f"{source}: wpe (the position embedding) has shape {wpe}, but "
+                         f"{needs} {(config['context_length'], config['emb_dim'])}.")
+
+
+def weights_config(model_name, weights):
+    """The model config for --weights: where a file or folder is given, from the
+    config beside it (settings_for) or model_name, checked against the file's
+    tensors here, before any data is read or written."""
+    if weights in ("pretrained", "random"):
+        return model_config(model_name)
+    return load_gpt2(weights, model_name)[0]
+
+
+def load_gpt2_file(path, config):
+    """GPTModel(config) holding the weights of any --weights file or folder."""
+    settings, params = load_gpt2(path, config=config)
+    model = GPTModel(settings)
+    load_weights_into_gpt(model, params, source=str(path))
+    return model
+
+
+def find_weights(weights, flag="--weights"):
+    """What a --weights PATH names -> (form, file): "safetensors" (a
+    model.safetensors, or a folder holding one), "tf" (OpenAI's checkpoint: its
+    folder, the model.ckpt prefix or any of its files; file = its data file) or
+    "pth" (the book's .pth). The file is the one whose bytes are the weights."""
+    path = Path(weights)
+    if path.name in ("checkpoint", "hparams.json") and path.is_file():
+        path = path.parent  # a file of OpenAI's release that names no weights: its folder
+    if path.is_dir():
+        if (path / "model.safetensors").is_file():
+            return "safetensors", path / "model.safetensors"
+        prefix = path / checkpoint_prefix_name(path)
+        if Path(f"{prefix}.index").is_file():
+            return "tf", tf_data_file_of(prefix)
+        raise InputError(f"weights folder {path} has neither a model.safetensors nor "
+                         f"OpenAI's checkpoint (hparams.json, model.ckpt.index, "
+                         f"model.ckpt.data-...).")
+    prefix = tf_prefix(path)
+    if prefix is not None:
+        return "tf", tf_data_file_of(prefix)
+    if not path.is_file():
+        raise InputError(f"weights file {path} does not exist ({flag} takes a "
+                         f"model.safetensors, the book's .pth, OpenAI's model.ckpt or a "
+                         f"folder holding a model.safetensors or OpenAI's checkpoint).")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's format is a zip archive
+    return ("pth" if is_zip or path.suffix in (".pth", ".pt") else "safetensors"), path
+
+
+def checkpoint_prefix_name(folder):
+    """The checkpoint a folder's "checkpoint" file names (what TensorFlow's
+    latest_checkpoint reads), else model.ckpt."""
+    try:
+        text = (folder / "checkpoint").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return "model.ckpt"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model_checkpoint_path":
+            return Path(value.strip().strip('"')).name or "model.ckpt"
+    return "model.ckpt"
+
+
+def tf_prefix(path):
+    """The checkpoint prefix of model.ckpt, model.ckpt.index, .meta or .data-*, or None."""
+    name = path.name
+    for ending in (".index", ".meta"):
+        if name.endswith(ending):
+            return path.with_name(name[:-len(ending)])
+    if ".data-" in name:
+        return path.with_name(name.rsplit(".data-", 1)[0])
+    if not path.exists() and Path(f"{path}.index").is_file():
+        return path
+    return None
+
+
+def tf_data_file_of(prefix):
+    """A checkpoint's first data file (OpenAI's have one)."""
+    files = sorted(Path(prefix).parent.glob(f"{Path(prefix).name}.data-00000-of-*"))
+    return files[0] if files else tf_data_file(prefix, 0, 1)
+
+
+def weights_file(weights, model_name="gpt2-small", models_dir="gpt2", flag="--weights"):
+    """The file whose bytes are the weights `flag` names (for fingerprints)."""
+    if weights == "pretrained":
+        return gpt2_weights_path(model_name, models_dir)
+    return find_weights(weights, flag)[1]
+
+
+# our config key -> its name in a Hub config.json, OpenAI's hparams.json and the
+# book's config dict (as beside a .pth)
+CONFIG_NAMES = {
+    "hub": {"vocab_size": "vocab_size", "context_length": "n_positions",
+            "emb_dim": "n_embd", "n_layers": "n_layer", "n_heads": "n_head"},
+    "openai": {"vocab_size": "n_vocab", "context_length": "n_ctx",
+               "emb_dim": "n_embd", "n_layers": "n_layer", "n_heads": "n_head"},
+    "book": {"vocab_size": "vocab_size", "context_length": "context_length",
+             "emb_dim": "emb_dim", "n_layers": "n_layers", "n_heads": "n_heads"},
+}
+
+
+def config_from_json(path, naming=None):
+    """Our config from a JSON file of hyper-parameters in one of CONFIG_NAMES'
+    namings; naming None: the Hub's where the file has n_embd, else the book's."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read the model config {path}: {e}.") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: the model config is not a JSON object.")
+    names = CONFIG_NAMES[naming or ("hub" if "n_embd" in raw else "book")]
+    config = dict(BASE_CONFIG)
+    for ours, theirs in names.items():
+        config[ours] = raw.get(theirs, config.get(ours))
+    return check_config(config, path)
+
+
+def check_config(config, source):
+    """A model config from a file must be sane before a model is built from it."""
+    limits = {"vocab_size": 1_000_000, "context_length": 1_000_000, "emb_dim": 100_000,
+              "n_layers": 1_000, "n_heads": 1_000}
+    for key, limit in limits.items():
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise InputError(f"{source}: the model config has {key}={value!r}; "
+                             f"expected an integer from 1 to {limit:,}.")
+    if config["emb_dim"] % config["n_heads"]:
+        raise InputError(f"{source}: emb_dim {config['emb_dim']} is not divisible by "
+                         f"n_heads {config['n_heads']}.")
+    if not isinstance(config.get("drop_rate"), (int, float)) or not 0 <= config["drop_rate"] < 1:
+        raise InputError(f"{source}: drop_rate must be a number in [0, 1).")
+    if not isinstance(config.get("qkv_bias"), bool):
+        raise InputError(f"{source}: qkv_bias must be true or false.")
+    return config
+
+
+# ===== beyond the chapter: the book's params, from any of three files =====
+
+def params_from_tf(variables, n_layers, source):
+    """The book's load_gpt2_params_from_tf_ckpt without TensorFlow: OpenAI's names
+    ("model/h0/attn/c_attn/w") become nested keys (params["blocks"][0]["attn"]
+    ["c_attn"]["w"]), each array squeezed ([1, in, out] -> (in, out))."""
+    params = {"blocks": [{} for _ in range(n_layers)]}
+    for name, tensor in variables.items():
+        parts = name.split("/")[1:]  # without the "model/" prefix
+        if not name.startswith("model/") or not parts:
+            continue
+        target = params
+        if parts[0][:1] == "h" and parts[0][1:].isdigit():
+            layer = int(parts[0][1:])
+            if layer >= n_layers:
+                raise InputError(f"{source} has a layer {parts[0]}, but the model config "
+                                 f"has {n_layers} layers.")
+            target = params["blocks"][layer]
+        for key in parts[1:-1]:
+            target = target.setdefault(key, {})
+        target[parts[-1]] = tensor.squeeze()
+    return params
+
+
+def params_from_hub(tensors):
+    """The Hub's names ("h.0.attn.c_attn.weight", Conv1D weights already (in, out))
+    -> the book's nested params; the h.N.attn.bias mask buffers are left out."""
+    params = {"blocks": []}
+    for name, tensor in tensors.items():
+        parts = name.removeprefix("transformer.").split(".")
+        if parts[:1] in (["wte"], ["wpe"]) and parts[1:] == ["weight"]:
+            params[parts[0]] = tensor
+        elif parts[0] == "ln_f" and len(parts) == 2:
+            params[{"weight": "g", "bias": "b"}.get(parts[1], parts[1])] = tensor
+        elif parts[0] == "h" and len(parts) in (4, 5) and parts[1].isdigit() and \
+                parts[-1] in ("weight", "bias") and parts[2:4] != ["attn", "bias"]:
+            blocks = params["blocks"]
+            blocks.extend({} for _ in range(int(parts[1]) + 1 - len(blocks)))
+            target = blocks[int(parts[1])]
+            for key in parts[2:-1]:
+                target = target.setdefault(key, {})
+            layer_norm = parts[2].startswith("ln_")
+            target[{"weight": "g" if layer_norm else "w", "bias": "b"}[parts[-1]]] = tensor
+    return params
+
+
+# the book's GPTModel names inside a block -> where the tensor goes in params
+BOOK_BLOCK_NAMES = {
+    "att.out_proj": ("attn", "c_proj"), "ff.layers.0": ("mlp", "c_fc"),
+    "ff.layers.2": ("mlp", "c_proj"), "norm1": ("ln_1",), "norm2": ("ln_2",)}
+
+
+def params_from_book(state):
+    """The book's state_dict (.pth) -> its nested params: Linear weights back to
+    (in, out), W_query/W_key/W_value fused into c_attn as OpenAI stores them, the
+    att.mask buffers left out and out_head kept as given (the book ties it to wte
+    only when loading OpenAI's weights)."""
+    params = {"blocks": []}
+    top = {"tok_emb.weight": "wte", "pos_emb.weight": "wpe", "final_norm.scale": "g",
+           "final_norm.shift": "b", "out_head.weight": "out_head"}
+    fused = {}  # block -> {"W_query.weight": tensor, ...}
+    for name, tensor in state.items():
+        if name in top:
+            params[top[name]] = tensor
+            continue
+        parts = name.split(".")
+        if parts[0] != "trf_blocks" or not parts[1].isdigit():
+            continue
+        layer, module, leaf = int(parts[1]), ".".join(parts[2:-1]), parts[-1]
+        params["blocks"].extend({} for _ in range(layer + 1 - len(params["blocks"])))
+        if module in ("att.W_query", "att.W_key", "att.W_value"):
+            fused.setdefault(layer, {})[f"{module[4:]}.{leaf}"] = tensor
+        elif module in BOOK_BLOCK_NAMES:
+            target = params["blocks"][layer]
+            for key in BOOK_BLOCK_NAMES[module]:
+                target = target.setdefault(key, {})
+            key = {"scale": "g", "shift": "b", "weight": "w", "bias": "b"}.get(leaf, leaf)
+            target[key] = tensor.T if leaf == "weight" else tensor
+    for layer, parts in fused.items():
+        c_attn = params["blocks"][layer].setdefault("attn", {}).setdefault("c_attn", {})
+        for leaf, key in (("weight", "w"), ("bias", "b")):
+            qkv = [parts.get(f"{m}.{leaf}") for m in ("W_query", "W_key", "W_value")]
+            if all(t is not None for t in qkv):  # a missing one is reported as missing
+                # (in, 3 * out): the one copy this format needs, a quarter of a block
+                c_attn[key] = torch.cat([t.T if leaf == "weight" else t for t in qkv], dim=-1)
+    return params
+
+
+def read_pth(path):
+    """The book's .pth: torch.load with weights_only=True, which refuses anything
+    but tensors and plain containers (no code runs), memory-mapped."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several kinds for a damaged or unsafe file
+        if "Weights only load failed" in str(e):
+            # torch names the class it refused: "Unsupported global: GLOBAL m.C"
+            # (torch 2.4+) or "Unsupported class m.C" (earlier)
+            found = re.search(r"Unsupported (?:global: GLOBAL |class )(\S+)", str(e))
+            what = found.group(1).rstrip(".") if found else "other objects"
+            raise InputError(f"{path} was refused by torch.load(weights_only=True): it refers "
+                             f"to {what}, not only to tensors (nothing in it was run).") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise InputError(f"{path} could not be read by torch.load(weights_only=True): "
+                         f"{first.rstrip('.')}.") from None
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise InputError(f"{path} does not hold a state_dict (names -> tensors) as the "
+                         f"book's torch.save(model.state_dict()) writes.")
+    return state
+
+
+# ===== beyond the chapter: safetensors files =====
 
 # dtype name in the file -> (torch dtype, bytes per element)
 SAFETENSORS_DTYPES = {
@@ -466,161 +952,7 @@ def write_all(fd, data, offset=None):
             offset += written
 
 
-# ------------------------------------------------------------- GPT-2 weights (sec. 6.4)
-
-# the Hub's repository for each size: openai-community/<name>
-HUB_NAMES = {"gpt2-small": "gpt2", "gpt2-medium": "gpt2-medium",
-             "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl"}
-HUB_URL = "https://huggingface.co/openai-community/{}/resolve/main/model.safetensors"
-# where chapter 5's gpt_download.py fetches OpenAI's original release
-OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models/{size}/{file}"
-# the files of that release read here, the data file last (the release also
-# holds model.ckpt.meta, encoder.json and vocab.bpe: tiktoken has the last two)
-OPENAI_FILES = ["checkpoint", "hparams.json", "model.ckpt.index",
-                "model.ckpt.data-00000-of-00001"]
-
-
-def download_file(url, destination, what, hint):
-    """Streams url to destination + ".part" (progress on a terminal), renamed to
-    destination only when complete: a dropped connection, a full disk or Ctrl-C
-    never leaves a partial file at destination, and the next run starts over."""
-    destination = Path(destination)
-    # folders this call creates, removed again if the download fails
-    created = [p for p in [destination.parent, *destination.parent.parents] if not p.exists()]
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    part = destination.with_name(f"{destination.name}.{os.getpid()}.part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0)
-            done, start = 0, time.time()
-            label = f"downloading {destination.name}, MB"
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                done += len(chunk)
-                progress(label, done >> 20, total >> 20 if total else None, start)
-            progress(label, done >> 20, done >> 20, start)  # clears the line
-            if total and done != total:
-                raise InputError(f"the download of {what} from {url} stopped after "
-                                 f"{done:,} of {total:,} bytes; run again to start over, "
-                                 f"or {hint}.")
-        os.replace(part, destination)
-    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
-        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
-        raise InputError(f"could not download {what} from {url} ({reason}). "
-                         f"Nothing was saved at {destination}; {hint}.") from None
-    finally:
-        if part.exists():
-            part.unlink()
-        if not destination.exists():
-            for folder in created:  # innermost first
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
-    return destination
-
-
-def gpt2_folder(model_name, models_dir="gpt2"):
-    """gpt2/124M/ for gpt2-small: where chapter 5 leaves OpenAI's files."""
-    size = MODEL_NAMES[model_name].split("(")[-1].rstrip(")")  # "124M"
-    return Path(models_dir) / size
-
-
-def gpt2_weights_path(model_name, models_dir="gpt2"):
-    """The file --weights pretrained reads in gpt2/<size>/: the Hub's
-    model.safetensors, else OpenAI's checkpoint where chapter 5 left it (its data
-    file, the last one downloaded), else model.safetensors, where a download goes."""
-    folder = gpt2_folder(model_name, models_dir)
-    hub_file, openai_data = folder / "model.safetensors", folder / OPENAI_FILES[-1]
-    if not hub_file.exists() and openai_data.exists():
-        return openai_data
-    return hub_file
-
-
-def download_gpt2(model_name, models_dir="gpt2", flag="--weights"):
-    """The weights of one GPT-2 size in gpt2/<size>/, downloaded once: the Hub's
-    model.safetensors, or where the Hub cannot be reached, OpenAI's original
-    files from the URLs chapter 5 uses. Returns the file to read (as
-    gpt2_weights_path); a failure names `flag`, the option of the calling
-    command that takes a local file."""
-    path = gpt2_weights_path(model_name, models_dir)
-    if path.exists():
-        return path
-    what = f"the {model_name} weights"
-    try:
-        return download_file(HUB_URL.format(HUB_NAMES[model_name]), path, what,
-                             "OpenAI's original files were tried next")
-    except InputError as hub_error:
-        size, folder = gpt2_folder(model_name, models_dir).name, path.parent
-        hint = (f"download model.safetensors of openai-community/{HUB_NAMES[model_name]} "
-                f"yourself and pass it with {flag} PATH (or place it, or chapter 5's "
-                f"OpenAI files, in {folder})")
-        try:
-            for name in OPENAI_FILES:  # the data file last: its presence means all are there
-                if not (folder / name).exists():
-                    download_file(OPENAI_URL.format(size=size, file=name), folder / name,
-                                  f"{what} ({name})", hint)
-        except InputError as openai_error:
-            second = str(openai_error)
-            raise InputError(f"{hub_error} {second[:1].upper()}{second[1:]}") from None
-        return folder / OPENAI_FILES[-1]
-
-
-def file_fingerprint(path):
-    """(size in bytes, sha256 hex) of a file, read in 1 MB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return os.path.getsize(path), digest.hexdigest()
-
-
-# our config key -> its name in a Hub config.json, OpenAI's hparams.json and the
-# book's config dict (as beside a .pth)
-CONFIG_NAMES = {
-    "hub": {"vocab_size": "vocab_size", "context_length": "n_positions",
-            "emb_dim": "n_embd", "n_layers": "n_layer", "n_heads": "n_head"},
-    "openai": {"vocab_size": "n_vocab", "context_length": "n_ctx",
-               "emb_dim": "n_embd", "n_layers": "n_layer", "n_heads": "n_head"},
-    "book": {"vocab_size": "vocab_size", "context_length": "context_length",
-             "emb_dim": "emb_dim", "n_layers": "n_layers", "n_heads": "n_heads"},
-}
-
-
-def config_from_json(path, naming=None):
-    """Our config from a JSON file of hyper-parameters in one of CONFIG_NAMES'
-    namings; naming None: the Hub's where the file has n_embd, else the book's."""
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read the model config {path}: {e}.") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: the model config is not a JSON object.")
-    names = CONFIG_NAMES[naming or ("hub" if "n_embd" in raw else "book")]
-    config = dict(BASE_CONFIG)
-    for ours, theirs in names.items():
-        config[ours] = raw.get(theirs, config.get(ours))
-    return check_config(config, path)
-
-
-def check_config(config, source):
-    """A model config from a file must be sane before a model is built from it."""
-    limits = {"vocab_size": 1_000_000, "context_length": 1_000_000, "emb_dim": 100_000,
-              "n_layers": 1_000, "n_heads": 1_000}
-    for key, limit in limits.items():
-        value = config.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
-            raise InputError(f"{source}: the model config has {key}={value!r}; "
-                             f"expected an integer from 1 to {limit:,}.")
-    if config["emb_dim"] % config["n_heads"]:
-        raise InputError(f"{source}: emb_dim {config['emb_dim']} is not divisible by "
-                         f"n_heads {config['n_heads']}.")
-    if not isinstance(config.get("drop_rate"), (int, float)) or not 0 <= config["drop_rate"] < 1:
-        raise InputError(f"{source}: drop_rate must be a number in [0, 1).")
-    if not isinstance(config.get("qkv_bias"), bool):
-        raise InputError(f"{source}: qkv_bias must be true or false.")
-    return config
-
-
-# -------------------------------------------- OpenAI's TensorFlow checkpoint, by hand
+# ===== beyond the chapter: OpenAI's TensorFlow checkpoint, by hand =====
 
 # The .index file is a LevelDB-format table (TensorFlow's tensor_bundle): sorted
 # keys, each a variable name, whose values are BundleEntryProto messages saying
@@ -842,381 +1174,57 @@ def map_data_file(path):
         raise InputError(f"cannot read {path}: {e.strerror or e}.") from None
 
 
-# ------------------------------------------- the book's params, from any of three files
+# ===== beyond the chapter: progress on a terminal =====
 
-def params_from_tf(variables, n_layers, source):
-    """The book's load_gpt2_params_from_tf_ckpt without TensorFlow: OpenAI's names
-    ("model/h0/attn/c_attn/w") become nested keys (params["blocks"][0]["attn"]
-    ["c_attn"]["w"]), each array squeezed ([1, in, out] -> (in, out))."""
-    params = {"blocks": [{} for _ in range(n_layers)]}
-    for name, tensor in variables.items():
-        parts = name.split("/")[1:]  # without the "model/" prefix
-        if not name.startswith("model/") or not parts:
-            continue
-        target = params
-        if parts[0][:1] == "h" and parts[0][1:].isdigit():
-            layer = int(parts[0][1:])
-            if layer >= n_layers:
-                raise InputError(f"{source} has a layer {parts[0]}, but the model config "
-                                 f"has {n_layers} layers.")
-            target = params["blocks"][layer]
-        for key in parts[1:-1]:
-            target = target.setdefault(key, {})
-        target[parts[-1]] = tensor.squeeze()
-    return params
+class StdoutAfterProgress:
+    """sys.stdout while a progress line may be on the terminal: a printed line
+    first clears it, so that the chapter's log lines never run into it."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.line_drawn = False
+
+    def write(self, text):
+        if self.line_drawn and text:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.line_drawn = False
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
-def params_from_hub(tensors):
-    """The Hub's names ("h.0.attn.c_attn.weight", Conv1D weights already (in, out))
-    -> the book's nested params; the h.N.attn.bias mask buffers are left out."""
-    params = {"blocks": []}
-    for name, tensor in tensors.items():
-        parts = name.removeprefix("transformer.").split(".")
-        if parts[:1] in (["wte"], ["wpe"]) and parts[1:] == ["weight"]:
-            params[parts[0]] = tensor
-        elif parts[0] == "ln_f" and len(parts) == 2:
-            params[{"weight": "g", "bias": "b"}.get(parts[1], parts[1])] = tensor
-        elif parts[0] == "h" and len(parts) in (4, 5) and parts[1].isdigit() and \
-                parts[-1] in ("weight", "bias") and parts[2:4] != ["attn", "bias"]:
-            blocks = params["blocks"]
-            blocks.extend({} for _ in range(int(parts[1]) + 1 - len(blocks)))
-            target = blocks[int(parts[1])]
-            for key in parts[2:-1]:
-                target = target.setdefault(key, {})
-            layer_norm = parts[2].startswith("ln_")
-            target[{"weight": "g" if layer_norm else "w", "bias": "b"}[parts[-1]]] = tensor
-    return params
+def clock(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 \
+        else f"{minutes}:{seconds:02d}"
 
 
-# the book's GPTModel names inside a block -> where the tensor goes in params
-BOOK_BLOCK_NAMES = {
-    "att.out_proj": ("attn", "c_proj"), "ff.layers.0": ("mlp", "c_fc"),
-    "ff.layers.2": ("mlp", "c_proj"), "norm1": ("ln_1",), "norm2": ("ln_2",)}
+def progress(label, done, total, start):
+    """One updating line on stderr: done/total, time elapsed since `start` and
+    time left (total None: a count). Only when stderr is a terminal: a pipe or a
+    file gets nothing, so logs stay the chapter's. Cleared once done >= total.
+    Under torchrun only rank 0 draws it."""
+    if not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0":
+        return
+    if not isinstance(sys.stdout, StdoutAfterProgress):
+        sys.stdout = StdoutAfterProgress(sys.stdout)
+    elapsed = time.time() - start
+    if total is None:
+        text = f"{label}: {done:,}, {clock(elapsed)} elapsed"
+    else:
+        left = elapsed / done * (total - done) if done else math.nan
+        text = f"{label}: {done:,}/{total:,}, {clock(elapsed)} elapsed, {clock(left)} left"
+    finished = total is not None and done >= total
+    sys.stderr.write("\r\033[K" + ("" if finished else text))
+    sys.stderr.flush()
+    sys.stdout.line_drawn = not finished
 
 
-def params_from_book(state):
-    """The book's state_dict (.pth) -> its nested params: Linear weights back to
-    (in, out), W_query/W_key/W_value fused into c_attn as OpenAI stores them, the
-    att.mask buffers left out and out_head kept as given (the book ties it to wte
-    only when loading OpenAI's weights)."""
-    params = {"blocks": []}
-    top = {"tok_emb.weight": "wte", "pos_emb.weight": "wpe", "final_norm.scale": "g",
-           "final_norm.shift": "b", "out_head.weight": "out_head"}
-    fused = {}  # block -> {"W_query.weight": tensor, ...}
-    for name, tensor in state.items():
-        if name in top:
-            params[top[name]] = tensor
-            continue
-        parts = name.split(".")
-        if parts[0] != "trf_blocks" or not parts[1].isdigit():
-            continue
-        layer, module, leaf = int(parts[1]), ".".join(parts[2:-1]), parts[-1]
-        params["blocks"].extend({} for _ in range(layer + 1 - len(params["blocks"])))
-        if module in ("att.W_query", "att.W_key", "att.W_value"):
-            fused.setdefault(layer, {})[f"{module[4:]}.{leaf}"] = tensor
-        elif module in BOOK_BLOCK_NAMES:
-            target = params["blocks"][layer]
-            for key in BOOK_BLOCK_NAMES[module]:
-                target = target.setdefault(key, {})
-            key = {"scale": "g", "shift": "b", "weight": "w", "bias": "b"}.get(leaf, leaf)
-            target[key] = tensor.T if leaf == "weight" else tensor
-    for layer, parts in fused.items():
-        c_attn = params["blocks"][layer].setdefault("attn", {}).setdefault("c_attn", {})
-        for leaf, key in (("weight", "w"), ("bias", "b")):
-            qkv = [parts.get(f"{m}.{leaf}") for m in ("W_query", "W_key", "W_value")]
-            if all(t is not None for t in qkv):  # a missing one is reported as missing
-                # (in, 3 * out): the one copy this format needs, a quarter of a block
-                c_attn[key] = torch.cat([t.T if leaf == "weight" else t for t in qkv], dim=-1)
-    return params
-
-
-def read_pth(path):
-    """The book's .pth: torch.load with weights_only=True, which refuses anything
-    but tensors and plain containers (no code runs), memory-mapped."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises several kinds for a damaged or unsafe file
-        if "Weights only load failed" in str(e):
-            # torch names the class it refused: "Unsupported global: GLOBAL m.C"
-            # (torch 2.4+) or "Unsupported class m.C" (earlier)
-            found = re.search(r"Unsupported (?:global: GLOBAL |class )(\S+)", str(e))
-            what = found.group(1).rstrip(".") if found else "other objects"
-            raise InputError(f"{path} was refused by torch.load(weights_only=True): it refers "
-                             f"to {what}, not only to tensors (nothing in it was run).") from None
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
-        raise InputError(f"{path} could not be read by torch.load(weights_only=True): "
-                         f"{first.rstrip('.')}.") from None
-    if not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise InputError(f"{path} does not hold a state_dict (names -> tensors) as the "
-                         f"book's torch.save(model.state_dict()) writes.")
-    return state
-
-
-def find_weights(weights, flag="--weights"):
-    """What a --weights PATH names -> (form, file): "safetensors" (a
-    model.safetensors, or a folder holding one), "tf" (OpenAI's checkpoint: its
-    folder, the model.ckpt prefix or any of its files; file = its data file) or
-    "pth" (the book's .pth). The file is the one whose bytes are the weights."""
-    path = Path(weights)
-    if path.name in ("checkpoint", "hparams.json") and path.is_file():
-        path = path.parent  # a file of OpenAI's release that names no weights: its folder
-    if path.is_dir():
-        if (path / "model.safetensors").is_file():
-            return "safetensors", path / "model.safetensors"
-        prefix = path / checkpoint_prefix_name(path)
-        if Path(f"{prefix}.index").is_file():
-            return "tf", tf_data_file_of(prefix)
-        raise InputError(f"weights folder {path} has neither a model.safetensors nor "
-                         f"OpenAI's checkpoint (hparams.json, model.ckpt.index, "
-                         f"model.ckpt.data-...).")
-    prefix = tf_prefix(path)
-    if prefix is not None:
-        return "tf", tf_data_file_of(prefix)
-    if not path.is_file():
-        raise InputError(f"weights file {path} does not exist ({flag} takes a "
-                         f"model.safetensors, the book's .pth, OpenAI's model.ckpt or a "
-                         f"folder holding a model.safetensors or OpenAI's checkpoint).")
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's format is a zip archive
-    return ("pth" if is_zip or path.suffix in (".pth", ".pt") else "safetensors"), path
-
-
-def checkpoint_prefix_name(folder):
-    """The checkpoint a folder's "checkpoint" file names (what TensorFlow's
-    latest_checkpoint reads), else model.ckpt."""
-    try:
-        text = (folder / "checkpoint").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return "model.ckpt"
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model_checkpoint_path":
-            return Path(value.strip().strip('"')).name or "model.ckpt"
-    return "model.ckpt"
-
-
-def tf_prefix(path):
-    """The checkpoint prefix of model.ckpt, model.ckpt.index, .meta or .data-*, or None."""
-    name = path.name
-    for ending in (".index", ".meta"):
-        if name.endswith(ending):
-            return path.with_name(name[:-len(ending)])
-    if ".data-" in name:
-        return path.with_name(name.rsplit(".data-", 1)[0])
-    if not path.exists() and Path(f"{path}.index").is_file():
-        return path
-    return None
-
-
-def tf_data_file_of(prefix):
-    """A checkpoint's first data file (OpenAI's have one)."""
-    files = sorted(Path(prefix).parent.glob(f"{Path(prefix).name}.data-00000-of-*"))
-    return files[0] if files else tf_data_file(prefix, 0, 1)
-
-
-def weights_file(weights, model_name="gpt2-small", models_dir="gpt2", flag="--weights"):
-    """The file whose bytes are the weights `flag` names (for fingerprints)."""
-    if weights == "pretrained":
-        return gpt2_weights_path(model_name, models_dir)
-    return find_weights(weights, flag)[1]
-
-
-def settings_for(form, path, model_name):
-    """(config, the file it came from or None): hparams.json beside OpenAI's
-    checkpoint, a config.json beside a model.safetensors (the Hub's naming) or a
-    .pth (the book's or the Hub's), else --model's size."""
-    beside = path.parent / ("hparams.json" if form == "tf" else "config.json")
-    if beside.is_file():
-        return config_from_json(beside, {"tf": "openai", "safetensors": "hub"}.get(form)), beside
-    return model_config(model_name), None
-
-
-def read_params(form, path, n_layers):
-    """The book's nested params from one file, every tensor a view of the file
-    mapped into memory (a .pth's fused c_attn aside): nothing read yet."""
-    if form == "safetensors":
-        return params_from_hub(load_safetensors(path)[0])
-    if form == "pth":
-        return params_from_book(read_pth(path))
-    prefix = tf_prefix(path)
-    return params_from_tf(read_tf_checkpoint(prefix), n_layers, f"{prefix}.index")
-
-
-def load_gpt2(weights, model_name="gpt2-small", config=None):
-    """(settings, params) from any of the three forms --weights takes, checked
-    against the settings (or `config`, where the caller knows it) before a model
-    is built: sizes first, then every tensor on an empty model."""
-    form, path = find_weights(weights)
-    config_file = None
-    if config is None:
-        config, config_file = settings_for(form, path, model_name)
-    params = read_params(form, path, config["n_layers"])
-    source = f"{path.parent} (OpenAI's checkpoint)" if form == "tf" else str(path)
-    check_gpt2_size(params, config, source, config_file)
-    with torch.device("meta"):  # shapes only: no memory
-        matched_params(GPTModel(config), params, source)
-    return config, params
-
-
-def download_and_load_gpt2(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
-    """The chapter's download_and_load_gpt2: (settings, params), params the book's
-    nested dict, from the Hub's model.safetensors or OpenAI's checkpoint in
-    gpt2/<size>/ (downloaded once), or from the file or folder `weights` names."""
-    path = download_gpt2(model_name, models_dir) if weights == "pretrained" else weights
-    return load_gpt2(path, model_name)
-
-
-def params_targets(gpt):
-    """[(params keys, [(GPTModel parameter, how to turn the params tensor into
-    it)])]: the one table of where each of the book's params goes. Conv1D weights
-    are (in, out), Linear wants (out, in): transpose. A key is a tuple of
-    alternatives: out_head takes params["out_head"] where given (a .pth), else
-    the book's weight tying to wte."""
-    def part(i, transpose=False):  # one of query/key/value from the fused c_attn
-        return lambda t: (t.chunk(3, dim=-1)[i].T if transpose else t.chunk(3, dim=-1)[i])
-
-    def transposed(t):
-        return t.T
-
-    targets = [
-        ((("wte",),), [(gpt.tok_emb.weight, None)]),
-        ((("wpe",),), [(gpt.pos_emb.weight, None)]),
-        ((("out_head",), ("wte",)), [(gpt.out_head.weight, None)]),
-        ((("g",),), [(gpt.final_norm.scale, None)]),
-        ((("b",),), [(gpt.final_norm.shift, None)]),
-    ]
-    for n, block in enumerate(gpt.trf_blocks):
-        att, ff = block.att, block.ff
-        b = ("blocks", n)
-        targets += [
-            (((*b, "ln_1", "g"),), [(block.norm1.scale, None)]),
-            (((*b, "ln_1", "b"),), [(block.norm1.shift, None)]),
-            (((*b, "attn", "c_attn", "w"),), [(att.W_query.weight, part(0, True)),
-                                               (att.W_key.weight, part(1, True)),
-                                               (att.W_value.weight, part(2, True))]),
-            (((*b, "attn", "c_attn", "b"),), [(att.W_query.bias, part(0)),
-                                               (att.W_key.bias, part(1)),
-                                               (att.W_value.bias, part(2))]),
-            (((*b, "attn", "c_proj", "w"),), [(att.out_proj.weight, transposed)]),
-            (((*b, "attn", "c_proj", "b"),), [(att.out_proj.bias, None)]),
-            (((*b, "ln_2", "g"),), [(block.norm2.scale, None)]),
-            (((*b, "ln_2", "b"),), [(block.norm2.shift, None)]),
-            (((*b, "mlp", "c_fc", "w"),), [(ff.layers[0].weight, transposed)]),
-            (((*b, "mlp", "c_fc", "b"),), [(ff.layers[0].bias, None)]),
-            (((*b, "mlp", "c_proj", "w"),), [(ff.layers[2].weight, transposed)]),
-            (((*b, "mlp", "c_proj", "b"),), [(ff.layers[2].bias, None)]),
-        ]
-    return targets
-
-
-def params_lookup(params, keys):
-    """params[k1][k2]... or None where any level is missing."""
-    for key in keys:
-        try:
-            params = params[key]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return params
-
-
-def params_name(keys):
-    return "params" + "".join(f"[{k!r}]" for k in keys)
-
-
-def matched_params(gpt, params, source):
-    """[(parameter, value)] for every parameter of gpt, each value checked (a
-    float tensor of the parameter's shape) before anything is copied: a missing
-    tensor is an error, not a silent random weight."""
-    pairs = []
-    for alternatives, targets in params_targets(gpt):
-        keys = next((k for k in alternatives if params_lookup(params, k) is not None), None)
-        if keys is None:
-            continue  # reported below, by the model's own names
-        tensor = params_lookup(params, keys)
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise InputError(f"{source}: {params_name(keys)} holds "
-                             f"{getattr(tensor, 'dtype', type(tensor).__name__)}, not floats.")
-        for param, transform in targets:
-            value = transform(tensor) if transform else tensor
-            if value.shape != param.shape:
-                raise InputError(
-                    f"{source}: {params_name(keys)} has shape {tuple(tensor.shape)}, but the "
-                    f"model needs {tuple(param.shape)} there"
-                    f"{' (after splitting and transposing)' if transform else ''}. "
-                    f"Check that --model matches the weights.")
-            pairs.append((param, value))
-    filled = {id(param) for param, _ in pairs}
-    missing = [n for n, p in gpt.named_parameters() if id(p) not in filled]
-    if missing:
-        raise InputError(f"{source} is missing {len(missing)} of the model's tensors, "
-                         f"e.g. {', '.join(missing[:3])}: not a complete GPT-2 checkpoint "
-                         f"of this size.")
-    return pairs
-
-
-def load_weights_into_gpt(gpt, params, source="the weights"):
-    """Listing 6.6's loader: copies the book's nested params (as
-    load_gpt2_params_from_tf_ckpt builds them, whichever file they came from)
-    into gpt through params_targets, every tensor checked first."""
-    with torch.no_grad():
-        for param, value in matched_params(gpt, params, source):
-            param.copy_(value)
-
-
-def check_gpt2_size(params, config, source, config_file=None):
-    """Compares the file's embeddings and layer count with the config before any
-    tensor is read, so that no model larger than the file's tensors is ever
-    allocated; suggests the --model the tensors fit."""
-    if params.get("wte") is None or params.get("wpe") is None:
-        raise InputError(f"{source} has no token or position embedding (wte, wpe): "
-                         f"not GPT-2 weights.")
-    wte, wpe = tuple(params["wte"].shape), tuple(params["wpe"].shape)
-    layers = sum(1 for block in params["blocks"] if block)
-    needs = "the model needs" if config_file is None else f"{config_file} says"
-    if wte != (config["vocab_size"], config["emb_dim"]) or layers != config["n_layers"]:
-        fits = [short for short, key in MODEL_NAMES.items()
-                if (model_configs[key]["emb_dim"],) == wte[-1:]
-                and model_configs[key]["n_layers"] == layers]
-        hint = f" (these are {fits[0]} weights: use --model {fits[0]})" \
-            if fits and config_file is None else ""
-        raise InputError(
-            f"{source}: wte (the token embedding) has shape {wte} and there are {layers} "
-            f"layers, but {needs} {(config['vocab_size'], config['emb_dim'])} and "
-            f"{config['n_layers']} layers{hint}.")
-    if wpe != (config["context_length"], config["emb_dim"]):
-        raise InputError(f"{source}: wpe (the position embedding) has shape {wpe}, but "
-                         f"{needs} {(config['context_length'], config['emb_dim'])}.")
-
-
-def weights_config(model_name, weights):
-    """The model config for --weights: where a file or folder is given, from the
-    config beside it (settings_for) or model_name, checked against the file's
-    tensors here, before any data is read or written."""
-    if weights in ("pretrained", "random"):
-        return model_config(model_name)
-    return load_gpt2(weights, model_name)[0]
-
-
-def load_gpt2_file(path, config):
-    """GPTModel(config) holding the weights of any --weights file or folder."""
-    settings, params = load_gpt2(path, config=config)
-    model = GPTModel(settings)
-    load_weights_into_gpt(model, params, source=str(path))
-    return model
-
-
-def build_gpt(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
-    """Listing 6.6: GPTModel with its weights, "pretrained" (downloaded once),
-    "random", or a local file or folder (find_weights). Returns (model, config)."""
-    if weights == "random":
-        config = model_config(model_name)
-        return GPTModel(config), config
-    settings, params = download_and_load_gpt2(model_name, weights, models_dir)
-    model = GPTModel(settings)
-    load_weights_into_gpt(model, params)
-    return model, settings
-
+# ===== beyond the chapter: the tokenizer's files and the command line =====
 
 # tiktoken's cache of OpenAI's two gpt2 files, kept in the repository for the tests
 TOKENIZER_FILES = Path(__file__).resolve().parent / "testdata" / "tiktoken"
