@@ -858,6 +858,7 @@ MAX_BODY = 1_000_000  # bytes of one /classify request
 MAX_TEXTS = 1_000     # messages in one /classify request
 TIMEOUT = 10.0          # seconds a client may stay silent before its connection is dropped
 MAX_CONNECTIONS = 128   # connections served at a time; more are answered 503
+REQUEST_DEADLINE = 30.0  # seconds a client has to send its whole request
 MAX_DRAIN = 16_000_000  # bytes of an unread body read and dropped after an error answer
 
 
@@ -1097,9 +1098,10 @@ def parse_request(body):
     return texts, explain
 
 
-def make_handler(classify, description, timeout=TIMEOUT):
+def make_handler(classify, description, timeout=TIMEOUT, deadline=REQUEST_DEADLINE):
     """The request handler: classify(texts, explain) -> results; description: /info;
-    timeout: seconds a client may stay silent."""
+    timeout: seconds a client may stay silent; deadline: seconds it has to send
+    its whole request."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         routes = {"/": "GET", "/info": "GET", "/classify": "POST"}
@@ -1121,14 +1123,35 @@ def make_handler(classify, description, timeout=TIMEOUT):
             if self.command != "HEAD":  # HEAD: GET's headers, no body
                 self.wfile.write(data)
 
+        def setup(self):
+            super().setup()
+            # the timeout bounds each read; a client trickling a byte at a time
+            # would still hold its connection, and a slot, for ever without this
+            self.request_timer = threading.Timer(deadline, self.cut)
+            self.request_timer.daemon = True
+            self.request_timer.start()
+
+        def cut(self):
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+        def finish(self):
+            self.request_timer.cancel()
+            super().finish()
+
         def route(self, method):
+            self.path = self.path.split("?", 1)[0]  # the page may be opened as /?anything
             try:
                 self.check(method)
+                body = self.read_body() if method == "POST" else None
+                self.request_timer.cancel()  # the whole request is in: the answer may take its time
                 if self.path == "/":
                     return self.answer(200, PAGE, "text/html")
                 if self.path == "/info":
                     return self.answer(200, description)
-                texts, explain = parse_request(self.read_body())
+                texts, explain = parse_request(body)
                 self.answer(200, {"results": classify(texts, explain)})
             except RequestError as e:
                 self.answer(e.status, {"error": str(e)})
@@ -1155,12 +1178,13 @@ def make_handler(classify, description, timeout=TIMEOUT):
                                             "application/json")
 
         def read_body(self):
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                length = -1
-            if length < 0:
+            if "Transfer-Encoding" in self.headers:  # chunked: not read here
+                raise RequestError(411, "send the body with a Content-Length, not a "
+                                        "Transfer-Encoding")
+            lengths = set(self.headers.get_all("Content-Length") or [])
+            if len(lengths) != 1 or not re.fullmatch(r"[0-9]+", next(iter(lengths)).strip()):
                 raise RequestError(400, "the request has no valid Content-Length")
+            length = int(next(iter(lengths)))
             if length > MAX_BODY:
                 raise RequestError(413, f"the body has {length:,} bytes; at most "
                                         f"{MAX_BODY:,}")
@@ -1240,7 +1264,7 @@ class ClassifierServer(http.server.HTTPServer):
             super().handle_error(request, client_address)  # a bug: its traceback
 
 
-def make_server(host, port, classify, description, timeout=TIMEOUT,
+def make_server(host, port, classify, description, timeout=TIMEOUT, deadline=REQUEST_DEADLINE,
                 max_connections=MAX_CONNECTIONS):
     """The server of --serve, listening on host and port (IPv4 or IPv6, as the
     host's address is); serve_forever() serves it."""
@@ -1250,7 +1274,7 @@ def make_server(host, port, classify, description, timeout=TIMEOUT,
     except socket.gaierror as e:
         raise InputError(f"cannot listen on {host}: {e.strerror}. --host takes an address "
                          f"or name of this machine: 127.0.0.1, ::1, 0.0.0.0 or ::.") from None
-    handler = make_handler(classify, description, timeout)
+    handler = make_handler(classify, description, timeout, deadline)
     try:
         return ClassifierServer((host, port), family, handler, max_connections)
     except OSError as e:

@@ -2007,6 +2007,60 @@ def test_a_silent_client_is_dropped_after_the_timeout_while_others_are_served():
         assert silent.recv(65536) == b""  # closed by the server, not by this 60 s bound
 
 
+def test_a_client_trickling_its_request_is_cut_at_the_deadline_while_others_are_served():
+    import socket
+    # each read waits up to 60 s, so only the whole request's deadline can end this one
+    server = classify.make_server("127.0.0.1", 0, echo, {}, timeout=60, deadline=0.5)
+    with serving(server) as url, socket.create_connection(server.server_address,
+                                                          timeout=60) as trickle:
+        trickle.sendall(b"POST /classify HTTP/1.1\r\n")
+        cut = False
+        for i in range(600):  # a header line every 0.05 s, far within the 60 s per read
+            try:
+                trickle.sendall(f"X-Slow-{i}: x\r\n".encode())
+            except OSError:  # reset: the server has cut it
+                cut = True
+                break
+            time.sleep(0.05)
+        assert cut or trickle.recv(65536) == b""
+        status, _, body = request(url, "POST", "/classify", '{"texts": ["meanwhile"]}')
+        assert (status, json.loads(body)["results"][0]["text"]) == (200, "meanwhile")
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"Content-Length": "2_3"}, 400),  # int() would take it
+    ({"Content-Length": " 23"}, 200),
+    ({"Transfer-Encoding": "chunked"}, 411),
+])
+def test_a_body_length_is_plain_digits_and_chunked_bodies_are_refused(headers, status):
+    import socket
+    server = classify.make_server("127.0.0.1", 0, echo, {})
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    with serving(server), socket.create_connection(server.server_address, timeout=60) as s:
+        s.sendall(f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                  f"application/json\r\n{head}\r\n".encode() + b'{"texts": ["a m"]}     ')  # 23
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.split(b" ", 2)[1] == str(status).encode()
+
+
+def test_two_different_content_lengths_are_refused_and_the_page_takes_a_query(server):
+    import socket
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: 5\r\nContent-Length: 18\r\n\r\n"
+                  b'{"texts": ["a m"]}')
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 400 ")
+    status, content_type, _ = fetch(url + "/?from=a-bookmark")
+    assert status == 200 and content_type.startswith("text/html")
+
+
 def test_connections_over_the_cap_are_answered_503():
     import socket
     server = classify.make_server("127.0.0.1", 0, echo, {}, timeout=60, max_connections=1)
