@@ -41,7 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpt import MODEL_NAMES
+from gpt import MODEL_NAMES, InputError, run_cli
+from data import write_atomically
 import finetune
 
 HERE = Path(__file__).resolve().parent
@@ -353,14 +354,18 @@ def aopc(model, messages, rank, max_length, pad_token_id):
 def faithfulness_table(checkpoint, test_csv, device):
     """Each method's comprehensiveness and sufficiency AOPC on the test split,
     the random ranking's, and the seconds per message each method took."""
-    from classify import EXPLAIN_METHODS, load_classifier
+    from classify import EXPLAIN_METHODS, NonFiniteLogits, classify_texts, load_classifier
     from data import encode, read_csv
     from gpt import get_tokenizer
     model, info = load_classifier(checkpoint, device)
     max_length = min(info["max_length"], model.gpt.pos_emb.weight.shape[0])
     tokenizer = get_tokenizer()
-    messages = [encode(text, tokenizer, max_length) for _, text in
-                read_csv(test_csv, info["num_classes"])]
+    texts = [text for _, text in read_csv(test_csv, info["num_classes"])]
+    try:  # an explanation of a model that computes NaN would be NaN too
+        classify_texts(texts, model, tokenizer, device, max_length, info["pad_token_id"])
+    except NonFiniteLogits as e:
+        raise InputError(f"{checkpoint}: {e}") from None
+    messages = [encode(text, tokenizer, max_length) for text in texts]
     rows = []
     rankings = {method: method_ranking(method, model, max_length, info["pad_token_id"])
                 for method in EXPLAIN_METHODS}
@@ -407,6 +412,11 @@ def main():
                              "CHECKPOINT")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     args = parser.parse_args()
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json: no folder {Path(args.json).parent} to write {args.json} in")
+    if args.explain and (args.beyond or args.quick or args.modes != ",".join(MODES)):
+        parser.error("--explain measures its checkpoint only: it takes no --beyond, "
+                     "--quick or --modes")
     unknown = [mode for mode in args.modes.split(",") if mode not in MODES]
     if unknown:
         parser.error(f"--modes: unknown mode {unknown[0]!r} (choose from {', '.join(MODES)})")
@@ -421,13 +431,13 @@ def main():
         report = dict(machine=machine(), **faithfulness_table(args.explain, test_csv,
                                                               args.device))
         if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            write_atomically(args.json, json.dumps(report, indent=2) + "\n")
         return
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     if args.beyond:
         def save(report):
             if args.json:
-                Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+                write_atomically(args.json, json.dumps(report, indent=2) + "\n")
         beyond(args, work, save)
         return
     if args.quick:
@@ -446,8 +456,8 @@ def main():
               **measure_classify(runs, args.device)}
     print_report(report, args.device)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_atomically(args.json, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

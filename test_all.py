@@ -1261,6 +1261,8 @@ def test_bad_flags_are_argparse_errors(tmp_path, sample_tsv, flags, message, cli
     (["--modes", "plain,fast"], "--modes: unknown mode 'fast'"),
     (["--model", "gpt3"], "invalid choice: 'gpt3'"),
     (["--data", "no-such-file.tsv"], "--data: no file at no-such-file.tsv"),
+    (["--json", "no-such-folder/bench.json"], "--json: no folder no-such-folder"),
+    (["--explain", "c.safetensors", "--beyond"], "--explain measures its checkpoint only"),
 ])
 def test_bench_rejects_bad_flags_before_running_anything(flags, message, cli):
     code, stdout, stderr = cli("bench.py", *flags)
