@@ -1487,10 +1487,13 @@ def validated_threshold(choice, info, checkpoint):
     """The threshold --threshold validated asks for; None for the argmax."""
     if choice == "argmax":
         return None
+    if info["num_classes"] != 2:
+        raise InputError(f"{checkpoint} has {info['num_classes']} classes: --threshold "
+                         f"validated is for two (a threshold on P(class 1)); leave it out.")
     if info["threshold"] is None:
-        raise InputError(f"{checkpoint} has no validated threshold (it has two classes only "
-                         f"when finetune.py saves one, since this version): fine-tune again, "
-                         f"or leave out --threshold validated.")
+        raise InputError(f"{checkpoint} has no validated threshold: it was saved before "
+                         f"finetune.py chose one. Fine-tune again, or leave out --threshold "
+                         f"validated.")
     return info["threshold"]
 
 

@@ -461,11 +461,12 @@ def load_gpt2(weights, model_name="gpt2-small", config=None):
 
 def settings_for(form, path, model_name):
     """(config, the file it came from or None): hparams.json beside OpenAI's
-    checkpoint, a config.json beside a model.safetensors (the Hub's naming) or a
-    .pth (the book's or the Hub's), else --model's size."""
+    checkpoint, a config.json (the Hub's naming or the book's) beside a
+    model.safetensors or a .pth, else --model's size."""
     beside = path.parent / ("hparams.json" if form == "tf" else "config.json")
     if beside.is_file():
-        return config_from_json(beside, {"tf": "openai", "safetensors": "hub"}.get(form)), beside
+        # None: the naming the file itself shows (the Hub's or the book's)
+        return config_from_json(beside, "openai" if form == "tf" else None), beside
     return model_config(model_name), None
 
 

@@ -649,6 +649,13 @@ def test_a_damaged_openai_checkpoint_is_a_one_line_error_naming_the_file(
     assert gpt.crc32c(b"123456789") == 0xE3069283  # the standard check value of crc32c
 
 
+def test_a_config_json_in_the_books_naming_beside_a_safetensors_file_sets_the_size(tmp_path):
+    shutil.copy(MINI_WEIGHTS, tmp_path / "x.safetensors")
+    shutil.copy(TESTDATA / "gpt2-mini-book" / "config.json", tmp_path / "config.json")
+    settings, _ = gpt.load_gpt2(tmp_path / "x.safetensors")
+    assert settings == gpt.config_from_json(MINI / "config.json")
+
+
 def test_a_pth_holding_more_than_tensors_is_refused_without_running_it(tmp_path, monkeypatch):
     marker = tmp_path / "code-ran"
     monkeypatch.setenv("MARKER", str(marker))
@@ -2701,6 +2708,12 @@ def test_classify_applies_the_checkpoints_temperature_and_validated_threshold(
     assert json.loads(capsys.readouterr().out)["label"] == "spam"  # any P(spam) > 0
     with pytest.raises(InputError, match="has no validated threshold"):
         classify.main(["--checkpoint", str(old), "--threshold", "validated", "hello"])
+    three = tmp_path / "three.safetensors"
+    classify.save_classifier(tiny_classifier(num_classes=3), three, TINY_CONFIG, 20,
+                             ["a", "b", "c"], calibration={"temperature": 1.0, "threshold": None,
+                                                           "target_fpr": None})
+    with pytest.raises(InputError, match="has 3 classes: --threshold validated is for two"):
+        classify.main(["--checkpoint", str(three), "--threshold", "validated", "hello"])
 
 
 def test_the_api_explains_on_request_within_its_bound(server):
