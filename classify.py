@@ -1394,6 +1394,17 @@ def decode_line(line, number):
         return line.decode("utf-8", errors="replace")
 
 
+def argument_text(text, number):
+    """A TEXT argument as text: bytes that are not UTF-8 (Python keeps them as
+    lone surrogates, which no JSON reader takes) become U+FFFD, as on stdin."""
+    raw = text.encode("utf-8", errors="surrogateescape")
+    if raw.decode("utf-8", errors="replace") == text:
+        return text
+    print(f"note: TEXT {number} is not UTF-8: its undecodable bytes are classified as "
+          f"U+FFFD.", file=sys.stderr)
+    return raw.decode("utf-8", errors="replace")
+
+
 def text_batches(args_texts, stdin, size=CHUNK):
     """The texts to classify, in order, in lists: the TEXTs, and for "-" each
     line of stdin (blank ones too: they get an error line), as line_batches
@@ -1512,7 +1523,9 @@ def build_parser():
                              f"'-<tab>{BLANK}' (--json: an object with \"error\"); a line "
                              "that is not UTF-8 is classified with U+FFFD for its bad bytes, "
                              "and a note on stderr names it. Control characters in what is "
-                             "printed (not --json) are escaped, as \\n or \\x1b")
+                             "printed (not --json) are escaped, as \\n or \\x1b. With "
+                             "--explain (not --json), each result line is followed by its "
+                             "explanation's lines, indented")
     parser.add_argument("--checkpoint", default=CHECKPOINT_NAME,
                         help="the classifier finetune.py saved (default: %(default)s)")
     parser.add_argument("--base-weights", metavar="PATH",
@@ -1585,7 +1598,8 @@ def main(argv=None):
     device = select_device(args.device)
     model, info = load_classifier(args.checkpoint, device, args.base_weights)
     threshold = validated_threshold(args.threshold, info, args.checkpoint)
-    batches = text_batches(args.texts, sys.stdin.buffer if "-" in args.texts else None)
+    texts = [argument_text(text, i) for i, text in enumerate(args.texts, 1)]
+    batches = text_batches(texts, sys.stdin.buffer if "-" in texts else None)
     try:
         done = classify_and_print(batches, model, get_tokenizer(), device, info, args,
                                   threshold)

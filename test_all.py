@@ -1471,6 +1471,16 @@ def test_a_closed_or_full_stdout_is_one_error(tmp_path, monkeypatch):
             classify.main(["--checkpoint", str(checkpoint), "hello"])
 
 
+def test_an_argument_that_is_not_utf8_is_classified_with_replacement_characters(
+        tmp_path, cli):
+    path = tmp_path / "c.safetensors"
+    classify.save_classifier(tiny_classifier(), path, TINY_CONFIG, 20, ["not spam", "spam"])
+    # how Python hands over the argument bytes b"\xff win": a lone surrogate
+    code, out, err = cli("classify.py", "--checkpoint", path, "--json", "\udcff win")
+    assert code == 0 and json.loads(out)["text"] == "\ufffd win"
+    assert err == "note: TEXT 1 is not UTF-8: its undecodable bytes are classified as U+FFFD.\n"
+
+
 def test_labels_and_messages_are_printed_with_control_characters_escaped(tmp_path, capsys):
     checkpoint = tmp_path / "c.safetensors"
     labels = ["\x1b[31mred", "two\nlines"]
