@@ -729,7 +729,11 @@ def nll(logits, targets, temperature=1.0):
     return torch.nn.functional.cross_entropy(logits.double() / temperature, targets).item()
 
 
-def fit_temperature(logits, targets, lowest=0.05, highest=20.0, steps=80):
+TEMPERATURE_RANGE = (0.05, 20.0)  # beyond it the probabilities are all 0/1 or all equal
+
+
+def fit_temperature(logits, targets, lowest=TEMPERATURE_RANGE[0], highest=TEMPERATURE_RANGE[1],
+                    steps=80):
     """Temperature scaling (Guo et al. 2017): the one T that minimizes the NLL of
     softmax(logits / T). The NLL is convex in 1/T, so one minimum: golden-section
     search over log T. T=1 stays where no T in range does better."""
@@ -849,6 +853,11 @@ def calibrate(model, loaders, device, names, target_fpr, out):
                          reliability_bins(after, test_targets), temperature, out)
     print(f"Temperature scaling (fitted on the validation split): T = {temperature:.3f}, "
           f"validation NLL {result['val_nll_before']:.3f} -> {result['val_nll_after']:.3f}")
+    if temperature > 0.99 * TEMPERATURE_RANGE[1] or temperature < 1.01 * TEMPERATURE_RANGE[0]:
+        result["temperature_at_bound"] = True
+        print(f"note: T is at the end of the range searched {TEMPERATURE_RANGE}: the model's "
+              f"probabilities carry little information about its errors (a model near "
+              f"chance, or one that is wrong where it is sure)")
     if "test_ece_before" in result:
         print(f"Test ECE ({ECE_BINS} bins): {result['test_ece_before']:.3f} before, "
               f"{result['test_ece_after']:.3f} after temperature scaling")
@@ -1096,6 +1105,10 @@ def check_args(parser, args, world):
     if args.batch_size % world:
         parser.error(f"--batch-size {args.batch_size} does not divide among {world} "
                      f"processes: each takes an equal share of every batch")
+    defaults = parser.parse_args([])
+    if args.trainable != "lora" and (args.lora_rank, args.lora_alpha) != (
+            defaults.lora_rank, defaults.lora_alpha):
+        parser.error("--lora-rank and --lora-alpha go with --trainable lora")
     return config
 
 

@@ -1256,6 +1256,7 @@ def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokeni
     (["--cache-memory", "-1"], "use auto, 0 (no cache) or a number with B, KB, MB, GB"),
     (["--cache-memory", "lots"], "'lots' is not a size: use auto, 0 (no cache)"),
     (["--cache-memory", "5XB"], "'5XB' is not a size: use auto, 0 (no cache)"),
+    (["--lora-rank", "4"], "--lora-rank and --lora-alpha go with --trainable lora"),
 ])
 def test_bad_flags_are_argparse_errors(tmp_path, sample_tsv, flags, message, cli):
     code, _, stderr = cli("finetune.py", "--data", sample_tsv, "--weights", "random",
