@@ -261,6 +261,19 @@ def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out
                                      file_bytes=classifier.prefix_cache.file_bytes))
     if not writer:
         return dict(metrics, checkpoint=str(checkpoint))
+    save_run(classifier, config, metrics, lora, loaders, device, args, label_ids, splits,
+             max_length, work, out)  # 6.8
+    if names == SPAM_CLASS_NAMES:
+        classify_examples(classifier, tokenizer, device, max_length)
+    return dict(metrics, checkpoint=str(checkpoint))
+
+
+def save_run(classifier, config, metrics, lora, loaders, device, args, label_ids, splits,
+             max_length, work, out):
+    """Rank 0's outputs once training is done: the baseline and calibration in
+    metrics.json, the checkpoint (section 6.8), all written into `work` and
+    moved into `out` only now that the run has succeeded."""
+    names = class_names(label_ids)
     if not args.no_baseline:
         metrics["naive_bayes"] = naive_bayes_baseline(label_ids, splits)
     with out_left_as_it_was(out):
@@ -268,17 +281,14 @@ def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out
         metrics["calibration"], calibration = calibrate(
             classifier, [loader.data_loader for loader in loaders], device, names,
             args.target_fpr, work)
-        save_classifier(classifier, work / CHECKPOINT_NAME, config, max_length,  # 6.8
+        save_classifier(classifier, work / CHECKPOINT_NAME, config, max_length,
                         names, lora=lora, trainable=args.trainable, calibration=calibration)
         write_atomically(work / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     publish(work, out)
     plots = "reliability-plot.svg, roc-plot.svg, pr-plot.svg" if len(names) == 2 else \
         "reliability-plot.svg"
-    print(f"Saved {checkpoint}, metrics.json, loss-plot.svg, accuracy-plot.svg, {plots} "
-          f"and the CSV splits in {out}")
-    if names == SPAM_CLASS_NAMES:
-        classify_examples(classifier, tokenizer, device, max_length)
-    return dict(metrics, checkpoint=str(checkpoint))
+    print(f"Saved {out / CHECKPOINT_NAME}, metrics.json, loss-plot.svg, accuracy-plot.svg, "
+          f"{plots} and the CSV splits in {out}")
 
 
 def load_rows(args):
