@@ -1115,9 +1115,8 @@ def check_args(parser, args, world):
     if args.batch_size % world:
         parser.error(f"--batch-size {args.batch_size} does not divide among {world} "
                      f"processes: each takes an equal share of every batch")
-    defaults = parser.parse_args([])
     if args.trainable != "lora" and (args.lora_rank, args.lora_alpha) != (
-            defaults.lora_rank, defaults.lora_alpha):
+            parser.get_default("lora_rank"), parser.get_default("lora_alpha")):
         parser.error("--lora-rank and --lora-alpha go with --trainable lora")
     return config
 
