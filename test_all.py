@@ -1056,6 +1056,152 @@ def test_prefix_cache_switches_itself_off_when_every_layer_trains_or_dropout_is_
     assert tiny_classifier().enable_prefix_cache()
 
 
+# ------------------------------------------------------------- --precision bf16, fp16
+
+def separable_batches(n_batches, seed=0, batch_size=8, length=12):
+    """Label 1: tokens drawn from 0-9; label 0: from 10-19. Padded at the end, so
+    the chapter's last position reads padding and must attend back."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        labels = torch.randint(0, 2, (batch_size,), generator=g)
+        ids = torch.randint(0, 10, (batch_size, length), generator=g) + 10 * (1 - labels[:, None])
+        ids[:, length - 3:] = 50256
+        batches.append((ids, labels))
+    return batches
+
+
+def fit(model, batches, val, epochs=4):
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    finetune.train_classifier_simple(model, batches, val, optimizer, "cpu",
+                                     num_epochs=epochs, eval_freq=1000, eval_iter=1)
+    return finetune.calc_accuracy_loader(val, model, "cpu")
+
+
+def precision_classifier(precision):
+    torch.manual_seed(0)
+    model = gpt.GPTModel(dict(TINY_CONFIG, emb_dim=32, n_heads=4))
+    finetune.prepare_for_classification(model, 2, trainable="last_block")
+    classifier = classify.GPTClassifier(model, pool="last", precision=precision)
+    classifier.round_frozen_prefix()
+    return classifier
+
+
+def test_bf16_learns_as_fp32_does_where_one_autocast_around_training_does_not(capsys):
+    train, val = separable_batches(20), separable_batches(6, seed=1)
+    fp32 = fit(precision_classifier("fp32"), train, val)
+    bf16 = fit(precision_classifier("bf16"), train, val)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the naive design: stale weights
+        naive = fit(precision_classifier("fp32"), train, val)
+    assert fp32 > 0.9 and abs(bf16 - fp32) <= 0.05
+    assert naive < fp32 - 0.2
+
+
+def test_bf16_logits_are_within_two_percent_of_fp32s_and_float32(tokenizer):
+    gpt_model, _ = gpt.build_gpt(weights=str(MINI_WEIGHTS))
+    finetune.prepare_for_classification(gpt_model, 2)
+    texts = [text for _, text in data.read_tsv(SMS)[:64]]
+    ids = data.pad_ids([data.encode(t, tokenizer, 60) for t in texts])
+    logits = {}
+    for precision in ("fp32", "bf16"):
+        model = classify.GPTClassifier(gpt_model, precision=precision).eval()
+        with torch.no_grad():
+            logits[precision] = model(ids)
+    assert logits["bf16"].dtype == torch.float32
+    scale = logits["fp32"].abs().max()
+    assert 0 < (logits["bf16"] - logits["fp32"]).abs().max() <= 0.02 * scale
+
+
+def test_default_and_plain_print_the_same_lines_in_bf16_with_half_the_cache_bytes(
+        tmp_path, sample_tsv, capsys):
+    runs = {}
+    for name, flags in [("fp32", []), ("bf16", ["--precision", "bf16"]),
+                        ("bf16-plain", ["--precision", "bf16", "--plain"])]:
+        result = finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
+                                "--epochs", "2", "--out", str(tmp_path / name), *flags])
+        runs[name] = (chapter_lines(capsys.readouterr().out), result)
+    assert len(runs["bf16"][0]) > 15 and runs["bf16"][0] == runs["bf16-plain"][0]
+    assert runs["bf16"][0] != runs["fp32"][0]  # bf16 did compute in bf16
+    fp32_cache, bf16_cache = runs["fp32"][1]["prefix_cache"], runs["bf16"][1]["prefix_cache"]
+    assert bf16_cache["needed_bytes"] * 2 == fp32_cache["needed_bytes"] > 0
+    assert bf16_cache["memory_bytes"] * 2 == fp32_cache["memory_bytes"]
+    # the checkpoint keeps float32 weights, whatever precision trained them
+    tensors, _ = gpt.load_safetensors(tmp_path / "bf16" / CHECKPOINT)
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+
+
+def test_a_bf16_trained_checkpoint_classifies_in_fp32_and_bf16(tmp_path, sample_tsv, cli):
+    code, _, stderr = cli("finetune.py", "--data", sample_tsv, "--weights", MINI_WEIGHTS,
+                          "--epochs", "1", "--precision", "bf16", "--out", tmp_path)
+    assert code == 0, stderr
+    probabilities = {}
+    for precision in ("fp32", "bf16"):
+        code, stdout, stderr = cli("classify.py", "--checkpoint", tmp_path / CHECKPOINT,
+                                   "--precision", precision, "--json", SPAM_TEXT, "Hi there")
+        assert code == 0, stderr
+        probabilities[precision] = [json.loads(line)["probabilities"]
+                                    for line in stdout.splitlines()]
+    for fp32, bf16 in zip(probabilities["fp32"], probabilities["bf16"]):
+        for name in fp32:
+            assert bf16[name] == pytest.approx(fp32[name], abs=0.01)
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("finetune.py", ["--precision", "fp16", "--device", "cpu"],
+     "error: --precision fp16 does not run on --device cpu here; it can run fp32 or bf16."),
+    ("classify.py", ["--precision", "fp16", "--device", "cpu", "text"],
+     "error: --precision fp16 does not run on --device cpu here; it can run fp32 or bf16."),
+    ("finetune.py", ["--precision", "fp64"], "argument --precision: invalid choice: 'fp64'"),
+    ("classify.py", ["--precision", "half", "text"], "invalid choice: 'half'"),
+])
+def test_a_precision_the_device_cannot_run_is_one_error_line(
+        script, flags, message, tmp_path, sample_tsv, cli):
+    data_flags = ["--data", sample_tsv, "--weights", "random", "--out", tmp_path / "out"]
+    code, stdout, stderr = cli(script, *(data_flags if script == "finetune.py" else []), *flags)
+    assert code in (1, 2) and message in stderr and "Traceback" not in stderr
+    if code == 1:
+        assert stderr.strip() == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp16_loss_scaling_skips_an_overflowing_step_then_trains(capsys):
+    """fp16's GradScaler path, on the CPU (the CLI allows fp16 on CUDA only, where
+    the same code runs): a scale so large that float16 overflows skips the step
+    and lowers the scale; then the steps train."""
+    model = precision_classifier("fp16")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    optimizer = finetune.loss_scaled(optimizer, model, torch.device("cpu"))
+    scaler = model.grad_scaler
+    scaler._init_scale = 2.0 ** 40
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    (ids, labels), = separable_batches(1)
+    optimizer.zero_grad()
+    finetune.calc_loss_batch(ids, labels, model, "cpu").backward()
+    optimizer.step()
+    assert scaler.get_scale() == 2.0 ** 39  # overflow: halved
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    train, val = separable_batches(20), separable_batches(6, seed=1)
+    finetune.train_classifier_simple(model, train, val, optimizer, "cpu", num_epochs=3,
+                                     eval_freq=1000, eval_iter=1)
+    assert finetune.calc_accuracy_loader(val, model, "cpu") > 0.9
+    assert scaler.get_scale() < 2.0 ** 39
+
+
+def test_the_cache_keeps_its_messages_in_a_few_large_buffers():
+    cache = classify.PrefixCache()
+    hidden = [torch.randn(n, 16) for n in range(1, 200)]
+    for i, h in enumerate(hidden):
+        cache.put(i, h[:, :])
+    stored = [cache.get(i, "cpu") for i in range(len(hidden))]
+    assert all(torch.equal(a, b) for a, b in zip(stored, hidden))
+    assert len({t.untyped_storage().data_ptr() for t in stored}) == 1
+    assert cache.memory_bytes == sum(h.numel() * 4 for h in hidden)
+    budgeted = classify.PrefixCache(budget=1000)
+    budgeted.put("a", hidden[3])
+    assert budgeted.arena.numel() == 1000  # no more than the budget is reserved
+
+
 def test_flexible_pooling_reads_the_last_real_token_whatever_the_padding():
     model = tiny_classifier(pool="flexible").eval()
     ids = torch.tensor([[5, 6, 7, 50256, 50256], [8, 9, 10, 11, 12]])
@@ -2242,7 +2388,7 @@ def assert_same_run(reference, out, stdout):
         assert (out / split).read_bytes() == (reference_out / split).read_bytes()
 
 
-def test_two_torchrun_processes_print_and_train_what_one_process_does(
+def test_two_torchrun_processes_split_the_cache_fill_and_print_what_one_process_does(
         one_process_run, tmp_path):
     before = set(Path(tempfile.gettempdir()).glob("finetune-rank*"))
     process = torchrun(*one_process_run[0], "--out", tmp_path / "two")
@@ -2250,7 +2396,26 @@ def test_two_torchrun_processes_print_and_train_what_one_process_does(
     assert process.returncode == 0, stderr
     assert_same_run(one_process_run, tmp_path / "two", stdout)
     assert stdout.count("Dataset: ") == 1  # one writer
+    # the cache's fill was split: rank 0 computed every other batch, got the rest
+    cache = json.loads((tmp_path / "two" / "metrics.json").read_text())["prefix_cache"]
+    alone = json.loads((one_process_run[1] / "metrics.json").read_text())["prefix_cache"]
+    assert cache["fill_batches"] == alone["fill_batches_computed_here"] >= 4
+    assert cache["fill_batches_computed_here"] == (cache["fill_batches"] + 1) // 2
+    assert cache["memory_bytes"] == alone["memory_bytes"] > 0
     assert set(Path(tempfile.gettempdir()).glob("finetune-rank*")) == before
+
+
+def test_two_torchrun_processes_in_bf16_print_what_one_process_does(tmp_path, sample_tsv):
+    flags = ["--data", sample_tsv, "--weights", MINI_WEIGHTS, "--epochs", "1",
+             "--precision", "bf16", "--no-baseline"]
+    process = torchrun(*flags, "--out", tmp_path / "two")  # meanwhile, one process:
+    code, one_stdout, stderr = run("finetune.py", *flags, "--out", tmp_path / "one",
+                                   env={"OMP_NUM_THREADS": "1"})
+    assert code == 0, stderr
+    stdout, stderr = process.communicate(timeout=170)
+    assert process.returncode == 0, stderr
+    assert len(chapter_lines(stdout)) > 10
+    assert chapter_lines(stdout) == chapter_lines(one_stdout)
 
 
 def test_two_torchrun_nodes_on_one_machine_finish_with_one_processs_figures(
