@@ -4,6 +4,8 @@ with --beyond, the same beyond the chapter's size.
 python bench.py --json bench.json                  # the SMS data of testdata/, gpt2-small
 python bench.py --beyond --json bench-beyond.json  # long texts, a cache budget, all data
 python bench.py --explain runs/a/review_classifier.safetensors  # how faithful --explain is
+python bench.py --precision fp32,bf16 --json bench-precision.json  # each mode in each
+python bench.py --device cuda --precision fp32,bf16,fp16           # a GPU, in minutes
 
 Modes, each the chapter's whole schedule (data, initial evaluations, --epochs
 epochs with their evaluations, final accuracies, saving) with random weights,
@@ -11,9 +13,11 @@ each a finetune.py process of its own, so its peak memory is its own:
   plain     the chapter's loop: every layer on every batch (finetune.py --plain)
   cache     frozen-prefix cache + last block at the last position only (the default)
   flexible  cache + dynamic padding + the last real token (--pool flexible)
-Then classify's throughput on the 300 test messages, one at a time as the
-chapter's classify_review does vs batched, and the wall-clock of
-`python classify.py "text"` against importing torch and tiktoken alone.
+Each mode runs in each --precision (fp32 unless said), and every printed loss
+is compared with the fp32 run of the same mode. Then classify's throughput on
+the 300 test messages, one at a time as the chapter's classify_review does vs
+batched, in each precision, and the wall-clock of `python classify.py "text"`
+against importing torch and tiktoken alone.
 Speed does not depend on the weights' values: random weights time the same.
 
 --beyond (gpt2-small, 1 epoch unless said): 2,000 texts of about 250 tokens, each
@@ -22,6 +26,11 @@ default, --pool flexible, and the default with --cache-memory a third of the
 cache; the whole SMS collection with --no-balance, the default (5 epochs) and
 --plain (its training only: the time of an epoch); classify.py - on 3,000
 lines, and its peak memory on 3,000 and 100,000 lines with a tiny model.
+
+--beyond --modes cache,flexible --precision fp32,bf16: only those long-text runs.
+
+--torchrun: the cache fill of the default mode (1 epoch) under torchrun with 1
+and 2 processes: its seconds, which the split across processes divides.
 
 --explain CHECKPOINT: classify.py --explain's methods on the test.csv that
 finetune.py wrote beside the checkpoint, each against a random ranking, with
@@ -42,15 +51,25 @@ import time
 from pathlib import Path
 
 from gpt import MODEL_NAMES, InputError, run_cli
+from classify import PRECISIONS
 from data import write_atomically
 import finetune
 
 HERE = Path(__file__).resolve().parent
 MODES = {"plain": ["--plain"], "cache": [], "flexible": ["--pool", "flexible"]}
+LONG_NAMES = {"plain": "plain", "cache": "default", "flexible": "flexible"}
 TEXT = "You are a winner you have been specially selected to receive $1000 cash or a $2000 award."
 
 
 TRAINED = re.compile(r"Training completed in ([\d.]+) minutes")
+LOSS = re.compile(r"(?:loss:? )(\d+\.\d+)")  # every loss finetune.py prints
+
+
+def printed_losses(log):
+    """Every loss a finetune.py log printed, in order: the initial three, then
+    each "Ep" line's train and validation loss."""
+    return [float(x) for line in log.splitlines() if "loss" in line
+            for x in LOSS.findall(line)]
 
 
 def run_finetune(flags, out_dir, training_only=False):
@@ -87,22 +106,34 @@ def run_finetune(flags, out_dir, training_only=False):
             "peak_rss_mb": round(usage.ru_maxrss / 1024),
             "test_accuracy": metrics["test_accuracy"],
             "prefix_cache": metrics["prefix_cache"],
+            "losses": printed_losses(log.read_text()),
             "checkpoint": str(out_dir / "review_classifier.safetensors")}
 
 
-def child(mode, args, out_dir):
+def child(mode, precision, args, out_dir):
     flags = ["--model", args.model, "--data", args.data, "--epochs", str(args.epochs),
-             "--device", args.device, *MODES[mode]]
-    return dict(mode=mode, **run_finetune(flags, out_dir))
+             "--device", args.device, "--precision", precision, *MODES[mode]]
+    return dict(mode=mode, precision=precision, **run_finetune(flags, out_dir))
 
 
-def classify_throughput(checkpoint, test_csv, device):
+def loss_differences(runs):
+    """Each run's largest difference of a printed loss from the fp32 run of the
+    same mode (None where there is none to compare)."""
+    fp32 = {r["mode"]: r["losses"] for r in runs if r["precision"] == "fp32"}
+    for r in runs:
+        reference = fp32.get(r["mode"])
+        r["max_loss_difference"] = None if reference is None or r["precision"] == "fp32" else \
+            round(max(abs(a - b) for a, b in zip(r["losses"], reference)), 3)
+    return runs
+
+
+def classify_throughput(checkpoint, test_csv, device, precision="fp32"):
     """Messages per second: the chapter's classify_review one message at a time on
     the chapter's plain forward pass, vs classify_texts in batches."""
     from classify import classify_review, classify_texts, load_classifier
     from data import read_csv
     from gpt import get_tokenizer
-    model, info = load_classifier(checkpoint, device)
+    model, info = load_classifier(checkpoint, device, precision=precision)
     tokenizer = get_tokenizer()
     texts = [text for _, text in read_csv(test_csv)]
     model.fast = False  # the chapter's forward pass
@@ -151,18 +182,24 @@ def quick_sample(data, path):
     return str(path)
 
 
-def measure_classify(runs, device):
+def measure_classify(runs, device, precisions):
     """Throughput on the flexible checkpoint (classify.py pads per batch where the
     pooling allows it) and on the chapter-pooling one ("last": every message is
-    padded to max_length); then the CLI's wall-clock against bare imports."""
-    by_mode = {r["mode"]: r["checkpoint"] for r in runs}
+    padded to max_length), in each precision (the checkpoints of the first);
+    then the CLI's wall-clock against bare imports."""
+    by_mode = {r["mode"]: r["checkpoint"] for r in runs if r["precision"] == precisions[0]}
     checkpoint = by_mode.get("flexible", runs[-1]["checkpoint"])
-    throughput = classify_throughput(checkpoint, Path(checkpoint).parent / "test.csv", device)
-    if "cache" in by_mode:
-        last_pool = classify_throughput(by_mode["cache"],
-                                        Path(by_mode["cache"]).parent / "test.csv", device)
-        throughput["last_pool_one_at_a_time_msgs_per_s"] = last_pool["one_at_a_time_msgs_per_s"]
-        throughput["last_pool_batched_msgs_per_s"] = last_pool["batched_msgs_per_s"]
+    throughput = {}
+    for precision in precisions:
+        print(f"classifying in {precision} ...", flush=True)
+        throughput[precision] = classify_throughput(
+            checkpoint, Path(checkpoint).parent / "test.csv", device, precision)
+        if "cache" in by_mode:
+            last_pool = classify_throughput(by_mode["cache"], Path(by_mode["cache"]).parent
+                                            / "test.csv", device, precision)
+            throughput[precision].update(
+                last_pool_one_at_a_time_msgs_per_s=last_pool["one_at_a_time_msgs_per_s"],
+                last_pool_batched_msgs_per_s=last_pool["batched_msgs_per_s"])
     import_seconds = best_wall_clock(
         [sys.executable, "-c", "import torch, tiktoken; tiktoken.get_encoding('gpt2')"])
     cli_seconds = best_wall_clock([sys.executable, "classify.py", "--checkpoint",
@@ -174,21 +211,25 @@ def measure_classify(runs, device):
 def print_report(report, device):
     print(f"\n{report['machine']}, torch {report['torch']}, {report['model']}, random weights, "
           f"{report['epochs']} epoch(s), device {device}")
-    print(f"{'mode':<10}{'seconds':>10}{'s/epoch':>10}{'speed-up':>10}{'peak RSS MB':>13}"
-          f"{'test acc':>10}")
-    plain = next((r["seconds"] for r in report["runs"] if r["mode"] == "plain"), None)
+    print(f"{'mode':<10}{'precision':>10}{'seconds':>9}{'s/epoch':>9}{'speed-up':>10}"
+          f"{'peak RSS MB':>13}{'test acc':>10}{'final losses':>15}{'max loss diff':>15}")
+    plain = next((r["seconds"] for r in report["runs"] if r["mode"] == "plain"
+                  and r["precision"] == "fp32"), None)
     for r in report["runs"]:
         speedup = f"{plain / r['seconds']:.1f}x" if plain else "-"
-        print(f"{r['mode']:<10}{r['seconds']:>10.1f}{r['seconds_per_epoch']:>10.1f}"
-              f"{speedup:>10}{r['peak_rss_mb']:>13.0f}{r['test_accuracy']*100:>9.2f}%")
-    throughput = report["classify"]
-    print(f"classify, flexible checkpoint: {throughput['one_at_a_time_msgs_per_s']} msgs/s "
-          f"one at a time (chapter), {throughput['batched_msgs_per_s']} msgs/s batched "
-          f"({throughput['batched_msgs_per_s'] / throughput['one_at_a_time_msgs_per_s']:.1f}x)")
-    if "last_pool_batched_msgs_per_s" in throughput:
-        print(f"classify, chapter-pooling checkpoint: "
-              f"{throughput['last_pool_one_at_a_time_msgs_per_s']} msgs/s one at a time, "
-              f"{throughput['last_pool_batched_msgs_per_s']} msgs/s batched")
+        final = "/".join(f"{x:.3f}" for x in r["losses"][-2:])
+        difference = "-" if r["max_loss_difference"] is None else f"{r['max_loss_difference']:.3f}"
+        print(f"{r['mode']:<10}{r['precision']:>10}{r['seconds']:>9.1f}"
+              f"{r['seconds_per_epoch']:>9.1f}{speedup:>10}{r['peak_rss_mb']:>13.0f}"
+              f"{r['test_accuracy']*100:>9.2f}%{final:>15}{difference:>15}")
+    for precision, throughput in report["classify"].items():
+        print(f"classify in {precision}, flexible checkpoint: "
+              f"{throughput['one_at_a_time_msgs_per_s']} msgs/s one at a time (chapter), "
+              f"{throughput['batched_msgs_per_s']} msgs/s batched")
+        if "last_pool_batched_msgs_per_s" in throughput:
+            print(f"classify in {precision}, chapter-pooling checkpoint: "
+                  f"{throughput['last_pool_one_at_a_time_msgs_per_s']} msgs/s one at a time, "
+                  f"{throughput['last_pool_batched_msgs_per_s']} msgs/s batched")
     cli, imports = report["classify_cli_seconds"], report["import_seconds"]
     print(f"python classify.py \"text\": {cli:.2f} s; importing torch + tiktoken: "
           f"{imports:.2f} s (+{cli - imports:.2f} s)")
@@ -275,9 +316,13 @@ def beyond(args, work, save):
         print(f"  {report['runs'][name]}", flush=True)
         save(report)
 
-    run("long plain", [*long, "--plain"], 1)
-    run("long default", long, 1)
-    run("long flexible", [*long, "--pool", "flexible"], 1)
+    precisions = args.precision.split(",")
+    for mode in args.modes.split(","):
+        for precision in precisions:
+            name = f"long {LONG_NAMES[mode]}" + ("" if precision == "fp32" else f" {precision}")
+            run(name, [*long, *MODES[mode], "--precision", precision], 1)
+    if args.modes != ",".join(MODES):  # only the modes asked for
+        return report
     third = report["runs"]["long default"]["prefix_cache"]["needed_bytes"] // 3
     run("long budget a third", [*long, "--cache-memory", str(third)], 1)
     run("all data default", everything, 5)
@@ -297,6 +342,41 @@ def beyond(args, work, save):
         [*common, *everything, "--plain", "--epochs", "1"], work / "all-data-plain",
         training_only=True)
     save(report)
+    return report
+
+
+def fill_under_torchrun(args, work):
+    """The default mode for 1 epoch under torchrun, 1 then 2 processes of one
+    thread each: the cache fill's seconds (rank 0's), the whole run's, and its
+    printed losses (the same for both)."""
+    precision = args.precision.split(",")[0]
+    report = {"machine": machine(), "model": args.model, "precision": precision,
+              "date": time.strftime("%Y-%m-%d"), "runs": []}
+    for processes in (1, 2):
+        print(f"running torchrun --nproc_per_node={processes} ...", flush=True)
+        out = work / f"torchrun-{processes}"
+        start = time.time()
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             f"--nproc_per_node={processes}", "finetune.py", "--weights", "random", "--model",
+             args.model, "--data", args.data, "--epochs", "1", "--device", args.device,
+             "--precision", precision, "--out", str(out)],
+            cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"torchrun --nproc_per_node={processes} failed:\n{done.stderr[-2000:]}")
+        metrics = json.loads((out / "metrics.json").read_text())
+        report["runs"].append({
+            "processes": processes, "seconds": round(time.time() - start, 1),
+            "fill_seconds": metrics["prefix_cache"]["fill_seconds"],
+            "fill_batches_computed_by_rank_0": metrics["prefix_cache"][
+                "fill_batches_computed_here"],
+            "test_accuracy": metrics["test_accuracy"],
+            "losses": printed_losses(done.stdout)})
+        print(f"  {report['runs'][-1]}", flush=True)
+    one, two = report["runs"]
+    print(f"cache fill: {one['fill_seconds']} s with 1 process, {two['fill_seconds']} s with 2 "
+          f"({one['fill_seconds'] / two['fill_seconds']:.2f}x); printed losses "
+          f"{'the same' if one['losses'] == two['losses'] else 'DIFFERENT'}")
     return report
 
 
@@ -400,7 +480,17 @@ def main():
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 80 messages and 1 epoch per mode")
     parser.add_argument("--modes", default="plain,cache,flexible",
-                        help="comma-separated modes to run")
+                        help="comma-separated modes to run (with --beyond: the long-text "
+                             "runs to make, and only those)")
+    parser.add_argument("--precision", default="fp32",
+                        help="comma-separated precisions (finetune.py --precision: fp32, "
+                             "bf16, fp16) to run each mode in; the loss columns compare "
+                             "each run with the fp32 run of its mode, and classification "
+                             "is timed in each (on the first's checkpoints)")
+    parser.add_argument("--torchrun", action="store_true",
+                        help="measure the cache fill under torchrun instead: the default "
+                             "mode, 1 epoch, in the first --precision, with 1 and then 2 "
+                             "processes of one thread each (OMP_NUM_THREADS=1)")
     parser.add_argument("--beyond", action="store_true",
                         help="measure beyond the chapter's size instead (about 100 minutes "
                              "on 2 CPU cores): long texts, a cache budget, all data, "
@@ -417,9 +507,16 @@ def main():
     if args.explain and (args.beyond or args.quick or args.modes != ",".join(MODES)):
         parser.error("--explain measures its checkpoint only: it takes no --beyond, "
                      "--quick or --modes")
+    if args.torchrun and (args.beyond or args.explain or args.modes != ",".join(MODES)):
+        parser.error("--torchrun measures the default mode's cache fill only: it takes no "
+                     "--beyond, --explain or --modes")
     unknown = [mode for mode in args.modes.split(",") if mode not in MODES]
     if unknown:
         parser.error(f"--modes: unknown mode {unknown[0]!r} (choose from {', '.join(MODES)})")
+    unknown = [p for p in args.precision.split(",") if p not in PRECISIONS]
+    if unknown:
+        parser.error(f"--precision: unknown precision {unknown[0]!r} (choose from "
+                     f"{', '.join(PRECISIONS)})")
     if not Path(args.data).is_file():
         parser.error(f"--data: no file at {args.data}; pass the SMS Spam Collection's TSV "
                      f"(or the UCI zip)")
@@ -434,6 +531,11 @@ def main():
             write_atomically(args.json, json.dumps(report, indent=2) + "\n")
         return
     work = Path(tempfile.mkdtemp(prefix="bench-"))
+    if args.torchrun:
+        report = fill_under_torchrun(args, work)
+        if args.json:
+            write_atomically(args.json, json.dumps(report, indent=2) + "\n")
+        return
     if args.beyond:
         def save(report):
             if args.json:
@@ -444,16 +546,19 @@ def main():
         args.data, args.epochs = quick_sample(args.data, work / "sample.csv"), 1
     runs = []
     for mode in args.modes.split(","):
-        print(f"running {mode} ...", flush=True)
-        runs.append(child(mode, args, work / mode))
-        print(f"  {runs[-1]}", flush=True)
+        for precision in args.precision.split(","):
+            print(f"running {mode} {precision} ...", flush=True)
+            runs.append(child(mode, precision, args, work / f"{mode}-{precision}"))
+            print(f"  {runs[-1]}", flush=True)
 
     import torch
     report = {"machine": machine(), "torch": torch.__version__, "model": args.model,
-              "epochs": args.epochs,
-              "runs": [{k: r[k] for k in ("mode", "seconds", "seconds_per_epoch",
-                                          "peak_rss_mb", "test_accuracy")} for r in runs],
-              **measure_classify(runs, args.device)}
+              "epochs": args.epochs, "date": time.strftime("%Y-%m-%d"),
+              "runs": [{k: r[k] for k in ("mode", "precision", "seconds", "seconds_per_epoch",
+                                          "peak_rss_mb", "test_accuracy", "losses",
+                                          "max_loss_difference")}
+                       for r in loss_differences(runs)],
+              **measure_classify(runs, args.device, args.precision.split(","))}
     print_report(report, args.device)
     if args.json:
         write_atomically(args.json, json.dumps(report, indent=2) + "\n")
