@@ -403,12 +403,19 @@ def check_precision(precision, device):
     if device.type == "cpu" or (device.type == "mps" and autocasts(device, torch.bfloat16)):
         can.append("bf16")
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if cuda_has_bf16():
             can.append("bf16")
         can.append("fp16")
     if precision not in can:
         raise InputError(f"--precision {precision} does not run on --device {device.type} "
                          f"here; it can run {' or '.join(can)}.")
+
+
+def cuda_has_bf16():
+    try:  # torch >= 2.4 counts emulated bfloat16 (a T4's, slower than fp32) unless told not to
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        return torch.cuda.is_bf16_supported()
 
 
 def autocasts(device, dtype):
@@ -879,9 +886,11 @@ def logits_from_token_embeddings(model, token_embeddings, input_batch):
     ids, so that gradients reach them: every layer at every position."""
     gpt = model.gpt
     positions = torch.arange(input_batch.shape[1], device=input_batch.device)
-    x = gpt.drop_emb(token_embeddings + gpt.pos_emb(positions))
-    x = gpt.final_norm(gpt.trf_blocks(x))  # (b, T, emb_dim)
-    return gpt.out_head(model.pool_outputs(x, input_batch))
+    with model.autocast(input_batch):  # --precision, as the classification's
+        x = gpt.drop_emb(token_embeddings + gpt.pos_emb(positions))
+        x = gpt.final_norm(gpt.trf_blocks(x))  # (b, T, emb_dim)
+        logits = gpt.out_head(model.pool_outputs(x, input_batch))
+    return logits.float()
 
 
 def path_gradients(model, ids, target, max_length, pad_token_id, scales):

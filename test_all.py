@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import io
 import json
+import math
 import os
 import random
 import re
@@ -1145,6 +1146,12 @@ def test_a_bf16_trained_checkpoint_classifies_in_fp32_and_bf16(tmp_path, sample_
     for fp32, bf16 in zip(probabilities["fp32"], probabilities["bf16"]):
         for name in fp32:
             assert bf16[name] == pytest.approx(fp32[name], abs=0.01)
+    code, stdout, stderr = cli("classify.py", "--checkpoint", tmp_path / CHECKPOINT,
+                               "--precision", "bf16", "--explain", "--json", SPAM_TEXT)
+    assert code == 0, stderr
+    explanation = json.loads(stdout)["explanation"]
+    assert "".join(t["token"] for t in explanation) == SPAM_TEXT
+    assert all(math.isfinite(t["score"]) for t in explanation)
 
 
 @pytest.mark.parametrize("script, flags, message", [
