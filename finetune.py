@@ -200,17 +200,9 @@ def main(argv=None):
 
 
 def run(argv, rank, world, local_rank):
-    parser = build_parser()
     with contextlib.ExitStack() as cleanup:
         with said_by_rank_0(rank):
-            args = parser.parse_args(argv)
-            device = select_device(args.device)
-            if world > 1 and device.type == "mps":
-                parser.error("--device mps (which auto picks on a Mac) cannot run under "
-                             "torchrun: its gloo backend takes CPU tensors only; use "
-                             "--device cpu, or one process without torchrun")
-            config = check_args(parser, args, world)
-            check_precision(args.precision, device)
+            args, device, config = parse_and_check(argv, world)  # the device: select_device
             out = Path(args.out)
             rows = load_rows(args)
             work = work_folder(out, rank, cleanup)  # only now: bad data leaves no folder
@@ -218,16 +210,9 @@ def run(argv, rank, world, local_rank):
             tokenizer = get_tokenizer()  # 6.3
             datasets = create_datasets(work, tokenizer, args.max_length,
                                        config["context_length"], args.pool, len(label_ids))
-        if world > 1 and args.weights == "pretrained":
-            download_before_process_group(args.model, local_rank)
-        try:
-            if world > 1:
-                device = start_process_group(device, local_rank)
-            return fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device,
-                                      out, work, cleanup)
-        finally:
-            if world > 1 and dist.is_initialized():
-                dist.destroy_process_group()
+        device = join_process_group(args, device, world, local_rank, cleanup)  # torchrun
+        return fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device,
+                                  out, work, cleanup)
 
 
 def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out, work,
@@ -238,18 +223,15 @@ def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out
     names = class_names(label_ids)
     max_length = datasets[0].max_length
     loaders = create_data_loaders(*datasets, batch_size=args.batch_size)
-    # under torchrun each rank takes its rows of every batch here, not in the listings
-    loaders = [ThisRanksRows(loader, name)
-               for loader, name in zip(loaders, ["training", "validation", "test"])]
+    loaders = this_ranks_rows(loaders)  # under torchrun: each rank's rows of every batch
     for loader in loaders:
         print(f"{len(loader)} {loader.name} batches")
-    classifier, config, cache = prepare_model(args, len(label_ids), datasets, device, work)
-    cleanup.callback(lambda: classifier.prefix_cache.close())  # frees the spill file
+    classifier, config, cache = prepare_model(args, len(label_ids), datasets, device, work,
+                                              cleanup)
     writer = ranks()[0] == 0
     # the base file is hashed once, by the process that writes the checkpoint
     lora = lora_description(args) if args.trainable == "lora" and writer else None
-    model = classifier if ranks()[1] == 1 else DistributedDataParallel(
-        classifier, device_ids=[device.index] if device.type == "cuda" else None)
+    model = on_every_rank(classifier, device)  # torchrun: DDP averages the gradients
     print_initial_metrics(model, loaders, device, args.seed)  # 6.6
 
     checkpoint = out / CHECKPOINT_NAME  # 6.7
@@ -335,10 +317,9 @@ def create_datasets(out, tokenizer, max_length, context_length, pool, num_classe
     return train_dataset, val_dataset, test_dataset
 
 
-def prepare_model(args, num_classes, datasets, device, work):
-    """Sections 6.4-6.5: GPT-2 with the new head, on the device, its frozen
-    prefix cached where it applies (spilling into the folder `work`). Returns the
-    classifier, its config and what the cache was allowed and needed."""
+def prepare_model(args, num_classes, datasets, device, work, cleanup):
+    """Sections 6.4-6.5: GPT-2 with the new head, on the device. Returns the
+    classifier, its config and what its prefix cache was allowed and needed."""
     torch.manual_seed(args.seed)  # 6.4
     gpt, config = build_gpt(args.model, args.weights)
     prepare_for_classification(gpt, num_classes=num_classes, trainable=args.trainable,
@@ -346,19 +327,8 @@ def prepare_model(args, num_classes, datasets, device, work):
                                lora_alpha=args.lora_alpha)  # 6.5
     classifier = GPTClassifier(gpt, pool=args.pool, fast=not args.plain,
                                precision=args.precision).to(device)
-    classifier.round_frozen_prefix()  # bf16/fp16: where the cache stores, in both modes
-    budget, source = cache_budget(args.cache_memory, device)
-    needed, filled = 0, {}
-    if classifier.enable_prefix_cache(budget, spill_dir=work):
-        blocks = "block" if classifier.n_cached == 1 else "blocks"
-        print(f"Caching the output of the frozen embeddings and first {classifier.n_cached} "
-              f"{blocks} (--plain recomputes them on every batch, as the chapter does)")
-        needed = cache_size(datasets, gpt.tok_emb.weight.shape[1], classifier.cache_dtype())
-        print(cache_plan(needed, budget, source, work.parent))  # --out
-        # torchrun: each rank fills its share, and all end with every message
-        filled = classifier.fill_prefix_cache(datasets, rank=ranks()[0], world=ranks()[1])
-    cache = {"needed_bytes": needed, "budget_bytes": budget if classifier.n_cached else 0,
-             **filled}
+    # not the chapter's: the frozen layers' output computed once (not with --plain)
+    cache = cache_frozen_prefix(classifier, args, datasets, device, work, cleanup)
     return classifier, config, cache
 
 
@@ -473,6 +443,22 @@ class ThisRanksRows:
             progress(f"{self.name} batches", i, len(self.data_loader), start)
 
 
+def this_ranks_rows(loaders):
+    """The training, validation and test loaders as ThisRanksRows: the split of
+    each batch among torchrun's ranks happens here, not in the listings."""
+    return [ThisRanksRows(loader, name)
+            for loader, name in zip(loaders, ["training", "validation", "test"])]
+
+
+def on_every_rank(classifier, device):
+    """The model the listings train: under torchrun, the classifier inside
+    DistributedDataParallel, which averages the gradients over the ranks."""
+    if ranks()[1] == 1:
+        return classifier
+    return DistributedDataParallel(
+        classifier, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def global_sum(device, *values):
     """The sums of values over all ranks (the values themselves in one process)."""
     if ranks()[1] == 1:
@@ -504,6 +490,23 @@ def said_by_rank_0(rank):
             yield
         except InputError:
             sys.exit(1)
+
+
+def join_process_group(args, device, world, local_rank, cleanup):
+    """Under torchrun (world > 1): the pretrained weights downloaded first, then
+    this process in the process group, which `cleanup` (an ExitStack) ends with
+    the run. Returns this process's device (in one process, the one given)."""
+    if world == 1:
+        return device
+    if args.weights == "pretrained":
+        download_before_process_group(args.model, local_rank)
+    cleanup.callback(end_process_group)
+    return start_process_group(device, local_rank)
+
+
+def end_process_group():
+    if dist.is_initialized():  # not if starting it failed
+        dist.destroy_process_group()
 
 
 def start_process_group(device, local_rank):
@@ -1148,6 +1151,21 @@ def build_parser():
     return parser
 
 
+def parse_and_check(argv, world):
+    """The flags, checked before any data is read, by every rank under torchrun
+    (world processes): (args, the device select_device picks, the model config)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = select_device(args.device)
+    if world > 1 and device.type == "mps":
+        parser.error("--device mps (which auto picks on a Mac) cannot run under "
+                     "torchrun: its gloo backend takes CPU tensors only; use "
+                     "--device cpu, or one process without torchrun")
+    config = check_args(parser, args, world)
+    check_precision(args.precision, device)
+    return args, device, config
+
+
 def check_args(parser, args, world):
     """What the flags must satisfy beyond their own types; returns the model config
     (a --weights file's header is read here, before any data)."""
@@ -1176,6 +1194,30 @@ def lora_description(args):
         lora["path"] = str(Path(path).resolve())
         lora["bytes"], lora["sha256"] = file_fingerprint(path)
     return lora
+
+
+# ===== beyond the chapter: the frozen layers' output, computed once (--cache-memory) =====
+
+def cache_frozen_prefix(classifier, args, datasets, device, work, cleanup):
+    """Where it applies (not --plain, --cache-memory not 0): the frozen prefix's
+    output of every message, computed up front, within the budget in memory and
+    the rest in a file in the folder `work` (freed by `cleanup`). Returns what
+    the cache was allowed and needed, and how its fill went."""
+    cleanup.callback(lambda: classifier.prefix_cache.close())  # frees the spill file
+    classifier.round_frozen_prefix()  # bf16/fp16: where the cache stores, in both modes
+    budget, source = cache_budget(args.cache_memory, device)
+    needed, filled = 0, {}
+    if classifier.enable_prefix_cache(budget, spill_dir=work):
+        blocks = "block" if classifier.n_cached == 1 else "blocks"
+        print(f"Caching the output of the frozen embeddings and first {classifier.n_cached} "
+              f"{blocks} (--plain recomputes them on every batch, as the chapter does)")
+        needed = cache_size(datasets, classifier.gpt.tok_emb.weight.shape[1],
+                            classifier.cache_dtype())
+        print(cache_plan(needed, budget, source, work.parent))  # --out
+        # torchrun: each rank fills its share, and all end with every message
+        filled = classifier.fill_prefix_cache(datasets, rank=ranks()[0], world=ranks()[1])
+    return {"needed_bytes": needed, "budget_bytes": budget if classifier.n_cached else 0,
+            **filled}
 
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
