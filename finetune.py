@@ -240,39 +240,17 @@ def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out
         with out_left_as_it_was(out):
             plot_curves(results, args.epochs, work)
     metrics = final_metrics(model, loaders, device, names)
-    metrics.update(train_seconds=round(train_seconds, 1), args=vars(args),
-                   prefix_cache=dict(cache, memory_bytes=classifier.prefix_cache.memory_bytes,
-                                     file_bytes=classifier.prefix_cache.file_bytes))
-    if not writer:
-        return dict(metrics, checkpoint=str(checkpoint))
-    save_run(classifier, config, metrics, lora, loaders, device, args, label_ids, splits,
-             max_length, work, out)  # 6.8
-    if names == SPAM_CLASS_NAMES:
-        classify_examples(classifier, tokenizer, device, max_length)
+    metrics.update(run_record(args, train_seconds, classifier, cache))
+    if writer:
+        calibration = baseline_and_calibration(classifier, metrics, loaders, device, args,
+                                               label_ids, splits, work, out)
+        with out_left_as_it_was(out):  # 6.8
+            save_classifier(classifier, work / CHECKPOINT_NAME, config, max_length, names,
+                            lora=lora, trainable=args.trainable, calibration=calibration)
+        publish_run(metrics, work, out, names)
+        if names == SPAM_CLASS_NAMES:
+            classify_examples(classifier, tokenizer, device, max_length)
     return dict(metrics, checkpoint=str(checkpoint))
-
-
-def save_run(classifier, config, metrics, lora, loaders, device, args, label_ids, splits,
-             max_length, work, out):
-    """Rank 0's outputs once training is done: the baseline and calibration in
-    metrics.json, the checkpoint (section 6.8), all written into `work` and
-    moved into `out` only now that the run has succeeded."""
-    names = class_names(label_ids)
-    if not args.no_baseline:
-        metrics["naive_bayes"] = naive_bayes_baseline(label_ids, splits)
-    with out_left_as_it_was(out):
-        # rank 0 alone, on every row: the loaders' whole batches, not its share
-        metrics["calibration"], calibration = calibrate(
-            classifier, [loader.data_loader for loader in loaders], device, names,
-            args.target_fpr, work)
-        save_classifier(classifier, work / CHECKPOINT_NAME, config, max_length,
-                        names, lora=lora, trainable=args.trainable, calibration=calibration)
-        write_atomically(work / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    publish(work, out)
-    plots = "reliability-plot.svg, roc-plot.svg, pr-plot.svg" if len(names) == 2 else \
-        "reliability-plot.svg"
-    print(f"Saved {out / CHECKPOINT_NAME}, metrics.json, loss-plot.svg, accuracy-plot.svg, "
-          f"{plots} and the CSV splits in {out}")
 
 
 def load_rows(args):
@@ -351,15 +329,9 @@ def fine_tune(model, train_loader, val_loader, device, args, checkpoint):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     if args.precision == "fp16":  # not the chapter's: float16's gradients need scaling
         optimizer = loss_scaled(optimizer, model, device)
-    try:
+    with said_if_interrupted(checkpoint):
         results = train_classifier_simple(model, train_loader, val_loader, optimizer, device,
                                           num_epochs=args.epochs, eval_freq=50, eval_iter=5)
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli)
-        kept = f"{checkpoint} is unchanged" if checkpoint.exists() else "no checkpoint was written"
-        if ranks()[0] == 0:  # every rank got Ctrl-C; one says so
-            print(f"\ninterrupted during training: nothing of this run was saved, "
-                  f"{checkpoint.parent} is as it was; {kept}.", file=sys.stderr)
-        sys.exit(interrupted_status(e))
     end_time = time.time()
     execution_time_minutes = (end_time - start_time) / 60
     print(f"Training completed in {execution_time_minutes:.2f} minutes.")
@@ -379,20 +351,16 @@ def plot_curves(results, num_epochs, out):
 
 
 def final_metrics(model, loaders, device, names):
-    """The full training, validation and test accuracy (section 6.7), then the
-    test set's per-class metrics and confusion matrix."""
+    """The full training, validation and test accuracy (section 6.7), then (not
+    the chapter's) the test set's per-class metrics and confusion matrix."""
     train_accuracy, val_accuracy, test_accuracy = (
         calc_accuracy_loader(loader, model, device) for loader in loaders)
     print(f"Training accuracy: {train_accuracy*100:.2f}%")
     print(f"Validation accuracy: {val_accuracy*100:.2f}%")
     print(f"Test accuracy: {test_accuracy*100:.2f}%")
-    counts = confusion_matrix_loader(loaders[2], model, device, len(names))
-    metrics = {"train_accuracy": train_accuracy, "val_accuracy": val_accuracy,
-               "test_accuracy": test_accuracy, "labels": names,
-               "test_per_class": per_class_metrics(counts, names),
-               "test_confusion_matrix": counts}
-    print_test_metrics(metrics["test_per_class"], counts, names)
-    return metrics
+    return {"train_accuracy": train_accuracy, "val_accuracy": val_accuracy,
+            "test_accuracy": test_accuracy,
+            **metrics_beyond_accuracy(model, loaders[2], device, names)}
 
 
 def classify_examples(model, tokenizer, device, max_length):
@@ -563,6 +531,38 @@ def loss_scaled(optimizer, model, device):
 
 
 # ===== beyond the chapter: metrics a spam filter needs, a baseline =====
+
+def metrics_beyond_accuracy(model, test_loader, device, names):
+    """The test set's per-class precision, recall and F1 and its confusion
+    matrix, printed after the chapter's accuracies and kept for metrics.json."""
+    counts = confusion_matrix_loader(test_loader, model, device, len(names))
+    per_class = per_class_metrics(counts, names)
+    print_test_metrics(per_class, counts, names)
+    return {"labels": names, "test_per_class": per_class, "test_confusion_matrix": counts}
+
+
+def run_record(args, train_seconds, classifier, cache):
+    """What metrics.json keeps of the run beside its metrics: the training time,
+    the flags, and what the prefix cache was allowed, needed and held."""
+    return {"train_seconds": round(train_seconds, 1), "args": vars(args),
+            "prefix_cache": dict(cache, memory_bytes=classifier.prefix_cache.memory_bytes,
+                                 file_bytes=classifier.prefix_cache.file_bytes)}
+
+
+def baseline_and_calibration(classifier, metrics, loaders, device, args, label_ids, splits,
+                             work, out):
+    """Rank 0's metrics after the chapter's final accuracy: the naive Bayes
+    baseline and the calibration, added to metrics (its plots written into
+    `work`). Returns what the checkpoint keeps of the calibration."""
+    if not args.no_baseline:
+        metrics["naive_bayes"] = naive_bayes_baseline(label_ids, splits)
+    with out_left_as_it_was(out):
+        # rank 0 alone, on every row: the loaders' whole batches, not its share
+        metrics["calibration"], calibration = calibrate(
+            classifier, [loader.data_loader for loader in loaders], device,
+            class_names(label_ids), args.target_fpr, work)
+    return calibration
+
 
 def confusion_matrix_loader(data_loader, model, device, num_classes):
     """counts[true class][predicted class] over a whole loader."""
@@ -1339,6 +1339,32 @@ def out_left_as_it_was(out):
         yield
     except InputError as e:
         raise InputError(f"{e} Nothing in {out} was replaced.") from None
+
+
+def publish_run(metrics, work, out, names):
+    """Rank 0's last step: metrics.json beside the checkpoint in `work`, every
+    output moved into `out`, and the line that says what is there."""
+    with out_left_as_it_was(out):
+        write_atomically(work / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    publish(work, out)
+    plots = "reliability-plot.svg, roc-plot.svg, pr-plot.svg" if len(names) == 2 else \
+        "reliability-plot.svg"
+    print(f"Saved {out / CHECKPOINT_NAME}, metrics.json, loss-plot.svg, accuracy-plot.svg, "
+          f"{plots} and the CSV splits in {out}")
+
+
+@contextlib.contextmanager
+def said_if_interrupted(checkpoint):
+    """Ctrl-C (or SIGTERM, run_cli) during training: one rank says that nothing
+    of this run was saved, and the run ends with the interrupt's exit status."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        kept = f"{checkpoint} is unchanged" if checkpoint.exists() else "no checkpoint was written"
+        if ranks()[0] == 0:  # every rank got Ctrl-C; one says so
+            print(f"\ninterrupted during training: nothing of this run was saved, "
+                  f"{checkpoint.parent} is as it was; {kept}.", file=sys.stderr)
+        sys.exit(interrupted_status(e))
 
 
 def publish(work, out):
