@@ -298,29 +298,13 @@ def broadcast_from(owner, tensor, shape, dtype, device):
 def save_classifier(classifier, path, config, max_length, class_names, lora=None,
                     trainable="last_block", calibration=None):
     """The chapter's torch.save(model.state_dict(), "review_classifier.pth"),
-    without pickle: a safetensors file whose metadata describes the model, so
-    classify.py needs nothing else. Written atomically.
-
-    With lora (finetune.py's lora_description: rank, alpha, the base weights and
-    their size and sha256) only the adapters and the head are saved, with what
-    identifies the base weights they sit on. calibration: finetune.py's fitted
-    temperature and validated threshold, which classify.py applies."""
-    gpt = classifier.gpt
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "config": json.dumps(config),
-        "num_classes": str(gpt.out_head.out_features),
-        "max_length": str(max_length),
-        "pad_token_id": str(classifier.pad_token_id),
-        "labels": json.dumps(class_names),
-        "pool": classifier.pool,
-        "trainable": trainable,  # finetune.py's --trainable, to describe the model
-    }
-    if calibration:
-        metadata["calibration"] = json.dumps(calibration)
-    tensors = gpt.state_dict()
-    if lora:
-        metadata["lora"] = json.dumps(lora)
+    without pickle: a safetensors file whose metadata (checkpoint_metadata)
+    describes the model, so classify.py needs nothing else. Written atomically.
+    With lora, only the adapters and the head are saved."""
+    metadata = checkpoint_metadata(classifier, config, max_length, class_names, lora,
+                                   trainable, calibration)
+    tensors = classifier.gpt.state_dict()
+    if lora:  # the base weights stay in their own file, which the metadata identifies
         tensors = {name: t for name, t in tensors.items()
                    if ".lora." in name or name.startswith("out_head.")}
     save_safetensors(tensors, path, metadata)
@@ -432,6 +416,30 @@ def autocasts(device, dtype):
 
 
 # ===== beyond the chapter: the checkpoint's metadata, LoRA's base weights =====
+
+def checkpoint_metadata(classifier, config, max_length, class_names, lora, trainable,
+                        calibration):
+    """What save_classifier writes beside the tensors, in this order. lora:
+    finetune.py's lora_description (rank, alpha, the base weights and their size
+    and sha256), what identifies the base weights the adapters sit on.
+    calibration: finetune.py's fitted temperature and validated threshold, which
+    classify.py applies."""
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "config": json.dumps(config),
+        "num_classes": str(classifier.gpt.out_head.out_features),
+        "max_length": str(max_length),
+        "pad_token_id": str(classifier.pad_token_id),
+        "labels": json.dumps(class_names),
+        "pool": classifier.pool,
+        "trainable": trainable,  # finetune.py's --trainable, to describe the model
+    }
+    if calibration:
+        metadata["calibration"] = json.dumps(calibration)
+    if lora:
+        metadata["lora"] = json.dumps(lora)
+    return metadata
+
 
 def read_checkpoint_metadata(path, metadata):
     """Checks the metadata of a checkpoint before anything large is allocated."""

@@ -200,17 +200,9 @@ def main(argv=None):
 
 
 def run(argv, rank, world, local_rank):
-    parser = build_parser()
     with contextlib.ExitStack() as cleanup:
         with said_by_rank_0(rank):
-            args = parser.parse_args(argv)
-            device = select_device(args.device)
-            if world > 1 and device.type == "mps":
-                parser.error("--device mps (which auto picks on a Mac) cannot run under "
-                             "torchrun: its gloo backend takes CPU tensors only; use "
-                             "--device cpu, or one process without torchrun")
-            config = check_args(parser, args, world)
-            check_precision(args.precision, device)
+            args, device, config = parse_and_check(argv, world)  # the device: select_device
             out = Path(args.out)
             rows = load_rows(args)
             work = work_folder(out, rank, cleanup)  # only now: bad data leaves no folder
@@ -218,16 +210,9 @@ def run(argv, rank, world, local_rank):
             tokenizer = get_tokenizer()  # 6.3
             datasets = create_datasets(work, tokenizer, args.max_length,
                                        config["context_length"], args.pool, len(label_ids))
-        if world > 1 and args.weights == "pretrained":
-            download_before_process_group(args.model, local_rank)
-        try:
-            if world > 1:
-                device = start_process_group(device, local_rank)
-            return fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device,
-                                      out, work, cleanup)
-        finally:
-            if world > 1 and dist.is_initialized():
-                dist.destroy_process_group()
+        device = join_process_group(args, device, world, local_rank, cleanup)  # torchrun
+        return fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device,
+                                  out, work, cleanup)
 
 
 def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out, work,
@@ -238,18 +223,15 @@ def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out
     names = class_names(label_ids)
     max_length = datasets[0].max_length
     loaders = create_data_loaders(*datasets, batch_size=args.batch_size)
-    # under torchrun each rank takes its rows of every batch here, not in the listings
-    loaders = [ThisRanksRows(loader, name)
-               for loader, name in zip(loaders, ["training", "validation", "test"])]
+    loaders = this_ranks_rows(loaders)  # under torchrun: each rank's rows of every batch
     for loader in loaders:
         print(f"{len(loader)} {loader.name} batches")
-    classifier, config, cache = prepare_model(args, len(label_ids), datasets, device, work)
-    cleanup.callback(lambda: classifier.prefix_cache.close())  # frees the spill file
+    classifier, config, cache = prepare_model(args, len(label_ids), datasets, device, work,
+                                              cleanup)
     writer = ranks()[0] == 0
     # the base file is hashed once, by the process that writes the checkpoint
     lora = lora_description(args) if args.trainable == "lora" and writer else None
-    model = classifier if ranks()[1] == 1 else DistributedDataParallel(
-        classifier, device_ids=[device.index] if device.type == "cuda" else None)
+    model = on_every_rank(classifier, device)  # torchrun: DDP averages the gradients
     print_initial_metrics(model, loaders, device, args.seed)  # 6.6
 
     checkpoint = out / CHECKPOINT_NAME  # 6.7
@@ -258,39 +240,17 @@ def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out
         with out_left_as_it_was(out):
             plot_curves(results, args.epochs, work)
     metrics = final_metrics(model, loaders, device, names)
-    metrics.update(train_seconds=round(train_seconds, 1), args=vars(args),
-                   prefix_cache=dict(cache, memory_bytes=classifier.prefix_cache.memory_bytes,
-                                     file_bytes=classifier.prefix_cache.file_bytes))
-    if not writer:
-        return dict(metrics, checkpoint=str(checkpoint))
-    save_run(classifier, config, metrics, lora, loaders, device, args, label_ids, splits,
-             max_length, work, out)  # 6.8
-    if names == SPAM_CLASS_NAMES:
-        classify_examples(classifier, tokenizer, device, max_length)
+    metrics.update(run_record(args, train_seconds, classifier, cache))
+    if writer:
+        calibration = baseline_and_calibration(classifier, metrics, loaders, device, args,
+                                               label_ids, splits, work, out)
+        with out_left_as_it_was(out):  # 6.8
+            save_classifier(classifier, work / CHECKPOINT_NAME, config, max_length, names,
+                            lora=lora, trainable=args.trainable, calibration=calibration)
+        publish_run(metrics, work, out, names)
+        if names == SPAM_CLASS_NAMES:
+            classify_examples(classifier, tokenizer, device, max_length)
     return dict(metrics, checkpoint=str(checkpoint))
-
-
-def save_run(classifier, config, metrics, lora, loaders, device, args, label_ids, splits,
-             max_length, work, out):
-    """Rank 0's outputs once training is done: the baseline and calibration in
-    metrics.json, the checkpoint (section 6.8), all written into `work` and
-    moved into `out` only now that the run has succeeded."""
-    names = class_names(label_ids)
-    if not args.no_baseline:
-        metrics["naive_bayes"] = naive_bayes_baseline(label_ids, splits)
-    with out_left_as_it_was(out):
-        # rank 0 alone, on every row: the loaders' whole batches, not its share
-        metrics["calibration"], calibration = calibrate(
-            classifier, [loader.data_loader for loader in loaders], device, names,
-            args.target_fpr, work)
-        save_classifier(classifier, work / CHECKPOINT_NAME, config, max_length,
-                        names, lora=lora, trainable=args.trainable, calibration=calibration)
-        write_atomically(work / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    publish(work, out)
-    plots = "reliability-plot.svg, roc-plot.svg, pr-plot.svg" if len(names) == 2 else \
-        "reliability-plot.svg"
-    print(f"Saved {out / CHECKPOINT_NAME}, metrics.json, loss-plot.svg, accuracy-plot.svg, "
-          f"{plots} and the CSV splits in {out}")
 
 
 def load_rows(args):
@@ -335,10 +295,9 @@ def create_datasets(out, tokenizer, max_length, context_length, pool, num_classe
     return train_dataset, val_dataset, test_dataset
 
 
-def prepare_model(args, num_classes, datasets, device, work):
-    """Sections 6.4-6.5: GPT-2 with the new head, on the device, its frozen
-    prefix cached where it applies (spilling into the folder `work`). Returns the
-    classifier, its config and what the cache was allowed and needed."""
+def prepare_model(args, num_classes, datasets, device, work, cleanup):
+    """Sections 6.4-6.5: GPT-2 with the new head, on the device. Returns the
+    classifier, its config and what its prefix cache was allowed and needed."""
     torch.manual_seed(args.seed)  # 6.4
     gpt, config = build_gpt(args.model, args.weights)
     prepare_for_classification(gpt, num_classes=num_classes, trainable=args.trainable,
@@ -346,19 +305,8 @@ def prepare_model(args, num_classes, datasets, device, work):
                                lora_alpha=args.lora_alpha)  # 6.5
     classifier = GPTClassifier(gpt, pool=args.pool, fast=not args.plain,
                                precision=args.precision).to(device)
-    classifier.round_frozen_prefix()  # bf16/fp16: where the cache stores, in both modes
-    budget, source = cache_budget(args.cache_memory, device)
-    needed, filled = 0, {}
-    if classifier.enable_prefix_cache(budget, spill_dir=work):
-        blocks = "block" if classifier.n_cached == 1 else "blocks"
-        print(f"Caching the output of the frozen embeddings and first {classifier.n_cached} "
-              f"{blocks} (--plain recomputes them on every batch, as the chapter does)")
-        needed = cache_size(datasets, gpt.tok_emb.weight.shape[1], classifier.cache_dtype())
-        print(cache_plan(needed, budget, source, work.parent))  # --out
-        # torchrun: each rank fills its share, and all end with every message
-        filled = classifier.fill_prefix_cache(datasets, rank=ranks()[0], world=ranks()[1])
-    cache = {"needed_bytes": needed, "budget_bytes": budget if classifier.n_cached else 0,
-             **filled}
+    # not the chapter's: the frozen layers' output computed once (not with --plain)
+    cache = cache_frozen_prefix(classifier, args, datasets, device, work, cleanup)
     return classifier, config, cache
 
 
@@ -381,15 +329,9 @@ def fine_tune(model, train_loader, val_loader, device, args, checkpoint):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     if args.precision == "fp16":  # not the chapter's: float16's gradients need scaling
         optimizer = loss_scaled(optimizer, model, device)
-    try:
+    with said_if_interrupted(checkpoint):
         results = train_classifier_simple(model, train_loader, val_loader, optimizer, device,
                                           num_epochs=args.epochs, eval_freq=50, eval_iter=5)
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (run_cli)
-        kept = f"{checkpoint} is unchanged" if checkpoint.exists() else "no checkpoint was written"
-        if ranks()[0] == 0:  # every rank got Ctrl-C; one says so
-            print(f"\ninterrupted during training: nothing of this run was saved, "
-                  f"{checkpoint.parent} is as it was; {kept}.", file=sys.stderr)
-        sys.exit(interrupted_status(e))
     end_time = time.time()
     execution_time_minutes = (end_time - start_time) / 60
     print(f"Training completed in {execution_time_minutes:.2f} minutes.")
@@ -409,20 +351,16 @@ def plot_curves(results, num_epochs, out):
 
 
 def final_metrics(model, loaders, device, names):
-    """The full training, validation and test accuracy (section 6.7), then the
-    test set's per-class metrics and confusion matrix."""
+    """The full training, validation and test accuracy (section 6.7), then (not
+    the chapter's) the test set's per-class metrics and confusion matrix."""
     train_accuracy, val_accuracy, test_accuracy = (
         calc_accuracy_loader(loader, model, device) for loader in loaders)
     print(f"Training accuracy: {train_accuracy*100:.2f}%")
     print(f"Validation accuracy: {val_accuracy*100:.2f}%")
     print(f"Test accuracy: {test_accuracy*100:.2f}%")
-    counts = confusion_matrix_loader(loaders[2], model, device, len(names))
-    metrics = {"train_accuracy": train_accuracy, "val_accuracy": val_accuracy,
-               "test_accuracy": test_accuracy, "labels": names,
-               "test_per_class": per_class_metrics(counts, names),
-               "test_confusion_matrix": counts}
-    print_test_metrics(metrics["test_per_class"], counts, names)
-    return metrics
+    return {"train_accuracy": train_accuracy, "val_accuracy": val_accuracy,
+            "test_accuracy": test_accuracy,
+            **metrics_beyond_accuracy(model, loaders[2], device, names)}
 
 
 def classify_examples(model, tokenizer, device, max_length):
@@ -473,6 +411,22 @@ class ThisRanksRows:
             progress(f"{self.name} batches", i, len(self.data_loader), start)
 
 
+def this_ranks_rows(loaders):
+    """The training, validation and test loaders as ThisRanksRows: the split of
+    each batch among torchrun's ranks happens here, not in the listings."""
+    return [ThisRanksRows(loader, name)
+            for loader, name in zip(loaders, ["training", "validation", "test"])]
+
+
+def on_every_rank(classifier, device):
+    """The model the listings train: under torchrun, the classifier inside
+    DistributedDataParallel, which averages the gradients over the ranks."""
+    if ranks()[1] == 1:
+        return classifier
+    return DistributedDataParallel(
+        classifier, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def global_sum(device, *values):
     """The sums of values over all ranks (the values themselves in one process)."""
     if ranks()[1] == 1:
@@ -504,6 +458,23 @@ def said_by_rank_0(rank):
             yield
         except InputError:
             sys.exit(1)
+
+
+def join_process_group(args, device, world, local_rank, cleanup):
+    """Under torchrun (world > 1): the pretrained weights downloaded first, then
+    this process in the process group, which `cleanup` (an ExitStack) ends with
+    the run. Returns this process's device (in one process, the one given)."""
+    if world == 1:
+        return device
+    if args.weights == "pretrained":
+        download_before_process_group(args.model, local_rank)
+    cleanup.callback(end_process_group)
+    return start_process_group(device, local_rank)
+
+
+def end_process_group():
+    if dist.is_initialized():  # not if starting it failed
+        dist.destroy_process_group()
 
 
 def start_process_group(device, local_rank):
@@ -560,6 +531,38 @@ def loss_scaled(optimizer, model, device):
 
 
 # ===== beyond the chapter: metrics a spam filter needs, a baseline =====
+
+def metrics_beyond_accuracy(model, test_loader, device, names):
+    """The test set's per-class precision, recall and F1 and its confusion
+    matrix, printed after the chapter's accuracies and kept for metrics.json."""
+    counts = confusion_matrix_loader(test_loader, model, device, len(names))
+    per_class = per_class_metrics(counts, names)
+    print_test_metrics(per_class, counts, names)
+    return {"labels": names, "test_per_class": per_class, "test_confusion_matrix": counts}
+
+
+def run_record(args, train_seconds, classifier, cache):
+    """What metrics.json keeps of the run beside its metrics: the training time,
+    the flags, and what the prefix cache was allowed, needed and held."""
+    return {"train_seconds": round(train_seconds, 1), "args": vars(args),
+            "prefix_cache": dict(cache, memory_bytes=classifier.prefix_cache.memory_bytes,
+                                 file_bytes=classifier.prefix_cache.file_bytes)}
+
+
+def baseline_and_calibration(classifier, metrics, loaders, device, args, label_ids, splits,
+                             work, out):
+    """Rank 0's metrics after the chapter's final accuracy: the naive Bayes
+    baseline and the calibration, added to metrics (its plots written into
+    `work`). Returns what the checkpoint keeps of the calibration."""
+    if not args.no_baseline:
+        metrics["naive_bayes"] = naive_bayes_baseline(label_ids, splits)
+    with out_left_as_it_was(out):
+        # rank 0 alone, on every row: the loaders' whole batches, not its share
+        metrics["calibration"], calibration = calibrate(
+            classifier, [loader.data_loader for loader in loaders], device,
+            class_names(label_ids), args.target_fpr, work)
+    return calibration
+
 
 def confusion_matrix_loader(data_loader, model, device, num_classes):
     """counts[true class][predicted class] over a whole loader."""
@@ -1148,6 +1151,21 @@ def build_parser():
     return parser
 
 
+def parse_and_check(argv, world):
+    """The flags, checked before any data is read, by every rank under torchrun
+    (world processes): (args, the device select_device picks, the model config)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = select_device(args.device)
+    if world > 1 and device.type == "mps":
+        parser.error("--device mps (which auto picks on a Mac) cannot run under "
+                     "torchrun: its gloo backend takes CPU tensors only; use "
+                     "--device cpu, or one process without torchrun")
+    config = check_args(parser, args, world)
+    check_precision(args.precision, device)
+    return args, device, config
+
+
 def check_args(parser, args, world):
     """What the flags must satisfy beyond their own types; returns the model config
     (a --weights file's header is read here, before any data)."""
@@ -1176,6 +1194,30 @@ def lora_description(args):
         lora["path"] = str(Path(path).resolve())
         lora["bytes"], lora["sha256"] = file_fingerprint(path)
     return lora
+
+
+# ===== beyond the chapter: the frozen layers' output, computed once (--cache-memory) =====
+
+def cache_frozen_prefix(classifier, args, datasets, device, work, cleanup):
+    """Where it applies (not --plain, --cache-memory not 0): the frozen prefix's
+    output of every message, computed up front, within the budget in memory and
+    the rest in a file in the folder `work` (freed by `cleanup`). Returns what
+    the cache was allowed and needed, and how its fill went."""
+    cleanup.callback(lambda: classifier.prefix_cache.close())  # frees the spill file
+    classifier.round_frozen_prefix()  # bf16/fp16: where the cache stores, in both modes
+    budget, source = cache_budget(args.cache_memory, device)
+    needed, filled = 0, {}
+    if classifier.enable_prefix_cache(budget, spill_dir=work):
+        blocks = "block" if classifier.n_cached == 1 else "blocks"
+        print(f"Caching the output of the frozen embeddings and first {classifier.n_cached} "
+              f"{blocks} (--plain recomputes them on every batch, as the chapter does)")
+        needed = cache_size(datasets, classifier.gpt.tok_emb.weight.shape[1],
+                            classifier.cache_dtype())
+        print(cache_plan(needed, budget, source, work.parent))  # --out
+        # torchrun: each rank fills its share, and all end with every message
+        filled = classifier.fill_prefix_cache(datasets, rank=ranks()[0], world=ranks()[1])
+    return {"needed_bytes": needed, "budget_bytes": budget if classifier.n_cached else 0,
+            **filled}
 
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -1297,6 +1339,32 @@ def out_left_as_it_was(out):
         yield
     except InputError as e:
         raise InputError(f"{e} Nothing in {out} was replaced.") from None
+
+
+def publish_run(metrics, work, out, names):
+    """Rank 0's last step: metrics.json beside the checkpoint in `work`, every
+    output moved into `out`, and the line that says what is there."""
+    with out_left_as_it_was(out):
+        write_atomically(work / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    publish(work, out)
+    plots = "reliability-plot.svg, roc-plot.svg, pr-plot.svg" if len(names) == 2 else \
+        "reliability-plot.svg"
+    print(f"Saved {out / CHECKPOINT_NAME}, metrics.json, loss-plot.svg, accuracy-plot.svg, "
+          f"{plots} and the CSV splits in {out}")
+
+
+@contextlib.contextmanager
+def said_if_interrupted(checkpoint):
+    """Ctrl-C (or SIGTERM, run_cli) during training: one rank says that nothing
+    of this run was saved, and the run ends with the interrupt's exit status."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        kept = f"{checkpoint} is unchanged" if checkpoint.exists() else "no checkpoint was written"
+        if ranks()[0] == 0:  # every rank got Ctrl-C; one says so
+            print(f"\ninterrupted during training: nothing of this run was saved, "
+                  f"{checkpoint.parent} is as it was; {kept}.", file=sys.stderr)
+        sys.exit(interrupted_status(e))
 
 
 def publish(work, out):

@@ -1232,14 +1232,21 @@ TOKENIZER_FILES = Path(__file__).resolve().parent / "testdata" / "tiktoken"
 
 
 def get_tokenizer():
-    """tiktoken's gpt2 encoding. tiktoken reads its cache or downloads the files;
-    where it can do neither, the repository's copy is used (tiktoken checks the
-    files' sha256 either way)."""
+    """The chapter's tiktoken.get_encoding("gpt2"). tiktoken reads its cache or
+    downloads the files; where it can do neither, the repository's copy is used
+    (repository_tokenizer)."""
     import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken downloads its files on first use
-        error = e
+        return repository_tokenizer(e)
+
+
+def repository_tokenizer(error):
+    """tiktoken's gpt2 encoding from the repository's copy of its files (tiktoken
+    checks their sha256), TIKTOKEN_CACHE_DIR left as it was; where that fails
+    too, an InputError that names `error`, why the first try failed."""
+    import tiktoken
     saved = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = str(TOKENIZER_FILES)
     try:
