@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 from gpt import MODEL_NAMES, InputError, run_cli
-from classify import PRECISIONS
+from classify import PRECISIONS, check_precision, select_device
 from data import write_atomically
 import finetune
 
@@ -517,6 +517,18 @@ def main():
     if unknown:
         parser.error(f"--precision: unknown precision {unknown[0]!r} (choose from "
                      f"{', '.join(PRECISIONS)})")
+    for precision in args.precision.split(","):  # before hours of runs, not after
+        try:
+            check_precision(precision, select_device(args.device))
+        except InputError as e:
+            parser.error(str(e))
+    if args.beyond and args.modes == ",".join(MODES) and args.precision != "fp32":
+        parser.error("--beyond with every mode also makes its budget, all-data and streaming "
+                     "runs, in fp32: give it --precision fp32, or choose its long-text runs "
+                     "with --modes (e.g. --modes cache,flexible --precision fp32,bf16)")
+    if args.torchrun and (args.quick or "," in args.precision):
+        parser.error("--torchrun measures one precision on the whole data: it takes no "
+                     "--quick and one --precision")
     if not Path(args.data).is_file():
         parser.error(f"--data: no file at {args.data}; pass the SMS Spam Collection's TSV "
                      f"(or the UCI zip)")
@@ -555,8 +567,8 @@ def main():
     report = {"machine": machine(), "torch": torch.__version__, "model": args.model,
               "epochs": args.epochs, "date": time.strftime("%Y-%m-%d"),
               "runs": [{k: r[k] for k in ("mode", "precision", "seconds", "seconds_per_epoch",
-                                          "peak_rss_mb", "test_accuracy", "losses",
-                                          "max_loss_difference")}
+                                          "peak_rss_mb", "test_accuracy", "prefix_cache",
+                                          "losses", "max_loss_difference")}
                        for r in loss_differences(runs)],
               **measure_classify(runs, args.device, args.precision.split(","))}
     print_report(report, args.device)

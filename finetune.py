@@ -521,6 +521,7 @@ class LossScaledOptimizer:
 
 
 def loss_scaled(optimizer, model, device):
+    """The optimizer for --precision fp16, and the classifier's scaler set."""
     classifier = getattr(model, "module", model)  # inside DistributedDataParallel
     if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
         scaler = torch.amp.GradScaler(device.type)
@@ -1133,8 +1134,9 @@ def build_parser():
                              "block at the pooled position only (same results, slower)")
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                         help="the matrix products' precision: fp32 (the chapter); bf16, "
-                             "bfloat16 mixed precision (torch.autocast: about 3x the speed "
-                             "on CPUs and GPUs with bfloat16 units; weights, AdamW's state "
+                             "bfloat16 mixed precision (torch.autocast: 1.4-1.8x faster on a "
+                             "CPU with avx512_bf16, measured; slower where a CPU lacks "
+                             "bfloat16 units; weights, AdamW's state "
                              "and the checkpoint stay float32; the frozen layers' cached "
                              "output is kept in bfloat16, half the bytes); fp16, float16 "
                              "mixed precision with loss scaling (CUDA only: GPUs without "

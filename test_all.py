@@ -1132,6 +1132,28 @@ def test_default_and_plain_print_the_same_lines_in_bf16_with_half_the_cache_byte
     assert {t.dtype for t in tensors.values()} == {torch.float32}
 
 
+@pytest.mark.parametrize("trainable, budget", [("last_block", None), ("last_block", 0),
+                                               ("last_layer", None), ("last_layer", 0)])
+def test_in_bf16_the_fast_path_rounds_where_the_plain_pass_does(trainable, budget):
+    """The frozen prefix's output is rounded to bfloat16 in both paths, with the
+    cache or without, even where the frozen prefix is every block (last_layer)."""
+    batches = random_batches(2)
+    plain = tiny_classifier(trainable=trainable)
+    fast = tiny_classifier(trainable=trainable)
+    for model in (plain, fast):
+        model.precision = "bf16"
+        model.round_frozen_prefix()
+    plain.fast = False
+    fast.enable_prefix_cache(budget)
+    with torch.no_grad():
+        for ids, _ in batches:
+            assert torch.equal(fast(ids), plain(ids))
+    plain.precision = "fp32"
+    plain.round_frozen_prefix()  # fp32: the hook removed
+    with torch.no_grad():
+        assert not torch.equal(fast(batches[0][0]), plain(batches[0][0]))
+
+
 def test_a_bf16_trained_checkpoint_classifies_in_fp32_and_bf16(tmp_path, sample_tsv, cli):
     code, _, stderr = cli("finetune.py", "--data", sample_tsv, "--weights", MINI_WEIGHTS,
                           "--epochs", "1", "--precision", "bf16", "--out", tmp_path)
@@ -1172,6 +1194,8 @@ def test_a_precision_the_device_cannot_run_is_one_error_line(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"),
+                    reason="torch < 2.3 has no GradScaler for the CPU (fp16 is CUDA's)")
 def test_fp16_loss_scaling_skips_an_overflowing_step_then_trains(capsys):
     """fp16's GradScaler path, on the CPU (the CLI allows fp16 on CUDA only, where
     the same code runs): a scale so large that float16 overflows skips the step
@@ -1424,6 +1448,11 @@ def test_bad_flags_are_argparse_errors(tmp_path, sample_tsv, flags, message, cli
     (["--data", "no-such-file.tsv"], "--data: no file at no-such-file.tsv"),
     (["--json", "no-such-folder/bench.json"], "--json: no folder no-such-folder"),
     (["--explain", "c.safetensors", "--beyond"], "--explain measures its checkpoint only"),
+    (["--precision", "fp32,fp64"], "--precision: unknown precision 'fp64'"),
+    (["--precision", "fp32,fp16"], "--precision fp16 does not run on --device cpu here"),
+    (["--beyond", "--precision", "bf16"], "--beyond with every mode also makes its budget"),
+    (["--torchrun", "--beyond"], "--torchrun measures the default mode's cache fill only"),
+    (["--torchrun", "--precision", "fp32,bf16"], "--torchrun measures one precision"),
 ])
 def test_bench_rejects_bad_flags_before_running_anything(flags, message, cli):
     code, stdout, stderr = cli("bench.py", *flags)
