@@ -210,7 +210,9 @@ class GPTClassifier(torch.nn.Module):
         start_time = time.time()
         if self.n_cached is None:
             return {"fill_seconds": 0.0, "fill_batches": 0, "fill_batches_computed_here": 0}
-        messages = sorted((ids for dataset in datasets for ids, _ in dataset), key=len)
+        # each distinct message once: the SMS data repeats some texts word for word
+        distinct = {tuple(ids.tolist()): ids for dataset in datasets for ids, _ in dataset}
+        messages = sorted(distinct.values(), key=len)
         device = self.gpt.tok_emb.weight.device
         starts = range(0, len(messages), batch_size)
         for first in range(0, len(starts), world):  # a round: one batch per process
