@@ -361,21 +361,15 @@ def load_classifier(path, device="cpu", base_weights=None, precision="fp32"):
 
 
 def select_device(name):
-    """auto: cuda, then mps (only from torch 2.9: earlier versions were reported
-    to compute differently there), then cpu. An unavailable device is an error.
-    The chapter's torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-    with the mps of its note and a --device flag."""
-    available = ["cpu"]
-    if torch.cuda.is_available():
-        available.append("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        available.append("mps")
+    """The chapter's torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+    with the mps of its note and a --device flag. auto: cuda, then mps (only from
+    torch 2.9: earlier versions were reported to compute differently there), then
+    cpu. An unavailable device is an error."""
+    available = [device for device, here in [("cpu", True), ("cuda", torch.cuda.is_available()),
+                                             ("mps", torch.backends.mps.is_available())] if here]
     if name == "auto":
-        if "cuda" in available:
-            return torch.device("cuda")
-        if "mps" in available and torch_version() >= (2, 9):
-            return torch.device("mps")
-        return torch.device("cpu")
+        mps = "mps" in available and torch_version() >= (2, 9)
+        return torch.device("cuda" if "cuda" in available else "mps" if mps else "cpu")
     if name not in available:
         raise InputError(f"--device {name} is not available on this machine; "
                          f"available: {', '.join(available)} (or auto).")

@@ -240,99 +240,69 @@ def download_and_load_gpt2(model_name="gpt2-small", weights="pretrained", models
 
 
 def load_weights_into_gpt(gpt, params, source="the weights"):
-    """Listing 6.6's loader: copies the book's nested params (as
-    load_gpt2_params_from_tf_ckpt builds them, whichever file they came from)
-    into gpt through params_targets, every tensor checked first."""
+    """Listing 6.6's loader (the book's, from chapter 5): the book's nested params,
+    whichever file they came from, into gpt. Not the book's assign calls: one table
+    (params_targets), every tensor checked (matched_params) before any is copied."""
     with torch.no_grad():
         for param, value in matched_params(gpt, params, source):
             param.copy_(value)
 
 
-def params_targets(gpt):
-    """[(params keys, [(GPTModel parameter, how to turn the params tensor into
-    it)])]: the one table of where each of the book's params goes. Conv1D weights
-    are (in, out), Linear wants (out, in): transpose. A key is a tuple of
-    alternatives: out_head takes params["out_head"] where given (a .pth), else
-    the book's weight tying to wte."""
-    def part(i, transpose=False):  # one of query/key/value from the fused c_attn
-        return lambda t: (t.chunk(3, dim=-1)[i].T if transpose else t.chunk(3, dim=-1)[i])
-
+def params_targets(gpt, params):
+    """[(parameter, params keys, how that tensor becomes it)]: the book's assign
+    lines as one table. OpenAI's Conv1D weights are (in, out), Linear's (out, in):
+    transposed; c_attn holds query, key and value side by side: split in three.
+    out_head is tied to wte as in the book, unless params has its own (a .pth)."""
     def transposed(t):
         return t.T
 
-    targets = [
-        ((("wte",),), [(gpt.tok_emb.weight, None)]),
-        ((("wpe",),), [(gpt.pos_emb.weight, None)]),
-        ((("out_head",), ("wte",)), [(gpt.out_head.weight, None)]),
-        ((("g",),), [(gpt.final_norm.scale, None)]),
-        ((("b",),), [(gpt.final_norm.shift, None)]),
-    ]
-    for n, block in enumerate(gpt.trf_blocks):
+    targets = [(gpt.pos_emb.weight, ["wpe"], None), (gpt.tok_emb.weight, ["wte"], None),
+               (gpt.final_norm.scale, ["g"], None), (gpt.final_norm.shift, ["b"], None),
+               (gpt.out_head.weight, ["out_head" if "out_head" in params else "wte"], None)]
+    for b, block in enumerate(gpt.trf_blocks):
         att, ff = block.att, block.ff
-        b = ("blocks", n)
-        targets += [
-            (((*b, "ln_1", "g"),), [(block.norm1.scale, None)]),
-            (((*b, "ln_1", "b"),), [(block.norm1.shift, None)]),
-            (((*b, "attn", "c_attn", "w"),), [(att.W_query.weight, part(0, True)),
-                                               (att.W_key.weight, part(1, True)),
-                                               (att.W_value.weight, part(2, True))]),
-            (((*b, "attn", "c_attn", "b"),), [(att.W_query.bias, part(0)),
-                                               (att.W_key.bias, part(1)),
-                                               (att.W_value.bias, part(2))]),
-            (((*b, "attn", "c_proj", "w"),), [(att.out_proj.weight, transposed)]),
-            (((*b, "attn", "c_proj", "b"),), [(att.out_proj.bias, None)]),
-            (((*b, "ln_2", "g"),), [(block.norm2.scale, None)]),
-            (((*b, "ln_2", "b"),), [(block.norm2.shift, None)]),
-            (((*b, "mlp", "c_fc", "w"),), [(ff.layers[0].weight, transposed)]),
-            (((*b, "mlp", "c_fc", "b"),), [(ff.layers[0].bias, None)]),
-            (((*b, "mlp", "c_proj", "w"),), [(ff.layers[2].weight, transposed)]),
-            (((*b, "mlp", "c_proj", "b"),), [(ff.layers[2].bias, None)]),
-        ]
+        for i, linear in enumerate([att.W_query, att.W_key, att.W_value]):
+            targets += [(linear.weight, ["blocks", b, "attn", "c_attn", "w"],
+                         lambda t, i=i: t.chunk(3, dim=-1)[i].T),
+                        (linear.bias, ["blocks", b, "attn", "c_attn", "b"],
+                         lambda t, i=i: t.chunk(3, dim=-1)[i])]
+        for linear, keys in [(att.out_proj, ["attn", "c_proj"]),
+                             (ff.layers[0], ["mlp", "c_fc"]), (ff.layers[2], ["mlp", "c_proj"])]:
+            targets += [(linear.weight, ["blocks", b, *keys, "w"], transposed),
+                        (linear.bias, ["blocks", b, *keys, "b"], None)]
+        for norm, key in [(block.norm1, "ln_1"), (block.norm2, "ln_2")]:
+            targets += [(norm.scale, ["blocks", b, key, "g"], None),
+                        (norm.shift, ["blocks", b, key, "b"], None)]
     return targets
-
-
-def params_lookup(params, keys):
-    """params[k1][k2]... or None where any level is missing."""
-    for key in keys:
-        try:
-            params = params[key]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return params
-
-
-def params_name(keys):
-    return "params" + "".join(f"[{k!r}]" for k in keys)
 
 
 def matched_params(gpt, params, source):
     """[(parameter, value)] for every parameter of gpt, each value checked (a
     float tensor of the parameter's shape) before anything is copied: a missing
-    tensor is an error, not a silent random weight."""
+    tensor is an error naming it, not a silent random weight."""
+    names = {id(param): name for name, param in gpt.named_parameters()}
     pairs = []
-    for alternatives, targets in params_targets(gpt):
-        keys = next((k for k in alternatives if params_lookup(params, k) is not None), None)
-        if keys is None:
-            continue  # reported below, by the model's own names
-        tensor = params_lookup(params, keys)
+    for param, keys, transform in params_targets(gpt, params):
+        where = "params" + "".join(f"[{key!r}]" for key in keys)
+        tensor = params
+        try:
+            for key in keys:
+                tensor = tensor[key]
+        except (KeyError, IndexError, TypeError):
+            raise InputError(f"{source}: {where} is missing (the model's "
+                             f"{names[id(param)]}): not a complete GPT-2 checkpoint of "
+                             f"this size.") from None
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise InputError(f"{source}: {params_name(keys)} holds "
+            raise InputError(f"{source}: {where} holds "
                              f"{getattr(tensor, 'dtype', type(tensor).__name__)}, not floats.")
-        for param, transform in targets:
-            value = transform(tensor) if transform else tensor
-            if value.shape != param.shape:
-                raise InputError(
-                    f"{source}: {params_name(keys)} has shape {tuple(tensor.shape)}, but the "
-                    f"model needs {tuple(param.shape)} there"
-                    f"{' (after splitting and transposing)' if transform else ''}. "
-                    f"Check that --model matches the weights.")
-            pairs.append((param, value))
-    filled = {id(param) for param, _ in pairs}
-    missing = [n for n, p in gpt.named_parameters() if id(p) not in filled]
-    if missing:
-        raise InputError(f"{source} is missing {len(missing)} of the model's tensors, "
-                         f"e.g. {', '.join(missing[:3])}: not a complete GPT-2 checkpoint "
-                         f"of this size.")
+        value = transform(tensor) if transform else tensor
+        if value.shape != param.shape:
+            how = " (after splitting and transposing)" if transform else ""
+            raise InputError(f"{source}: {where} has shape {tuple(tensor.shape)}, but the "
+                             f"model needs {tuple(param.shape)} there{how}. Check that "
+                             f"--model matches the weights.")
+        pairs.append((param, value))
+    assert len(pairs) == len(names), "params_targets must fill every parameter"
     return pairs
 
 

@@ -241,8 +241,11 @@ def test_loader_rejects_weights_missing_a_tensor():
     tensors, _ = gpt.load_safetensors(MINI_WEIGHTS)
     del tensors["h.1.mlp.c_fc.bias"]
     model = gpt.GPTModel(gpt.config_from_json(MINI / "config.json", "hub"))
-    with pytest.raises(InputError, match=r"trf_blocks\.1\.ff\.layers\.0\.bias"):
+    before = model.tok_emb.weight.clone()
+    with pytest.raises(InputError, match=r"params\['blocks'\]\[1\]\['mlp'\]\['c_fc'\]\['b'\] "
+                                         r"is missing \(the model's trf_blocks\.1\.ff\.layers\.0\.bias\)"):
         gpt.load_weights_into_gpt(model, gpt.params_from_hub(tensors))
+    assert torch.equal(model.tok_emb.weight, before)  # checked before anything is copied
 
 
 def test_weights_of_another_size_name_the_tensor_shapes_and_the_right_model():
