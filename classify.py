@@ -365,8 +365,11 @@ def select_device(name):
     with the mps of its note and a --device flag. auto: cuda, then mps (only from
     torch 2.9: earlier versions were reported to compute differently there), then
     cpu. An unavailable device is an error."""
-    available = [device for device, here in [("cpu", True), ("cuda", torch.cuda.is_available()),
-                                             ("mps", torch.backends.mps.is_available())] if here]
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available.append("cuda")
+    if torch.backends.mps.is_available():
+        available.append("mps")
     if name == "auto":
         mps = "mps" in available and torch_version() >= (2, 9)
         return torch.device("cuda" if "cuda" in available else "mps" if mps else "cpu")

@@ -283,10 +283,14 @@ def matched_params(gpt, params, source):
     names = {id(param): name for name, param in gpt.named_parameters()}
     pairs = []
     for param, keys, transform in params_targets(gpt, params):
+        if param is None:  # qkv_bias=False: W_query, W_key and W_value have no bias
+            continue
         where = "params" + "".join(f"[{key!r}]" for key in keys)
         tensor = params
         try:
             for key in keys:
+                if not isinstance(tensor, (dict, list)):  # a tensor where keys go on
+                    raise KeyError(key)
                 tensor = tensor[key]
         except (KeyError, IndexError, TypeError):
             raise InputError(f"{source}: {where} is missing (the model's "
@@ -295,14 +299,15 @@ def matched_params(gpt, params, source):
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             raise InputError(f"{source}: {where} holds "
                              f"{getattr(tensor, 'dtype', type(tensor).__name__)}, not floats.")
-        value = transform(tensor) if transform else tensor
-        if value.shape != param.shape:
+        same_dims = tensor.dim() == param.dim()  # split and transpose keep them
+        value = transform(tensor) if transform and same_dims else tensor
+        if not same_dims or value.shape != param.shape:
             how = " (after splitting and transposing)" if transform else ""
             raise InputError(f"{source}: {where} has shape {tuple(tensor.shape)}, but the "
                              f"model needs {tuple(param.shape)} there{how}. Check that "
                              f"--model matches the weights.")
         pairs.append((param, value))
-    assert len(pairs) == len(names), "params_targets must fill every parameter"
+    assert {id(param) for param, _ in pairs} == set(names), "a parameter params_targets misses"
     return pairs
 
 

@@ -248,6 +248,25 @@ def test_loader_rejects_weights_missing_a_tensor():
     assert torch.equal(model.tok_emb.weight, before)  # checked before anything is copied
 
 
+def test_loader_names_a_tensor_of_the_wrong_rank_before_splitting_it():
+    tensors, _ = gpt.load_safetensors(MINI_WEIGHTS)
+    tensors["h.0.attn.c_attn.weight"] = torch.tensor(1.0)  # 0-d: chunk would crash on it
+    model = gpt.GPTModel(gpt.config_from_json(MINI / "config.json", "hub"))
+    with pytest.raises(InputError, match=r"params\['blocks'\]\[0\]\['attn'\]\['c_attn'\]"
+                                         r"\['w'\] has shape \(\), but the model needs \(16, 16\)"):
+        gpt.load_weights_into_gpt(model, gpt.params_from_hub(tensors))
+
+
+def test_loader_fills_a_model_without_query_key_value_biases():
+    config = dict(gpt.config_from_json(MINI / "config.json", "hub"), qkv_bias=False)
+    torch.manual_seed(5)
+    source, model = gpt.GPTModel(config), gpt.GPTModel(config)
+    gpt.load_weights_into_gpt(model, gpt.params_from_book(source.state_dict()))
+    assert model.trf_blocks[0].att.W_query.bias is None
+    for (name, a), (_, b) in zip(source.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_weights_of_another_size_name_the_tensor_shapes_and_the_right_model():
     params = gpt.params_from_hub(gpt.load_safetensors(MINI_WEIGHTS)[0])
     config = gpt.model_config("gpt2-small")
