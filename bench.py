@@ -50,9 +50,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpt import MODEL_NAMES, InputError, run_cli
-from classify import PRECISIONS, check_precision, select_device
-from data import write_atomically
+from gpt import MODEL_NAMES
+from beyond.cli import InputError, run_cli
+from beyond.precision import PRECISIONS, check_precision
+from classify import select_device
+from beyond.files import write_atomically
 import finetune
 
 HERE = Path(__file__).resolve().parent
@@ -130,7 +132,8 @@ def loss_differences(runs):
 def classify_throughput(checkpoint, test_csv, device, precision="fp32"):
     """Messages per second: the chapter's classify_review one message at a time on
     the chapter's plain forward pass, vs classify_texts in batches."""
-    from classify import classify_review, classify_texts, load_classifier
+    from classify import classify_review, load_classifier
+    from beyond.stream import classify_texts
     from data import read_csv
     from gpt import get_tokenizer
     model, info = load_classifier(checkpoint, device, precision=precision)
@@ -241,7 +244,8 @@ def long_texts(data, path, count=2000, tokens=250):
     would repeat whole texts, there being only 747 spam messages), as a CSV:
     longer texts of the same kinds, built from the SMS data so that anyone can
     rebuild them."""
-    from data import encode, load_messages
+    from beyond.tokens import encode
+    from data import load_messages
     from gpt import get_tokenizer
     rows, tokenizer, rng = load_messages(data), get_tokenizer(), random.Random(0)
     texts = []
@@ -273,7 +277,8 @@ def tiny_checkpoint(path):
     """A classifier of 2 blocks and 16 dimensions: classify.py's own memory, with
     almost none of the model's."""
     import torch
-    from classify import GPTClassifier, save_classifier
+    from beyond.fast import GPTClassifier
+    from classify import save_classifier
     from gpt import GPTModel, model_config
     config = dict(model_config("gpt2-small"), emb_dim=16, n_layers=2, n_heads=2,
                   context_length=128)
@@ -388,7 +393,7 @@ ERASER_SHARES = (0.01, 0.05, 0.10, 0.20, 0.50)  # k: the top k% of a message's t
 def method_ranking(method, model, max_length, pad_token_id):
     """ids -> (class explained, token positions from the most important): a
     classify.py explanation method."""
-    from classify import explain_ids
+    from beyond.explain import explain_ids
 
     def rank(ids):
         target, scores = explain_ids(model, ids, max_length, pad_token_id, method)
@@ -398,7 +403,7 @@ def method_ranking(method, model, max_length, pad_token_id):
 
 def random_ranking(model, max_length, pad_token_id, seed=123):
     """The baseline every explanation must beat: the tokens in a random order."""
-    from classify import class_logits
+    from beyond.explain import class_logits
     rng = random.Random(seed)
 
     def rank(ids):
@@ -416,7 +421,7 @@ def aopc(model, messages, rank, max_length, pad_token_id):
     k% only) (lower is better), y the class explained. At least one token is
     taken; nothing left reads as one padding token."""
     import torch
-    from classify import class_logits, without
+    from beyond.explain import class_logits, without
     comprehensiveness = sufficiency = 0.0
     for ids in messages:
         target, order = rank(ids)
@@ -434,8 +439,11 @@ def aopc(model, messages, rank, max_length, pad_token_id):
 def faithfulness_table(checkpoint, test_csv, device):
     """Each method's comprehensiveness and sufficiency AOPC on the test split,
     the random ranking's, and the seconds per message each method took."""
-    from classify import EXPLAIN_METHODS, NonFiniteLogits, classify_texts, load_classifier
-    from data import encode, read_csv
+    from beyond.explain import EXPLAIN_METHODS
+    from beyond.stream import NonFiniteLogits, classify_texts
+    from classify import load_classifier
+    from beyond.tokens import encode
+    from data import read_csv
     from gpt import get_tokenizer
     model, info = load_classifier(checkpoint, device)
     max_length = min(info["max_length"], model.gpt.pos_emb.weight.shape[0])

@@ -9,11 +9,15 @@ pandas and zipfile, and the rest, follow under "# ===== beyond the chapter".
 import csv
 import io
 import os
-import random
 import zipfile
 from pathlib import Path
 
-from gpt import InputError, download_file, write_kept  # first: it silences torch's NumPy warning
+from beyond.cli import InputError  # first: it silences torch's NumPy warning
+from beyond.download import download_file
+from beyond.files import write_atomically
+from beyond.labels import class_ids
+from beyond.sampling import sample
+from beyond.tokens import PAD_TOKEN_ID, encode, pad_batch
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -24,7 +28,6 @@ data_file_path = Path(extracted_path) / "SMSSpamCollection.tsv"
 ZIP_MEMBER = "SMSSpamCollection"
 SPAM_LABELS = {"ham": 0, "spam": 1}     # the chapter's map of string labels to ids
 SPAM_CLASS_NAMES = ["not spam", "spam"]  # what classify_review returns for 0 and 1
-PAD_TOKEN_ID = 50256                     # "<|endoftext|>"
 SEED = 123                               # the chapter's random_state and manual_seed
 # An empty text has no token for the classifier's head to read.
 EMPTY_TEXT = "the message is empty (or only whitespace); remove the line or give it a text."
@@ -197,23 +200,6 @@ def read_member(zip_file, member=ZIP_MEMBER):
         raise InputError(f"{zip_file} is not a readable zip file ({e}).") from None
 
 
-def write_atomically(path, content):
-    """Bytes or str to path via a temporary file, so a crash never leaves half a
-    file; a failed write (full disk, no permission) is one error naming path."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: ranks may race
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}; {write_kept(path)}.") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def read_tsv(path, labels=None):
     """label<TAB>text per line -> [(label, text)], read as the chapter's
     pd.read_csv(path, sep="\t", header=None) reads it: a text that opens with a
@@ -302,48 +288,11 @@ def read_labeled_csv(path):
     return rows
 
 
-def sample(rows, n, seed=SEED):
-    """pandas' df.sample(n, random_state=seed) on a list: the same n rows in the
-    same order (not the book's: no pandas here)."""
-    return [rows[i] for i in sample_order(len(rows), seed)[:n]]
-
-
-def sample_order(n, seed=SEED):
-    """The row order of pandas' df.sample(frac=1, random_state=seed), which is
-    NumPy's RandomState(seed).permutation(n), so that balancing and splitting pick
-    the book's rows. NumPy runs the Mersenne Twister of Python's random module but
-    seeds it with init_genrand and shuffles with masked draws, done here by hand."""
-    state = [seed]
-    for i in range(1, 624):
-        state.append((1812433253 * (state[-1] ^ (state[-1] >> 30)) + i) & 0xFFFFFFFF)
-    rng = random.Random()
-    rng.setstate((3, (*state, 624), None))  # 624: regenerate before the first draw
-    order = list(range(n))
-    for i in range(n - 1, 0, -1):
-        mask = (1 << i.bit_length()) - 1
-        j = rng.getrandbits(32) & mask
-        while j > i:
-            j = rng.getrandbits(32) & mask
-        order[i], order[j] = order[j], order[i]
-    return order
-
-
 # ===== beyond the chapter: any labels, not only ham and spam =====
 
-def count_labels(rows):
-    counts = {}
-    for label, _ in rows:
-        counts[label] = counts.get(label, 0) + 1
-    return counts
 
+# ===== beyond the chapter: tokens, and padding per batch =====
 
-def class_ids(rows):
-    """label -> class id, in sorted label order (ham 0, spam 1, as in the chapter)."""
-    labels = sorted(count_labels(rows))
-    if len(labels) < 2:
-        raise InputError(f"the data has a single class ({', '.join(labels)}); a classifier "
-                         f"needs at least two.")
-    return {label: i for i, label in enumerate(labels)}
 
 
 def class_names(label_ids):
@@ -352,27 +301,3 @@ def class_names(label_ids):
     if set(label_ids) == set(SPAM_LABELS):
         return SPAM_CLASS_NAMES
     return sorted(label_ids, key=label_ids.get)
-
-
-# ===== beyond the chapter: tokens, and padding per batch =====
-
-def encode(text, tokenizer, max_length=None):
-    """Token ids of one message, cut to max_length. disallowed_special=(): a
-    message containing "<|endoftext|>" is plain text, never the pad id."""
-    return tokenizer.encode(text, disallowed_special=())[:max_length]
-
-
-def pad_ids(sequences, pad_token_id=PAD_TOKEN_ID, length=None):
-    """Token id lists or tensors -> (b, length), padded at the end; length
-    defaults to the longest sequence."""
-    length = length or max(max((len(ids) for ids in sequences), default=0), 1)
-    inputs = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    for i, ids in enumerate(sequences):
-        inputs[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-    return inputs
-
-
-def pad_batch(batch, pad_token_id=PAD_TOKEN_ID):
-    """Collates (ids, label) pairs, padding ids to the batch's longest: (b, T), (b,)."""
-    inputs = pad_ids([ids for ids, _ in batch], pad_token_id)
-    return inputs, torch.stack([label for _, label in batch])

@@ -1,0 +1,223 @@
+"""TODO docstring."""
+import math
+from pathlib import Path
+from beyond.plot import CHANCE_STYLE, TRAIN_STYLE, VALIDATION_STYLE, plot_unit_square
+import torch
+
+
+ECE_BINS = 15
+
+
+def collect_logits(data_loader, model, device):
+    """(logits (N, num_classes) in float32 on the CPU, targets (N,)) of a whole loader."""
+    model.eval()
+    logits, targets = [], []
+    with torch.inference_mode():
+        for input_batch, target_batch in data_loader:
+            logits.append(model(input_batch.to(device)).float().cpu())
+            targets.append(target_batch)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def scaled_probas(logits, temperature):
+    # as classify.py computes them, so that a threshold means the same there
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def nll(logits, targets, temperature=1.0):
+    """Mean negative log-likelihood of softmax(logits / temperature), in float64."""
+    if len(targets) == 0:
+        return float("nan")
+    return torch.nn.functional.cross_entropy(logits.double() / temperature, targets).item()
+
+
+TEMPERATURE_RANGE = (0.05, 20.0)  # beyond it the probabilities are all 0/1 or all equal
+
+
+def fit_temperature(logits, targets, lowest=TEMPERATURE_RANGE[0], highest=TEMPERATURE_RANGE[1],
+                    steps=80):
+    """Temperature scaling (Guo et al. 2017): the one T that minimizes the NLL of
+    softmax(logits / T). The NLL is convex in 1/T, so one minimum: golden-section
+    search over log T. T=1 stays where no T in range does better."""
+    def cost(u):
+        return nll(logits, targets, math.exp(u))
+
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = math.log(lowest), math.log(highest)
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    cost_c, cost_d = cost(c), cost(d)
+    for _ in range(steps):
+        if cost_c < cost_d:
+            b, d, cost_d = d, c, cost_c
+            c = b - ratio * (b - a)
+            cost_c = cost(c)
+        else:
+            a, c, cost_c = c, d, cost_d
+            d = a + ratio * (b - a)
+            cost_d = cost(d)
+    temperature = math.exp((a + b) / 2)
+    return temperature if nll(logits, targets, temperature) < nll(logits, targets) else 1.0
+
+
+def reliability_bins(probas, targets, bins=ECE_BINS):
+    """Per equal-width bin of confidence (the top probability), bins (i/n, (i+1)/n]
+    with 0 in the first: (count, mean confidence, accuracy); None where empty."""
+    confidence, predicted = probas.max(dim=1)
+    correct = (predicted == targets).double()
+    index = (confidence.double() * bins).ceil().long().clamp(1, bins) - 1
+    rows = []
+    for i in range(bins):
+        in_bin = index == i
+        count = int(in_bin.sum())
+        rows.append((count, confidence[in_bin].double().mean().item(),
+                     correct[in_bin].mean().item()) if count else None)
+    return rows
+
+
+def expected_calibration_error(probas, targets, bins=ECE_BINS):
+    """ECE: the bins' |accuracy - confidence|, weighted by their share of messages."""
+    rows = [row for row in reliability_bins(probas, targets, bins) if row]
+    total = sum(count for count, _, _ in rows)
+    return sum(count / total * abs(accuracy - confidence) for count, confidence, accuracy in rows)
+
+
+def ranked_counts(scores, positives):
+    """(false positives, true positives) above each distinct score, highest first,
+    starting at (0, 0): tied scores move together."""
+    pairs = sorted(zip(scores, positives), key=lambda pair: -pair[0])
+    counts, fp, tp = [(0, 0)], 0, 0
+    for i, (score, positive) in enumerate(pairs):
+        tp, fp = tp + bool(positive), fp + (not positive)
+        if i + 1 == len(pairs) or pairs[i + 1][0] != score:
+            counts.append((fp, tp))
+    return counts
+
+
+def roc_curve(scores, positives):
+    """[(false-positive rate, true-positive rate)] and the area under it (trapezoids:
+    the share of (positive, negative) pairs ranked right, ties counting half);
+    ([], None) without both classes."""
+    n_pos = sum(map(bool, positives))
+    n_neg = len(positives) - n_pos
+    if not n_pos or not n_neg:
+        return [], None
+    points = [(fp / n_neg, tp / n_pos) for fp, tp in ranked_counts(scores, positives)]
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(points, points[1:]))
+    return points, area
+
+
+def pr_curve(scores, positives):
+    """[(recall, precision)] and the average precision: the sum of precision times
+    each step in recall; ([], None) without positives."""
+    n_pos = sum(map(bool, positives))
+    if not n_pos:
+        return [], None
+    points = [(tp / n_pos, tp / (tp + fp)) for fp, tp in ranked_counts(scores, positives)[1:]]
+    steps = zip([(0.0, 1.0)] + points, points)
+    return points, sum((r1 - r0) * p1 for (r0, _), (r1, p1) in steps)
+
+
+def threshold_for_fpr(negative_scores, target_fpr):
+    """The lowest threshold t such that "positive where the score is above t" calls
+    at most target_fpr of these negatives positive; None without negatives."""
+    if not negative_scores:
+        return None
+    ranked = sorted(negative_scores, reverse=True)
+    allowed = math.floor(target_fpr * len(ranked) + 1e-9)  # false positives it may make
+    return 0.0 if allowed >= len(ranked) else ranked[allowed]
+
+
+def rates_at(threshold, scores, positives):
+    """(false-positive rate, recall) of "positive where the score is above threshold";
+    None for a rate without messages of its class."""
+    flagged = [score > threshold for score in scores]
+    negatives = [f for f, p in zip(flagged, positives) if not p]
+    hits = [f for f, p in zip(flagged, positives) if p]
+    return (sum(negatives) / len(negatives) if negatives else None,
+            sum(hits) / len(hits) if hits else None)
+
+
+def calibrate(model, loaders, device, names, target_fpr, out):
+    """After the chapter's metrics: the temperature fitted on validation, ECE on
+    test before and after, a reliability diagram, and for two classes ROC and PR
+    curves and the threshold on P(class 1) for target_fpr. Returns metrics.json's
+    "calibration" and what the checkpoint keeps of it."""
+    val_logits, val_targets = collect_logits(loaders[1], model, device)
+    test_logits, test_targets = collect_logits(loaders[2], model, device)
+    temperature = fit_temperature(val_logits, val_targets)
+    before, after = (scaled_probas(test_logits, t) for t in (1.0, temperature))
+    result = {"temperature": temperature, "val_nll_before": nll(val_logits, val_targets),
+              "val_nll_after": nll(val_logits, val_targets, temperature), "ece_bins": ECE_BINS}
+    if len(test_targets):
+        result.update(test_ece_before=expected_calibration_error(before, test_targets),
+                      test_ece_after=expected_calibration_error(after, test_targets))
+        plot_reliability(reliability_bins(before, test_targets),
+                         reliability_bins(after, test_targets), temperature, out)
+    print(f"Temperature scaling (fitted on the validation split): T = {temperature:.3f}, "
+          f"validation NLL {result['val_nll_before']:.3f} -> {result['val_nll_after']:.3f}")
+    if temperature > 0.99 * TEMPERATURE_RANGE[1] or temperature < 1.01 * TEMPERATURE_RANGE[0]:
+        result["temperature_at_bound"] = True
+        print(f"note: T is at the end of the range searched {TEMPERATURE_RANGE}: the model's "
+              f"probabilities carry little information about its errors (a model near "
+              f"chance, or one that is wrong where it is sure)")
+    if "test_ece_before" in result:
+        print(f"Test ECE ({ECE_BINS} bins): {result['test_ece_before']:.3f} before, "
+              f"{result['test_ece_after']:.3f} after temperature scaling")
+    if len(names) == 2:
+        val_scores = scaled_probas(val_logits, temperature)[:, 1].tolist()
+        result.update(operating_point(val_scores, val_targets.tolist(), after[:, 1].tolist(),
+                                      test_targets.tolist(), names, target_fpr, out))
+    kept = {"temperature": temperature, "threshold": result.get("threshold"),
+            "target_fpr": target_fpr if len(names) == 2 else None}
+    return result, kept
+
+
+def operating_point(val_scores, val_targets, test_scores, test_targets, names, target_fpr,
+                    out):
+    """ROC and PR on the test split (SVG and areas), and the threshold on P(class 1)
+    chosen on validation for target_fpr, with the test split's rates at it."""
+    roc, roc_auc = roc_curve(test_scores, test_targets)
+    pr, pr_auc = pr_curve(test_scores, test_targets)
+    threshold = threshold_for_fpr([s for s, y in zip(val_scores, val_targets) if not y],
+                                  target_fpr)
+    val_fpr, _ = rates_at(threshold, val_scores, val_targets) if threshold is not None \
+        else (None, None)
+    test_fpr, test_recall = rates_at(threshold, test_scores, test_targets) \
+        if threshold is not None else (None, None)
+    plot_roc_pr(roc, roc_auc, pr, pr_auc, names[1], out)
+    if roc_auc is not None:
+        print(f"Test ROC AUC {roc_auc:.3f}, PR AUC (average precision) {pr_auc:.3f}, "
+              f"{names[1]} as the positive class")
+    if threshold is not None and test_fpr is not None and test_recall is not None:
+        print(f"Threshold P({names[1]}) > {threshold:.4f} for a validation false-positive "
+              f"rate <= {target_fpr:.1%} (there: {val_fpr:.1%}); on the test split: "
+              f"false-positive rate {test_fpr:.1%}, recall {test_recall:.1%}")
+    return {"positive_class": names[1], "roc_auc": roc_auc, "pr_auc": pr_auc,
+            "target_fpr": target_fpr, "threshold": threshold, "val_fpr": val_fpr,
+            "test_fpr": test_fpr, "test_recall": test_recall}
+
+
+def plot_reliability(bins_before, bins_after, temperature, out):
+    """The reliability diagram: each bin's accuracy against its mean confidence."""
+    def points(rows):
+        return [(confidence, accuracy) for confidence, accuracy in
+                ((row[1], row[2]) for row in rows if row)]
+    plot_unit_square(Path(out) / "reliability-plot.svg",
+                     f"Reliability on the test split, {ECE_BINS} bins", "Confidence",
+                     "accuracy",
+                     [("Perfect calibration", [(0, 0), (1, 1)], CHANCE_STYLE),
+                      ("T = 1", points(bins_before), TRAIN_STYLE),
+                      (f"T = {temperature:.2f}", points(bins_after), VALIDATION_STYLE)],
+                     key_corner="top left")  # over-confidence: the curves fall below
+
+
+def plot_roc_pr(roc, roc_auc, pr, pr_auc, positive, out):
+    """roc-plot.svg and pr-plot.svg of the test split."""
+    area = "undefined" if roc_auc is None else f"{roc_auc:.3f}"
+    plot_unit_square(Path(out) / "roc-plot.svg", f"ROC on the test split ({positive}), "
+                     f"AUC {area}", "False-positive rate", "true-positive rate",
+                     [("Chance", [(0, 0), (1, 1)], CHANCE_STYLE), ("Model", roc, TRAIN_STYLE)])
+    area = "undefined" if pr_auc is None else f"{pr_auc:.3f}"
+    plot_unit_square(Path(out) / "pr-plot.svg", f"Precision-recall on the test split "
+                     f"({positive}), AP {area}", "Recall", "precision",
+                     [("Model", pr, TRAIN_STYLE)], key_corner="bottom left")

@@ -1,0 +1,178 @@
+"""TODO docstring."""
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+import torch
+
+
+class InputError(Exception):
+    """An expected failure (bad file, missing download, bad flag): shown as one
+    paragraph, without a traceback."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, torchrun stopping its workers), handled as Ctrl-C is: the
+    same clean-up of temporary files, and exit status 143."""
+
+
+class StdoutAfterProgress:
+    """sys.stdout while a progress line may be on the terminal: a printed line
+    first clears it, so that the chapter's log lines never run into it."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.line_drawn = False
+
+    def write(self, text):
+        if self.line_drawn and text:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.line_drawn = False
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def clock(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 \
+        else f"{minutes}:{seconds:02d}"
+
+
+def progress(label, done, total, start):
+    """One updating line on stderr: done/total, time elapsed since `start` and
+    time left (total None: a count). Only when stderr is a terminal: a pipe or a
+    file gets nothing, so logs stay the chapter's. Cleared once done >= total.
+    Under torchrun only rank 0 draws it."""
+    if not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0":
+        return
+    if not isinstance(sys.stdout, StdoutAfterProgress):
+        sys.stdout = StdoutAfterProgress(sys.stdout)
+    elapsed = time.time() - start
+    if total is None:
+        text = f"{label}: {done:,}, {clock(elapsed)} elapsed"
+    else:
+        left = elapsed / done * (total - done) if done else math.nan
+        text = f"{label}: {done:,}/{total:,}, {clock(elapsed)} elapsed, {clock(left)} left"
+    finished = total is not None and done >= total
+    sys.stderr.write("\r\033[K" + ("" if finished else text))
+    sys.stderr.flush()
+    sys.stdout.line_drawn = not finished
+
+
+# tiktoken's cache of OpenAI's two gpt2 files, kept in the repository for the tests
+TOKENIZER_FILES = Path(__file__).resolve().parent.parent / "testdata" / "tiktoken"
+
+
+def repository_tokenizer(error):
+    """tiktoken's gpt2 encoding from the repository's copy of its files (tiktoken
+    checks their sha256), TIKTOKEN_CACHE_DIR left as it was; where that fails
+    too, an InputError that names `error`, why the first try failed."""
+    import tiktoken
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(TOKENIZER_FILES)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:
+        raise InputError(
+            f"cannot load tiktoken's gpt2 encoding ({type(error).__name__}: {error}). "
+            f"tiktoken downloads it on first use; without network, set TIKTOKEN_CACHE_DIR "
+            f"to a folder holding its cached files.") from None
+    finally:
+        if saved is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
+
+
+def terminate(signum, frame):
+    raise Terminated()
+
+
+def run_cli(main):
+    """Runs main(); an expected failure prints one paragraph and exits 1,
+    Ctrl-C exits 130 and SIGTERM 143 (whatever main saved before is complete,
+    no temporary file is left), a closed output pipe (| head) ends the program
+    quietly."""
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        main()
+        sys.stdout.flush()  # inside the try: a reader that went away is seen here
+    except BrokenPipeError:
+        # nothing more can be printed; point stdout at nothing so that Python's
+        # own flush at exit does not report the broken pipe either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as e:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank got it
+            print("\ninterrupted.", file=sys.stderr)
+        sys.exit(interrupted_status(e))
+
+
+def interrupted_status(e):
+    """The exit status of a program stopped by Ctrl-C or SIGTERM: 128 + signal."""
+    return 143 if isinstance(e, Terminated) else 130
+
+
+def integer(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def positive_int(text):
+    value = integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_number(text):
+    """0 to 2**32 - 1: the seeds pandas' sampler (NumPy's RandomState) accepts."""
+    value = integer(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 4294967295, got {value}")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def fraction(text):
+    """--target-fpr: a rate between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a rate from 0 up to (not including) 1, "
+                                         f"such as 0.01, got {text}")
+    return value
+
+
+def torch_version():
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def port_number(text):
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: use 0 to 65535")
+    return int(text)

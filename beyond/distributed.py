@@ -1,0 +1,151 @@
+"""TODO docstring."""
+import contextlib
+import datetime
+import os
+import sys
+import time
+from beyond.cli import InputError, progress
+from beyond.download import download_gpt2, gpt2_weights_path
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+
+# A collective that waits longer than this (a rank stuck or gone) ends the job.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def torchrun_ranks():
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0)
+    for a plain python finetune.py."""
+    return tuple(int(os.environ.get(name, default)) for name, default in
+                 [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
+
+
+def ranks():
+    """(this process's rank, number of processes) in the running process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ThisRanksRows:
+    """A data loader's batches as this process uses them: under torchrun, its
+    share of each batch's rows, so that N ranks step through the chapter's
+    batches together (the gradients DDP averages, and the counts and losses
+    the listings add up, are the whole batch's); on a terminal, a progress line.
+    One process: the batches as they are."""
+
+    def __init__(self, data_loader, name):
+        self.data_loader, self.name = data_loader, name
+
+    def __len__(self):
+        return len(self.data_loader)
+
+    def __iter__(self):
+        rank, world = ranks()
+        start = time.time()
+        for i, batch in enumerate(self.data_loader, 1):
+            # the last, short batch of a loader may split unevenly, or leave a rank none
+            yield [rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
+                   for rows in batch]
+            progress(f"{self.name} batches", i, len(self.data_loader), start)
+
+
+def this_ranks_rows(loaders):
+    """The training, validation and test loaders as ThisRanksRows: the split of
+    each batch among torchrun's ranks happens here, not in the listings."""
+    return [ThisRanksRows(loader, name)
+            for loader, name in zip(loaders, ["training", "validation", "test"])]
+
+
+def on_every_rank(classifier, device):
+    """The model the listings train: under torchrun, the classifier inside
+    DistributedDataParallel, which averages the gradients over the ranks."""
+    if ranks()[1] == 1:
+        return classifier
+    return DistributedDataParallel(
+        classifier, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def global_sum(device, *values):
+    """The sums of values over all ranks (the values themselves in one process)."""
+    if ranks()[1] == 1:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def whole_batch_loss(loss, target_batch):
+    """loss.item(): the batch's mean loss. Under torchrun, where loss is the mean
+    over this rank's rows of the batch, the mean over all its rows."""
+    if ranks()[1] == 1:
+        return loss.item()
+    rows = target_batch.shape[0]
+    loss_sum, batch_rows = global_sum(loss.device, loss.item() * rows if rows else 0.0, rows)
+    return loss_sum / batch_rows
+
+
+@contextlib.contextmanager
+def said_by_rank_0(rank):
+    """Before the process group starts, every rank meets the same bad flag or bad
+    data: only rank 0 says so, the others end quietly with the same status."""
+    if rank == 0:
+        yield
+        return
+    with contextlib.redirect_stderr(open(os.devnull, "w")):
+        try:
+            yield
+        except InputError:
+            sys.exit(1)
+
+
+def join_process_group(args, device, world, local_rank, cleanup):
+    """Under torchrun (world > 1): the pretrained weights downloaded first, then
+    this process in the process group, which `cleanup` (an ExitStack) ends with
+    the run. Returns this process's device (in one process, the one given)."""
+    if world == 1:
+        return device
+    if args.weights == "pretrained":
+        download_before_process_group(args.model, local_rank)
+    cleanup.callback(end_process_group)
+    return start_process_group(device, local_rank)
+
+
+def end_process_group():
+    if dist.is_initialized():  # not if starting it failed
+        dist.destroy_process_group()
+
+
+def start_process_group(device, local_rank):
+    """torchrun's environment -> a process group: NCCL between GPUs (one per
+    process), gloo between CPU processes. Returns this process's device."""
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=COLLECTIVE_TIMEOUT)
+    return device
+
+
+def download_before_process_group(model_name, local_rank):
+    """Under torchrun, the pretrained weights are downloaded before the process
+    group starts, whose collectives time out (gpt2-xl is 6.4 GB): one download
+    per machine, by local rank 0; the others wait for the file (torchrun ends
+    them if the download fails)."""
+    if local_rank == 0:
+        download_gpt2(model_name)
+    # asked anew each time: where the Hub fails, OpenAI's files arrive instead
+    while not gpt2_weights_path(model_name).exists():
+        time.sleep(1)
+
+
+def broadcast_from(owner, tensor, shape, dtype, device):
+    """torchrun: rank owner's tensor, on every rank (the others pass None). Sent
+    as its bytes: gloo has no bfloat16 in older versions of torch."""
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+    tensor = tensor.contiguous()
+    dist.broadcast(tensor.view(torch.uint8), src=owner)
+    return tensor

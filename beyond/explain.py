@@ -1,0 +1,157 @@
+"""TODO docstring."""
+from beyond.tokens import PAD_TOKEN_ID, encode, pad_ids
+import torch
+
+
+IG_STEPS = 20  # integrated gradients: points on the path from a zero embedding
+
+
+EXPLAIN_METHODS = {
+    "occlusion": "leave one token out: how far the label's log-odds fall without it "
+                 "(one forward pass per token, batched)",
+    "gradient": "gradient x input: the gradient of the label's log-odds times each "
+                "token's embedding (one forward and one backward pass)",
+    "integrated": f"integrated gradients, {IG_STEPS} steps from a zero embedding "
+                  f"({IG_STEPS} forward and backward passes, batched)",
+}
+
+
+# the most faithful of the three on ERASER's measures, by far (bench.py --explain)
+EXPLAIN_DEFAULT = "integrated"
+
+
+MAX_EXPLAINED = 16  # texts one /classify request may explain: each costs IG_STEPS passes
+
+
+OCCLUSION_BATCH = 64
+
+
+def padded_batch(sequences, model, max_length, pad_token_id):
+    """Token id lists -> (b, T) as classify_texts pads them: to max_length where the
+    pooling reads a padding position ("last"), else to the longest."""
+    width = max_length if model.pool == "last" else None
+    return pad_ids(sequences, pad_token_id, length=width)
+
+
+def class_logits(model, sequences, max_length, pad_token_id):
+    """The logits of token id lists, (b, num_classes), batched, on the CPU."""
+    device = model.gpt.tok_emb.weight.device
+    rows = []
+    with torch.inference_mode():
+        for start in range(0, len(sequences), OCCLUSION_BATCH):
+            inputs = padded_batch(sequences[start:start + OCCLUSION_BATCH], model, max_length,
+                                  pad_token_id).to(device)
+            rows.append(model(inputs).float().cpu())
+    return torch.cat(rows)
+
+
+def log_odds(logits, target):
+    """log p / (1 - p) of class target from logits (..., num_classes): unlike the
+    probability it does not saturate, so a token that matters still shows where
+    the model is already sure."""
+    others = torch.cat([logits[..., :target], logits[..., target + 1:]], dim=-1)
+    return logits[..., target] - torch.logsumexp(others, dim=-1)
+
+
+def without(ids, drop, pad_token_id):
+    """ids less the positions in drop; nothing left reads as one padding token."""
+    kept = [token for i, token in enumerate(ids) if i not in drop]
+    return kept or [pad_token_id]
+
+
+def occlusion_scores(model, ids, target, max_length, pad_token_id):
+    """The log-odds of target for ids less those without token i, for each i."""
+    variants = [ids] + [without(ids, {i}, pad_token_id) for i in range(len(ids))]
+    odds = log_odds(class_logits(model, variants, max_length, pad_token_id), target)
+    return (odds[0] - odds[1:]).tolist()
+
+
+def logits_from_token_embeddings(model, token_embeddings, input_batch):
+    """The classifier's logits from the token embeddings (b, T, emb_dim) instead of
+    ids, so that gradients reach them: every layer at every position."""
+    gpt = model.gpt
+    positions = torch.arange(input_batch.shape[1], device=input_batch.device)
+    with model.autocast(input_batch):  # --precision, as the classification's
+        x = gpt.drop_emb(token_embeddings + gpt.pos_emb(positions))
+        x = gpt.final_norm(gpt.trf_blocks(x))  # (b, T, emb_dim)
+        logits = gpt.out_head(model.pool_outputs(x, input_batch))
+    return logits.float()
+
+
+def path_gradients(model, ids, target, max_length, pad_token_id, scales):
+    """The message's token embeddings (n, emb_dim) and the mean over `scales` of
+    the gradient of target's log-odds at the real tokens' embeddings times each
+    scale (the padding keeps its own embeddings)."""
+    inputs = padded_batch([ids], model, max_length, pad_token_id)
+    inputs = inputs.to(model.gpt.tok_emb.weight.device).expand(len(scales), -1)
+    n = len(ids)
+    with torch.inference_mode(False), torch.enable_grad():
+        embeddings = model.gpt.tok_emb(inputs).detach()  # (steps, T, emb_dim)
+        scale = torch.ones(inputs.shape, device=inputs.device)
+        scale[:, :n] = torch.tensor(scales, device=inputs.device)[:, None]
+        scaled = (embeddings * scale[..., None]).requires_grad_()
+        odds = log_odds(logits_from_token_embeddings(model, scaled, inputs).float(), target)
+        (gradient,) = torch.autograd.grad(odds.sum(), scaled)
+    return embeddings[0, :n], gradient[:, :n].mean(dim=0)
+
+
+def gradient_scores(model, ids, target, max_length, pad_token_id):
+    embeddings, gradient = path_gradients(model, ids, target, max_length, pad_token_id, [1.0])
+    return (gradient * embeddings).sum(dim=-1).tolist()
+
+
+def integrated_gradient_scores(model, ids, target, max_length, pad_token_id, steps=IG_STEPS):
+    # the midpoint rule on the straight path from a zero embedding to the message's
+    scales = [(step + 0.5) / steps for step in range(steps)]
+    embeddings, gradient = path_gradients(model, ids, target, max_length, pad_token_id, scales)
+    return (gradient * embeddings).sum(dim=-1).tolist()
+
+
+SCORERS = {"occlusion": occlusion_scores, "gradient": gradient_scores,
+           "integrated": integrated_gradient_scores}
+
+
+def explain_ids(model, ids, max_length, pad_token_id=PAD_TOKEN_ID, method=EXPLAIN_DEFAULT,
+                target=None):
+    """(class explained, one signed score per token): positive pushes toward the
+    class, by default the predicted one. ids: the message's tokens as classified
+    (truncated)."""
+    model.eval()
+    if target is None:
+        target = int(class_logits(model, [ids], max_length, pad_token_id)[0].argmax())
+    return target, SCORERS[method](model, ids, target, max_length, pad_token_id)
+
+
+def token_pieces(ids, scores, tokenizer):
+    """[{"token", "score"}] whose tokens join to the decoded message: tokens that
+    split one character's UTF-8 bytes are merged, their scores summed."""
+    pieces, pending, total = [], b"", 0.0
+    for token, score in zip(ids, scores):
+        pending += tokenizer.decode_single_token_bytes(token)
+        total += score
+        try:
+            text = pending.decode("utf-8")
+        except UnicodeDecodeError:  # a character continues in the next token
+            continue
+        pieces.append({"token": text, "score": round(total, 6)})
+        pending, total = b"", 0.0
+    if pending:  # truncation cut a character: decoded as tokenizer.decode does
+        pieces.append({"token": pending.decode("utf-8", errors="replace"),
+                       "score": round(total, 6)})
+    return pieces
+
+
+def explain_texts(texts, targets, model, tokenizer, max_length, pad_token_id=PAD_TOKEN_ID,
+                  method=EXPLAIN_DEFAULT):
+    """Each text's token pieces with their scores toward its class in targets."""
+    max_length = min(max_length, model.gpt.pos_emb.weight.shape[0])
+    explanations = []
+    for text, target in zip(texts, targets):
+        ids = encode(text, tokenizer, max_length)
+        _, scores = explain_ids(model, ids, max_length, pad_token_id, method, target)
+        explanations.append(token_pieces(ids, scores, tokenizer))
+    return explanations
+
+
+
+

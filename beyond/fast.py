@@ -1,0 +1,464 @@
+"""TODO docstring."""
+import argparse
+import contextlib
+import math
+import os
+import re
+import tempfile
+import time
+from beyond.cli import InputError, progress
+from beyond.distributed import broadcast_from, ranks
+from beyond.pooling import mean_over_real_tokens, pool_positions, real_lengths, take_positions
+from beyond.precision import PRECISIONS
+from beyond.safetensors import tensor_bytes, write_all
+from beyond.tokens import PAD_TOKEN_ID, pad_ids
+import torch
+
+
+def cache_frozen_prefix(classifier, args, datasets, device, work, cleanup):
+    """Where it applies (not --plain, --cache-memory not 0): the frozen prefix's
+    output of every message, computed up front, within the budget in memory and
+    the rest in a file in the folder `work` (freed by `cleanup`). Returns what
+    the cache was allowed and needed, and how its fill went."""
+    cleanup.callback(lambda: classifier.prefix_cache.close())  # frees the spill file
+    classifier.round_frozen_prefix()  # bf16/fp16: where the cache stores, in both modes
+    budget, source = cache_budget(args.cache_memory, device)
+    needed, filled = 0, {}
+    if classifier.enable_prefix_cache(budget, spill_dir=work):
+        blocks = "block" if classifier.n_cached == 1 else "blocks"
+        print(f"Caching the output of the frozen embeddings and first {classifier.n_cached} "
+              f"{blocks} (--plain recomputes them on every batch, as the chapter does)")
+        needed = cache_size(datasets, classifier.gpt.tok_emb.weight.shape[1],
+                            classifier.cache_dtype())
+        print(cache_plan(needed, budget, source, work.parent))  # --out
+        # torchrun: each rank fills its share, and all end with every message
+        filled = classifier.fill_prefix_cache(datasets, rank=ranks()[0], world=ranks()[1])
+    return {"needed_bytes": needed, "budget_bytes": budget if classifier.n_cached else 0,
+            **filled}
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+# --cache-memory auto: the other half stays for the model, its gradients and AdamW's
+# two moments, the activations of a batch, and (on the CPU) the data and the OS
+CACHE_SHARE = 0.5
+
+
+def memory_size(text):
+    """--cache-memory: auto, 0 (no cache) or a size such as 500MB, 2GB, 1.5GiB."""
+    if text == "auto":
+        return text
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMGT]I?B|B)?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: use auto, 0 (no cache) or a number with B, KB, MB, "
+            f"GB, TB (or KiB, MiB, GiB, TiB), such as 500MB or 2GB")
+    return int(float(match[1]) * SIZE_UNITS[(match[2] or "").upper()])
+
+
+def available_memory(device):
+    """(bytes free now, what they are); bytes None if unknown. CUDA: the card's
+    free memory. MPS: what Metal recommends this process use, less what it holds
+    (torch >= 2.5; before, the RAM, which Apple's GPUs share). Otherwise the
+    available RAM, or the physical RAM where the system does not say what is
+    available (macOS)."""
+    if device.type == "cuda":
+        # an index, not the device: before torch 2.5 "cuda" without one is refused
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return torch.cuda.mem_get_info(index)[0], "free GPU memory"
+    if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+        return (torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory(),
+                "memory Metal recommends for this process")
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM"
+    except OSError:
+        pass
+    for pages, what in [("SC_AVPHYS_PAGES", "available RAM"), ("SC_PHYS_PAGES", "RAM")]:
+        try:
+            return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE"), what
+        except (ValueError, OSError, AttributeError):
+            pass
+    return None, "available RAM"
+
+
+def processes_per_machine():
+    """torchrun's processes on this machine (1 without torchrun): they share its RAM."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def cache_budget(setting, device):
+    """--cache-memory in bytes (None: no limit) and where the figure comes from.
+    auto: half the free memory, shared among the processes that draw on it (under
+    torchrun every process on a machine shares its RAM; each has its own GPU)."""
+    if setting != "auto":
+        return setting, "--cache-memory"
+    free, where = available_memory(device)
+    if free is None:
+        return None, f"--cache-memory auto: the {where} is unknown, no limit"
+    sharing = 1 if device.type == "cuda" else processes_per_machine()
+    if sharing == 1:
+        return int(free * CACHE_SHARE), f"--cache-memory auto: half the {where}"
+    return (int(free * CACHE_SHARE / sharing),
+            f"--cache-memory auto: half the {where}, shared by {sharing} processes")
+
+
+def human_bytes(n):
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else \
+        f"{n / 1e3:.0f} kB"
+
+
+def cache_plan(needed, budget, source, out):
+    """The one line that says what the prefix cache will hold, and its cost."""
+    if budget is None or needed <= budget:
+        limit = "no memory limit" if budget is None else f"the budget of {human_bytes(budget)}"
+        return f"Prefix cache: {human_bytes(needed)}, within {limit} ({source})"
+    return (f"Prefix cache: {human_bytes(needed)}, over the budget of {human_bytes(budget)} "
+            f"({source}): {human_bytes(budget)} stays in memory, the other "
+            f"{human_bytes(needed - budget)} goes to a temporary file in {out} and is read "
+            f"back from disk at every pass over the data")
+
+
+class GPTClassifier(torch.nn.Module):
+    """The chapter's `model(input_batch)[:, -1, :]` as one module: token ids
+    (b, T) -> class logits (b, num_classes), read at the `pool` position.
+
+    forward with fast=False is the chapter's plain pass. fast=True (the default)
+    computes the same with less work, in fast_forward:
+    - the output of the frozen prefix (embeddings and the first, frozen blocks)
+      never changes when dropout is off, so it is computed once per message and
+      kept in prefix_cache;
+    - the last block computes its query, attention output and feed-forward at
+      the pooled position only (last_block_at; keys and values still come from
+      all positions)."""
+
+    def __init__(self, gpt, pool="last", pad_token_id=PAD_TOKEN_ID, fast=True,
+                 precision="fp32"):
+        super().__init__()
+        self.gpt = gpt
+        self.pool = pool
+        self.pad_token_id = pad_token_id
+        self.fast = fast
+        self.precision = precision  # "fp32" (the chapter), "bf16" or "fp16": see forward
+        self.n_cached = None  # set by enable_prefix_cache
+        self.prefix_cache = PrefixCache()
+        self.rounding, self.rounds_after = None, None  # set by round_frozen_prefix
+        self.grad_scaler = None  # --precision fp16's loss scaling, set by finetune.py
+
+    def forward(self, input_batch):
+        if self.precision != "fp32":  # --precision's speed, outside the chapter's pass
+            return self.mixed_precision_forward(input_batch)
+        if self.fast:
+            return self.fast_forward(input_batch)
+        outputs = self.gpt(input_batch)  # (b, num_tokens, num_classes)
+        if self.pool == "last":
+            return outputs[:, -1, :]  # the chapter's: the last output token
+        return self.pool_outputs(outputs, input_batch)  # not the chapter's: --pool
+
+    def pool_outputs(self, outputs, input_batch):
+        # (b, T, n) -> (b, n): the chapter's outputs[:, -1, :] and its variants
+        positions = pool_positions(input_batch, self.pool, self.pad_token_id)
+        if positions is None:
+            return mean_over_real_tokens(outputs, input_batch, self.pad_token_id)
+        return take_positions(outputs, positions)[:, 0, :]
+
+    # ------------------------------------ --precision bf16 and fp16
+
+    def mixed_precision_forward(self, input_batch):
+        """forward's result with the matrix products in bfloat16 or float16
+        (torch.autocast: weights, layer norms, softmax's sums and the residual
+        stream stay float32), logits returned as float32. The autocast opens and
+        closes with each pass: one left open across optimizer steps keeps reusing
+        its first low-precision copy of the weights, so training never sees its
+        own updates (and AdamW drifts the float32 weights it cannot see)."""
+        with self.autocast(input_batch):
+            if self.fast:
+                logits = self.fast_forward(input_batch)
+            else:  # the plain pass, as forward's ("last": outputs[:, -1, :])
+                logits = self.pool_outputs(self.gpt(input_batch), input_batch)
+        logits = logits.float()  # (b, num_classes)
+        if self.grad_scaler is not None and logits.requires_grad:
+            # fp16's loss scaling, applied to the gradient where it enters the
+            # model: the same as the book's loss.backward() on a scaled loss
+            logits.register_hook(self.grad_scaler.scale)
+        return logits
+
+    def round_frozen_prefix(self):
+        """Under bf16/fp16 the cache keeps the frozen prefix's output in that
+        dtype (half the bytes). Rounding that output to it in every pass, cached
+        or not, keeps --plain computing exactly what the cache gives."""
+        if self.rounding is not None:
+            self.rounding.remove()
+            self.rounding, self.rounds_after = None, None
+        n = frozen_prefix_length(self.gpt)
+        if self.precision == "fp32" or n is None:
+            return
+        dtype = PRECISIONS[self.precision]
+        self.rounds_after = n - 1  # the index of the last frozen block
+        self.rounding = self.gpt.trf_blocks[n - 1].register_forward_hook(
+            lambda block, inputs, output: output.to(dtype).to(output.dtype))
+
+    def cache_dtype(self):
+        """The dtype the prefix cache stores: the compute precision's."""
+        return PRECISIONS[self.precision] or self.gpt.tok_emb.weight.dtype
+
+    # ------------------------------------ the same result with less work
+
+    def enable_prefix_cache(self, budget=None, spill_dir=None):
+        """Caches the frozen prefix's output from now on, where it applies (frozen
+        embeddings and first block, no dropout, budget not 0); returns whether it
+        does. Only for fine-tuning: the cache keeps every message it has seen,
+        budget bytes of them on the device (None: no limit), the rest in a
+        temporary file in spill_dir (None: recomputed)."""
+        self.n_cached = frozen_prefix_length(self.gpt) if self.fast and budget != 0 else None
+        self.prefix_cache.close()
+        self.prefix_cache = PrefixCache(budget, spill_dir)
+        return self.n_cached is not None
+
+    def fast_forward(self, input_batch):
+        """forward's result: the frozen prefix from the cache (when enabled), the
+        last block at the pooled position only (all positions for "mean")."""
+        x = self.frozen_prefix(input_batch)  # (b, T, emb_dim)
+        blocks = self.gpt.trf_blocks[self.n_cached or 0:]
+        positions = pool_positions(input_batch, self.pool, self.pad_token_id)
+        if positions is None or len(blocks) == 0:
+            x = self.gpt.final_norm(blocks(x))
+            return self.gpt.out_head(self.pool_outputs(x, input_batch))
+        x = blocks[:-1](x)
+        x = last_block_at(blocks[-1], x, positions)  # (b, 1, emb_dim)
+        if self.rounds_after == len(self.gpt.trf_blocks) - 1:
+            # every block frozen and no cache: last_block_at bypasses the hook
+            x = x.to(PRECISIONS[self.precision]).to(x.dtype)
+        return self.gpt.out_head(self.gpt.final_norm(x[:, 0, :]))
+
+    def fill_prefix_cache(self, datasets, batch_size=32, rank=0, world=1):
+        """Computes the frozen prefix of every message once, up front, in batches
+        of similar length: far less padding than the shuffled training batches.
+        The shortest come first, so a budget keeps as many messages as it can.
+        Under torchrun (world processes) each computes every world-th batch and
+        broadcasts it: each ends with the cache one process fills, world times
+        sooner. Returns the seconds it took, the batches, and how many of them
+        this process computed."""
+        start_time = time.time()
+        if self.n_cached is None:
+            return {"fill_seconds": 0.0, "fill_batches": 0, "fill_batches_computed_here": 0}
+        # each distinct message once: the SMS data repeats some texts word for word
+        distinct = {tuple(ids.tolist()): ids for dataset in datasets for ids, _ in dataset}
+        messages = sorted(distinct.values(), key=len)
+        device = self.gpt.tok_emb.weight.device
+        starts = range(0, len(messages), batch_size)
+        for first in range(0, len(starts), world):  # a round: one batch per process
+            hidden = {}
+            batches = [pad_ids(messages[i:i + batch_size], self.pad_token_id).to(device)
+                       for i in starts[first:first + world]]
+            if rank < len(batches):
+                hidden[rank] = self.prefix_hidden(batches[rank])
+            for owner, batch in enumerate(batches):
+                if world > 1:
+                    hidden[owner] = broadcast_from(owner, hidden.get(owner), (
+                        *batch.shape, self.gpt.tok_emb.weight.shape[1]), self.cache_dtype(),
+                        device)
+                self.store(batch, hidden[owner])
+            done = min(starts[first + len(batches) - 1] + batch_size, len(messages))
+            progress("caching the frozen layers' output, messages", done, len(messages),
+                     start_time)
+        return {"fill_seconds": round(time.time() - start_time, 1), "fill_batches": len(starts),
+                "fill_batches_computed_here": len(range(rank, len(starts), world))}
+
+    def prefix_keys(self, input_batch):
+        """Each row's cache key (its token ids) and how many positions it keeps:
+        all of them when pool is "last" (it reads a padding position), only the
+        real tokens otherwise (later padding cannot change them, through the
+        causal mask)."""
+        b, num_tokens = input_batch.shape
+        if self.pool == "last":
+            keep = [num_tokens] * b
+        else:
+            keep = real_lengths(input_batch, self.pad_token_id).tolist()
+        return [tuple(ids[:n]) for ids, n in zip(input_batch.tolist(), keep)], keep
+
+    def prefix_hidden(self, input_batch):
+        """The frozen prefix's output, (b, T, emb_dim), in the cache's dtype."""
+        # outside inference mode: cached tensors are later used in training
+        with torch.inference_mode(False), torch.no_grad(), self.autocast(input_batch):
+            hidden = self.gpt.embed(input_batch.clone())
+            hidden = self.gpt.trf_blocks[:self.n_cached](hidden)
+        return hidden.to(self.cache_dtype())
+
+    def autocast(self, input_batch):
+        """--precision bf16/fp16's autocast on the batch's device (fp32: none)."""
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(input_batch.device.type, dtype=dtype)
+
+    def store(self, input_batch, hidden):
+        keys, keep = self.prefix_keys(input_batch)
+        for row, key in enumerate(keys):
+            self.prefix_cache.put(key, hidden[row, :keep[row]])
+
+    def frozen_prefix(self, input_batch):
+        """Output of the embeddings and the first n_cached blocks, (b, T, emb_dim),
+        each message computed once (keyed as prefix_keys says)."""
+        if self.n_cached is None:
+            return self.gpt.embed(input_batch)
+        keys, keep = self.prefix_keys(input_batch)
+        rows = {}  # batch row -> hidden states computed now
+        missing = [i for i, key in enumerate(keys) if key not in self.prefix_cache]
+        if missing:
+            hidden = self.prefix_hidden(input_batch[missing])
+            for row, i in enumerate(missing):
+                rows[i] = hidden[row, :keep[i]]
+                self.prefix_cache.put(keys[i], rows[i])
+        weight = self.gpt.tok_emb.weight
+        b, num_tokens = input_batch.shape
+        # in the weights' dtype (float32 under --precision bf16/fp16): the residual
+        # stream's, which holds the cache's values exactly
+        x = torch.zeros(b, num_tokens, weight.shape[1], dtype=weight.dtype,
+                        device=input_batch.device)
+        for i, key in enumerate(keys):
+            x[i, :keep[i]] = rows[i] if i in rows else self.prefix_cache.get(key, x.device)
+        return x
+
+
+def frozen_prefix_length(gpt):
+    """How many leading blocks (after the embeddings) never change, or None when
+    their output cannot be cached: trainable embeddings or dropout."""
+    if any(p.requires_grad for p in [gpt.tok_emb.weight, gpt.pos_emb.weight]):
+        return None
+    if any(m.p > 0 for m in gpt.modules() if isinstance(m, torch.nn.Dropout)):
+        return None
+    n = 0
+    while n < len(gpt.trf_blocks) and not any(
+            p.requires_grad for p in gpt.trf_blocks[n].parameters()):
+        n += 1
+    return n or None
+
+
+def attention_at(att, x, positions):
+    """gpt.py's MultiHeadAttention `att` with one query per row, at `positions` (b,):
+    (b, T, d_in) -> (b, 1, d_out). Keys and values still come from every position
+    up to it: what the full attention computes there, for 1/T of the queries."""
+    b, num_tokens, _ = x.shape
+    keys = att.split_heads(att.W_key(x))
+    values = att.split_heads(att.W_value(x))
+    dropout_p = att.dropout.p if att.training else 0.0
+    queries = att.split_heads(att.W_query(take_positions(x, positions)))
+    key_pos = torch.arange(num_tokens, device=x.device)
+    mask = key_pos <= positions[:, None]  # (b, T): causal for that query
+    context = torch.nn.functional.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=mask[:, None, None, :], dropout_p=dropout_p)
+    context = context.transpose(1, 2).reshape(b, 1, att.d_out)
+    return att.out_proj(context)
+
+
+def last_block_at(block, x, positions):
+    """gpt.py's TransformerBlock `block` at one position per row, (b, T, d) ->
+    (b, 1, d): block(x)[i, positions[i]], with the block's own layers, but the
+    query, attention output and feed-forward computed there only."""
+    shortcut = take_positions(x, positions)
+    x = block.norm1(x)
+    x = attention_at(block.att, x, positions)
+    x = block.drop_resid(x)
+    x = x + shortcut
+
+    shortcut = x
+    x = block.norm2(x)
+    x = block.ff(x)
+    x = block.drop_resid(x)
+    return x + shortcut
+
+
+ARENA_BYTES = 64 * 2**20  # the prefix cache's buffers: large enough to be few
+
+
+class PrefixCache:
+    """The frozen prefix's hidden states, one (tokens, emb_dim) tensor per
+    message, in the compute dtype: kept on the device up to `budget` bytes, the
+    rest appended to a spill file in `spill_dir` and read back per message (no
+    file: recomputed when needed). In memory, the messages are views into a few
+    large buffers (ARENA_BYTES each), not a tensor each: thousands of small
+    allocations of many lengths, between the fill's large temporaries, left
+    the allocator holding gigabytes more than the cache. The file is a
+    tempfile.TemporaryFile, which has no name on disk, so nothing is left there,
+    whatever ends the run; close() frees its space."""
+
+    def __init__(self, budget=None, spill_dir=None):
+        self.budget, self.spill_dir = budget, spill_dir
+        self.in_memory, self.in_file = {}, {}  # key -> tensor; key -> (offset, shape, dtype)
+        self.memory_bytes, self.file_bytes = 0, 0
+        self.arena, self.arena_used = None, 0  # the buffer being filled, bytes used of it
+        self.file = None
+
+    def __len__(self):
+        return len(self.in_memory) + len(self.in_file)
+
+    def __contains__(self, key):
+        return key in self.in_memory or key in self.in_file
+
+    def put(self, key, hidden):
+        if key in self:  # the same message twice in one batch
+            return
+        nbytes = hidden.numel() * hidden.element_size()
+        if self.budget is None or self.memory_bytes + nbytes <= self.budget:
+            self.in_memory[key] = self.place(hidden, nbytes)
+            self.memory_bytes += nbytes
+        elif self.spill_dir is not None:
+            self.spill(key, hidden, nbytes)
+
+    def place(self, hidden, nbytes):
+        """A copy of hidden in the current arena (a new one when it is full)."""
+        size = (nbytes + 7) // 8 * 8  # a view's offset: a multiple of its element size
+        arena = self.arena
+        if (arena is None or arena.device != hidden.device
+                or self.arena_used + size > arena.numel()):
+            room = ARENA_BYTES if self.budget is None else min(
+                ARENA_BYTES, self.budget - self.memory_bytes)
+            arena = self.arena = torch.empty(max(room, size), dtype=torch.uint8,
+                                             device=hidden.device)
+            self.arena_used = 0
+        raw = arena[self.arena_used:self.arena_used + nbytes]
+        self.arena_used += size
+        copy = raw.view(hidden.dtype).view(hidden.shape)
+        copy.copy_(hidden)
+        return copy
+
+    def spill(self, key, hidden, nbytes):
+        try:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile(dir=self.spill_dir, prefix=".prefix-cache-")
+            write_all(self.file.fileno(), tensor_bytes(hidden), self.file_bytes)
+        except OSError as e:
+            raise InputError(
+                f"cannot write the prefix cache's temporary file in {self.spill_dir} "
+                f"({e.strerror or e}, after {self.file_bytes:,} bytes): free some space, "
+                f"or lower --cache-memory to 0 to recompute the frozen layers instead.") from None
+        self.in_file[key] = (self.file_bytes, tuple(hidden.shape), hidden.dtype)
+        self.file_bytes += nbytes
+
+    def get(self, key, device):
+        if key in self.in_memory:
+            return self.in_memory[key]
+        offset, shape, dtype = self.in_file[key]
+        nbytes = math.prod(shape) * dtype.itemsize
+        raw = bytearray(os.pread(self.file.fileno(), nbytes, offset))
+        if len(raw) != nbytes:
+            raise InputError(f"the prefix cache's temporary file in {self.spill_dir} lost "
+                             f"data: {len(raw):,} of {nbytes:,} bytes read back.")
+        return torch.frombuffer(raw, dtype=dtype).view(shape).to(device)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def cache_size(datasets, emb_dim, dtype):
+    """Bytes the prefix cache needs for every distinct message of the datasets
+    (padded where the datasets pad: pool "last" reads a padding position)."""
+    lengths = {tuple(ids.tolist()): len(ids) for dataset in datasets for ids, _ in dataset}
+    return sum(lengths.values()) * emb_dim * dtype.itemsize

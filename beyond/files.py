@@ -1,0 +1,103 @@
+"""TODO docstring."""
+import os
+from pathlib import Path
+import contextlib
+import json
+import sys
+import tempfile
+from beyond.cli import InputError, interrupted_status
+from beyond.distributed import ranks
+from beyond.safetensors import write_kept
+
+
+def write_atomically(path, content):
+    """Bytes or str to path via a temporary file, so a crash never leaves half a
+    file; a failed write (full disk, no permission) is one error naming path."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: ranks may race
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}; {write_kept(path)}.") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def work_folder(out, rank, cleanup):
+    """This process's folder for the run, a TemporaryDirectory inside --out (made
+    if missing): the CSV splits it reads, the prefix cache's spill and (rank 0)
+    every output, moved into --out only once the run has succeeded. `cleanup`
+    (an ExitStack) removes it when the run ends, however it ends, and --out too
+    if this run made it and it is still empty. Under torchrun every process has
+    its own: --out may or may not be shared between machines."""
+    made = [p for p in [out, *out.parents] if not p.exists()]
+    cleanup.callback(remove_empty_folders, made)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        folder = tempfile.TemporaryDirectory(dir=out, prefix=f".finetune-rank{rank}-")
+    except OSError as e:
+        raise InputError(f"cannot write in the --out folder {out}: {e.strerror or e}.") from None
+    return Path(cleanup.enter_context(folder))
+
+
+def remove_empty_folders(folders):
+    for folder in folders:  # innermost first
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty
+
+
+@contextlib.contextmanager
+def out_left_as_it_was(out):
+    """A write into the work folder that fails says what the user cares about:
+    nothing in --out was replaced."""
+    try:
+        yield
+    except InputError as e:
+        raise InputError(f"{e} Nothing in {out} was replaced.") from None
+
+
+def publish_run(metrics, work, checkpoint, names):
+    """Rank 0's last step: metrics.json beside the checkpoint in `work`, every
+    output moved into the checkpoint's folder, and the line that says what is there."""
+    out = checkpoint.parent
+    with out_left_as_it_was(out):
+        write_atomically(work / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    publish(work, out)
+    plots = "reliability-plot.svg, roc-plot.svg, pr-plot.svg" if len(names) == 2 else \
+        "reliability-plot.svg"
+    print(f"Saved {checkpoint}, metrics.json, loss-plot.svg, accuracy-plot.svg, "
+          f"{plots} and the CSV splits in {out}")
+
+
+@contextlib.contextmanager
+def said_if_interrupted(checkpoint):
+    """Ctrl-C (or SIGTERM, run_cli) during training: one rank says that nothing
+    of this run was saved, and the run ends with the interrupt's exit status."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        kept = f"{checkpoint} is unchanged" if checkpoint.exists() else "no checkpoint was written"
+        if ranks()[0] == 0:  # every rank got Ctrl-C; one says so
+            print(f"\ninterrupted during training: nothing of this run was saved, "
+                  f"{checkpoint.parent} is as it was; {kept}.", file=sys.stderr)
+        sys.exit(interrupted_status(e))
+
+
+def publish(work, out):
+    """Moves the run's outputs from its work folder into --out, over the last
+    run's: renames within one file system, each file whole, old or new. The
+    checkpoint goes last: if a rename fails, it is still the earlier run's."""
+    moved = []
+    for path in sorted(work.iterdir(), key=lambda p: p.suffix == ".safetensors"):
+        try:
+            os.replace(path, out / path.name)
+        except OSError as e:
+            raise InputError(
+                f"cannot move {path.name} into {out}: {e.strerror or e}. Replaced by this "
+                f"run's: {', '.join(moved) or 'none'}; the other files in {out} are the "
+                f"earlier run's.") from None
+        moved.append(path.name)

@@ -1,0 +1,122 @@
+"""TODO docstring."""
+import math
+import re
+from beyond.calibrate import calibrate
+from beyond.distributed import global_sum
+from beyond.files import out_left_as_it_was
+import torch
+
+
+def metrics_beyond_accuracy(model, test_loader, device, names):
+    """The test set's per-class precision, recall and F1 and its confusion
+    matrix, printed after the chapter's accuracies and kept for metrics.json."""
+    counts = confusion_matrix_loader(test_loader, model, device, len(names))
+    per_class = per_class_metrics(counts, names)
+    print_test_metrics(per_class, counts, names)
+    return {"labels": names, "test_per_class": per_class, "test_confusion_matrix": counts}
+
+
+def run_record(args, train_seconds, classifier, cache):
+    """What metrics.json keeps of the run beside its metrics: the training time,
+    the flags, and what the prefix cache was allowed, needed and held."""
+    return {"train_seconds": round(train_seconds, 1), "args": vars(args),
+            "prefix_cache": dict(cache, memory_bytes=classifier.prefix_cache.memory_bytes,
+                                 file_bytes=classifier.prefix_cache.file_bytes)}
+
+
+def baseline_and_calibration(classifier, metrics, loaders, device, args, label_ids, splits,
+                             work, out):
+    """Rank 0's metrics after the chapter's final accuracy: the naive Bayes
+    baseline and the calibration, added to metrics (its plots written into
+    `work`). Returns what the checkpoint keeps of the calibration."""
+    if not args.no_baseline:
+        metrics["naive_bayes"] = naive_bayes_baseline(label_ids, splits)
+    with out_left_as_it_was(out):
+        # rank 0 alone, on every row: the loaders' whole batches, not its share
+        metrics["calibration"], calibration = calibrate(
+            classifier, [loader.data_loader for loader in loaders], device,
+            metrics["labels"], args.target_fpr, work)
+    return calibration
+
+
+def confusion_matrix_loader(data_loader, model, device, num_classes):
+    """counts[true class][predicted class] over a whole loader."""
+    model.eval()
+    counts = [[0] * num_classes for _ in range(num_classes)]
+    with torch.inference_mode():
+        for input_batch, target_batch in data_loader:  # under torchrun, this rank's rows
+            predicted = torch.argmax(model(input_batch.to(device)), dim=-1)
+            for true, guess in zip(target_batch.tolist(), predicted.tolist()):
+                counts[true][guess] += 1
+    flat = global_sum(device, *(n for row in counts for n in row))
+    return [[int(n) for n in flat[i:i + num_classes]]
+            for i in range(0, len(flat), num_classes)]
+
+
+def per_class_metrics(counts, names):
+    """Precision, recall and F1 of each class from a confusion matrix."""
+    metrics = {}
+    for i, name in enumerate(names):
+        predicted = sum(row[i] for row in counts)
+        actual = sum(counts[i])
+        precision = counts[i][i] / predicted if predicted else 0.0
+        recall = counts[i][i] / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        metrics[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    return metrics
+
+
+def print_test_metrics(metrics, counts, names):
+    width = max(len(name) for name in names) + 2
+    print(f"{'Test set':<{width}}{'precision':>10}{'recall':>8}{'F1':>8}{'support':>9}")
+    for name, m in metrics.items():
+        print(f"{name:<{width}}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>8.3f}"
+              f"{m['support']:>9}")
+    print("Confusion matrix (rows: true class, columns: predicted):")
+    print(" " * width + "".join(f"{name[:10]:>11}" for name in names))
+    for name, row in zip(names, counts):
+        print(f"{name:<{width}}" + "".join(f"{n:>11}" for n in row))
+
+
+def words(text):
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def fit_naive_bayes(rows):
+    """Multinomial naive Bayes over lower-cased word counts, Laplace smoothing:
+    the baseline a GPT classifier has to beat. rows: [(class id, text)]."""
+    counts, totals, docs, vocabulary = {}, {}, {}, set()
+    for label, text in rows:
+        docs[label] = docs.get(label, 0) + 1
+        class_counts = counts.setdefault(label, {})
+        for word in words(text):
+            class_counts[word] = class_counts.get(word, 0) + 1
+            totals[label] = totals.get(label, 0) + 1
+            vocabulary.add(word)
+    return {"counts": counts, "totals": totals, "vocabulary_size": len(vocabulary),
+            "log_priors": {c: math.log(n / len(rows)) for c, n in docs.items()}}
+
+
+def predict_naive_bayes(model, text):
+    def log_likelihood(label):
+        counts, total = model["counts"][label], model["totals"].get(label, 0)
+        denominator = math.log(total + model["vocabulary_size"] + 1)
+        return model["log_priors"][label] + sum(
+            math.log(counts.get(word, 0) + 1) - denominator for word in words(text))
+    return max(model["log_priors"], key=log_likelihood)
+
+
+def naive_bayes_accuracy(model, rows):
+    return sum(predict_naive_bayes(model, text) == label for label, text in rows) / len(rows)
+
+
+def naive_bayes_baseline(label_ids, splits):
+    """The baseline's validation and test accuracy on the same split."""
+    train, validation, test = ([(label_ids[label], text) for label, text in split]
+                               for split in splits)
+    baseline = fit_naive_bayes(train)
+    result = {"val_accuracy": naive_bayes_accuracy(baseline, validation),
+              "test_accuracy": naive_bayes_accuracy(baseline, test)}
+    print(f"Naive Bayes baseline (word counts, same split): validation accuracy "
+          f"{result['val_accuracy']*100:.2f}%, test accuracy {result['test_accuracy']*100:.2f}%")
+    return result

@@ -1,0 +1,76 @@
+"""TODO docstring."""
+from beyond.cli import InputError
+import torch
+import warnings
+
+
+class LossScaledOptimizer:
+    """The optimizer, stepped through torch.amp's GradScaler: float16's small
+    gradients underflow to 0 unless scaled up. The classifier multiplies the
+    gradient by the scale where it enters the model (its grad_scaler); step()
+    divides it out again, skips a step whose gradients overflowed and adjusts
+    the scale. Listing 6.10 calls zero_grad and step, as on the optimizer."""
+
+    def __init__(self, optimizer, scaler):
+        self.optimizer, self.scaler = optimizer, scaler
+
+    def zero_grad(self):
+        self.optimizer.zero_grad()
+
+    def step(self):
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def loss_scaled(optimizer, model, device):
+    """The optimizer for --precision fp16, and the classifier's scaler set."""
+    classifier = getattr(model, "module", model)  # inside DistributedDataParallel
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        scaler = torch.amp.GradScaler(device.type)
+    else:
+        scaler = torch.cuda.amp.GradScaler()
+    classifier.grad_scaler = scaler
+    return LossScaledOptimizer(optimizer, scaler)
+
+
+PRECISIONS = {  # --precision: the dtype of the matrix products (None: the weights' own)
+    "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision, device):
+    """--precision on this device, or an error naming what the device can do.
+    bf16: cpu, cuda where the GPU has bfloat16 (Ampere or later), mps where this
+    torch autocasts it. fp16: cuda only (a CPU without float16 matrix units runs
+    it several times slower than fp32; mps is not verified)."""
+    if precision == "fp32":
+        return
+    can = ["fp32"]
+    if device.type == "cpu" or (device.type == "mps" and autocasts(device, torch.bfloat16)):
+        can.append("bf16")
+    if device.type == "cuda":
+        if cuda_has_bf16():
+            can.append("bf16")
+        can.append("fp16")
+    if precision not in can:
+        raise InputError(f"--precision {precision} does not run on --device {device.type} "
+                         f"here; it can run {' or '.join(can)}.")
+
+
+def cuda_has_bf16():
+    try:  # torch >= 2.4 counts emulated bfloat16 (a T4's, slower than fp32) unless told not to
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        return torch.cuda.is_bf16_supported()
+
+
+def autocasts(device, dtype):
+    """Whether torch.autocast runs dtype on device (it warns and does nothing
+    where it cannot)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.autocast(device.type, dtype=dtype):
+                x = torch.ones(2, 2, device=device)
+                return (x @ x).dtype == dtype
+    except (RuntimeError, UserWarning):
+        return False

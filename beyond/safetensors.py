@@ -1,0 +1,214 @@
+"""TODO docstring."""
+import ctypes
+import errno
+import json
+import math
+import mmap
+import os
+import struct
+from pathlib import Path
+from beyond.cli import InputError
+import torch
+
+
+# dtype name in the file -> (torch dtype, bytes per element)
+SAFETENSORS_DTYPES = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+
+
+MAX_HEADER_BYTES = 100_000_000  # the Hub's own readers refuse larger headers too
+
+
+def read_safetensors_header(path):
+    """Reads and checks the header: {name: (dtype, shape, start, end)} with offsets
+    from the start of the file, and the string-to-string __metadata__.
+
+    The layout: 8 bytes little-endian header length, a JSON header, raw data.
+    Everything is checked before any tensor is read, so a crafted or truncated
+    file fails here, naming the file and the problem."""
+    def bad(problem):
+        return InputError(f"{path} is not a valid safetensors file: {problem}.")
+
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder, not a safetensors file.")
+    try:
+        file_size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise bad(f"it has {len(prefix)} bytes, fewer than the 8-byte header length")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise bad(f"its header claims {header_len:,} bytes (more than 100 MB)")
+            if 8 + header_len > file_size:
+                raise bad(f"its header claims {header_len:,} bytes but the file "
+                          f"has {file_size:,} (truncated?)")
+            raw_header = f.read(header_len)
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}.") from None
+    try:
+        header = json.loads(raw_header.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise bad(f"its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise bad("__metadata__ is not a map of strings to strings")
+
+    data_start = 8 + header_len
+    entries = {}
+    for name, info in header.items():
+        problem = entry_problem(info, file_size - data_start)
+        if problem:
+            raise bad(f"tensor {name!r} {problem}")
+        start, end = info["data_offsets"]
+        entries[name] = (info["dtype"], tuple(info["shape"]), data_start + start, data_start + end)
+
+    problem = tiling_problem(entries, data_start, file_size)
+    if problem:
+        raise bad(problem)
+    return entries, metadata
+
+
+def tiling_problem(entries, data_start, file_size):
+    """The format requires the tensors to tile the data area exactly, in the
+    order of their offsets: a gap, an overlap or bytes after the last one mean
+    the header's length or an offset is wrong, and every tensor read would be
+    shifted. What is wrong, or None."""
+    spans = sorted((start, end, name) for name, (_, _, start, end) in entries.items())
+    position, previous = data_start, None
+    for start, end, name in spans:
+        if start < position:
+            return f"tensors {previous!r} and {name!r} overlap"
+        if start > position:
+            after = f"after tensor {previous!r}" if previous else "before the first tensor"
+            return f"{start - position:,} bytes of the data area {after} belong to no tensor"
+        position, previous = end, name
+    if position != file_size:
+        return (f"the file has {file_size - position:,} bytes after the last tensor "
+                f"(a wrong header length?)")
+    return None
+
+
+def entry_problem(info, data_size):
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(info, dict):
+        return "has no description"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:  # a list is unhashable
+        return f"has unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        return f"has an invalid shape {shape!r}"
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        return f"has invalid data_offsets {offsets!r}"
+    if offsets[1] > data_size:
+        return (f"ends at byte {offsets[1]:,} of the data area, which has {data_size:,} "
+                f"bytes (truncated?)")
+    expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
+    if offsets[1] - offsets[0] != expected:
+        return f"has {offsets[1] - offsets[0]:,} bytes but {dtype} x {shape} needs {expected:,}"
+    return None
+
+
+def check_floating(entries, names, source):
+    """Weights must have a floating dtype: an F32 tensor relabelled I32 has the
+    same size, passes every other check and would load as nonsense."""
+    for name in names:
+        dtype = entries[name][0]
+        if not SAFETENSORS_DTYPES[dtype][0].is_floating_point:
+            raise InputError(f"{source}: tensor {name} has dtype {dtype}, but weights are "
+                             f"floating point (F16, BF16, F32 or F64).")
+
+
+def _tensor_from_bytes(buffer, entry, offset=0):
+    dtype, shape, start, end = entry
+    torch_dtype = SAFETENSORS_DTYPES[dtype][0]
+    if end == start:
+        return torch.empty(shape, dtype=torch_dtype)
+    flat = torch.frombuffer(buffer, dtype=torch_dtype,
+                            count=(end - start) // SAFETENSORS_DTYPES[dtype][1],
+                            offset=start - offset)
+    return flat.view(shape)
+
+
+def load_safetensors(path):
+    """All tensors of a file as views of a copy-on-write memory map, and the
+    metadata: nothing is copied until used, so a checkpoint opens at once."""
+    entries, metadata = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buffer = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
+    return {name: _tensor_from_bytes(buffer, entry) for name, entry in entries.items()}, metadata
+
+
+def tensor_bytes(t):
+    """The raw bytes of a tensor, in its own dtype (bfloat16 included), on the CPU."""
+    t = t.detach().contiguous().cpu()
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Writes tensors (all contiguous, little-endian) atomically: to a temporary
+    file beside path, renamed over it only once complete. The data starts on a
+    64-byte boundary and tensors of whole 64-byte lines come first, so that a
+    memory-mapped tensor is as aligned as one in memory: the CPU's kernels then
+    take the same path and give the same bits."""
+    sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+    tensors = {name: tensors[name] for name in sorted(tensors, key=lambda n: sizes[n] % 64 > 0)}
+    header, offset = {}, 0
+    names = {dtype: name for name, (dtype, _) in SAFETENSORS_DTYPES.items()}
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 64)  # the data starts 64-byte aligned
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: ranks may race
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            write_all(fd, struct.pack("<Q", len(raw)) + raw)
+            for t in tensors.values():
+                write_all(fd, tensor_bytes(t))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}; {write_kept(path)}.") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_kept(path):
+    """What a failed write of path leaves: the file as it was, or none."""
+    return f"{path} is unchanged" if Path(path).exists() else "nothing was written"
+
+
+def write_all(fd, data, offset=None):
+    """Writes every byte of data at the file position (or at offset, with
+    pwrite): os.write and os.pwrite may write fewer bytes than asked, and a
+    write that makes no progress means the disk is full."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+        if offset is not None:
+            offset += written

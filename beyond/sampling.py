@@ -1,0 +1,28 @@
+"""TODO docstring."""
+import random
+
+
+def sample(rows, n, seed):
+    """pandas' df.sample(n, random_state=seed) on a list: the same n rows in the
+    same order (not the book's: no pandas here)."""
+    return [rows[i] for i in sample_order(len(rows), seed)[:n]]
+
+
+def sample_order(n, seed):
+    """The row order of pandas' df.sample(frac=1, random_state=seed), which is
+    NumPy's RandomState(seed).permutation(n), so that balancing and splitting pick
+    the book's rows. NumPy runs the Mersenne Twister of Python's random module but
+    seeds it with init_genrand and shuffles with masked draws, done here by hand."""
+    state = [seed]
+    for i in range(1, 624):
+        state.append((1812433253 * (state[-1] ^ (state[-1] >> 30)) + i) & 0xFFFFFFFF)
+    rng = random.Random()
+    rng.setstate((3, (*state, 624), None))  # 624: regenerate before the first draw
+    order = list(range(n))
+    for i in range(n - 1, 0, -1):
+        mask = (1 << i.bit_length()) - 1
+        j = rng.getrandbits(32) & mask
+        while j > i:
+            j = rng.getrandbits(32) & mask
+        order[i], order[j] = order[j], order[i]
+    return order

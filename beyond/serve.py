@@ -1,0 +1,510 @@
+"""TODO docstring."""
+import base64
+import errno
+import hashlib
+import http.server
+import ipaddress
+import json
+import re
+import socket
+import sys
+import threading
+from pathlib import Path
+from beyond.cli import InputError
+from beyond.explain import MAX_EXPLAINED, explain_texts
+from beyond.stream import NonFiniteLogits, classify_texts, predicted_class, result_record
+
+
+
+
+
+
+def describe_checkpoint(path, info):
+    """What /info answers and the page shows above the text box."""
+    config = info["config"]
+    return {"checkpoint": Path(path).name, "labels": info["labels"], "model": info["model"],
+            "layers": config["n_layers"], "emb_dim": config["emb_dim"],
+            "max_length": info["max_length"], "pool": info["pool"],
+            "trainable": info["trainable"]}
+
+
+MAX_BODY = 1_000_000  # bytes of one /classify request
+
+
+MAX_TEXTS = 1_000     # messages in one /classify request
+
+
+TIMEOUT = 10.0          # seconds a client may stay silent before its connection is dropped
+
+
+MAX_CONNECTIONS = 128   # connections served at a time; more are answered 503
+
+
+REQUEST_DEADLINE = 30.0  # seconds a client has to send its whole request
+
+
+MAX_DRAIN = 16_000_000  # bytes of an unread body read and dropped after an error answer
+
+
+# The page at /: one text box, a button, a bar per class; inline, nothing to fetch.
+PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>GPT-2 classifier</title>
+<style>
+  body { font: 16px/1.45 system-ui, sans-serif; margin: 0; background: #f4f5f7; color: #1d2330; }
+  main { max-width: 760px; margin: 0 auto; padding: 1.2rem; }
+  h1 { font-size: 1.35rem; margin: 0 0 .3rem; }
+  #info { color: #5b6475; font-size: .9rem; margin: 0 0 1rem; overflow-wrap: anywhere; }
+  textarea { box-sizing: border-box; width: 100%; min-height: 8rem; padding: .6rem;
+             font: inherit; border: 1px solid #c4c9d4; border-radius: 6px; resize: vertical; }
+  .bar { display: flex; align-items: center; gap: .8rem; margin: .6rem 0 1.2rem; flex-wrap: wrap; }
+  button { font: inherit; padding: .5rem 1.2rem; border: 0; border-radius: 6px;
+           background: #2f5bd3; color: white; cursor: pointer; }
+  button:disabled { background: #8ea3d9; cursor: wait; }
+  .hint, #error { font-size: .85rem; color: #5b6475; }
+  #error { color: #b3261e; }
+  .result { background: white; border-radius: 8px; padding: .8rem 1rem; margin-bottom: .8rem;
+            box-shadow: 0 1px 2px #0002; }
+  .text { overflow-wrap: anywhere; margin-bottom: .4rem; }
+  .label { font-weight: 600; }
+  .row { display: grid; grid-template-columns: minmax(4rem, 9rem) 1fr 3.5rem; gap: .5rem;
+         align-items: center; font-size: .9rem; }
+  .track { background: #e6e9ef; border-radius: 4px; height: .7rem; }
+  .fill { background: #8a94a8; border-radius: 4px; height: 100%; }
+  .best .fill { background: #2f5bd3; }
+  .p { text-align: right; font-variant-numeric: tabular-nums; }
+  .ask { margin-top: .5rem; padding: .2rem .7rem; font-size: .85rem; }
+  .why { margin-top: .6rem; border-top: 1px solid #e6e9ef; padding-top: .5rem; }
+  .tokens { white-space: pre-wrap; overflow-wrap: anywhere; line-height: 1.8; }
+  .tok { border-radius: 3px; }
+  .legend { font-size: .8rem; color: #5b6475; margin-top: .3rem; }
+  .swatch { display: inline-block; width: .9rem; height: .9rem; border-radius: 3px;
+            vertical-align: middle; margin: 0 .25rem 0 .6rem; }
+</style>
+</head>
+<body>
+<main>
+  <h1>GPT-2 classifier</h1>
+  <p id="info">Loading the checkpoint's description…</p>
+  <textarea id="texts" placeholder="One message per line" autofocus></textarea>
+  <div class="bar">
+    <button id="go">Classify</button>
+    <span class="hint">or Ctrl-Enter · one message per line</span>
+    <span id="error" role="alert"></span>
+  </div>
+  <div id="results"></div>
+</main>
+<script>
+const $ = (id) => document.getElementById(id);
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;  // text, never HTML
+  return node;
+}
+
+function showResult(result) {
+  const box = element("div", "result");
+  box.append(element("div", "text", result.text));
+  box.append(element("div", "label", result.label));
+  for (const [name, p] of Object.entries(result.probabilities)) {
+    const row = element("div", name === result.label ? "row best" : "row");
+    const track = element("div", "track"), fill = element("div", "fill");
+    fill.style.width = (100 * p).toFixed(1) + "%";
+    track.append(fill);
+    row.append(element("span", "", name), track, element("span", "p", (100 * p).toFixed(1) + "%"));
+    box.append(row);
+  }
+  const ask = element("button", "ask", "why?");
+  ask.addEventListener("click", () => explain(result.text, box, ask));
+  box.append(ask);
+  $("results").append(box);
+}
+
+// red pushes toward the label shown, blue away from it, as strong as the score
+// is against the message's largest
+function tint(score, largest) {
+  const strength = largest > 0 ? Math.min(Math.abs(score) / largest, 1) : 0;
+  return score > 0 ? `rgba(220, 40, 40, ${0.75 * strength})`
+                   : `rgba(40, 80, 220, ${0.75 * strength})`;
+}
+
+function showExplanation(result, box) {
+  const why = element("div", "why");
+  const tokens = element("div", "tokens");
+  const largest = Math.max(...result.explanation.map((piece) => Math.abs(piece.score)));
+  for (const piece of result.explanation) {
+    const span = element("span", "tok", piece.token);
+    span.style.background = tint(piece.score, largest);
+    span.title = (piece.score >= 0 ? "+" : "") + piece.score.toFixed(3);
+    tokens.append(span);
+  }
+  const legend = element("div", "legend", "Each token's share of the decision:");
+  const toward = element("span", "swatch"), against = element("span", "swatch");
+  toward.style.background = tint(1, 1);
+  against.style.background = tint(-1, 1);
+  legend.append(toward, `toward ${result.label}`, against, `against it`,
+                " · stronger colour, larger share; hover a token for its score");
+  why.append(tokens, legend);
+  box.append(why);
+}
+
+async function explain(text, box, ask) {
+  ask.disabled = true;
+  try {
+    const response = await fetch("/classify", {method: "POST",
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({texts: [text], explain: true})});
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error);
+    showExplanation(answer.results[0], box);
+    ask.remove();
+  } catch (error) {
+    $("error").textContent = "Error: " + error.message;
+    ask.disabled = false;
+  }
+}
+
+async function classify() {
+  const texts = $("texts").value.split("\n").filter((line) => line.trim());
+  if (!texts.length) { $("error").textContent = "Type a message first."; return; }
+  $("go").disabled = true;
+  $("error").textContent = "";
+  try {
+    const response = await fetch("/classify", {method: "POST",
+      headers: {"Content-Type": "application/json"}, body: JSON.stringify({texts})});
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error);
+    $("results").replaceChildren();
+    answer.results.forEach(showResult);
+  } catch (error) {
+    $("error").textContent = "Error: " + error.message;
+  } finally {
+    $("go").disabled = false;
+  }
+}
+
+$("go").addEventListener("click", classify);
+$("texts").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) classify();
+});
+fetch("/info").then((r) => r.json()).then((info) => {
+  $("info").textContent = `${info.checkpoint} · classes: ${info.labels.join(", ")} · ` +
+    `${info.model} (${info.layers} layers, ${info.emb_dim} dimensions) · ` +
+    `max_length ${info.max_length} · pooling: ${info.pool} · trained: ${info.trainable}`;
+});
+</script>
+</body>
+</html>
+"""
+
+
+def inline_hashes(page, tag):
+    """The Content-Security-Policy sources of the page's inline <tag>s: the
+    sha256 of each one's text, so that no other script or style can run."""
+    return " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
+        for text in re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S))
+
+
+# Sent with every answer: the page runs only its own inline script and style,
+# talks only to this server, and no other site may frame it or sniff a type.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": f"default-src 'none'; script-src {inline_hashes(PAGE, 'script')}; "
+                               f"style-src {inline_hashes(PAGE, 'style')}; connect-src 'self'; "
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def host_names(host, server_name):
+    """The names, besides IP addresses, that a Host header may give this server."""
+    names = {"localhost", host, server_name}
+    if host in ("0.0.0.0", "::"):  # every interface: the machine's own name too
+        names.add(socket.gethostname())
+    return {name.lower().rstrip(".") for name in names}
+
+
+def names_this_server(host_header, names):
+    """Whether a Host header ("name:port", "[v6 address]:port") names this server:
+    an IP address or one of `names`. A DNS-rebinding page can only send a domain
+    name of its own. The port is not checked: a tunnel or port mapping changes it."""
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::\d*)?|([^:\[\]]+)(?::\d*)?",
+                         (host_header or "").strip())
+    if not match:
+        return False
+    name = (match[1] or match[2]).lower().rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return name in names
+
+
+class RequestError(Exception):
+    """A request not answered 200: this HTTP status and a JSON error."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_request(body):
+    """The texts of a /classify body {"texts": [...], "explain": false} and whether
+    to explain them; RequestError otherwise."""
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
+        raise RequestError(400, "the body is not JSON") from None
+    texts = request.get("texts") if isinstance(request, dict) else None
+    if not isinstance(texts, list) or not texts:
+        raise RequestError(400, 'expected {"texts": ["a message", ...]} with at least one text')
+    if len(texts) > MAX_TEXTS:
+        raise RequestError(413, f"{len(texts):,} texts; at most {MAX_TEXTS:,} per request")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise RequestError(400, f"texts[{i}] is not a string")
+        if not text.strip():
+            raise RequestError(400, f"texts[{i}] is empty or only whitespace")
+    explain = request.get("explain", False)
+    if not isinstance(explain, bool):
+        raise RequestError(400, '"explain" is not true or false')
+    if explain and len(texts) > MAX_EXPLAINED:
+        raise RequestError(413, f"{len(texts):,} texts to explain; at most {MAX_EXPLAINED} "
+                                f"per request")
+    return texts, explain
+
+
+def make_handler(classify, description, timeout=TIMEOUT, deadline=REQUEST_DEADLINE):
+    """The request handler: classify(texts, explain) -> results; description: /info;
+    timeout: seconds a client may stay silent; deadline: seconds it has to send
+    its whole request."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        routes = {"/": "GET", "/info": "GET", "/classify": "POST"}
+        busy = False  # True: the server is at its connection cap; answer 503
+        body_read = False
+
+        def answer(self, status, body, content_type="application/json"):
+            data = body.encode("utf-8") if isinstance(body, str) else \
+                json.dumps(body, allow_nan=False).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", f"{content_type}; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in SECURITY_HEADERS.items():
+                self.send_header(name, value)
+            if status == 405:
+                self.send_header("Allow", "GET, HEAD" if self.routes[self.path] == "GET"
+                                 else self.routes[self.path])
+            self.end_headers()
+            if self.command != "HEAD":  # HEAD: GET's headers, no body
+                self.wfile.write(data)
+
+        def setup(self):
+            super().setup()
+            # the timeout bounds each read; a client trickling a byte at a time
+            # would still hold its connection, and a slot, for ever without this
+            self.request_timer = threading.Timer(deadline, self.cut)
+            self.request_timer.daemon = True
+            self.request_timer.start()
+
+        def cut(self):
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+        def finish(self):
+            self.request_timer.cancel()
+            super().finish()
+
+        def route(self, method):
+            self.path = self.path.split("?", 1)[0]  # the page may be opened as /?anything
+            try:
+                self.check(method)
+                body = self.read_body() if method == "POST" else None
+                self.request_timer.cancel()  # the whole request is in: the answer may take its time
+                if self.path == "/":
+                    return self.answer(200, PAGE, "text/html")
+                if self.path == "/info":
+                    return self.answer(200, description)
+                texts, explain = parse_request(body)
+                self.answer(200, {"results": classify(texts, explain)})
+            except RequestError as e:
+                self.answer(e.status, {"error": str(e)})
+                self.linger()
+
+        def check(self, method):
+            """RequestError unless this server takes this request from this client."""
+            if self.busy:
+                raise RequestError(503, "the server is answering as many connections as it "
+                                        "takes at a time; try again in a moment")
+            host = self.headers.get("Host")
+            if not names_this_server(host, self.server.host_names):
+                raise RequestError(403, f"the Host header {host!r} does not name this server")
+            if self.path not in self.routes:
+                raise RequestError(404, f"no such page: {self.path}")
+            if self.routes[self.path] != method:
+                raise RequestError(405, f"{self.path} takes {self.routes[self.path]}")
+            if method == "POST":  # what another site's page could make a browser send
+                origin = self.headers.get("Origin")
+                if origin is not None and origin.lower() != f"http://{host}".lower():
+                    raise RequestError(403, f"a page of {origin} may not use this server")
+                if self.headers.get_content_type() != "application/json":
+                    raise RequestError(415, "the body must be sent as Content-Type: "
+                                            "application/json")
+
+        def read_body(self):
+            if "Transfer-Encoding" in self.headers:  # chunked: not read here
+                raise RequestError(411, "send the body with a Content-Length, not a "
+                                        "Transfer-Encoding")
+            lengths = set(self.headers.get_all("Content-Length") or [])
+            if len(lengths) != 1 or not re.fullmatch(r"[0-9]+", next(iter(lengths)).strip()):
+                raise RequestError(400, "the request has no valid Content-Length")
+            length = int(next(iter(lengths)))
+            if length > MAX_BODY:
+                raise RequestError(413, f"the body has {length:,} bytes; at most "
+                                        f"{MAX_BODY:,}")
+            body = self.rfile.read(length)
+            self.body_read = True
+            return body
+
+        def linger(self):
+            """After an error answer, reads and drops the unread body (up to
+            MAX_DRAIN bytes) before the connection closes: closing with unread
+            data resets it, and a client still sending would never see the answer."""
+            if self.body_read or (self.headers.get("Content-Length", "0") == "0"
+                                  and "Transfer-Encoding" not in self.headers):
+                return
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_WR)  # the answer is complete
+            left = MAX_DRAIN
+            while left > 0 and (chunk := self.rfile.read1(min(left, 65536))):
+                left -= len(chunk)
+
+        def send_error(self, code, message=None, explain=None):
+            # http.server's own errors (a malformed request line, an unknown method), in JSON
+            self.close_connection = True
+            self.answer(code, {"error": message or http.HTTPStatus(code).phrase})
+
+        def do_GET(self):
+            self.route("GET")
+
+        def do_POST(self):
+            self.route("POST")
+
+        def refuse(self):
+            self.route(self.command)
+
+        do_HEAD = do_GET
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = refuse
+
+        def log_message(self, *args):  # the terminal shows the address, not every request
+            pass
+
+    Handler.timeout = timeout  # socketserver sets it on the socket: a silent client is dropped
+    return Handler
+
+
+class ClassifierServer(http.server.HTTPServer):
+    """http.server with limits: a listen backlog for bursts, a thread per
+    connection but at most max_connections served at a time (the others are
+    answered 503), and no traceback when a client goes away or stays silent."""
+    request_queue_size = 128  # socketserver's 5 resets connections in a burst
+
+    def __init__(self, address, family, handler, max_connections):
+        self.address_family = family
+        self.connections = threading.BoundedSemaphore(max_connections)
+        self.busy_handler = type("BusyHandler", (handler,), {"busy": True})
+        super().__init__(address, handler)
+        self.host_names = host_names(address[0], self.server_name)
+
+    def process_request(self, request, client_address):
+        # counted here, in the order the connections arrived
+        handler = self.RequestHandlerClass if self.connections.acquire(blocking=False) \
+            else self.busy_handler
+        threading.Thread(target=self.process_connection, daemon=True,
+                         args=(request, client_address, handler)).start()
+
+    def process_connection(self, request, client_address, handler):
+        try:
+            handler(request, client_address, self)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            if handler is self.RequestHandlerClass:
+                self.connections.release()
+            self.shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout)):
+            super().handle_error(request, client_address)  # a bug: its traceback
+
+
+def make_server(host, port, classify, description, timeout=TIMEOUT, deadline=REQUEST_DEADLINE,
+                max_connections=MAX_CONNECTIONS):
+    """The server of --serve, listening on host and port (IPv4 or IPv6, as the
+    host's address is); serve_forever() serves it."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+    except socket.gaierror as e:
+        raise InputError(f"cannot listen on {host}: {e.strerror}. --host takes an address "
+                         f"or name of this machine: 127.0.0.1, ::1, 0.0.0.0 or ::.") from None
+    handler = make_handler(classify, description, timeout, deadline)
+    try:
+        return ClassifierServer((host, port), family, handler, max_connections)
+    except OSError as e:
+        if e.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise InputError(f"cannot listen on {host} port {port}: {e.strerror or e}. Choose "
+                             f"another with --port (0 lets the system pick a free one).") \
+                from None
+        raise InputError(f"cannot listen on {host}: {e.strerror or e}. --host takes an "
+                         f"address of this machine: 127.0.0.1, ::1, 0.0.0.0 or ::.") from None
+
+
+def classifier(model, info, device, checkpoint, tokenizer):
+    """classify(texts) -> result records, for the server's threads: the model
+    is used by one request at a time."""
+    lock = threading.Lock()
+
+    def classify(texts, explain):
+        with lock:
+            try:
+                probabilities = classify_texts(texts, model, tokenizer, device,
+                                               info["max_length"], info["pad_token_id"],
+                                               temperature=info["temperature"])
+            except NonFiniteLogits as e:  # the name only: a client is not told paths
+                raise RequestError(500, f"{Path(checkpoint).name}: {e}") from None
+            targets = [predicted_class(p) for p in probabilities]
+            explanations = explain_texts(texts, targets, model, tokenizer, info["max_length"],
+                                         info["pad_token_id"]) if explain else [None] * len(texts)
+        return [result_record(t, p, info["labels"], explanation=e)
+                for t, p, e in zip(texts, probabilities, explanations)]
+
+    return classify
+
+
+def serve(model, info, checkpoint, device, tokenizer, host, port):
+    """Serves the page, /info and /classify until Ctrl-C; the model is loaded once."""
+    server = make_server(host, port, classifier(model, info, device, checkpoint, tokenizer),
+                         describe_checkpoint(checkpoint, info))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {host}, not only on this machine: whoever reaches it on "
+              f"port {server.server_port} can use the classifier.")
+    shown = f"[{host}]" if ":" in host else host
+    print(f"Serving {checkpoint} at http://{shown}:{server.server_port}/ "
+          f"(Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped.", file=sys.stderr)
+    finally:
+        server.server_close()

@@ -1,0 +1,268 @@
+"""TODO docstring."""
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from beyond.cli import InputError, progress
+from beyond.explain import explain_texts
+from beyond.tokens import PAD_TOKEN_ID, encode, pad_ids
+import torch
+
+
+class NonFiniteLogits(InputError):
+    """The model computed NaN or infinity: its callers name the checkpoint."""
+
+
+def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD_TOKEN_ID,
+                   batch_size=32, temperature=1.0):
+    """Class probabilities (one list per text) for many texts, in batches of
+    similar length. Padded to max_length only where the checkpoint's pooling
+    reads a padding position ("last"); otherwise to each batch's longest.
+    temperature: the checkpoint's, fitted by finetune.py (the logits divided by
+    it; the argmax does not change)."""
+    model.eval()
+    max_length = min(max_length, model.gpt.pos_emb.weight.shape[0])
+    encoded = [encode(text, tokenizer, max_length) for text in texts]
+    for i, ids in enumerate(encoded):
+        if not ids:  # no token for the head to read
+            raise InputError(f"text {i} is empty: there is nothing to classify.")
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    width = max_length if model.pool == "last" else None  # None: the batch's longest
+    probabilities = [None] * len(texts)
+    start_time = time.time()
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        inputs = pad_ids([encoded[i] for i in batch], pad_token_id, length=width)
+        with torch.inference_mode():
+            logits = model(inputs.to(device)).float()
+        if not torch.isfinite(logits).all():
+            raise NonFiniteLogits("its logits are not all finite numbers (NaN or infinity), "
+                                  "so it has no answer: its weights are damaged. Fine-tune "
+                                  "it again, or check the file.")
+        probas = torch.softmax(logits / temperature, dim=-1).cpu()
+        for row, i in enumerate(batch):
+            probabilities[i] = probas[row].tolist()
+        progress("classifying, messages", start + len(batch), len(texts), start_time)
+    return probabilities
+
+
+CHUNK = 1024  # at most this many lines of stdin classified and printed at a time
+
+
+BLANK = "empty or only whitespace: nothing to classify"
+
+
+# control characters as escapes (\n, \x1b): a label or a message can neither
+# break the one line printed per message nor send commands to the terminal
+CONTROL_ESCAPES = {c: chr(c).encode("unicode_escape").decode()
+                   for c in [*range(0x20), *range(0x7f, 0xa0)]}
+
+
+def read_lines(stream, pending):
+    """Puts the lines of a binary stream on the queue `pending` as they arrive,
+    a list per read, without their "\n"; then None, or the OSError that ended it."""
+    parts = []  # of a line not yet complete
+    try:
+        while data := stream.read1(65536):  # what has arrived, without waiting for more
+            *lines, last = data.split(b"\n")
+            if lines:
+                lines[0] = b"".join(parts) + lines[0]
+                parts = []
+                pending.put(lines)
+            parts.append(last)
+        if b"".join(parts):
+            pending.put([b"".join(parts)])
+        pending.put(None)
+    except OSError as e:
+        pending.put(e)
+
+
+def line_batches(stream, size):
+    """The lines of a binary stream, in order, in lists of at most `size`: a
+    list as soon as every line that has arrived is in one, so that a pause in
+    the input (a person typing, tail -f) shows the answers so far."""
+    pending = queue.Queue(maxsize=16)  # bounded: memory stays flat however long the input
+    threading.Thread(target=read_lines, args=(stream, pending), daemon=True).start()
+    lines, ended = [], False
+    while True:
+        while not ended and (not lines or (len(lines) < size and not pending.empty())):
+            item = pending.get()
+            if isinstance(item, OSError):
+                raise InputError(f"cannot read stdin: {item.strerror or item}.")
+            ended = item is None
+            lines += item or []
+        if not lines:
+            return
+        yield lines[:size]
+        del lines[:size]
+
+
+def decode_line(line, number):
+    """A line of stdin as text, without its "\r"; bytes that are not UTF-8
+    become U+FFFD, and a note on stderr names the line."""
+    line = line[:-1] if line.endswith(b"\r") else line
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        print(f"note: line {number} of stdin is not UTF-8: its undecodable bytes are "
+              f"classified as U+FFFD.", file=sys.stderr)
+        return line.decode("utf-8", errors="replace")
+
+
+def argument_text(text, number):
+    """A TEXT argument as text: bytes that are not UTF-8 (Python keeps them as
+    lone surrogates, which no JSON reader takes) become U+FFFD, as on stdin."""
+    raw = text.encode("utf-8", errors="surrogateescape")
+    if raw.decode("utf-8", errors="replace") == text:
+        return text
+    print(f"note: TEXT {number} is not UTF-8: its undecodable bytes are classified as "
+          f"U+FFFD.", file=sys.stderr)
+    return raw.decode("utf-8", errors="replace")
+
+
+def text_batches(args_texts, stdin, size=CHUNK):
+    """The texts to classify, in order, in lists: the TEXTs, and for "-" each
+    line of stdin (blank ones too: they get an error line), as line_batches
+    gives them."""
+    texts, number = [], 0
+    for text in args_texts:
+        if text != "-":
+            texts.append(text)
+            continue
+        if texts:
+            yield texts
+            texts = []
+        for lines in line_batches(stdin, size):
+            yield [decode_line(line, number + i) for i, line in enumerate(lines, 1)]
+            number += len(lines)
+    if texts:
+        yield texts
+
+
+def printable(text):
+    return text.translate(CONTROL_ESCAPES)
+
+
+def print_result(text, probas, labels, as_json, show_all, threshold=None, explanation=None):
+    if as_json:
+        print(json.dumps(result_record(text, probas, labels, threshold, explanation),
+                         allow_nan=False))
+        return
+    best = predicted_class(probas, threshold)
+    names = [printable(name) for name in labels]
+    if show_all:
+        shown = "  ".join(f"P({name})={p:.3f}" for name, p in zip(names, probas))
+    elif len(labels) == 2 and labels[1] == "spam":
+        shown = f"P(spam)={probas[1]:.3f}"  # the one number a spam filter thresholds
+    else:
+        shown = f"P({names[best]})={probas[best]:.3f}"
+    print(f"{names[best]}\t{shown}\t{printable(text)}")
+    if explanation is not None:
+        print("\n".join(explanation_lines(explanation, names[best], sys.stdout.isatty())))
+
+
+def print_blank(text, as_json):
+    """The line printed for a blank line of stdin, so that output line N stays
+    the answer to input line N."""
+    if as_json:
+        print(json.dumps({"text": text, "error": BLANK}))
+    else:
+        print(f"-\t{BLANK}\t{printable(text)}")
+
+
+def unwritable_stdout(error):
+    """The error for a stdout that cannot be written (a full disk, /dev/full);
+    stdout goes to nothing first, so that Python's own flush at exit is quiet."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return InputError(f"cannot write the results to stdout: {error.strerror or error}.")
+
+
+def classify_and_print(batches, model, tokenizer, device, info, args, threshold):
+    """Classifies (and with --explain explains) each list of texts and prints a
+    line per text, in order; the number of texts."""
+    done = 0
+    for texts in batches:
+        messages = [text for text in texts if text.strip()]
+        probabilities = classify_texts(messages, model, tokenizer, device, info["max_length"],
+                                       info["pad_token_id"], temperature=info["temperature"]) \
+            if messages else []
+        explanations = [None] * len(messages)
+        if args.explain and messages:
+            targets = [predicted_class(p, threshold) for p in probabilities]
+            explanations = explain_texts(messages, targets, model, tokenizer, info["max_length"],
+                                         info["pad_token_id"], args.explain_method)
+        answers = zip(probabilities, explanations)
+        try:
+            for text in texts:
+                if text.strip():
+                    probas, explanation = next(answers)
+                    print_result(text, probas, info["labels"], args.json, args.all, threshold,
+                                 explanation)
+                else:
+                    print_blank(text, args.json)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise  # the reader went away: run_cli ends quietly
+        except OSError as e:
+            raise unwritable_stdout(e) from None
+        done += len(texts)
+    return done
+
+
+def validated_threshold(choice, info, checkpoint):
+    """The threshold --threshold validated asks for; None for the argmax."""
+    if choice == "argmax":
+        return None
+    if info["num_classes"] != 2:
+        raise InputError(f"{checkpoint} has {info['num_classes']} classes: --threshold "
+                         f"validated is for two (a threshold on P(class 1)); leave it out.")
+    if info["threshold"] is None:
+        raise InputError(f"{checkpoint} has no validated threshold: it was saved before "
+                         f"finetune.py chose one. Fine-tune again, or leave out --threshold "
+                         f"validated.")
+    return info["threshold"]
+
+
+def predicted_class(probas, threshold=None):
+    """The chapter's argmax or, given a validated threshold (two classes), class 1
+    where its probability is above it."""
+    if threshold is not None:
+        return int(probas[1] > threshold)
+    return max(range(len(probas)), key=lambda i: probas[i])
+
+
+def result_record(text, probas, labels, threshold=None, explanation=None):
+    """One message's result, as --json prints it and /classify answers it."""
+    record = {"text": text, "label": labels[predicted_class(probas, threshold)],
+              "probabilities": dict(zip(labels, probas))}
+    if explanation is not None:
+        record["explanation"] = explanation
+    return record
+
+
+def ansi_colour(score, largest):
+    """A background from white to red (toward the predicted class) or blue
+    (against it), as strong as the score is against the message's largest."""
+    strength = min(abs(score) / largest, 1.0) if largest > 0 else 0.0
+    fade = round(255 * (1 - 0.75 * strength))
+    red, blue = (255, fade) if score > 0 else (fade, 255)
+    return f"\x1b[30;48;2;{red};{fade};{blue}m"
+
+
+def explanation_lines(pieces, label, coloured, top=5):
+    """What the terminal shows under a result: the message coloured token by token
+    (on a terminal only), then the tokens that pushed most toward the label."""
+    lines = []
+    if coloured:
+        largest = max(abs(piece["score"]) for piece in pieces)
+        lines.append("  why: " + "".join(
+            ansi_colour(piece["score"], largest) + printable(piece["token"]) + "\x1b[0m"
+            for piece in pieces)
+            + f"   (\x1b[30;48;2;255;64;64m toward {label} \x1b[0m "
+              f"\x1b[30;48;2;64;64;255m against \x1b[0m)")
+    strongest = sorted(pieces, key=lambda piece: -piece["score"])[:top]
+    lines.append(f"  toward {label}: " + "  ".join(
+        f"{piece['token']!r} {piece['score']:+.3f}" for piece in strongest))
+    return lines

@@ -1,0 +1,255 @@
+"""TODO docstring."""
+import json
+import re
+from pathlib import Path
+from beyond.cli import InputError
+from beyond.download import gpt2_weights_path
+from beyond.safetensors import load_safetensors
+from beyond.tf_checkpoint import read_tf_checkpoint, tf_data_file
+import torch
+
+
+
+
+
+
+def read_params(form, path, n_layers):
+    """The book's nested params from one file, every tensor a view of the file
+    mapped into memory (a .pth's fused c_attn aside): nothing read yet."""
+    if form == "safetensors":
+        return params_from_hub(load_safetensors(path)[0])
+    if form == "pth":
+        return params_from_book(read_pth(path))
+    prefix = tf_prefix(path)
+    return params_from_tf(read_tf_checkpoint(prefix), n_layers, f"{prefix}.index")
+
+
+
+
+
+
+
+
+def find_weights(weights, flag="--weights"):
+    """What a --weights PATH names -> (form, file): "safetensors" (a
+    model.safetensors, or a folder holding one), "tf" (OpenAI's checkpoint: its
+    folder, the model.ckpt prefix or any of its files; file = its data file) or
+    "pth" (the book's .pth). The file is the one whose bytes are the weights."""
+    path = Path(weights)
+    if path.name in ("checkpoint", "hparams.json") and path.is_file():
+        path = path.parent  # a file of OpenAI's release that names no weights: its folder
+    if path.is_dir():
+        if (path / "model.safetensors").is_file():
+            return "safetensors", path / "model.safetensors"
+        prefix = path / checkpoint_prefix_name(path)
+        if Path(f"{prefix}.index").is_file():
+            return "tf", tf_data_file_of(prefix)
+        raise InputError(f"weights folder {path} has neither a model.safetensors nor "
+                         f"OpenAI's checkpoint (hparams.json, model.ckpt.index, "
+                         f"model.ckpt.data-...).")
+    prefix = tf_prefix(path)
+    if prefix is not None:
+        return "tf", tf_data_file_of(prefix)
+    if not path.is_file():
+        raise InputError(f"weights file {path} does not exist ({flag} takes a "
+                         f"model.safetensors, the book's .pth, OpenAI's model.ckpt or a "
+                         f"folder holding a model.safetensors or OpenAI's checkpoint).")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's format is a zip archive
+    return ("pth" if is_zip or path.suffix in (".pth", ".pt") else "safetensors"), path
+
+
+def checkpoint_prefix_name(folder):
+    """The checkpoint a folder's "checkpoint" file names (what TensorFlow's
+    latest_checkpoint reads), else model.ckpt."""
+    try:
+        text = (folder / "checkpoint").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return "model.ckpt"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model_checkpoint_path":
+            return Path(value.strip().strip('"')).name or "model.ckpt"
+    return "model.ckpt"
+
+
+def tf_prefix(path):
+    """The checkpoint prefix of model.ckpt, model.ckpt.index, .meta or .data-*, or None."""
+    name = path.name
+    for ending in (".index", ".meta"):
+        if name.endswith(ending):
+            return path.with_name(name[:-len(ending)])
+    if ".data-" in name:
+        return path.with_name(name.rsplit(".data-", 1)[0])
+    if not path.exists() and Path(f"{path}.index").is_file():
+        return path
+    return None
+
+
+def tf_data_file_of(prefix):
+    """A checkpoint's first data file (OpenAI's have one)."""
+    files = sorted(Path(prefix).parent.glob(f"{Path(prefix).name}.data-00000-of-*"))
+    return files[0] if files else tf_data_file(prefix, 0, 1)
+
+
+def weights_file(weights, model_name="gpt2-small", models_dir="gpt2", flag="--weights"):
+    """The file whose bytes are the weights `flag` names (for fingerprints)."""
+    if weights == "pretrained":
+        return gpt2_weights_path(model_name, models_dir)
+    return find_weights(weights, flag)[1]
+
+
+# our config key -> its name in a Hub config.json, OpenAI's hparams.json and the
+# book's config dict (as beside a .pth)
+CONFIG_NAMES = {
+    "hub": {"vocab_size": "vocab_size", "context_length": "n_positions",
+            "emb_dim": "n_embd", "n_layers": "n_layer", "n_heads": "n_head"},
+    "openai": {"vocab_size": "n_vocab", "context_length": "n_ctx",
+               "emb_dim": "n_embd", "n_layers": "n_layer", "n_heads": "n_head"},
+    "book": {"vocab_size": "vocab_size", "context_length": "context_length",
+             "emb_dim": "emb_dim", "n_layers": "n_layers", "n_heads": "n_heads"},
+}
+
+
+def config_from_json(path, base, naming=None):
+    """Our config from a JSON file of hyper-parameters in one of CONFIG_NAMES'
+    namings; naming None: the Hub's where the file has n_embd, else the book's."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read the model config {path}: {e}.") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: the model config is not a JSON object.")
+    names = CONFIG_NAMES[naming or ("hub" if "n_embd" in raw else "book")]
+    config = dict(base)
+    for ours, theirs in names.items():
+        config[ours] = raw.get(theirs, config.get(ours))
+    return check_config(config, path)
+
+
+def check_config(config, source):
+    """A model config from a file must be sane before a model is built from it."""
+    limits = {"vocab_size": 1_000_000, "context_length": 1_000_000, "emb_dim": 100_000,
+              "n_layers": 1_000, "n_heads": 1_000}
+    for key, limit in limits.items():
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise InputError(f"{source}: the model config has {key}={value!r}; "
+                             f"expected an integer from 1 to {limit:,}.")
+    if config["emb_dim"] % config["n_heads"]:
+        raise InputError(f"{source}: emb_dim {config['emb_dim']} is not divisible by "
+                         f"n_heads {config['n_heads']}.")
+    if not isinstance(config.get("drop_rate"), (int, float)) or not 0 <= config["drop_rate"] < 1:
+        raise InputError(f"{source}: drop_rate must be a number in [0, 1).")
+    if not isinstance(config.get("qkv_bias"), bool):
+        raise InputError(f"{source}: qkv_bias must be true or false.")
+    return config
+
+
+def params_from_tf(variables, n_layers, source):
+    """The book's load_gpt2_params_from_tf_ckpt without TensorFlow: OpenAI's names
+    ("model/h0/attn/c_attn/w") become nested keys (params["blocks"][0]["attn"]
+    ["c_attn"]["w"]), each array squeezed ([1, in, out] -> (in, out))."""
+    params = {"blocks": [{} for _ in range(n_layers)]}
+    for name, tensor in variables.items():
+        parts = name.split("/")[1:]  # without the "model/" prefix
+        if not name.startswith("model/") or not parts:
+            continue
+        target = params
+        if parts[0][:1] == "h" and parts[0][1:].isdigit():
+            layer = int(parts[0][1:])
+            if layer >= n_layers:
+                raise InputError(f"{source} has a layer {parts[0]}, but the model config "
+                                 f"has {n_layers} layers.")
+            target = params["blocks"][layer]
+        for key in parts[1:-1]:
+            target = target.setdefault(key, {})
+        target[parts[-1]] = tensor.squeeze()
+    return params
+
+
+def params_from_hub(tensors):
+    """The Hub's names ("h.0.attn.c_attn.weight", Conv1D weights already (in, out))
+    -> the book's nested params; the h.N.attn.bias mask buffers are left out."""
+    params = {"blocks": []}
+    for name, tensor in tensors.items():
+        parts = name.removeprefix("transformer.").split(".")
+        if parts[:1] in (["wte"], ["wpe"]) and parts[1:] == ["weight"]:
+            params[parts[0]] = tensor
+        elif parts[0] == "ln_f" and len(parts) == 2:
+            params[{"weight": "g", "bias": "b"}.get(parts[1], parts[1])] = tensor
+        elif parts[0] == "h" and len(parts) in (4, 5) and parts[1].isdigit() and \
+                parts[-1] in ("weight", "bias") and parts[2:4] != ["attn", "bias"]:
+            blocks = params["blocks"]
+            blocks.extend({} for _ in range(int(parts[1]) + 1 - len(blocks)))
+            target = blocks[int(parts[1])]
+            for key in parts[2:-1]:
+                target = target.setdefault(key, {})
+            layer_norm = parts[2].startswith("ln_")
+            target[{"weight": "g" if layer_norm else "w", "bias": "b"}[parts[-1]]] = tensor
+    return params
+
+
+# the book's GPTModel names inside a block -> where the tensor goes in params
+BOOK_BLOCK_NAMES = {
+    "att.out_proj": ("attn", "c_proj"), "ff.layers.0": ("mlp", "c_fc"),
+    "ff.layers.2": ("mlp", "c_proj"), "norm1": ("ln_1",), "norm2": ("ln_2",)}
+
+
+def params_from_book(state):
+    """The book's state_dict (.pth) -> its nested params: Linear weights back to
+    (in, out), W_query/W_key/W_value fused into c_attn as OpenAI stores them, the
+    att.mask buffers left out and out_head kept as given (the book ties it to wte
+    only when loading OpenAI's weights)."""
+    params = {"blocks": []}
+    top = {"tok_emb.weight": "wte", "pos_emb.weight": "wpe", "final_norm.scale": "g",
+           "final_norm.shift": "b", "out_head.weight": "out_head"}
+    fused = {}  # block -> {"W_query.weight": tensor, ...}
+    for name, tensor in state.items():
+        if name in top:
+            params[top[name]] = tensor
+            continue
+        parts = name.split(".")
+        if parts[0] != "trf_blocks" or not parts[1].isdigit():
+            continue
+        layer, module, leaf = int(parts[1]), ".".join(parts[2:-1]), parts[-1]
+        params["blocks"].extend({} for _ in range(layer + 1 - len(params["blocks"])))
+        if module in ("att.W_query", "att.W_key", "att.W_value"):
+            fused.setdefault(layer, {})[f"{module[4:]}.{leaf}"] = tensor
+        elif module in BOOK_BLOCK_NAMES:
+            target = params["blocks"][layer]
+            for key in BOOK_BLOCK_NAMES[module]:
+                target = target.setdefault(key, {})
+            key = {"scale": "g", "shift": "b", "weight": "w", "bias": "b"}.get(leaf, leaf)
+            target[key] = tensor.T if leaf == "weight" else tensor
+    for layer, parts in fused.items():
+        c_attn = params["blocks"][layer].setdefault("attn", {}).setdefault("c_attn", {})
+        for leaf, key in (("weight", "w"), ("bias", "b")):
+            qkv = [parts.get(f"{m}.{leaf}") for m in ("W_query", "W_key", "W_value")]
+            if all(t is not None for t in qkv):  # a missing one is reported as missing
+                # (in, 3 * out): the one copy this format needs, a quarter of a block
+                c_attn[key] = torch.cat([t.T if leaf == "weight" else t for t in qkv], dim=-1)
+    return params
+
+
+def read_pth(path):
+    """The book's .pth: torch.load with weights_only=True, which refuses anything
+    but tensors and plain containers (no code runs), memory-mapped."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several kinds for a damaged or unsafe file
+        if "Weights only load failed" in str(e):
+            # torch names the class it refused: "Unsupported global: GLOBAL m.C"
+            # (torch 2.4+) or "Unsupported class m.C" (earlier)
+            found = re.search(r"Unsupported (?:global: GLOBAL |class )(\S+)", str(e))
+            what = found.group(1).rstrip(".") if found else "other objects"
+            raise InputError(f"{path} was refused by torch.load(weights_only=True): it refers "
+                             f"to {what}, not only to tensors (nothing in it was run).") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise InputError(f"{path} could not be read by torch.load(weights_only=True): "
+                         f"{first.rstrip('.')}.") from None
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise InputError(f"{path} does not hold a state_dict (names -> tensors) as the "
+                         f"book's torch.save(model.state_dict()) writes.")
+    return state
