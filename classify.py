@@ -54,7 +54,7 @@ def classify_review(text, model, tokenizer, device, max_length=None,
     input_ids += [pad_token_id] * (max_length - len(input_ids))
     input_tensor = torch.tensor(input_ids, device=device).unsqueeze(0)  # adds batch dim
     with torch.inference_mode():  # the book's no_grad, with less bookkeeping
-        logits = model(input_tensor)  # the chapter's model(input_tensor)[:, -1, :]
+        logits = model(input_tensor)[:, -1, :]  # logits of the last output token
     predicted_label = torch.argmax(logits, dim=-1).item()
     # not the book's "spam" if 1 else "not spam": the checkpoint's class names,
     # which are those for the SMS data

@@ -82,9 +82,7 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None):
             input_batch = input_batch.to(device)
             target_batch = target_batch.to(device)
             with torch.no_grad():
-                # the chapter's model(input_batch)[:, -1, :]: GPTClassifier reads
-                # the last output token itself (or the one --pool names)
-                logits = model(input_batch)
+                logits = model(input_batch)[:, -1, :]  # logits of last output token
             predicted_labels = torch.argmax(logits, dim=-1)
             num_examples += predicted_labels.shape[0]
             correct_predictions += (predicted_labels == target_batch).sum().item()
@@ -98,7 +96,7 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None):
 def calc_loss_batch(input_batch, target_batch, model, device):
     input_batch = input_batch.to(device)
     target_batch = target_batch.to(device)
-    logits = model(input_batch)  # the chapter's model(input_batch)[:, -1, :], as above
+    logits = model(input_batch)[:, -1, :]  # logits of last output token
     loss = torch.nn.functional.cross_entropy(logits, target_batch)
     return loss
 

@@ -234,9 +234,11 @@ def test_the_classifiers_plain_path_is_the_chapters_last_output_token():
     model.fast = False
     ids = torch.randint(0, 50000, (3, 11), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        logits = model(ids)
-        assert logits.shape == (3, 2) and model.gpt.out_head.out_features == 2  # the new head
-        assert torch.equal(logits, model.gpt(ids)[:, -1, :])
+        outputs = model(ids)  # the chapter's GPTModel with its head swapped: every position
+        assert outputs.shape == (3, 11, 2) and model.gpt.out_head.out_features == 2
+        assert torch.equal(outputs, model.gpt(ids))
+        model.fast = True  # the fast path computes the last position only
+        assert torch.allclose(model(ids)[:, -1, :], outputs[:, -1, :], atol=1e-5)
 
 
 def test_loader_accepts_a_transformer_prefix_and_ignores_extra_keys():
@@ -1038,7 +1040,7 @@ def test_cached_fast_loop_equals_the_plain_loop(pool, trainable, capsys):
     assert len(fast.prefix_cache) == 5 * 4
     with torch.no_grad():
         for ids, _ in batches:
-            assert torch.allclose(plain(ids), fast(ids), atol=1e-4)
+            assert torch.allclose(plain(ids)[:, -1, :], fast(ids)[:, -1, :], atol=1e-4)
 
 
 def chapter_lines(printed):
@@ -1149,7 +1151,7 @@ def test_bf16_logits_are_within_two_percent_of_fp32s_and_float32(tokenizer):
     for precision in ("fp32", "bf16"):
         model = beyond.fast.GPTClassifier(gpt_model, precision=precision).eval()
         with torch.no_grad():
-            logits[precision] = model(ids)
+            logits[precision] = model(ids)[:, -1, :]
     assert logits["bf16"].dtype == torch.float32
     scale = logits["fp32"].abs().max()
     assert 0 < (logits["bf16"] - logits["fp32"]).abs().max() <= 0.02 * scale
@@ -1281,11 +1283,11 @@ def test_flexible_pooling_reads_the_last_real_token_whatever_the_padding():
     assert positions.tolist() == [2, 4]
     more_padding = torch.cat([ids, torch.full((2, 6), 50256)], dim=1)
     with torch.no_grad():
-        alone = model(ids[:1, :3])
-        assert torch.allclose(model(ids)[0], alone[0], atol=1e-5)
-        assert torch.allclose(model(more_padding), model(ids), atol=1e-5)
+        alone = model(ids[:1, :3])[:, -1, :]
+        assert torch.allclose(model(ids)[0, -1], alone[0], atol=1e-5)
+        assert torch.allclose(model(more_padding)[:, -1, :], model(ids)[:, -1, :], atol=1e-5)
         model.fast = False  # the same through the full forward pass
-        assert torch.allclose(model(more_padding), model(ids), atol=1e-5)
+        assert torch.allclose(model(more_padding)[:, -1, :], model(ids)[:, -1, :], atol=1e-5)
 
 
 def test_plot_values_writes_a_well_formed_svg_with_both_axes(tmp_path):
@@ -1308,7 +1310,7 @@ def test_saved_checkpoint_loads_with_the_same_logits(tmp_path, tokenizer):
     assert info["max_length"] == 20 and info["labels"] == ["not spam", "spam"]
     ids = torch.tensor([tokenizer.encode(SPAM_TEXT)[:20]])
     with torch.no_grad():
-        assert torch.equal(loaded(ids), model(ids))
+        assert torch.equal(loaded(ids), model(ids))  # the same positions, the same values
     label = classify.classify_review(SPAM_TEXT, loaded, tokenizer, "cpu", max_length=20)
     assert label in ("spam", "not spam")
     probas = beyond.stream.classify_texts([SPAM_TEXT, "hi", "x" * 20000, "😀 日本語 привет"],
@@ -1325,7 +1327,7 @@ def test_batched_classification_equals_one_at_a_time(tokenizer):
             ids = tokenizer.encode(text)[:30]
             ids += [50256] * (30 - len(ids)) if pool == "last" else []
             with torch.no_grad():
-                expected = torch.softmax(model(torch.tensor([ids])), dim=-1)[0]
+                expected = torch.softmax(model(torch.tensor([ids]))[:, -1, :], dim=-1)[0]
             assert torch.allclose(torch.tensor(probas), expected, atol=1e-5)
 
 
@@ -2804,7 +2806,8 @@ def rule_model():
                 inputs = beyond.tokens.pad_ids([ids for ids, _ in batch], RULE_PAD, length=12)
                 optimizer.zero_grad()
                 torch.nn.functional.cross_entropy(
-                    classifier(inputs), torch.tensor([label for _, label in batch])).backward()
+                    classifier(inputs)[:, -1, :],
+                    torch.tensor([label for _, label in batch])).backward()
                 optimizer.step()
     return classifier.eval(), rule_messages(60, seed=2)
 
@@ -2840,7 +2843,7 @@ def test_occlusion_scores_are_the_fall_in_log_odds_without_each_token(rule_model
     target, scores = beyond.explain.explain_ids(model, ids, 12, RULE_PAD, "occlusion")
     with torch.no_grad():
         def log_odds(sequence):  # log p / (1 - p) with two classes
-            logits = model(beyond.tokens.pad_ids([sequence], RULE_PAD, length=12))[0]
+            logits = model(beyond.tokens.pad_ids([sequence], RULE_PAD, length=12))[0, -1]
             return (logits[target] - logits[1 - target]).item()
         expected = [log_odds(ids) - log_odds(ids[:i] + ids[i + 1:]) for i in range(len(ids))]
     assert scores == pytest.approx(expected, abs=1e-5)
@@ -2962,7 +2965,7 @@ def test_classify_applies_the_checkpoints_temperature_and_validated_threshold(
     assert (info["temperature"], info["threshold"]) == (0.01, 0.0)
     ids = torch.tensor([tokenizer.encode("hello")])
     with torch.no_grad():
-        expected = torch.softmax(model(ids) / 0.01, dim=-1)[0].tolist()
+        expected = torch.softmax(model(ids)[:, -1, :] / 0.01, dim=-1)[0].tolist()
     assert beyond.stream.classify_texts(["hello"], loaded, tokenizer, "cpu", 20, 50256,
                                    temperature=0.01)[0] == pytest.approx(expected, abs=1e-5)
     classify.main(["--checkpoint", str(new), "--json", "--threshold", "validated", "hello"])
@@ -3057,3 +3060,21 @@ def test_nothing_in_beyond_imports_the_chapters_files_and_imports_run_one_way():
         assert not imported(path) & chapter, path.name
     for i, name in enumerate(order):
         assert not imported(HERE / f"{name}.py") & set(order[i:]), name
+
+
+def test_a_plain_run_steps_through_the_chapters_gpt_model_forward(sample_tsv, tmp_path,
+                                                                   monkeypatch):
+    calls = []
+    forward = gpt.GPTModel.forward
+
+    def counted(self, in_idx):
+        calls.append(self.training)
+        return forward(self, in_idx)
+
+    monkeypatch.setattr(gpt.GPTModel, "forward", counted)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS), "--plain",
+                       "--epochs", "1", "--no-baseline", "--out", str(tmp_path)])
+    batches = int(re.search(r"^(\d+) training batches$", out.getvalue(), re.M)[1])
+    assert sum(calls) == batches > 0  # in training mode: once per step of the one epoch
+    assert len(calls) > batches  # and in eval mode for every evaluation

@@ -14,7 +14,7 @@ def collect_logits(data_loader, model, device):
     logits, targets = [], []
     with torch.inference_mode():
         for input_batch, target_batch in data_loader:
-            logits.append(model(input_batch.to(device)).float().cpu())
+            logits.append(model(input_batch.to(device))[:, -1, :].float().cpu())
             targets.append(target_batch)
     return torch.cat(logits), torch.cat(targets)
 

@@ -41,7 +41,7 @@ def class_logits(model, sequences, max_length, pad_token_id):
         for start in range(0, len(sequences), OCCLUSION_BATCH):
             inputs = padded_batch(sequences[start:start + OCCLUSION_BATCH], model, max_length,
                                   pad_token_id).to(device)
-            rows.append(model(inputs).float().cpu())
+            rows.append(model(inputs)[:, -1, :].float().cpu())
     return torch.cat(rows)
 
 

@@ -124,8 +124,10 @@ def cache_plan(needed, budget, source, out):
 
 
 class GPTClassifier(torch.nn.Module):
-    """The chapter's `model(input_batch)[:, -1, :]` as one module: token ids
-    (b, T) -> class logits (b, num_classes), read at the `pool` position.
+    """GPT-2 with its new head, as the listings call it: model(input_batch)[:, -1, :]
+    is the class logits (b, num_classes) read at the `pool` position. forward
+    returns every position where the chapter's pass computes them (--plain, pool
+    "last"), else only the pooled one: (b, 1, num_classes).
 
     forward with fast=False is the chapter's plain pass. fast=True (the default)
     computes the same with less work, in fast_forward:
@@ -153,11 +155,11 @@ class GPTClassifier(torch.nn.Module):
         if self.precision != "fp32":  # --precision's speed, outside the chapter's pass
             return self.mixed_precision_forward(input_batch)
         if self.fast:
-            return self.fast_forward(input_batch)
+            return self.fast_forward(input_batch)[:, None, :]
         outputs = self.gpt(input_batch)  # (b, num_tokens, num_classes)
         if self.pool == "last":
-            return outputs[:, -1, :]  # the chapter's: the last output token
-        return self.pool_outputs(outputs, input_batch)  # not the chapter's: --pool
+            return outputs  # the chapter's GPTModel, whose [:, -1, :] the listings read
+        return self.pool_outputs(outputs, input_batch)[:, None, :]  # --pool's position
 
     def pool_outputs(self, outputs, input_batch):
         # (b, T, n) -> (b, n): the chapter's outputs[:, -1, :] and its variants
@@ -180,7 +182,7 @@ class GPTClassifier(torch.nn.Module):
                 logits = self.fast_forward(input_batch)
             else:  # the plain pass, as forward's ("last": outputs[:, -1, :])
                 logits = self.pool_outputs(self.gpt(input_batch), input_batch)
-        logits = logits.float()  # (b, num_classes)
+        logits = logits.float()[:, None, :]  # (b, 1, num_classes)
         if self.grad_scaler is not None and logits.requires_grad:
             # fp16's loss scaling, applied to the gradient where it enters the
             # model: the same as the book's loss.backward() on a scaled loss

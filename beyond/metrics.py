@@ -45,7 +45,7 @@ def confusion_matrix_loader(data_loader, model, device, num_classes):
     counts = [[0] * num_classes for _ in range(num_classes)]
     with torch.inference_mode():
         for input_batch, target_batch in data_loader:  # under torchrun, this rank's rows
-            predicted = torch.argmax(model(input_batch.to(device)), dim=-1)
+            predicted = torch.argmax(model(input_batch.to(device))[:, -1, :], dim=-1)
             for true, guess in zip(target_batch.tolist(), predicted.tolist()):
                 counts[true][guess] += 1
     flat = global_sum(device, *(n for row in counts for n in row))

@@ -36,7 +36,7 @@ def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD
         batch = order[start:start + batch_size]
         inputs = pad_ids([encoded[i] for i in batch], pad_token_id, length=width)
         with torch.inference_mode():
-            logits = model(inputs.to(device)).float()
+            logits = model(inputs.to(device))[:, -1, :].float()
         if not torch.isfinite(logits).all():
             raise NonFiniteLogits("its logits are not all finite numbers (NaN or infinity), "
                                   "so it has no answer: its weights are damaged. Fine-tune "
