@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from beyond.cli import InputError, fraction, positive_float, positive_int, run_cli, seed_number
-from beyond.distributed import global_sum, join_process_group, on_every_rank, ranks, said_by_rank_0, this_ranks_rows, torchrun_ranks, whole_batch_loss
+from beyond.distributed import join_process_group, on_every_rank, ranks, said_by_rank_0, this_ranks_rows, torchrun_ranks
 from beyond.fast import GPTClassifier, cache_frozen_prefix, memory_size
 from beyond.files import out_left_as_it_was, publish_run, said_if_interrupted, work_folder, write_atomically
 from beyond.labels import class_ids, count_labels
@@ -88,8 +88,6 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None):
             correct_predictions += (predicted_labels == target_batch).sum().item()
         else:
             break
-    # not in the book: under torchrun each rank counted its rows (ThisRanksRows)
-    correct_predictions, num_examples = global_sum(device, correct_predictions, num_examples)
     return correct_predictions / num_examples
 
 
@@ -113,8 +111,7 @@ def calc_loss_loader(data_loader, model, device, num_batches=None):
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i < num_batches:
             loss = calc_loss_batch(input_batch, target_batch, model, device)
-            # the book's loss.item(); under torchrun, over every rank's rows
-            total_loss += whole_batch_loss(loss, target_batch)
+            total_loss += loss.item()
         else:
             break
     return total_loss / num_batches
@@ -212,7 +209,7 @@ def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out
     names = class_names(label_ids)
     max_length = datasets[0].max_length
     loaders = create_data_loaders(*datasets, batch_size=args.batch_size)
-    loaders = this_ranks_rows(loaders)  # under torchrun: each rank's rows of every batch
+    loaders = this_ranks_rows(loaders)  # a progress line on a terminal
     for loader in loaders:
         print(f"{len(loader)} {loader.name} batches")
     classifier, config, cache = prepare_model(args, len(label_ids), datasets, device, work,
@@ -220,7 +217,7 @@ def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out
     writer = ranks()[0] == 0
     # the base file is hashed once, by the process that writes the checkpoint
     lora = lora_description(args) if args.trainable == "lora" and writer else None
-    model = on_every_rank(classifier, device)  # torchrun: DDP averages the gradients
+    model = on_every_rank(classifier, device)  # torchrun: the batch's rows shared
     print_initial_metrics(model, loaders, device, args.seed)  # 6.6
 
     checkpoint = out / CHECKPOINT_NAME  # 6.7
@@ -324,8 +321,7 @@ def fine_tune(model, train_loader, val_loader, device, args, checkpoint):
     end_time = time.time()
     execution_time_minutes = (end_time - start_time) / 60
     print(f"Training completed in {execution_time_minutes:.2f} minutes.")
-    *curves, examples_seen = results  # under torchrun, the rows this rank trained on: add up
-    return (*curves, int(global_sum(device, examples_seen)[0])), end_time - start_time
+    return results, end_time - start_time
 
 
 def plot_curves(results, num_epochs, out):

@@ -980,10 +980,9 @@ def test_a_short_training_run_lowers_the_loss(capsys):
     assert "Ep 1 (Step 000000): Train loss" in capsys.readouterr().out
 
 
-def test_ranks_taking_their_rows_of_uneven_batches_add_up_to_one_processs_loss_and_accuracy(
-        monkeypatch):
-    """3 simulated ranks (threads, a sum over a barrier): batches of 5, 5 and 2
-    rows split 1/2/2 and 0/1/1, a rank with no row at all in the last."""
+def test_ranks_sharing_uneven_batches_give_one_processs_loss_and_accuracy(monkeypatch):
+    """3 simulated ranks (threads, all_gather over a barrier): batches of 5, 5 and 2
+    rows shared 1/2/2 and 0/1/1, a rank with no row at all in the last."""
     model = tiny_classifier().eval()
     batches = [(ids[:n], labels[:n]) for (ids, labels), n in
                zip(random_batches(3, batch_size=5, seed=5), [5, 5, 2])]
@@ -991,31 +990,33 @@ def test_ranks_taking_their_rows_of_uneven_batches_add_up_to_one_processs_loss_a
                 finetune.calc_accuracy_loader(batches, model, "cpu"))
     world, local, barrier, shared = 3, threading.local(), threading.Barrier(3, timeout=60), {}
 
-    def global_sum(device, *values):
-        shared[local.rank] = values
+    def all_gather(parts, tensor):
+        shared[local.rank] = tensor
         barrier.wait()
-        total = [sum(shared[r][i] for r in range(world)) for i in range(len(values))]
-        barrier.wait()  # every rank has read before the next sum overwrites
-        return total
+        for r, part in enumerate(parts):
+            part.copy_(shared[r])
+        barrier.wait()  # every rank has read before the next gather overwrites
 
     monkeypatch.setattr(beyond.distributed, "ranks", lambda: (local.rank, world))
-    monkeypatch.setattr(beyond.distributed, "global_sum", global_sum)
-    monkeypatch.setattr(finetune, "global_sum", global_sum)
+    monkeypatch.setattr(beyond.distributed.dist, "all_gather", all_gather)
     results, rows = {}, {}
 
+    def this_ranks_model(input_batch):
+        rows[local.rank].append(len(input_batch))
+        return model(input_batch)
+
     def rank_main(rank):
-        local.rank = rank
-        loader = beyond.distributed.ThisRanksRows(batches, "test")
-        rows[rank] = [len(labels) for _, labels in loader]
-        results[rank] = (finetune.calc_loss_loader(loader, model, "cpu"),
-                         finetune.calc_accuracy_loader(loader, model, "cpu"))
+        local.rank, rows[rank] = rank, []
+        whole = beyond.distributed.WholeBatches(this_ranks_model)
+        results[rank] = (finetune.calc_loss_loader(batches, whole, "cpu"),
+                         finetune.calc_accuracy_loader(batches, whole, "cpu"))
 
     threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert rows == {0: [1, 1, 0], 1: [2, 2, 1], 2: [2, 2, 1]}
+    assert rows == {0: [1, 1, 0] * 2, 1: [2, 2, 1] * 2, 2: [2, 2, 1] * 2}
     for rank in range(world):
         assert results[rank][0] == pytest.approx(expected[0], abs=1e-6)
         assert results[rank][1] == expected[1]

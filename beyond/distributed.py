@@ -30,11 +30,7 @@ def ranks():
 
 
 class ThisRanksRows:
-    """A data loader's batches as this process uses them: under torchrun, its
-    share of each batch's rows, so that N ranks step through the chapter's
-    batches together (the gradients DDP averages, and the counts and losses
-    the listings add up, are the whole batch's); on a terminal, a progress line.
-    One process: the batches as they are."""
+    """A data loader's batches, with a progress line on a terminal."""
 
     def __init__(self, data_loader, name):
         self.data_loader, self.name = data_loader, name
@@ -43,48 +39,54 @@ class ThisRanksRows:
         return len(self.data_loader)
 
     def __iter__(self):
-        rank, world = ranks()
         start = time.time()
         for i, batch in enumerate(self.data_loader, 1):
-            # the last, short batch of a loader may split unevenly, or leave a rank none
-            yield [rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
-                   for rows in batch]
+            yield batch
             progress(f"{self.name} batches", i, len(self.data_loader), start)
 
 
 def this_ranks_rows(loaders):
-    """The training, validation and test loaders as ThisRanksRows: the split of
-    each batch among torchrun's ranks happens here, not in the listings."""
+    """The training, validation and test loaders, each with its progress line."""
     return [ThisRanksRows(loader, name)
             for loader, name in zip(loaders, ["training", "validation", "test"])]
 
 
 def on_every_rank(classifier, device):
     """The model the listings train: under torchrun, the classifier inside
-    DistributedDataParallel, which averages the gradients over the ranks."""
+    DistributedDataParallel, which averages the gradients over the ranks, inside
+    WholeBatches, which shares each batch's rows among the ranks."""
     if ranks()[1] == 1:
         return classifier
-    return DistributedDataParallel(
-        classifier, device_ids=[device.index] if device.type == "cuda" else None)
+    return WholeBatches(DistributedDataParallel(
+        classifier, device_ids=[device.index] if device.type == "cuda" else None))
 
 
-def global_sum(device, *values):
-    """The sums of values over all ranks (the values themselves in one process)."""
-    if ranks()[1] == 1:
-        return list(values)
-    total = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return total.tolist()
+class WholeBatches(torch.nn.Module):
+    """Under torchrun, the listings' model(input_batch) on whole batches: each
+    rank computes its share of the rows and gathers the others' logits, so every
+    rank holds the batch's logits and the listings' counts, losses and examples
+    seen are the whole batch's, as in one process. The gathered rows are
+    constants; this rank's rows carry the gradient, times the number of ranks,
+    which DDP's average over the ranks divides out again: the whole batch's
+    gradient on every rank."""
 
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
 
-def whole_batch_loss(loss, target_batch):
-    """loss.item(): the batch's mean loss. Under torchrun, where loss is the mean
-    over this rank's rows of the batch, the mean over all its rows."""
-    if ranks()[1] == 1:
-        return loss.item()
-    rows = target_batch.shape[0]
-    loss_sum, batch_rows = global_sum(loss.device, loss.item() * rows if rows else 0.0, rows)
-    return loss_sum / batch_rows
+    def forward(self, input_batch):
+        rank, world = ranks()
+        bounds = [r * input_batch.shape[0] // world for r in range(world + 1)]
+        # the last, short batch of a loader may split unevenly, or leave a rank none
+        own = self.module(input_batch[bounds[rank]:bounds[rank + 1]])  # (rows, T', classes)
+        if own.requires_grad:
+            own.register_hook(lambda grad: grad * world)
+        rows = [bounds[r + 1] - bounds[r] for r in range(world)]
+        padded = own.new_zeros((max(rows), *own.shape[1:]))
+        padded[:rows[rank]] = own.detach()
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([own if r == rank else parts[r][:rows[r]] for r in range(world)])
 
 
 @contextlib.contextmanager
