@@ -1,11 +1,9 @@
 """What a fine-tuned classifier is, and section 6.8: using it.
 
-The GPT-2 with its new head as one module (GPTClassifier: pooling, the frozen-
-prefix cache, the one-position last block), the LoRA layers of appendix E, and
-the checkpoint: review_classifier.safetensors, saved and loaded. finetune.py
-trains what this file defines; this file never imports finetune.py. Listing
-6.12 comes first, then the classifier and its saving; the rest follows under
-"# ===== beyond the chapter".
+Listing 6.12, then the checkpoint: review_classifier.safetensors, saved and
+loaded, and the choice of device. finetune.py trains and saves with this file;
+this file never imports finetune.py. Pooling, the prefix cache, LoRA, the
+server, explanations and reading many texts are in beyond/.
 
 python classify.py "You are a winner you have been specially selected ..."
 python classify.py --checkpoint runs/a/review_classifier.safetensors - < messages.txt
@@ -180,24 +178,6 @@ def select_device(name):
         raise InputError(f"--device {name} is not available on this machine; "
                          f"available: {', '.join(available)} (or auto).")
     return torch.device(name)
-
-
-# ===== beyond the chapter: the checkpoint's metadata, LoRA's base weights =====
-
-
-# ===== beyond the chapter: other pools, the prefix cache, the one-position last block =====
-
-
-# ===== beyond the chapter: LoRA (appendix E) =====
-
-
-# ===== beyond the chapter: many texts at once =====
-
-
-# ===== beyond the chapter: why: each token's share of the decision =====
-
-
-# ===== beyond the chapter: a page to try it: --serve =====
 
 
 # ===== beyond the chapter: the command line =====

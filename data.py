@@ -3,8 +3,8 @@
 Hand-written replacements for the chapter's pandas calls that give the book's
 rows: a TSV reader that quotes as pd.read_csv does, balancing and splitting with
 pandas' seeded sampler, and CSV files written with the standard csv module.
-Listings 6.1-6.5 come first, in the book's order; what the book gets from
-pandas and zipfile, and the rest, follow under "# ===== beyond the chapter".
+Listings 6.1-6.5 come first, in the book's order, then the TSV and CSV readers
+that stand in for pandas; pandas' sampler and the rest are in beyond/.
 """
 import csv
 import io
@@ -288,11 +288,7 @@ def read_labeled_csv(path):
     return rows
 
 
-# ===== beyond the chapter: any labels, not only ham and spam =====
-
-
-# ===== beyond the chapter: tokens, and padding per batch =====
-
+# ===== beyond the chapter: the names classify prints =====
 
 
 def class_names(label_ids):

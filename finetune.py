@@ -1,9 +1,9 @@
 """Sections 6.4-6.8: load GPT-2, swap its head, fine-tune it as a spam classifier,
 evaluate, plot and save it. The classifier module and its checkpoint format are
 classify.py's; this file trains them. Listings 6.7-6.11 come first, in the
-book's order, then the run's steps as the chapter takes them (main); torchrun,
-the metrics beyond accuracy, the SVG drawing and the rest follow under
-"# ===== beyond the chapter".
+book's order, then the run's steps as the chapter takes them (main) and its
+flags; torchrun, the metrics beyond accuracy, the SVG drawing, the prefix cache
+and the rest are in beyond/, each reached from one commented line here.
 
 python finetune.py                      # the whole chapter, with its defaults
 python finetune.py --device cuda --out runs/a
@@ -16,10 +16,11 @@ from pathlib import Path
 
 from beyond.cli import InputError, fraction, positive_float, positive_int, run_cli, seed_number
 from beyond.distributed import join_process_group, on_every_rank, ranks, said_by_rank_0, this_ranks_rows, torchrun_ranks
-from beyond.fast import GPTClassifier, cache_frozen_prefix, memory_size
+from beyond.fast import GPTClassifier, cache_frozen_prefix
 from beyond.files import out_left_as_it_was, publish_run, said_if_interrupted, work_folder, write_atomically
 from beyond.labels import class_ids, count_labels
 from beyond.lora import lora_description, replace_linear_with_lora
+from beyond.memory import memory_size
 from beyond.metrics import baseline_and_calibration, metrics_beyond_accuracy, run_record
 from beyond.plot import svg_figure
 from beyond.pooling import POOLS
@@ -357,21 +358,6 @@ def classify_examples(model, tokenizer, device, max_length):
         print(f"{classify_review(text, model, tokenizer, device, max_length=max_length)}: {text}")
 
 
-# ===== beyond the chapter: several processes (torchrun), the same results =====
-
-
-# ===== beyond the chapter: --precision fp16's loss scaling =====
-
-
-# ===== beyond the chapter: metrics a spam filter needs, a baseline =====
-
-
-# ===== beyond the chapter: a Matplotlib stand-in (SVG by hand) =====
-
-
-# ===== beyond the chapter: how sure: calibration and an operating point =====
-
-
 # ===== beyond the chapter: the command line =====
 
 
@@ -498,12 +484,6 @@ def check_args(parser, args, world):
             parser.get_default("lora_rank"), parser.get_default("lora_alpha")):
         parser.error("--lora-rank and --lora-alpha go with --trainable lora")
     return config
-
-
-# ===== beyond the chapter: the frozen layers' output, computed once (--cache-memory) =====
-
-
-# ===== beyond the chapter: the --out folder, written whole or not at all =====
 
 
 if __name__ == "__main__":

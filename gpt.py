@@ -2,8 +2,8 @@
 
 python gpt.py [--model gpt2-small] [--weights pretrained|PATH] "Every effort moves you"
 prints the greedy continuation, the chapter's check that the weights loaded.
-Chapter 4's model and listing 6.6 come first; the file readers and the rest
-follow under "# ===== beyond the chapter".
+Chapter 4's model, then listing 6.6 and what reads GPT-2's weights; the file
+formats, downloads and command-line plumbing are in beyond/.
 """
 import argparse
 
@@ -282,7 +282,6 @@ def load_gpt2_file(path, config):
     return model
 
 
-
 def load_weights_into_gpt(gpt, params, source="the weights"):
     """Listing 6.6's loader (the book's, from chapter 5): the book's nested params,
     whichever file they came from, into gpt. Not the book's assign calls: one table
@@ -353,23 +352,6 @@ def matched_params(gpt, params, source):
         pairs.append((param, value))
     assert {id(param) for param, _ in pairs} == set(names), "a parameter params_targets misses"
     return pairs
-
-
-# ===== beyond the chapter: which file, downloaded where, and checked =====
-
-
-# ===== beyond the chapter: the book's params, from any of three files =====
-
-
-# ===== beyond the chapter: safetensors files =====
-
-
-# ===== beyond the chapter: OpenAI's TensorFlow checkpoint, by hand =====
-
-
-
-
-# ===== beyond the chapter: progress on a terminal =====
 
 
 # ===== beyond the chapter: the tokenizer's files and the command line =====

@@ -50,6 +50,7 @@ import beyond.explain  # noqa: E402
 import beyond.fast  # noqa: E402
 import beyond.labels  # noqa: E402
 import beyond.lora  # noqa: E402
+import beyond.memory  # noqa: E402
 import beyond.metrics  # noqa: E402
 import beyond.pooling  # noqa: E402
 import beyond.precision  # noqa: E402
@@ -1053,7 +1054,7 @@ def chapter_lines(printed):
 
 def test_a_cache_budget_smaller_than_the_cache_prints_the_same_lines_as_plain(
         tmp_path, sample_tsv, capsys, monkeypatch):
-    monkeypatch.setattr(beyond.fast, "available_memory", lambda device: (4 * 10**9, "RAM"))
+    monkeypatch.setattr(beyond.memory, "available_memory", lambda device: (4 * 10**9, "RAM"))
     runs = {}
     for name, flags in [("plain", ["--plain"]), ("budget", ["--cache-memory", "200kB"]),
                         ("no-cache", ["--cache-memory", "0"]), ("auto", [])]:
@@ -2703,26 +2704,26 @@ def test_cuda_memory_is_asked_for_by_device_index(monkeypatch):
         return 6 * 10**9, 8 * 10**9
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert beyond.fast.available_memory(torch.device("cuda")) == (6 * 10**9, "free GPU memory")
-    assert beyond.fast.available_memory(torch.device("cuda", 1))[0] == 6 * 10**9
+    assert beyond.memory.available_memory(torch.device("cuda")) == (6 * 10**9, "free GPU memory")
+    assert beyond.memory.available_memory(torch.device("cuda", 1))[0] == 6 * 10**9
     assert asked == [0, 1]
 
 
 def test_auto_cache_memory_shares_the_ram_among_torchruns_processes(monkeypatch):
-    monkeypatch.setattr(beyond.fast, "available_memory", lambda device: (8 * 10**9, "RAM"))
+    monkeypatch.setattr(beyond.memory, "available_memory", lambda device: (8 * 10**9, "RAM"))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert beyond.fast.cache_budget("auto", torch.device("cpu")) == (
+    assert beyond.memory.cache_budget("auto", torch.device("cpu")) == (
         10**9, "--cache-memory auto: half the RAM, shared by 4 processes")
-    assert beyond.fast.cache_budget("auto", torch.device("cuda", 0))[0] == 4 * 10**9  # its own
+    assert beyond.memory.cache_budget("auto", torch.device("cuda", 0))[0] == 4 * 10**9  # its own
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert beyond.fast.cache_budget("auto", torch.device("cpu"))[0] == 4 * 10**9
+    assert beyond.memory.cache_budget("auto", torch.device("cpu"))[0] == 4 * 10**9
 
 
 def test_auto_cache_memory_on_mps_is_what_metal_recommends_less_what_is_held(monkeypatch):
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 10 * 10**9,
                         raising=False)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 2 * 10**9)
-    assert beyond.fast.available_memory(torch.device("mps")) == (
+    assert beyond.memory.available_memory(torch.device("mps")) == (
         8 * 10**9, "memory Metal recommends for this process")
 
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""How sure: a temperature fitted on validation, expected calibration error,
+ROC and precision-recall curves, and a threshold for --target-fpr (finetune.py)."""
 import math
 from pathlib import Path
 from beyond.plot import CHANCE_STYLE, TRAIN_STYLE, VALIDATION_STYLE, plot_unit_square

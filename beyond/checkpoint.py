@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The checkpoint's metadata: what save_classifier writes beside the tensors,
+and its checks when classify.py reads it back, before anything large is allocated."""
 import json
 import math
 from beyond.cli import InputError

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Command-line plumbing shared by the commands: one-paragraph errors, exit
+statuses for Ctrl-C and SIGTERM, argument types, progress lines, and the
+repository's copy of tiktoken's gpt2 files for a machine without network."""
 import argparse
 import math
 import os

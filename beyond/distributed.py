@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""torchrun: several processes, the results of one. Each rank computes its
+share of every batch (WholeBatches), DDP averages the gradients."""
 import contextlib
 import datetime
 import os

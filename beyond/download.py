@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Downloads, whole or not at all: the SMS data and GPT-2's weights (the
+Hub's model.safetensors, else OpenAI's files where chapter 5 gets them)."""
 import hashlib
 import http.client
 import os

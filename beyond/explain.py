@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Why: each token's signed share of a classification (occlusion, gradient x
+input, integrated gradients), for classify.py --explain and the page."""
 from beyond.tokens import PAD_TOKEN_ID, encode, pad_ids
 import torch
 

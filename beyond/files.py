@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The --out folder written whole or not at all: atomic writes, a work folder,
+and the move into --out once a run has succeeded."""
 import os
 from pathlib import Path
 import contextlib

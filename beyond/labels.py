@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Any labels, not only ham and spam: counting them, and their class ids."""
 from beyond.cli import InputError
 
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""LoRA (appendix E): low-rank adapters on the blocks' Linear layers, and what a
+LoRA checkpoint records of the base weights it sits on."""
 import math
 import os
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""A Matplotlib stand-in: the chapter's plots as SVG files, drawn by hand."""
 import math
 from xml.sax.saxutils import escape
 from beyond.files import write_atomically

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""--pool: which output position the head reads (the chapter's last, the first,
+the last real token, or the mean over real tokens)."""
 import torch
 
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""--precision: bfloat16 or float16 matrix products (torch.autocast per pass),
+where the device runs them; float16's loss scaling."""
 from beyond.cli import InputError
 import torch
 import warnings

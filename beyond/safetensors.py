@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""safetensors files by hand: the header checked against the file before any
+tensor is read, tensors memory-mapped; and the writer of checkpoints."""
 import ctypes
 import errno
 import json

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""pandas' df.sample(random_state=seed) without pandas: the same rows in the
+same order, so that balancing and splitting give the book's split byte for byte."""
 import random
 
 

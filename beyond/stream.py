@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Many texts at once: classify.py's batches, its lines from stdin as they
+arrive, and the lines it prints."""
 import json
 import os
 import queue

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""OpenAI's TensorFlow checkpoint read by hand (the index is a LevelDB table of
+BundleEntryProto messages): no TensorFlow, no protobuf."""
 import math
 import mmap
 import os

@@ -1,4 +1,4 @@
-"""TODO"""
+"""Token ids: a message encoded as plain text, and padding per batch."""
 import torch
 
 PAD_TOKEN_ID = 50256  # "<|endoftext|>", GPT-2's padding in the chapter

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""GPT-2's weights in the three forms --weights takes (the Hub's safetensors,
+the book's .pth, OpenAI's TensorFlow checkpoint) as the book's nested params."""
 import json
 import re
 from pathlib import Path
