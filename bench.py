@@ -7,34 +7,14 @@ python bench.py --explain runs/a/review_classifier.safetensors  # how faithful -
 python bench.py --precision fp32,bf16 --json bench-precision.json  # each mode in each
 python bench.py --device cuda --precision fp32,bf16,fp16           # a GPU, in minutes
 
-Modes, each the chapter's whole schedule (data, initial evaluations, --epochs
-epochs with their evaluations, final accuracies, saving) with random weights,
-each a finetune.py process of its own, so its peak memory is its own:
+Each mode is the chapter's whole schedule with random weights (speed does not
+depend on their values) in a finetune.py process of its own, its peak memory its own:
   plain     the chapter's loop: every layer on every batch (finetune.py --plain)
   cache     frozen-prefix cache + last block at the last position only (the default)
   flexible  cache + dynamic padding + the last real token (--pool flexible)
-Each mode runs in each --precision (fp32 unless said), and every printed loss
-is compared with the fp32 run of the same mode. Then classify's throughput on
-the 300 test messages, one at a time as the chapter's classify_review does vs
-batched, in each precision, and the wall-clock of `python classify.py "text"`
-against importing torch and tiktoken alone.
-Speed does not depend on the weights' values: random weights time the same.
-
---beyond (gpt2-small, 1 epoch unless said): 2,000 texts of about 250 tokens, each
-joined from messages of one label, at --max-length 256 with --plain, the
-default, --pool flexible, and the default with --cache-memory a third of the
-cache; the whole SMS collection with --no-balance, the default (5 epochs) and
---plain (its training only: the time of an epoch); classify.py - on 3,000
-lines, and its peak memory on 3,000 and 100,000 lines with a tiny model.
-
---beyond --modes cache,flexible --precision fp32,bf16: only those long-text runs.
-
---torchrun: the cache fill of the default mode (1 epoch) under torchrun with 1
-and 2 processes: its seconds, which the split across processes divides.
-
---explain CHECKPOINT: classify.py --explain's methods on the test.csv that
-finetune.py wrote beside the checkpoint, each against a random ranking, with
-ERASER's comprehensiveness and sufficiency (AOPC) and the time per message.
+Every printed loss is compared with the fp32 run of the same mode. Then classify's
+throughput on the test messages, one at a time (the chapter's classify_review) vs
+batched, and the wall-clock of `python classify.py "text"` against bare imports.
 """
 import argparse
 import csv
@@ -50,39 +30,36 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpt import MODEL_NAMES
-from beyond.cli import InputError, run_cli
-from beyond.precision import PRECISIONS, check_precision
-from classify import select_device
+from gpt import MODEL_NAMES, GPTModel, get_tokenizer, model_config
+from data import load_messages, read_csv
+from classify import classify_review, load_classifier, save_classifier, select_device
+from finetune import prepare_for_classification
+from beyond.cli import InputError, positive_int, run_cli
+from beyond.explain import EXPLAIN_METHODS, class_logits, explain_ids, without
+from beyond.fast import GPTClassifier
 from beyond.files import write_atomically
-import finetune
+from beyond.precision import PRECISIONS, check_precision
+from beyond.stream import NonFiniteLogits, classify_texts
+from beyond.tokens import encode
+import torch
 
 HERE = Path(__file__).resolve().parent
 MODES = {"plain": ["--plain"], "cache": [], "flexible": ["--pool", "flexible"]}
-LONG_NAMES = {"plain": "plain", "cache": "default", "flexible": "flexible"}
 TEXT = "You are a winner you have been specially selected to receive $1000 cash or a $2000 award."
-
-
 TRAINED = re.compile(r"Training completed in ([\d.]+) minutes")
 LOSS = re.compile(r"(?:loss:? )(\d+\.\d+)")  # every loss finetune.py prints
 
 
 def printed_losses(log):
-    """Every loss a finetune.py log printed, in order: the initial three, then
-    each "Ep" line's train and validation loss."""
-    return [float(x) for line in log.splitlines() if "loss" in line
-            for x in LOSS.findall(line)]
+    """Every loss a finetune.py log printed, in order."""
+    return [float(x) for x in LOSS.findall(log)]
 
 
 def run_finetune(flags, out_dir, training_only=False):
-    """python finetune.py with random weights and these flags, as a process of its
-    own: its wall-clock, peak RSS and what its metrics.json reports. With
-    training_only, it is stopped once its training is done, and only the time
-    per epoch it printed is kept (the final accuracy passes are left out)."""
-    out_dir = Path(out_dir)
+    """python finetune.py --weights random with flags: its wall-clock, peak RSS and
+    metrics.json; training_only: stopped after training, only its time per epoch."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = out_dir / "log.txt"
-    start = time.time()
+    log, start = out_dir / "log.txt", time.time()
     with open(log, "w") as f:
         process = subprocess.Popen([sys.executable, "finetune.py", "--weights", "random",
                                     "--out", str(out_dir), *flags],
@@ -98,24 +75,14 @@ def run_finetune(flags, out_dir, training_only=False):
         return {"seconds_per_epoch": round(float(trained[1]) * 60 / epochs, 1),
                 "peak_rss_mb": round(usage.ru_maxrss / 1024)}
     if status != 0:
-        lines = log.read_text().splitlines()
         sys.exit(f"finetune.py {' '.join(flags)} failed; its log ({log}) ends:\n"
-                 + "\n".join(lines[-15:]))
+                 + "\n".join(log.read_text().splitlines()[-15:]))
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    epochs = metrics["args"]["epochs"]
     return {"seconds": round(seconds, 1),
-            "seconds_per_epoch": round(metrics["train_seconds"] / epochs, 1),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024),
-            "test_accuracy": metrics["test_accuracy"],
-            "prefix_cache": metrics["prefix_cache"],
-            "losses": printed_losses(log.read_text()),
+            "seconds_per_epoch": round(metrics["train_seconds"] / metrics["args"]["epochs"], 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024), "test_accuracy": metrics["test_accuracy"],
+            "prefix_cache": metrics["prefix_cache"], "losses": printed_losses(log.read_text()),
             "checkpoint": str(out_dir / "review_classifier.safetensors")}
-
-
-def child(mode, precision, args, out_dir):
-    flags = ["--model", args.model, "--data", args.data, "--epochs", str(args.epochs),
-             "--device", args.device, "--precision", precision, *MODES[mode]]
-    return dict(mode=mode, precision=precision, **run_finetune(flags, out_dir))
 
 
 def loss_differences(runs):
@@ -130,12 +97,8 @@ def loss_differences(runs):
 
 
 def classify_throughput(checkpoint, test_csv, device, precision="fp32"):
-    """Messages per second: the chapter's classify_review one message at a time on
-    the chapter's plain forward pass, vs classify_texts in batches."""
-    from classify import classify_review, load_classifier
-    from beyond.stream import classify_texts
-    from data import read_csv
-    from gpt import get_tokenizer
+    """Messages per second: the chapter's classify_review and forward pass, one message at
+    a time, vs classify_texts in batches."""
     model, info = load_classifier(checkpoint, device, precision=precision)
     tokenizer = get_tokenizer()
     texts = [text for _, text in read_csv(test_csv)]
@@ -164,32 +127,29 @@ def best_wall_clock(command, repeats=3):
 
 
 def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"^model name[^:]*:(.*)", cpuinfo.read_text(), re.M) \
+        if cpuinfo.is_file() else []
+    cpu = names[0].strip() if names else platform.processor() or platform.machine()
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def write_csv(path, rows):
+    with open(path, "w", encoding="utf-8", newline="") as f:  # csv quotes what TSV can't hold
+        csv.writer(f).writerows([("Label", "Text"), *rows])
+    return str(path)
 
 
 def quick_sample(data, path):
     """40 ham and 40 spam messages: a few training steps per mode."""
-    from data import load_messages
     rows = load_messages(data)
-    sample = [r for r in rows if r[0] == "ham"][:40] + [r for r in rows if r[0] == "spam"][:40]
-    with open(path, "w", encoding="utf-8", newline="") as f:  # csv quotes what TSV can't hold
-        csv.writer(f).writerows([("Label", "Text"), *sample])
-    return str(path)
+    return write_csv(path, [r for r in rows if r[0] == "ham"][:40]
+                     + [r for r in rows if r[0] == "spam"][:40])
 
 
 def measure_classify(runs, device, precisions):
-    """Throughput on the flexible checkpoint (classify.py pads per batch where the
-    pooling allows it) and on the chapter-pooling one ("last": every message is
-    padded to max_length), in each precision (the checkpoints of the first);
-    then the CLI's wall-clock against bare imports."""
+    """Throughput on the flexible checkpoint (padded per batch) and the chapter-pooling
+    one (padded to max_length) in each precision; the CLI's wall-clock vs bare imports."""
     by_mode = {r["mode"]: r["checkpoint"] for r in runs if r["precision"] == precisions[0]}
     checkpoint = by_mode.get("flexible", runs[-1]["checkpoint"])
     throughput = {}
@@ -200,9 +160,7 @@ def measure_classify(runs, device, precisions):
         if "cache" in by_mode:
             last_pool = classify_throughput(by_mode["cache"], Path(by_mode["cache"]).parent
                                             / "test.csv", device, precision)
-            throughput[precision].update(
-                last_pool_one_at_a_time_msgs_per_s=last_pool["one_at_a_time_msgs_per_s"],
-                last_pool_batched_msgs_per_s=last_pool["batched_msgs_per_s"])
+            throughput[precision].update({f"last_pool_{k}": v for k, v in last_pool.items()})
     import_seconds = best_wall_clock(
         [sys.executable, "-c", "import torch, tiktoken; tiktoken.get_encoding('gpt2')"])
     cli_seconds = best_wall_clock([sys.executable, "classify.py", "--checkpoint",
@@ -221,7 +179,8 @@ def print_report(report, device):
     for r in report["runs"]:
         speedup = f"{plain / r['seconds']:.1f}x" if plain else "-"
         final = "/".join(f"{x:.3f}" for x in r["losses"][-2:])
-        difference = "-" if r["max_loss_difference"] is None else f"{r['max_loss_difference']:.3f}"
+        difference = "-" if r["max_loss_difference"] is None else \
+            f"{r['max_loss_difference']:.3f}"
         print(f"{r['mode']:<10}{r['precision']:>10}{r['seconds']:>9.1f}"
               f"{r['seconds_per_epoch']:>9.1f}{speedup:>10}{r['peak_rss_mb']:>13.0f}"
               f"{r['test_accuracy']*100:>9.2f}%{final:>15}{difference:>15}")
@@ -239,14 +198,8 @@ def print_report(report, device):
 
 
 def long_texts(data, path, count=2000, tokens=250):
-    """count texts of about `tokens` GPT-2 tokens, half ham and half spam, each
-    joined from messages of one label drawn at random (seeded; consecutive ones
-    would repeat whole texts, there being only 747 spam messages), as a CSV:
-    longer texts of the same kinds, built from the SMS data so that anyone can
-    rebuild them."""
-    from beyond.tokens import encode
-    from data import load_messages
-    from gpt import get_tokenizer
+    """A CSV of count texts of about `tokens` tokens, half ham and half spam, each joined
+    from messages of one label drawn at random (seeded): anyone can rebuild them."""
     rows, tokenizer, rng = load_messages(data), get_tokenizer(), random.Random(0)
     texts = []
     for label in ("ham", "spam"):
@@ -259,14 +212,11 @@ def long_texts(data, path, count=2000, tokens=250):
                 parts.append(messages[i])
                 length += lengths[i]
             texts.append((label, " ".join(parts)))
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        csv.writer(f).writerows([("Label", "Text"), *texts])
-    return str(path)
+    return write_csv(path, texts)
 
 
 def message_lines(data, path, count):
     """count messages of the SMS data (repeated as needed), one per line."""
-    from data import load_messages
     texts = [" ".join(text.split()) for _, text in load_messages(data)]
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(texts[i % len(texts)] + "\n" for i in range(count))
@@ -274,16 +224,11 @@ def message_lines(data, path, count):
 
 
 def tiny_checkpoint(path):
-    """A classifier of 2 blocks and 16 dimensions: classify.py's own memory, with
-    almost none of the model's."""
-    import torch
-    from beyond.fast import GPTClassifier
-    from classify import save_classifier
-    from gpt import GPTModel, model_config
+    """A classifier of 2 blocks and 16 dimensions: classify.py's own memory, not the model's."""
     config = dict(model_config("gpt2-small"), emb_dim=16, n_layers=2, n_heads=2,
                   context_length=128)
     torch.manual_seed(0)
-    gpt = finetune.prepare_for_classification(GPTModel(config), 2)
+    gpt = prepare_for_classification(GPTModel(config), 2)
     save_classifier(GPTClassifier(gpt), path, config, 120, ["not spam", "spam"])
     return path
 
@@ -305,8 +250,8 @@ def classify_stream(checkpoint, lines, device):
 
 
 def beyond(args, work, save):
-    """The measurements beyond the chapter's size; save(report) after each."""
-    import torch
+    """2,000 texts of ~250 tokens in each --modes and precision (and a third of the cache);
+    all data (--no-balance); classify.py - on 3,000 and 100,000 lines. save(report) after each."""
     report = {"machine": machine(), "torch": torch.__version__, "model": args.model,
               "date": time.strftime("%Y-%m-%d"), "runs": {}}
     common = ["--model", args.model, "--device", args.device]
@@ -324,7 +269,8 @@ def beyond(args, work, save):
     precisions = args.precision.split(",")
     for mode in args.modes.split(","):
         for precision in precisions:
-            name = f"long {LONG_NAMES[mode]}" + ("" if precision == "fp32" else f" {precision}")
+            name = f"long {'default' if mode == 'cache' else mode}" + \
+                ("" if precision == "fp32" else f" {precision}")
             run(name, [*long, *MODES[mode], "--precision", precision], 1)
     if args.modes != ",".join(MODES):  # only the modes asked for
         return report
@@ -351,9 +297,8 @@ def beyond(args, work, save):
 
 
 def fill_under_torchrun(args, work):
-    """The default mode for 1 epoch under torchrun, 1 then 2 processes of one
-    thread each: the cache fill's seconds (rank 0's), the whole run's, and its
-    printed losses (the same for both)."""
+    """The default mode for 1 epoch under torchrun, 1 then 2 processes of one thread:
+    the cache fill's seconds (rank 0's), the whole run's, and its printed losses."""
     precision = args.precision.split(",")[0]
     report = {"machine": machine(), "model": args.model, "precision": precision,
               "date": time.strftime("%Y-%m-%d"), "runs": []}
@@ -391,9 +336,7 @@ ERASER_SHARES = (0.01, 0.05, 0.10, 0.20, 0.50)  # k: the top k% of a message's t
 
 
 def method_ranking(method, model, max_length, pad_token_id):
-    """ids -> (class explained, token positions from the most important): a
-    classify.py explanation method."""
-    from beyond.explain import explain_ids
+    """ids -> (class explained, token positions from the most important) by `method`."""
 
     def rank(ids):
         target, scores = explain_ids(model, ids, max_length, pad_token_id, method)
@@ -403,7 +346,6 @@ def method_ranking(method, model, max_length, pad_token_id):
 
 def random_ranking(model, max_length, pad_token_id, seed=123):
     """The baseline every explanation must beat: the tokens in a random order."""
-    from beyond.explain import class_logits
     rng = random.Random(seed)
 
     def rank(ids):
@@ -415,13 +357,9 @@ def random_ranking(model, max_length, pad_token_id, seed=123):
 
 
 def aopc(model, messages, rank, max_length, pad_token_id):
-    """ERASER's faithfulness (DeYoung et al. 2020), averaged over k in ERASER_SHARES
-    (AOPC) and the messages (token id lists): comprehensiveness p(y|x) - p(y|x
-    without its top k%) (higher is better) and sufficiency p(y|x) - p(y|its top
-    k% only) (lower is better), y the class explained. At least one token is
-    taken; nothing left reads as one padding token."""
-    import torch
-    from beyond.explain import class_logits, without
+    """ERASER's faithfulness (DeYoung et al. 2020), AOPC over ERASER_SHARES and messages:
+    comprehensiveness p(y|x) - p(y|x without its top k%) (higher is better) and
+    sufficiency p(y|x) - p(y|its top k% only) (lower is better); at least one token."""
     comprehensiveness = sufficiency = 0.0
     for ids in messages:
         target, order = rank(ids)
@@ -437,14 +375,7 @@ def aopc(model, messages, rank, max_length, pad_token_id):
 
 
 def faithfulness_table(checkpoint, test_csv, device):
-    """Each method's comprehensiveness and sufficiency AOPC on the test split,
-    the random ranking's, and the seconds per message each method took."""
-    from beyond.explain import EXPLAIN_METHODS
-    from beyond.stream import NonFiniteLogits, classify_texts
-    from classify import load_classifier
-    from beyond.tokens import encode
-    from data import read_csv
-    from gpt import get_tokenizer
+    """Each method's and a random ranking's AOPC on the test split, and time per message."""
     model, info = load_classifier(checkpoint, device)
     max_length = min(info["max_length"], model.gpt.pos_emb.weight.shape[0])
     tokenizer = get_tokenizer()
@@ -480,9 +411,9 @@ def main():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="gpt2-small", choices=list(MODEL_NAMES),
                         help="GPT-2 size, with random weights")
-    parser.add_argument("--data", default=str(HERE / "testdata/sms_spam_collection/SMSSpamCollection"),
-                        help="the SMS Spam Collection TSV (or UCI zip)")
-    parser.add_argument("--epochs", type=finetune.positive_int, default=5, help="epochs per mode")
+    parser.add_argument("--data", help="the SMS Spam Collection TSV (or UCI zip)",
+                        default=str(HERE / "testdata/sms_spam_collection/SMSSpamCollection"))
+    parser.add_argument("--epochs", type=positive_int, default=5, help="epochs per mode")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"],
                         help="where every mode and the classification run")
     parser.add_argument("--quick", action="store_true",
@@ -518,13 +449,11 @@ def main():
     if args.torchrun and (args.beyond or args.explain or args.modes != ",".join(MODES)):
         parser.error("--torchrun measures the default mode's cache fill only: it takes no "
                      "--beyond, --explain or --modes")
-    unknown = [mode for mode in args.modes.split(",") if mode not in MODES]
-    if unknown:
-        parser.error(f"--modes: unknown mode {unknown[0]!r} (choose from {', '.join(MODES)})")
-    unknown = [p for p in args.precision.split(",") if p not in PRECISIONS]
-    if unknown:
-        parser.error(f"--precision: unknown precision {unknown[0]!r} (choose from "
-                     f"{', '.join(PRECISIONS)})")
+    for flag, known in (("modes", MODES), ("precision", PRECISIONS)):
+        unknown = [value for value in getattr(args, flag).split(",") if value not in known]
+        if unknown:
+            parser.error(f"--{flag}: unknown {flag.rstrip('s')} {unknown[0]!r} (choose from "
+                         f"{', '.join(known)})")
     for precision in args.precision.split(","):  # before hours of runs, not after
         try:
             check_precision(precision, select_device(args.device))
@@ -540,48 +469,40 @@ def main():
     if not Path(args.data).is_file():
         parser.error(f"--data: no file at {args.data}; pass the SMS Spam Collection's TSV "
                      f"(or the UCI zip)")
+
+    def save(report):
+        if args.json:
+            write_atomically(args.json, json.dumps(report, indent=2) + "\n")
     if args.explain:
         test_csv = Path(args.explain).parent / "test.csv"
         if not test_csv.is_file():
             parser.error(f"--explain: no test.csv beside {args.explain}: pass the checkpoint "
                          f"in the --out folder finetune.py wrote")
-        report = dict(machine=machine(), **faithfulness_table(args.explain, test_csv,
-                                                              args.device))
-        if args.json:
-            write_atomically(args.json, json.dumps(report, indent=2) + "\n")
-        return
+        return save(dict(machine=machine(), **faithfulness_table(args.explain, test_csv,
+                                                                 args.device)))
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     if args.torchrun:
-        report = fill_under_torchrun(args, work)
-        if args.json:
-            write_atomically(args.json, json.dumps(report, indent=2) + "\n")
-        return
+        return save(fill_under_torchrun(args, work))
     if args.beyond:
-        def save(report):
-            if args.json:
-                write_atomically(args.json, json.dumps(report, indent=2) + "\n")
-        beyond(args, work, save)
-        return
+        return beyond(args, work, save)
     if args.quick:
         args.data, args.epochs = quick_sample(args.data, work / "sample.csv"), 1
     runs = []
     for mode in args.modes.split(","):
         for precision in args.precision.split(","):
             print(f"running {mode} {precision} ...", flush=True)
-            runs.append(child(mode, precision, args, work / f"{mode}-{precision}"))
+            flags = ["--model", args.model, "--data", args.data, "--epochs", str(args.epochs),
+                     "--device", args.device, "--precision", precision, *MODES[mode]]
+            runs.append(dict(mode=mode, precision=precision,
+                             **run_finetune(flags, work / f"{mode}-{precision}")))
             print(f"  {runs[-1]}", flush=True)
-
-    import torch
     report = {"machine": machine(), "torch": torch.__version__, "model": args.model,
               "epochs": args.epochs, "date": time.strftime("%Y-%m-%d"),
-              "runs": [{k: r[k] for k in ("mode", "precision", "seconds", "seconds_per_epoch",
-                                          "peak_rss_mb", "test_accuracy", "prefix_cache",
-                                          "losses", "max_loss_difference")}
+              "runs": [{k: v for k, v in r.items() if k != "checkpoint"}
                        for r in loss_differences(runs)],
               **measure_classify(runs, args.device, args.precision.split(","))}
     print_report(report, args.device)
-    if args.json:
-        write_atomically(args.json, json.dumps(report, indent=2) + "\n")
+    save(report)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from beyond.download import file_fingerprint
 from beyond.explain import EXPLAIN_DEFAULT, EXPLAIN_METHODS, MAX_EXPLAINED
 from beyond.fast import GPTClassifier
 from beyond.lora import lora_base_file, not_the_base, replace_linear_with_lora
-from beyond.precision import PRECISIONS, check_precision
+from beyond.precision import add_precision_option, check_precision
 from beyond.safetensors import check_floating, load_safetensors, read_safetensors_header, save_safetensors
 from beyond.serve import serve
 from beyond.stream import BLANK, CHUNK, NonFiniteLogits, argument_text, classify_and_print, text_batches, validated_threshold
@@ -30,36 +30,36 @@ from gpt import GPTModel, MODEL_NAMES, get_tokenizer, load_gpt2_file, model_conf
 CHECKPOINT_NAME = "review_classifier.safetensors"
 
 
-# ------------------------------------------- 6.8 using the model to classify (listing 6.12)
-
+# Listing 6.12 Using the model to classify new texts
 def classify_review(text, model, tokenizer, device, max_length=None,
                     pad_token_id=PAD_TOKEN_ID, class_names=SPAM_CLASS_NAMES):
-    """Listing 6.12: the class name of one text."""
     model.eval()
-    input_ids = encode(text, tokenizer)  # the book's tokenizer.encode(text), see encode
-    # not the book's shape[1] (the embedding size): shape[0] is the context length,
-    # as the book's own repository fixed it (rasbt/LLMs-from-scratch#371)
-    supported_context_length = model.gpt.pos_emb.weight.shape[0]
-    # not the book's: None means the whole context; the book's fails in min()
-    # (rasbt/LLMs-from-scratch#666)
-    if max_length is None:
-        max_length = supported_context_length
-    # not the book's: max_length is clamped before padding too; the book pads to
-    # max_length, which past the context has no position embedding
-    # (rasbt/LLMs-from-scratch#497)
-    max_length = min(max_length, supported_context_length)
-    input_ids = input_ids[:max_length]  # truncates sequences that are too long
+
+    # Prepare inputs to the model; encode is tokenizer.encode(text) with a text's
+    # "<|endoftext|>" kept as text, never the pad id
+    input_ids = encode(text, tokenizer)
+    # not the book's shape[1], the embedding size: shape[0] is the context length
+    # (rasbt/LLMs-from-scratch#371)
+    supported_context_length = model.pos_emb.weight.shape[0]
+    # not the book's: None is the whole context (#666), and max_length is clamped
+    # before the padding too, which past the context has no position (#497)
+    max_length = min(max_length or supported_context_length, supported_context_length)
+
+    # Truncate sequences if they are too long
+    input_ids = input_ids[:max_length]
+
+    # Pad sequences to the longest sequence
     input_ids += [pad_token_id] * (max_length - len(input_ids))
-    input_tensor = torch.tensor(input_ids, device=device).unsqueeze(0)  # adds batch dim
-    with torch.inference_mode():  # the book's no_grad, with less bookkeeping
-        logits = model(input_tensor)[:, -1, :]  # logits of the last output token
+    input_tensor = torch.tensor(input_ids, device=device).unsqueeze(0)  # add batch dimension
+
+    # Model inference
+    with torch.no_grad():
+        logits = model(input_tensor)[:, -1, :]  # Logits of the last output token
     predicted_label = torch.argmax(logits, dim=-1).item()
-    # not the book's "spam" if 1 else "not spam": the checkpoint's class names,
-    # which are those for the SMS data
+
+    # Return the classified result; not the book's "spam" if 1 else "not spam":
+    # the checkpoint's class names, which are those for the SMS data
     return class_names[predicted_label]
-
-
-# ------------------ the classifier: GPT-2 with its new head, the chapter's model(x)[:, -1, :]
 
 
 # ------------------------------- saving and loading it (the chapter's torch.save, load_state_dict)
@@ -161,6 +161,12 @@ def lora_base(info, checkpoint, base_weights=None):
     return gpt
 
 
+def add_device_option(parser, default, what):
+    parser.add_argument("--device", default=default, choices=["auto", "cpu", "cuda", "mps"],
+                        help=f"{what}; auto picks cuda, then mps (torch >= 2.9), then cpu "
+                             f"(default: %(default)s)")
+
+
 def select_device(name):
     """The chapter's torch.device("cuda" if torch.cuda.is_available() else "cpu"),
     with the mps of its note and a --device flag. auto: cuda, then mps (only from
@@ -210,14 +216,8 @@ def build_parser():
                              "OpenAI's model.ckpt (its prefix or any of its files), or a "
                              "folder holding a model.safetensors or OpenAI's checkpoint; "
                              "checked by size and sha256 (of OpenAI's data file)")
-    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"],
-                        help="where to run the model (default: %(default)s)")
-    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
-                        help="the matrix products' precision: fp32; bf16, bfloat16 (1.7-2.1x "
-                             "the messages/s on a CPU with avx512_bf16, measured; "
-                             "probabilities within about 0.02 of fp32's, so a message near "
-                             "0.5 may change label); fp16, float16 (CUDA only); "
-                             "any checkpoint runs in any of them (default: %(default)s)")
+    add_device_option(parser, "cpu", "where to run the model")
+    add_precision_option(parser)
     parser.add_argument("--all", action="store_true",
                         help="print the probability of every class, not only the chosen one")
     parser.add_argument("--json", action="store_true",

@@ -15,7 +15,6 @@ from pathlib import Path
 from beyond.cli import InputError  # first: it silences torch's NumPy warning
 from beyond.download import download_file
 from beyond.files import write_atomically
-from beyond.labels import class_ids
 from beyond.sampling import sample
 from beyond.tokens import PAD_TOKEN_ID, encode, pad_batch
 import torch
@@ -36,25 +35,26 @@ EMPTY_TEXT = "the message is empty (or only whitespace); remove the line or give
 # ---------------------------------- the chapter: listings 6.1-6.5, in the book's order
 
 def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
-    """Listing 6.1: downloads the UCI zip and saves its SMSSpamCollection member
-    as data_file_path (extracted_path/SMSSpamCollection.tsv, as in the book)."""
+    """Listing 6.1."""
     data_file_path = Path(data_file_path)
     if data_file_path.exists():
         print(f"{data_file_path} already exists. Skipping download and extraction.")
         return
-    # not the book's: the process id in the zip's name, because torchrun's ranks
-    # may download side by side
+
+    # Downloading the file: not the book's urlopen and write but beyond/download.py's,
+    # which writes the file whole or not at all and says what to do offline; the
+    # process id in its name, because torchrun's ranks may download side by side
     zip_path = Path(f"{zip_path}.{os.getpid()}")
+    download_file(url, zip_path, "the SMS Spam Collection",
+                  "pass a local copy of SMSSpamCollection (or the UCI zip) with --data PATH")
+
+    # Unzipping the file: not the book's extractall and os.rename: only its one
+    # member is read, so no path inside the archive (such as ../x) is ever written,
+    # and the .tsv is written whole or not at all
     try:
-        # the book's urlopen and write, ending in a message, not a traceback, offline
-        download_file(url, zip_path, "the SMS Spam Collection",
-                      "pass a local copy of SMSSpamCollection (or the UCI zip) with --data PATH")
-        # not the book's extractall and os.rename: only the one member is read, so
-        # no path inside the archive (such as ../x) is ever written, and the .tsv
-        # is written whole or not at all
         write_atomically(data_file_path, read_member(zip_path))
     finally:
-        zip_path.unlink(missing_ok=True)  # not the book's: the zip is not kept
+        zip_path.unlink()  # not the book's: the zip is not kept
     print(f"File downloaded and saved as {data_file_path}")
 
 
@@ -78,34 +78,36 @@ def load_messages(path):
     return read_tsv(path, labels=SPAM_LABELS if path.name.startswith(ZIP_MEMBER) else None)
 
 
-def create_balanced_dataset(rows, seed=SEED):
-    """Listing 6.2, for any number of classes (not the book's, which knows ham
-    and spam): undersamples every class to the size of the smallest, the
-    sampled classes first. The chapter's next step, map({"ham": 0, "spam": 1}),
-    happens where the splits are written (write_csv's label_ids)."""
-    groups = {label: [row for row in rows if row[0] == label] for label in class_ids(rows)}
-    smallest = min(len(group) for group in groups.values())  # the book's num_spam
-    sampled, kept = [], []
-    for group in groups.values():
-        if len(group) > smallest:
-            sampled += sample(group, smallest, seed)  # the book's ham_subset
-        else:
-            kept += group  # the book's df[df["Label"] == "spam"]
-    return sampled + kept  # the book's pd.concat([ham_subset, spam])
+def create_balanced_dataset(df, seed=SEED):
+    """Listing 6.2 on a list of (label, text) rows, the book's DataFrame."""
+    # Count the instances of "spam"
+    num_spam = len([row for row in df if row[0] == "spam"])
+    # Randomly sample "ham" instances to match the number of "spam" instances;
+    # sample is pandas' df.sample(num_spam, random_state=seed): the same rows
+    ham_subset = sample([row for row in df if row[0] == "ham"], num_spam, seed)
+    # Combine ham "subset" with "spam"
+    balanced_df = ham_subset + [row for row in df if row[0] == "spam"]
+    return balanced_df
 
 
-def random_split(rows, train_frac, validation_frac, seed=SEED):
-    """Listing 6.3: a seeded shuffle, then the first 70% train, 10% validation,
-    the rest test."""
-    rows = sample(rows, len(rows), seed)  # the book's df.sample(frac=1, random_state=123)
-    train_end = int(len(rows) * train_frac)
-    validation_end = train_end + int(len(rows) * validation_frac)
-    train, validation, test = rows[:train_end], rows[train_end:validation_end], rows[validation_end:]
-    if not train or not validation or not test:
-        raise InputError(f"{len(rows)} messages are too few to split {train_frac:.0%} / "
+def random_split(df, train_frac, validation_frac, seed=SEED):
+    """Listing 6.3."""
+    # Shuffle the entire DataFrame: pandas' df.sample(frac=1, random_state=seed)
+    df = sample(df, len(df), seed)
+
+    # Calculate split indices
+    train_end = int(len(df) * train_frac)
+    validation_end = train_end + int(len(df) * validation_frac)
+
+    # Split the DataFrame
+    train_df = df[:train_end]
+    validation_df = df[train_end:validation_end]
+    test_df = df[validation_end:]
+    if not train_df or not validation_df or not test_df:  # not the book's: said, not a crash
+        raise InputError(f"{len(df)} messages are too few to split {train_frac:.0%} / "
                          f"{validation_frac:.0%} / rest into non-empty training, validation "
                          f"and test sets.")
-    return train, validation, test
+    return train_df, validation_df, test_df
 
 
 def write_csv(rows, path, label_ids=SPAM_LABELS):

@@ -10,62 +10,48 @@ python finetune.py --device cuda --out runs/a
 """
 import argparse
 import contextlib
-import os
 import time
 from pathlib import Path
 
-from beyond.cli import InputError, fraction, positive_float, positive_int, run_cli, seed_number
-from beyond.distributed import join_process_group, on_every_rank, ranks, said_by_rank_0, this_ranks_rows, torchrun_ranks
-from beyond.fast import GPTClassifier, cache_frozen_prefix
-from beyond.files import out_left_as_it_was, publish_run, said_if_interrupted, work_folder, write_atomically
-from beyond.labels import class_ids, count_labels
-from beyond.lora import lora_description, replace_linear_with_lora
-from beyond.memory import memory_size
-from beyond.metrics import baseline_and_calibration, metrics_beyond_accuracy, run_record
-from beyond.plot import svg_figure
-from beyond.pooling import POOLS
-from beyond.precision import PRECISIONS, check_precision, loss_scaled
+from beyond.cli import InputError, positive_float, positive_int, run_cli, seed_number
+from beyond.distributed import join_process_group, on_every_rank, printing_rank, said_by_rank_0, torchrun_ranks, with_progress
+from beyond.fast import GPTClassifier, add_fast_options, cache_frozen_prefix
+from beyond.files import out_left_as_it_was, publish_run, said_if_interrupted, work_folder
+from beyond.labels import balance_classes, class_ids, count_labels
+from beyond.lora import lora_description
+from beyond.metrics import add_metrics_options, baseline_and_calibration, metrics_beyond_accuracy, run_record
+from beyond.plot import plt
+from beyond.pooling import add_pool_option
+from beyond.precision import add_precision_option, check_precision, loss_scaled
+from beyond.trainable import add_trainable_options, check_trainable_options, choose_trainable
 import torch
-from classify import CHECKPOINT_NAME, classify_review, save_classifier, select_device
+from classify import CHECKPOINT_NAME, add_device_option, classify_review, save_classifier, select_device
 from data import SEED, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_names, create_balanced_dataset, create_data_loaders, data_file_path, download_and_unzip_spam_data, extracted_path, load_messages, random_split, read_tsv, url, write_csv, zip_path
-from gpt import MODEL_NAMES, build_gpt, get_tokenizer, weights_config
+from gpt import add_model_options, build_gpt, get_tokenizer, weights_config
 
 
-TRAINABLE = {  # which parts train (appendix B's layer experiments; Exercise 6.2 is "all")
-    "last_layer": "only the new output layer",
-    "last_block": "the last transformer block, final_norm and the new head (the chapter)",
-    "last_two_blocks": "the last two transformer blocks, final_norm and the head",
-    "all": "every parameter (Exercise 6.2)",
-    "lora": "low-rank adapters on every Linear of the blocks, and the head (appendix E)",
-}
 
 
 # ---------------------------------------------------- 6.5 adding a classification head
 
 def prepare_for_classification(model, num_classes, trainable="last_block", seed=SEED,
                                lora_rank=16, lora_alpha=16):
-    """Freezes the model, replaces out_head by a num_classes head (listing 6.7),
-    then unfreezes what `trainable` names (or adds LoRA adapters, which train)."""
+    """Listing 6.7 and the freezing before it (section 6.5)."""
     for param in model.parameters():
         param.requires_grad = False
+
     torch.manual_seed(seed)
     # not the book's BASE_CONFIG["emb_dim"]: read from the model, so that any size
     # (--model) or config beside the weights gets a head that fits
-    emb_dim = model.tok_emb.weight.shape[1]
-    model.out_head = torch.nn.Linear(in_features=emb_dim, out_features=num_classes)
-    # the chapter unfreezes the last block and final_norm ("last_block"); the other
-    # choices are Exercise 6.2's and appendix E's LoRA
-    if trainable == "lora":
-        replace_linear_with_lora(model.trf_blocks, lora_rank, lora_alpha)
-        return model
-    unfrozen = {"last_layer": [],
-                "last_block": [model.trf_blocks[-1], model.final_norm],
-                "last_two_blocks": [*model.trf_blocks[-2:], model.final_norm],
-                "all": [model]}[trainable]
-    for module in unfrozen:
-        for param in module.parameters():
-            param.requires_grad = True
-    return model
+    model.out_head = torch.nn.Linear(
+        in_features=model.tok_emb.embedding_dim, out_features=num_classes)
+
+    for param in model.trf_blocks[-1].parameters():
+        param.requires_grad = True
+    for param in model.final_norm.parameters():
+        param.requires_grad = True
+    # not the book's: --trainable's other choices (beyond/trainable.py)
+    return choose_trainable(model, trainable, lora_rank, lora_alpha)
 
 
 # ------------------------------------------- 6.6 classification loss and accuracy
@@ -164,137 +150,132 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter):
     return train_loss, val_loss
 
 
+# Listing 6.11 Plotting the classification loss
 def plot_values(epochs_seen, examples_seen, train_values, val_values, label="loss",
                 out_dir="."):
-    """Listing 6.11: training and validation values against epochs and examples
-    seen, saved as <label>-plot.svg in out_dir."""
-    # not the book's: an SVG drawn by hand (svg_figure, in "a Matplotlib stand-in"
-    # below) for its plt.subplots, ax1.plot, twiny, legend and savefig, because
-    # this project does not depend on Matplotlib; and the book's PDF is an SVG
-    figure = svg_figure(epochs_seen, examples_seen, train_values, val_values, label)
-    path = Path(out_dir) / f"{label}-plot.svg"
-    write_atomically(path, figure)
-    return path
+    # plt is beyond/plot.py's stand-in for matplotlib.pyplot: it draws an SVG by hand
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+
+    # Plot training and validation loss against epochs
+    ax1.plot(epochs_seen, train_values, label=f"Training {label}")
+    ax1.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
+    ax1.set_xlabel("Epochs")
+    ax1.set_ylabel(label.capitalize())
+    ax1.legend()
+
+    # Create a second x-axis for examples seen
+    ax2 = ax1.twiny()  # Create a second x-axis that shares the same y-axis
+    ax2.plot(examples_seen, train_values, alpha=0)  # Invisible plot for aligning ticks
+    ax2.set_xlabel("Examples seen")
+
+    fig.tight_layout()  # Adjust layout to make room
+    # not the book's PDF, and no plt.show(): an SVG in --out, for a command line
+    plt.savefig(Path(out_dir) / f"{label}-plot.svg")
+    return Path(out_dir) / f"{label}-plot.svg"
 
 
-# --------------------------- the chapter's steps in order: what `python finetune.py` runs
+# ------------------------------------------------ the chapter's script, in its order
 
 def main(argv=None):
+    """What `python finetune.py` runs: the chapter's script, section by section.
+    Not the book's: under torchrun (beyond/distributed.py) every process runs it
+    and only rank 0 prints and saves; what a run writes goes to a work folder,
+    moved into --out once the run has succeeded (beyond/files.py)."""
     rank, world, local_rank = torchrun_ranks()
-    # one writer: the other ranks print nothing but errors
-    with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
-        return run(argv, rank, world, local_rank)
-
-
-def run(argv, rank, world, local_rank):
-    with contextlib.ExitStack() as cleanup:
-        with said_by_rank_0(rank):
-            args, device, config = parse_and_check(argv, world)  # the device: select_device
+    with printing_rank(rank), contextlib.ExitStack() as cleanup:
+        with said_by_rank_0(rank):  # every rank meets a bad flag or bad data; one says so
+            args, device, BASE_CONFIG = parse_and_check(argv, world)
             out = Path(args.out)
-            rows = load_rows(args)
+
+            # 6.2 Preparing the dataset: listings 6.1-6.3
+            df = load_rows(args)
             work = work_folder(out, rank, cleanup)  # only now: bad data leaves no folder
-            label_ids, splits = prepare_splits(args, rows, work)  # 6.2
-            tokenizer = get_tokenizer()  # 6.3
-            datasets = create_datasets(work, tokenizer, args.max_length,
-                                       config["context_length"], args.pool, len(label_ids))
+            label_ids, splits = prepare_splits(args, df, work)
+
+            # 6.3 Creating data loaders: listing 6.4, then 6.5 below
+            tokenizer = get_tokenizer()
+            datasets = create_datasets(work, tokenizer, args, BASE_CONFIG["context_length"],
+                                       num_classes=len(label_ids))
         device = join_process_group(args, device, world, local_rank, cleanup)  # torchrun
-        return fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device,
-                                  out, work, cleanup)
+        loaders = with_progress(create_data_loaders(*datasets, batch_size=args.batch_size))
+        for loader in loaders:
+            print(f"{len(loader)} {loader.name} batches")
 
+        # 6.4 Initializing a model with pretrained weights: listing 6.6
+        torch.manual_seed(args.seed)
+        model, BASE_CONFIG = build_gpt(args.model, args.weights)
 
-def fine_tune_and_save(args, label_ids, splits, tokenizer, datasets, device, out, work,
-                       cleanup):
-    """Sections 6.4-6.8 once the data is ready: the model, its training and
-    evaluation (by every rank), the plots, metrics and checkpoint (by rank 0),
-    written into `work` and moved into `out` at the end."""
-    names = class_names(label_ids)
-    max_length = datasets[0].max_length
-    loaders = create_data_loaders(*datasets, batch_size=args.batch_size)
-    loaders = this_ranks_rows(loaders)  # a progress line on a terminal
-    for loader in loaders:
-        print(f"{len(loader)} {loader.name} batches")
-    classifier, config, cache = prepare_model(args, len(label_ids), datasets, device, work,
-                                              cleanup)
-    writer = ranks()[0] == 0
-    # the base file is hashed once, by the process that writes the checkpoint
-    lora = lora_description(args) if args.trainable == "lora" and writer else None
-    model = on_every_rank(classifier, device)  # torchrun: the batch's rows shared
-    print_initial_metrics(model, loaders, device, args.seed)  # 6.6
+        # 6.5 Adding a classification head: listing 6.7
+        prepare_for_classification(model, len(label_ids), args.trainable, args.seed,
+                                   args.lora_rank, args.lora_alpha)
 
-    checkpoint = out / CHECKPOINT_NAME  # 6.7
-    results, train_seconds = fine_tune(model, loaders[0], loaders[1], device, args, checkpoint)
-    if writer:
-        with out_left_as_it_was(out):
-            plot_curves(results, args.epochs, work)
-    metrics = final_metrics(model, loaders, device, names)
-    metrics.update(run_record(args, train_seconds, classifier, cache))
-    if writer:
-        calibration = baseline_and_calibration(classifier, metrics, loaders, device, args,
-                                               label_ids, splits, work, out)
-        with out_left_as_it_was(out):  # 6.8
-            save_classifier(classifier, work / CHECKPOINT_NAME, config, max_length, names,
-                            lora=lora, trainable=args.trainable, calibration=calibration)
-        publish_run(metrics, work, checkpoint, names)
-        if names == SPAM_CLASS_NAMES:
-            classify_examples(classifier, tokenizer, device, max_length)
-    return dict(metrics, checkpoint=str(checkpoint))
+        # 6.6 Calculating the classification loss and accuracy. Not the book's bare
+        # model.to(device): beyond/fast.py's GPTClassifier around it reads --pool's
+        # position and, unless --plain, computes the frozen layers once per message
+        classifier = GPTClassifier(model, pool=args.pool, fast=not args.plain,
+                                   precision=args.precision).to(device)
+        cache = cache_frozen_prefix(classifier, args, datasets, device, work, cleanup)
+        model = on_every_rank(classifier, device)  # torchrun: each rank a share of a batch
+        print_initial_metrics(model, loaders, device, args.seed)
+
+        # 6.7 Fine-tuning the model on supervised data: listings 6.10 and 6.11
+        results, train_seconds = fine_tune(model, loaders, device, args, out / CHECKPOINT_NAME)
+        if rank == 0:
+            with out_left_as_it_was(out):
+                plot_curves(results, args.epochs, work)
+        metrics = final_metrics(model, loaders, device, class_names(label_ids))
+        metrics.update(run_record(args, train_seconds, classifier, cache))
+
+        # 6.8 Using the LLM as a spam classifier: saved, then listing 6.12
+        if rank == 0:
+            save_run(classifier, metrics, BASE_CONFIG, datasets[0].max_length, label_ids,
+                     splits, loaders, device, args, work, out)
+            if metrics["labels"] == SPAM_CLASS_NAMES:
+                classify_examples(classifier, tokenizer, device, datasets[0].max_length)
+        return dict(metrics, checkpoint=str(out / CHECKPOINT_NAME))
 
 
 def load_rows(args):
-    """[(label, text)] from --data, or downloaded as listing 6.1 does."""
+    """The messages as (label, text) rows: the book's pd.read_csv of the TSV that
+    listing 6.1 downloads, or --data's file."""
     if args.data:
         return load_messages(args.data)
     download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path)
     return read_tsv(data_file_path, labels=SPAM_LABELS)
 
 
-def prepare_splits(args, rows, out):
-    """Section 6.2: balance, split and write train/validation/test.csv into out.
-    Returns label -> class id and the three splits of (label, text) rows."""
-    print(f"Dataset: {len(rows)} messages, label counts {count_labels(rows)}")
-    label_ids = class_ids(rows)
+def prepare_splits(args, df, out):
+    """Section 6.2's steps: balance, map the labels to ids, split, and write
+    train/validation/test.csv into `out`. Returns label -> id and the splits."""
+    print(f"Dataset: {len(df)} messages, label counts {count_labels(df)}")
+    label_ids = class_ids(df)  # the book's {"ham": 0, "spam": 1}; any labels: sorted
     if not args.no_balance:
-        rows = create_balanced_dataset(rows, seed=args.seed)
-        print(f"Balanced: label counts {count_labels(rows)}")
-    splits = random_split(rows, 0.7, 0.1, seed=args.seed)
+        # listing 6.2 for ham and spam; any other labels: beyond/labels.py, alike
+        balance = create_balanced_dataset if label_ids == SPAM_LABELS else balance_classes
+        df = balance(df, seed=args.seed)
+        print(f"Balanced: label counts {count_labels(df)}")
+    splits = random_split(df, 0.7, 0.1, seed=args.seed)
     for name, split in zip(["train", "validation", "test"], splits):
-        write_csv(split, out / f"{name}.csv", label_ids)
+        write_csv(split, out / f"{name}.csv", label_ids)  # the map and to_csv
     if len(splits[0]) < args.batch_size:
         raise InputError(f"the training set has {len(splits[0])} messages, fewer than one "
                          f"batch of {args.batch_size}: lower --batch-size or add data.")
     return label_ids, splits
 
 
-def create_datasets(out, tokenizer, max_length, context_length, pool, num_classes):
-    """Section 6.3: the three SpamDatasets, validation and test cut to the
-    training set's max_length, which never exceeds the model's context."""
-    settings = {"pad": pool == "last",  # the other pools read real tokens: pad per batch
-                "num_classes": num_classes}
-    train_dataset = SpamDataset(out / "train.csv", tokenizer, max_length=max_length, **settings)
-    if train_dataset.max_length > context_length:
-        train_dataset = SpamDataset(out / "train.csv", tokenizer, max_length=context_length,
-                                    **settings)
+def create_datasets(out, tokenizer, args, context_length, num_classes):
+    """Section 6.3's three SpamDatasets: validation and test cut to the training
+    set's max_length, which never exceeds the model's context."""
+    # not the book's: --pool's other positions read real tokens, so pad per batch
+    settings = {"pad": args.pool == "last", "num_classes": num_classes}
+    train_dataset = SpamDataset(out / "train.csv", tokenizer, args.max_length, **settings)
+    if train_dataset.max_length > context_length:  # the book asserts this; here it cuts
+        train_dataset = SpamDataset(out / "train.csv", tokenizer, context_length, **settings)
     max_length = train_dataset.max_length
-    val_dataset = SpamDataset(out / "validation.csv", tokenizer, max_length=max_length,
-                              **settings)
-    test_dataset = SpamDataset(out / "test.csv", tokenizer, max_length=max_length, **settings)
+    val_dataset = SpamDataset(out / "validation.csv", tokenizer, max_length, **settings)
+    test_dataset = SpamDataset(out / "test.csv", tokenizer, max_length, **settings)
     print(f"Longest training sequence (max_length): {max_length} tokens")
     return train_dataset, val_dataset, test_dataset
-
-
-def prepare_model(args, num_classes, datasets, device, work, cleanup):
-    """Sections 6.4-6.5: GPT-2 with the new head, on the device. Returns the
-    classifier, its config and what its prefix cache was allowed and needed."""
-    torch.manual_seed(args.seed)  # 6.4
-    gpt, config = build_gpt(args.model, args.weights)
-    prepare_for_classification(gpt, num_classes=num_classes, trainable=args.trainable,
-                               seed=args.seed, lora_rank=args.lora_rank,
-                               lora_alpha=args.lora_alpha)  # 6.5
-    classifier = GPTClassifier(gpt, pool=args.pool, fast=not args.plain,
-                               precision=args.precision).to(device)
-    # not the chapter's: the frozen layers' output computed once (not with --plain)
-    cache = cache_frozen_prefix(classifier, args, datasets, device, work, cleanup)
-    return classifier, config, cache
 
 
 def print_initial_metrics(model, loaders, device, seed):
@@ -304,12 +285,12 @@ def print_initial_metrics(model, loaders, device, seed):
     for name, loader in zip(names, loaders):
         print(f"{name} accuracy: "
               f"{calc_accuracy_loader(loader, model, device, num_batches=10)*100:.2f}%")
-    with torch.inference_mode():
+    with torch.no_grad():
         for name, loader in zip(names, loaders):
             print(f"{name} loss: {calc_loss_loader(loader, model, device, num_batches=5):.3f}")
 
 
-def fine_tune(model, train_loader, val_loader, device, args, checkpoint):
+def fine_tune(model, loaders, device, args, checkpoint):
     """Section 6.7's run of train_classifier_simple; Ctrl-C says what is saved."""
     start_time = time.time()
     torch.manual_seed(args.seed)
@@ -317,7 +298,7 @@ def fine_tune(model, train_loader, val_loader, device, args, checkpoint):
     if args.precision == "fp16":  # not the chapter's: float16's gradients need scaling
         optimizer = loss_scaled(optimizer, model, device)
     with said_if_interrupted(checkpoint):
-        results = train_classifier_simple(model, train_loader, val_loader, optimizer, device,
+        results = train_classifier_simple(model, loaders[0], loaders[1], optimizer, device,
                                           num_epochs=args.epochs, eval_freq=50, eval_iter=5)
     end_time = time.time()
     execution_time_minutes = (end_time - start_time) / 60
@@ -349,6 +330,21 @@ def final_metrics(model, loaders, device, names):
             **metrics_beyond_accuracy(model, loaders[2], device, names)}
 
 
+def save_run(classifier, metrics, config, max_length, label_ids, splits, loaders, device,
+             args, work, out):
+    """The chapter's torch.save(model.state_dict(), "review_classifier.pth"), and
+    (not the chapter's) the baseline, the calibration and metrics.json, all moved
+    into --out together."""
+    calibration = baseline_and_calibration(classifier, metrics, loaders, device, args,
+                                           label_ids, splits, work, out)
+    lora = lora_description(args) if args.trainable == "lora" else None
+    with out_left_as_it_was(out):
+        save_classifier(classifier, work / CHECKPOINT_NAME, config, max_length,
+                        metrics["labels"], lora=lora, trainable=args.trainable,
+                        calibration=calibration)
+    publish_run(metrics, work, out / CHECKPOINT_NAME, metrics["labels"])
+
+
 def classify_examples(model, tokenizer, device, max_length):
     """Section 6.8's two example texts."""
     for text in ["You are a winner you have been specially selected to receive $1000 "
@@ -358,8 +354,7 @@ def classify_examples(model, tokenizer, device, max_length):
         print(f"{classify_review(text, model, tokenizer, device, max_length=max_length)}: {text}")
 
 
-# ===== beyond the chapter: the command line =====
-
+# ----------------------------------------------------------------- the command line
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -372,32 +367,20 @@ def build_parser():
                     "calibration error, reliability-plot.svg and, for two classes, "
                     "roc-plot.svg, pr-plot.svg and a threshold for --target-fpr.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="where to train (section 6.6's device); auto picks cuda, then "
-                             "mps (torch >= 2.9), then cpu")
-    parser.add_argument("--model", default="gpt2-small", choices=list(MODEL_NAMES),
-                        help="GPT-2 size (section 6.4's CHOOSE_MODEL); a config.json (or "
-                             "OpenAI's hparams.json) beside --weights PATH overrides it")
-    parser.add_argument("--weights", default="pretrained",
-                        help="'pretrained' (section 6.4: gpt2/<size>/ as chapter 5 left it "
-                             "with OpenAI's checkpoint, else the Hub's model.safetensors "
-                             "downloaded there once, else OpenAI's files), 'random' "
-                             "(untrained: appendix B's random-weights experiment, and "
-                             "timing), or a local file: a model.safetensors (Hub layout), "
-                             "the book's .pth, or OpenAI's model.ckpt (its prefix or any "
-                             "of its files); or a folder holding a model.safetensors (+ "
-                             "config.json) or OpenAI's checkpoint (hparams.json, "
-                             "model.ckpt.*)")
+    add_device_option(parser, "auto", "where to train (section 6.6's device)")
+    add_model_options(parser, random="'random' (untrained: appendix B's random-weights "
+                                     "experiment, and timing), ")
     parser.add_argument("--data", metavar="PATH",
                         help="a local SMSSpamCollection TSV or the UCI zip, instead of "
-                             "downloading it into sms_spam_collection/ (listing 6.1); or your own data: "
-                             "a label<TAB>text TSV or a CSV with Label,Text columns, whose "
-                             "distinct labels (2 or more) are the classes")
+                             "downloading it into sms_spam_collection/ (listing 6.1); or "
+                             "your own data: a label<TAB>text TSV or a CSV with Label,Text "
+                             "columns, whose distinct labels (2 or more) are the classes")
     parser.add_argument("--out", default=".", metavar="DIR",
-                        help="where the CSV splits, plots, metrics.json and the checkpoint are "
-                             "written (the chapter: the current directory); they replace the "
-                             "earlier run's only once this run has succeeded")
-    parser.add_argument("--epochs", type=positive_int, default=5, help="training epochs (section 6.7: num_epochs)")
+                        help="where the CSV splits, plots, metrics.json and the checkpoint "
+                             "are written (the chapter: the current directory); they replace "
+                             "the earlier run's only once this run has succeeded")
+    parser.add_argument("--epochs", type=positive_int, default=5,
+                        help="training epochs (section 6.7: num_epochs)")
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="messages per batch (listing 6.5)")
     parser.add_argument("--lr", type=positive_float, default=5e-5,
@@ -408,54 +391,20 @@ def build_parser():
     parser.add_argument("--max-length", type=positive_int, default=None,
                         help="pad/truncate messages to N tokens (Exercise 6.1; 1024 is "
                              "the full context); default: the longest training message")
-    parser.add_argument("--trainable", default="last_block", choices=list(TRAINABLE),
-                        help="what trains: " + "; ".join(f"{k}: {v}" for k, v in TRAINABLE.items()))
-    parser.add_argument("--pool", default="last", choices=list(POOLS),
-                        help="which output the head reads: " + "; ".join(
-                            f"{k}: {v}" for k, v in POOLS.items()))
-    parser.add_argument("--lora-rank", type=positive_int, default=16,
-                        help="rank r of the LoRA adapters (--trainable lora; appendix E)")
-    parser.add_argument("--lora-alpha", type=positive_float, default=16,
-                        help="LoRA scale alpha: the update is alpha/r * x A B (appendix E)")
     parser.add_argument("--no-balance", action="store_true",
                         help="keep the data as it is instead of undersampling every class "
                              "to the smallest (listing 6.2)")
-    parser.add_argument("--target-fpr", type=fraction, default=0.01, metavar="RATE",
-                        help="after the test metrics (two classes): choose the threshold on "
-                             "P(spam) whose false-positive rate on the validation split, the "
-                             "share of real messages flagged as spam, is at most RATE; saved "
-                             "in the checkpoint for classify.py --threshold validated")
-    parser.add_argument("--no-baseline", action="store_true",
-                        help="skip the naive Bayes baseline (word counts, same split) "
-                             "printed beside the GPT's final accuracy (section 6.7)")
-    parser.add_argument("--plain", action="store_true",
-                        help="run every layer on every batch as section 6.7 does, instead "
-                             "of caching the frozen layers' output and computing the last "
-                             "block at the pooled position only (same results, slower)")
-    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
-                        help="the matrix products' precision: fp32 (the chapter); bf16, "
-                             "bfloat16 mixed precision (torch.autocast: 1.4-1.8x faster on a "
-                             "CPU with avx512_bf16, measured; slower where a CPU lacks "
-                             "bfloat16 units; weights, AdamW's state "
-                             "and the checkpoint stay float32; the frozen layers' cached "
-                             "output is kept in bfloat16, half the bytes); fp16, float16 "
-                             "mixed precision with loss scaling (CUDA only: GPUs without "
-                             "bfloat16, such as the T4)")
-    parser.add_argument("--cache-memory", type=memory_size, default="auto", metavar="SIZE",
-                        help="memory the frozen layers' cached output may take on the device: "
-                             "a size such as 500MB or 2GB, 0 for no cache, or auto: half of "
-                             "the free GPU memory (cuda), of what Metal recommends (mps, "
-                             "torch >= 2.5) or of the available RAM (cpu; the physical RAM "
-                             "on macOS) when the cache is made, the RAM's half divided among "
-                             "torchrun's processes on the machine. What does not fit goes to "
-                             "a temporary file in --out, read back at each batch (same "
-                             "results)")
+    # not the chapter's: each of these modules adds the flags of what it does
+    for add_options in (add_trainable_options, add_pool_option, add_metrics_options,
+                        add_fast_options, add_precision_option):
+        add_options(parser)
     return parser
 
 
 def parse_and_check(argv, world):
     """The flags, checked before any data is read, by every rank under torchrun
-    (world processes): (args, the device select_device picks, the model config)."""
+    (world processes): (args, the device select_device picks, the model config;
+    a --weights file's header is read here)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     device = select_device(args.device)
@@ -463,14 +412,6 @@ def parse_and_check(argv, world):
         parser.error("--device mps (which auto picks on a Mac) cannot run under "
                      "torchrun: its gloo backend takes CPU tensors only; use "
                      "--device cpu, or one process without torchrun")
-    config = check_args(parser, args, world)
-    check_precision(args.precision, device)
-    return args, device, config
-
-
-def check_args(parser, args, world):
-    """What the flags must satisfy beyond their own types; returns the model config
-    (a --weights file's header is read here, before any data)."""
     config = weights_config(args.model, args.weights)
     if args.max_length and args.max_length > config["context_length"]:
         parser.error(f"--max-length {args.max_length} is above the model's context "
@@ -480,10 +421,9 @@ def check_args(parser, args, world):
     if args.batch_size % world:
         parser.error(f"--batch-size {args.batch_size} does not divide among {world} "
                      f"processes: each takes an equal share of every batch")
-    if args.trainable != "lora" and (args.lora_rank, args.lora_alpha) != (
-            parser.get_default("lora_rank"), parser.get_default("lora_alpha")):
-        parser.error("--lora-rank and --lora-alpha go with --trainable lora")
-    return config
+    check_trainable_options(parser, args)
+    check_precision(args.precision, device)
+    return args, device, config
 
 
 if __name__ == "__main__":

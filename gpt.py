@@ -9,7 +9,7 @@ import argparse
 
 from beyond.cli import InputError, repository_tokenizer, run_cli
 from beyond.download import download_gpt2
-from beyond.weights import config_from_json, find_weights, read_params
+from beyond.weights import check_gpt2_size, find_weights, read_params, settings_for
 import torch
 import torch.nn as nn
 
@@ -192,17 +192,18 @@ def token_ids_to_text(token_ids, tokenizer):
 # ----------------------------------- 6.4 loading the pretrained weights (listing 6.6)
 
 def build_gpt(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
-    """Listing 6.6: GPTModel with its weights, "pretrained" (downloaded once),
-    "random", or a local file or folder (find_weights). Returns (model, config)."""
+    """Listing 6.6: GPT-2 with its pretrained weights; returns (model, BASE_CONFIG).
+    Not the book's: weights may also be "random" or a local file or folder."""
     if weights == "random":  # not the book's: an untrained GPT-2, for tests and timings
-        config = model_config(model_name)
-        return GPTModel(config), config
-    # the book's download_and_load_gpt2(model_size, models_dir), which also takes
-    # a local file or folder here, and checks it before any model is built
-    settings, params = download_and_load_gpt2(model_name, weights, models_dir)
-    model = GPTModel(settings)
+        BASE_CONFIG = model_config(model_name)
+        return GPTModel(BASE_CONFIG).eval(), BASE_CONFIG
+    # not the book's settings (OpenAI's hparams) beside BASE_CONFIG: one config, in
+    # BASE_CONFIG's keys, --model's or the one beside a local file
+    BASE_CONFIG, params = download_and_load_gpt2(model_name, weights, models_dir)
+    model = GPTModel(BASE_CONFIG)
     load_weights_into_gpt(model, params)
-    return model, settings
+    model.eval()
+    return model, BASE_CONFIG
 
 
 def download_and_load_gpt2(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
@@ -220,49 +221,15 @@ def load_gpt2(weights, model_name="gpt2-small", config=None):
     form, path = find_weights(weights)
     config_file = None
     if config is None:
-        config, config_file = settings_for(form, path, model_name)
+        config, config_file = settings_for(form, path, model_config(model_name),
+                                           BASE_CONFIG)
     params = read_params(form, path, config["n_layers"])
     source = f"{path.parent} (OpenAI's checkpoint)" if form == "tf" else str(path)
-    check_gpt2_size(params, config, source, config_file)
+    known = {name: model_config(name) for name in MODEL_NAMES}
+    check_gpt2_size(params, config, source, known, config_file)
     with torch.device("meta"):  # shapes only: no memory
         matched_params(GPTModel(config), params, source)
     return config, params
-
-
-def settings_for(form, path, model_name):
-    """(config, the file it came from or None): hparams.json beside OpenAI's
-    checkpoint, a config.json (the Hub's naming or the book's) beside a
-    model.safetensors or a .pth, else --model's size."""
-    beside = path.parent / ("hparams.json" if form == "tf" else "config.json")
-    if beside.is_file():
-        # None: the naming the file itself shows (the Hub's or the book's)
-        return config_from_json(beside, BASE_CONFIG, "openai" if form == "tf" else None), beside
-    return model_config(model_name), None
-
-
-def check_gpt2_size(params, config, source, config_file=None):
-    """Compares the file's embeddings and layer count with the config before any
-    tensor is read, so that no model larger than the file's tensors is ever
-    allocated; suggests the --model the tensors fit."""
-    if params.get("wte") is None or params.get("wpe") is None:
-        raise InputError(f"{source} has no token or position embedding (wte, wpe): "
-                         f"not GPT-2 weights.")
-    wte, wpe = tuple(params["wte"].shape), tuple(params["wpe"].shape)
-    layers = sum(1 for block in params["blocks"] if block)
-    needs = "the model needs" if config_file is None else f"{config_file} says"
-    if wte != (config["vocab_size"], config["emb_dim"]) or layers != config["n_layers"]:
-        fits = [short for short, key in MODEL_NAMES.items()
-                if (model_configs[key]["emb_dim"],) == wte[-1:]
-                and model_configs[key]["n_layers"] == layers]
-        hint = f" (these are {fits[0]} weights: use --model {fits[0]})" \
-            if fits and config_file is None else ""
-        raise InputError(
-            f"{source}: wte (the token embedding) has shape {wte} and there are {layers} "
-            f"layers, but {needs} {(config['vocab_size'], config['emb_dim'])} and "
-            f"{config['n_layers']} layers{hint}.")
-    if wpe != (config["context_length"], config["emb_dim"]):
-        raise InputError(f"{source}: wpe (the position embedding) has shape {wpe}, but "
-                         f"{needs} {(config['context_length'], config['emb_dim'])}.")
 
 
 def weights_config(model_name, weights):
@@ -368,23 +335,30 @@ def get_tokenizer():
         return repository_tokenizer(e)
 
 
+def add_model_options(parser, random=""):
+    """--model and --weights, for gpt.py and finetune.py (random: what --weights
+    random does there, or nothing where it is not taken)."""
+    parser.add_argument("--model", choices=list(MODEL_NAMES), default="gpt2-small",
+                        help="GPT-2 size (section 6.4's CHOOSE_MODEL; default: %(default)s); "
+                             "a config.json (or OpenAI's hparams.json) beside --weights PATH "
+                             "overrides it")
+    parser.add_argument("--weights", default="pretrained",
+                        help="'pretrained' (section 6.4: gpt2/<size>/ as chapter 5 left it "
+                             "with OpenAI's checkpoint, else the Hub's model.safetensors "
+                             f"downloaded there once, else OpenAI's files), {random}or a local "
+                             "file: a model.safetensors (Hub layout), the book's .pth, or "
+                             "OpenAI's model.ckpt (its prefix or any of its files); or a "
+                             "folder holding a model.safetensors (+ config.json) or OpenAI's "
+                             "checkpoint (hparams.json, model.ckpt.*) (default: %(default)s)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Load GPT-2 and print the greedy continuation of a prompt "
                     "(the chapter's check that the weights loaded correctly).")
     parser.add_argument("prompt", nargs="?", default="Every effort moves you",
                         help="text to continue (default: %(default)r)")
-    parser.add_argument("--model", choices=list(MODEL_NAMES), default="gpt2-small",
-                        help="GPT-2 size (default: %(default)s); a config.json (or "
-                             "OpenAI's hparams.json) beside --weights PATH overrides it")
-    parser.add_argument("--weights", default="pretrained",
-                        help="'pretrained' (gpt2/<size>/ as chapter 5 left it with "
-                             "OpenAI's checkpoint, else the Hub's model.safetensors "
-                             "downloaded there once, else OpenAI's files) or a local file: "
-                             "a model.safetensors (Hub layout), the book's .pth, or OpenAI's "
-                             "model.ckpt (its prefix or any of its files); or a folder "
-                             "holding a model.safetensors (+ config.json) or OpenAI's "
-                             "checkpoint (hparams.json, model.ckpt.*) (default: %(default)s)")
+    add_model_options(parser)
     parser.add_argument("--max-new-tokens", type=int, default=15,
                         help="number of tokens to generate (default: %(default)s)")
     args = parser.parse_args(argv)

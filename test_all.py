@@ -60,8 +60,10 @@ import beyond.serve  # noqa: E402
 import beyond.stream  # noqa: E402
 import beyond.tf_checkpoint  # noqa: E402
 import beyond.tokens  # noqa: E402
+import beyond.trainable  # noqa: E402
 import beyond.weights  # noqa: E402
 
+KNOWN_SIZES = {name: gpt.model_config(name) for name in gpt.MODEL_NAMES}
 TINY_CONFIG = {"vocab_size": 50257, "context_length": 64, "emb_dim": 16, "n_layers": 2,
                "n_heads": 2, "drop_rate": 0.0, "qkv_bias": True}
 SPAM_TEXT = ("You are a winner you have been specially selected to receive $1000 cash "
@@ -292,19 +294,22 @@ def test_weights_of_another_size_name_the_tensor_shapes_and_the_right_model():
     params = beyond.weights.params_from_hub(beyond.safetensors.load_safetensors(MINI_WEIGHTS)[0])
     config = gpt.model_config("gpt2-small")
     with pytest.raises(InputError) as error:
-        gpt.check_gpt2_size(params, dict(config, context_length=128), "w.safetensors")
+        beyond.weights.check_gpt2_size(params, dict(config, context_length=128), "w.safetensors",
+                                       KNOWN_SIZES)
     assert "wte (the token embedding)" in str(error.value)
     assert "(50257, 16)" in str(error.value) and "(50257, 768)" in str(error.value)
     mini = beyond.weights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub")
     with pytest.raises(InputError, match=r"wpe \(the position embedding\) has shape "
                                          r"\(128, 16\), but the model needs \(64, 16\)"):
-        gpt.check_gpt2_size(params, dict(mini, context_length=64), "w.safetensors")
+        beyond.weights.check_gpt2_size(params, dict(mini, context_length=64), "w.safetensors",
+                                       KNOWN_SIZES)
     # gpt2-medium's shapes against --model gpt2-small: the error suggests gpt2-medium
     with torch.device("meta"):  # shapes without memory
         medium = {"wte": torch.empty(50257, 1024), "wpe": torch.empty(1024, 1024),
                   "blocks": [{"ln_1": {"g": torch.empty(1024)}} for _ in range(24)]}
     with pytest.raises(InputError, match="use --model gpt2-medium"):
-        gpt.check_gpt2_size(medium, gpt.model_config("gpt2-small"), "w.safetensors")
+        beyond.weights.check_gpt2_size(medium, gpt.model_config("gpt2-small"), "w.safetensors",
+                                       KNOWN_SIZES)
 
 
 def test_safetensors_round_trip_of_f32_f16_bf16_and_metadata(tmp_path):
@@ -892,7 +897,7 @@ def test_bad_csv_splits_name_the_file_and_row(tmp_path, content, problem):
 
 def test_single_class_or_too_few_messages_fail_before_any_model():
     with pytest.raises(InputError, match="single class"):
-        data.create_balanced_dataset([("ham", "a"), ("ham", "b")])
+        beyond.labels.class_ids([("ham", "a"), ("ham", "b")])
     with pytest.raises(InputError, match="too few"):
         data.random_split([("ham", "a"), ("spam", "b"), ("ham", "c"), ("spam", "d")], 0.7, 0.1)
 
@@ -1787,7 +1792,7 @@ def test_own_labels_become_sorted_class_ids_and_balancing_evens_them(tmp_path):
     rows = data.load_messages(three_class_tsv(tmp_path / "topics.tsv"))
     assert beyond.labels.class_ids(rows) == {"politics": 0, "sports": 1, "tech": 2}
     assert data.class_names(beyond.labels.class_ids(rows)) == ["politics", "sports", "tech"]
-    assert beyond.labels.count_labels(data.create_balanced_dataset(rows)) == {
+    assert beyond.labels.count_labels(beyond.labels.balance_classes(rows, 123)) == {
         "politics": 30, "sports": 30, "tech": 30}
     assert data.class_names({"ham": 0, "spam": 1}) == ["not spam", "spam"]
     csv_path = tmp_path / "own.csv"
@@ -1969,7 +1974,7 @@ def test_help_documents_every_flag_with_its_chapter_reference(cli):
 @pytest.mark.parametrize("name", ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"])
 def test_every_model_size_composes_with_every_trainable_choice(name):
     config = gpt.model_config(name)
-    for trainable in finetune.TRAINABLE:
+    for trainable in beyond.trainable.TRAINABLE:
         with torch.device("meta"):  # shapes only: no memory, no time
             model = finetune.prepare_for_classification(gpt.GPTModel(config), 3,
                                                         trainable=trainable)

@@ -7,6 +7,7 @@ import torch
 
 
 ECE_BINS = 15
+TEMPERATURE_RANGE = (0.05, 20.0)  # beyond it the probabilities are all 0/1 or all equal
 
 
 def collect_logits(data_loader, model, device):
@@ -32,14 +33,10 @@ def nll(logits, targets, temperature=1.0):
     return torch.nn.functional.cross_entropy(logits.double() / temperature, targets).item()
 
 
-TEMPERATURE_RANGE = (0.05, 20.0)  # beyond it the probabilities are all 0/1 or all equal
-
-
 def fit_temperature(logits, targets, lowest=TEMPERATURE_RANGE[0], highest=TEMPERATURE_RANGE[1],
                     steps=80):
-    """Temperature scaling (Guo et al. 2017): the one T that minimizes the NLL of
-    softmax(logits / T). The NLL is convex in 1/T, so one minimum: golden-section
-    search over log T. T=1 stays where no T in range does better."""
+    """Temperature scaling (Guo et al. 2017): the T minimizing the NLL of softmax(logits / T),
+    convex in 1/T, by golden-section search over log T; 1 where no T does better."""
     def cost(u):
         return nll(logits, targets, math.exp(u))
 
@@ -61,8 +58,8 @@ def fit_temperature(logits, targets, lowest=TEMPERATURE_RANGE[0], highest=TEMPER
 
 
 def reliability_bins(probas, targets, bins=ECE_BINS):
-    """Per equal-width bin of confidence (the top probability), bins (i/n, (i+1)/n]
-    with 0 in the first: (count, mean confidence, accuracy); None where empty."""
+    """Per bin (i/n, (i+1)/n] of confidence, 0 in the first: (count, mean confidence,
+    accuracy); None where empty."""
     confidence, predicted = probas.max(dim=1)
     correct = (predicted == targets).double()
     index = (confidence.double() * bins).ceil().long().clamp(1, bins) - 1
@@ -95,9 +92,8 @@ def ranked_counts(scores, positives):
 
 
 def roc_curve(scores, positives):
-    """[(false-positive rate, true-positive rate)] and the area under it (trapezoids:
-    the share of (positive, negative) pairs ranked right, ties counting half);
-    ([], None) without both classes."""
+    """[(false-positive rate, true-positive rate)] and the area under it (trapezoids: ties
+    count half); ([], None) without both classes."""
     n_pos = sum(map(bool, positives))
     n_neg = len(positives) - n_pos
     if not n_pos or not n_neg:
@@ -130,7 +126,9 @@ def threshold_for_fpr(negative_scores, target_fpr):
 
 def rates_at(threshold, scores, positives):
     """(false-positive rate, recall) of "positive where the score is above threshold";
-    None for a rate without messages of its class."""
+    None for a rate without messages of its class, or without a threshold."""
+    if threshold is None:
+        return None, None
     flagged = [score > threshold for score in scores]
     negatives = [f for f, p in zip(flagged, positives) if not p]
     hits = [f for f, p in zip(flagged, positives) if p]
@@ -139,10 +137,8 @@ def rates_at(threshold, scores, positives):
 
 
 def calibrate(model, loaders, device, names, target_fpr, out):
-    """After the chapter's metrics: the temperature fitted on validation, ECE on
-    test before and after, a reliability diagram, and for two classes ROC and PR
-    curves and the threshold on P(class 1) for target_fpr. Returns metrics.json's
-    "calibration" and what the checkpoint keeps of it."""
+    """The temperature fitted on validation, ECE and reliability on test, and for two
+    classes ROC, PR and the threshold for target_fpr: (metrics.json's, the checkpoint's)."""
     val_logits, val_targets = collect_logits(loaders[1], model, device)
     test_logits, test_targets = collect_logits(loaders[2], model, device)
     temperature = fit_temperature(val_logits, val_targets)
@@ -175,16 +171,14 @@ def calibrate(model, loaders, device, names, target_fpr, out):
 
 def operating_point(val_scores, val_targets, test_scores, test_targets, names, target_fpr,
                     out):
-    """ROC and PR on the test split (SVG and areas), and the threshold on P(class 1)
-    chosen on validation for target_fpr, with the test split's rates at it."""
+    """ROC and PR on test, and the threshold on P(class 1) chosen on validation for
+    target_fpr, with the test split's rates at it."""
     roc, roc_auc = roc_curve(test_scores, test_targets)
     pr, pr_auc = pr_curve(test_scores, test_targets)
     threshold = threshold_for_fpr([s for s, y in zip(val_scores, val_targets) if not y],
                                   target_fpr)
-    val_fpr, _ = rates_at(threshold, val_scores, val_targets) if threshold is not None \
-        else (None, None)
-    test_fpr, test_recall = rates_at(threshold, test_scores, test_targets) \
-        if threshold is not None else (None, None)
+    val_fpr, _ = rates_at(threshold, val_scores, val_targets)
+    test_fpr, test_recall = rates_at(threshold, test_scores, test_targets)
     plot_roc_pr(roc, roc_auc, pr, pr_auc, names[1], out)
     if roc_auc is not None:
         print(f"Test ROC AUC {roc_auc:.3f}, PR AUC (average precision) {pr_auc:.3f}, "
@@ -200,15 +194,13 @@ def operating_point(val_scores, val_targets, test_scores, test_targets, names, t
 
 def plot_reliability(bins_before, bins_after, temperature, out):
     """The reliability diagram: each bin's accuracy against its mean confidence."""
-    def points(rows):
-        return [(confidence, accuracy) for confidence, accuracy in
-                ((row[1], row[2]) for row in rows if row)]
+    before, after = ([row[1:] for row in rows if row] for rows in (bins_before, bins_after))
     plot_unit_square(Path(out) / "reliability-plot.svg",
                      f"Reliability on the test split, {ECE_BINS} bins", "Confidence",
                      "accuracy",
                      [("Perfect calibration", [(0, 0), (1, 1)], CHANCE_STYLE),
-                      ("T = 1", points(bins_before), TRAIN_STYLE),
-                      (f"T = {temperature:.2f}", points(bins_after), VALIDATION_STYLE)],
+                      ("T = 1", before, TRAIN_STYLE),
+                      (f"T = {temperature:.2f}", after, VALIDATION_STYLE)],
                      key_corner="top left")  # over-confidence: the curves fall below
 
 

@@ -12,11 +12,8 @@ CHECKPOINT_FORMAT = "gpt2-classifier/1"
 
 def checkpoint_metadata(classifier, config, max_length, class_names, lora, trainable,
                         calibration):
-    """What save_classifier writes beside the tensors, in this order. lora:
-    finetune.py's lora_description (rank, alpha, the base weights and their size
-    and sha256), what identifies the base weights the adapters sit on.
-    calibration: finetune.py's fitted temperature and validated threshold, which
-    classify.py applies."""
+    """What save_classifier writes beside the tensors, in this order. lora: what
+    identifies the adapters' base weights; calibration: the temperature and threshold."""
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "config": json.dumps(config),
@@ -77,9 +74,8 @@ def read_checkpoint_metadata(path, metadata, sizes):
 
 
 def read_calibration(text, info, bad):
-    """(temperature, threshold or None) of a checkpoint; the threshold chooses
-    class 1 where its probability is above it. (1.0, None) for a checkpoint
-    saved before finetune.py calibrated: it loads as it always did."""
+    """(temperature, threshold or None) of a checkpoint; (1.0, None) for one saved
+    before finetune.py calibrated: it loads as it always did."""
     if text is None:
         return 1.0, None
     try:
@@ -96,9 +92,8 @@ def read_calibration(text, info, bad):
 
 
 def valid_lora(lora, config, sizes):
-    """Whether a LoRA description names a base model that can be rebuilt: random
-    weights of a known size (no larger: nothing else bounds what they allocate),
-    or a file identified by its size and sha256."""
+    """Whether a LoRA description names a base model that can be rebuilt: random weights
+    of a known size (nothing else bounds what they allocate), or a file's size and sha256."""
     try:
         if not (isinstance(lora["rank"], int) and 1 <= lora["rank"] <= 4096 and lora["alpha"] > 0
                 and lora["model"] in sizes and isinstance(lora["seed"], int)):

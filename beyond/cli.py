@@ -12,18 +12,15 @@ import torch
 
 
 class InputError(Exception):
-    """An expected failure (bad file, missing download, bad flag): shown as one
-    paragraph, without a traceback."""
+    """An expected failure (bad file, missing download, bad flag): one paragraph, no traceback."""
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, torchrun stopping its workers), handled as Ctrl-C is: the
-    same clean-up of temporary files, and exit status 143."""
+    """SIGTERM (kill, torchrun stopping its workers), handled as Ctrl-C is; exit status 143."""
 
 
 class StdoutAfterProgress:
-    """sys.stdout while a progress line may be on the terminal: a printed line
-    first clears it, so that the chapter's log lines never run into it."""
+    """sys.stdout while a progress line may be drawn: a printed line clears it first."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -49,10 +46,8 @@ def clock(seconds):
 
 
 def progress(label, done, total, start):
-    """One updating line on stderr: done/total, time elapsed since `start` and
-    time left (total None: a count). Only when stderr is a terminal: a pipe or a
-    file gets nothing, so logs stay the chapter's. Cleared once done >= total.
-    Under torchrun only rank 0 draws it."""
+    """One updating line on a terminal's stderr (rank 0's): done/total, time elapsed and
+    left (total None: a count); cleared once done >= total. Logs stay the chapter's."""
     if not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0":
         return
     if not isinstance(sys.stdout, StdoutAfterProgress):
@@ -74,9 +69,8 @@ TOKENIZER_FILES = Path(__file__).resolve().parent.parent / "testdata" / "tiktoke
 
 
 def repository_tokenizer(error):
-    """tiktoken's gpt2 encoding from the repository's copy of its files (tiktoken
-    checks their sha256), TIKTOKEN_CACHE_DIR left as it was; where that fails
-    too, an InputError that names `error`, why the first try failed."""
+    """tiktoken's gpt2 encoding from the repository's copy of its files (tiktoken checks
+    their sha256); else an InputError naming `error`, why the first try failed."""
     import tiktoken
     saved = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = str(TOKENIZER_FILES)
@@ -99,10 +93,8 @@ def terminate(signum, frame):
 
 
 def run_cli(main):
-    """Runs main(); an expected failure prints one paragraph and exits 1,
-    Ctrl-C exits 130 and SIGTERM 143 (whatever main saved before is complete,
-    no temporary file is left), a closed output pipe (| head) ends the program
-    quietly."""
+    """Runs main(): an expected failure prints one paragraph and exits 1, Ctrl-C exits 130
+    and SIGTERM 143, a closed output pipe (| head) ends it quietly."""
     signal.signal(signal.SIGTERM, terminate)
     try:
         main()
@@ -148,11 +140,15 @@ def seed_number(text):
     return value
 
 
-def positive_float(text):
+def number(text):
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_float(text):
+    value = number(text)
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
@@ -160,10 +156,7 @@ def positive_float(text):
 
 def fraction(text):
     """--target-fpr: a rate between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = number(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be a rate from 0 up to (not including) 1, "
                                          f"such as 0.01, got {text}")

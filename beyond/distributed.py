@@ -30,7 +30,7 @@ def ranks():
     return 0, 1
 
 
-class ThisRanksRows:
+class WithProgress:
     """A data loader's batches, with a progress line on a terminal."""
 
     def __init__(self, data_loader, name):
@@ -46,9 +46,9 @@ class ThisRanksRows:
             progress(f"{self.name} batches", i, len(self.data_loader), start)
 
 
-def this_ranks_rows(loaders):
+def with_progress(loaders):
     """The training, validation and test loaders, each with its progress line."""
-    return [ThisRanksRows(loader, name)
+    return [WithProgress(loader, name)
             for loader, name in zip(loaders, ["training", "validation", "test"])]
 
 
@@ -152,3 +152,10 @@ def broadcast_from(owner, tensor, shape, dtype, device):
     tensor = tensor.contiguous()
     dist.broadcast(tensor.view(torch.uint8), src=owner)
     return tensor
+
+
+def printing_rank(rank):
+    """Under torchrun, one writer: the other ranks print nothing but errors."""
+    if rank == 0:
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(open(os.devnull, "w"))

@@ -10,19 +10,14 @@ from pathlib import Path
 from beyond.cli import InputError, progress
 
 
-# the Hub's repository for each size: openai-community/<name>
 # size -> (the Hub's repository openai-community/<name>, OpenAI's folder gpt2/<size>/)
 RELEASES = {"gpt2-small": ("gpt2", "124M"), "gpt2-medium": ("gpt2-medium", "355M"),
             "gpt2-large": ("gpt2-large", "774M"), "gpt2-xl": ("gpt2-xl", "1558M")}
 
 
 HUB_URL = "https://huggingface.co/openai-community/{}/resolve/main/model.safetensors"
-
-
 # where chapter 5's gpt_download.py fetches OpenAI's original release
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models/{size}/{file}"
-
-
 # the files of that release read here, the data file last (the release also
 # holds model.ckpt.meta, encoder.json and vocab.bpe: tiktoken has the last two)
 OPENAI_FILES = ["checkpoint", "hparams.json", "model.ckpt.index",
@@ -30,9 +25,8 @@ OPENAI_FILES = ["checkpoint", "hparams.json", "model.ckpt.index",
 
 
 def download_file(url, destination, what, hint):
-    """Streams url to destination + ".part" (progress on a terminal), renamed to
-    destination only when complete: a dropped connection, a full disk or Ctrl-C
-    never leaves a partial file at destination, and the next run starts over."""
+    """Streams url to a ".part" file renamed to destination only when complete: a
+    dropped connection, a full disk or Ctrl-C never leaves a partial file there."""
     destination = Path(destination)
     # folders this call creates, removed again if the download fails
     created = [p for p in [destination.parent, *destination.parent.parents] if not p.exists()]
@@ -73,22 +67,16 @@ def gpt2_folder(model_name, models_dir="gpt2"):
 
 
 def gpt2_weights_path(model_name, models_dir="gpt2"):
-    """The file --weights pretrained reads in gpt2/<size>/: the Hub's
-    model.safetensors, else OpenAI's checkpoint where chapter 5 left it (its data
-    file, the last one downloaded), else model.safetensors, where a download goes."""
+    """The file --weights pretrained reads in gpt2/<size>/: OpenAI's data file where
+    chapter 5 left it and no model.safetensors is there, else model.safetensors."""
     folder = gpt2_folder(model_name, models_dir)
     hub_file, openai_data = folder / "model.safetensors", folder / OPENAI_FILES[-1]
-    if not hub_file.exists() and openai_data.exists():
-        return openai_data
-    return hub_file
+    return openai_data if not hub_file.exists() and openai_data.exists() else hub_file
 
 
 def download_gpt2(model_name, models_dir="gpt2", flag="--weights"):
-    """The weights of one GPT-2 size in gpt2/<size>/, downloaded once: the Hub's
-    model.safetensors, or where the Hub cannot be reached, OpenAI's original
-    files from the URLs chapter 5 uses. Returns the file to read (as
-    gpt2_weights_path); a failure names `flag`, the option of the calling
-    command that takes a local file."""
+    """The file of one GPT-2 size's weights, downloaded once: the Hub's, else OpenAI's
+    from chapter 5's URLs; a failure names `flag`, which takes a local file."""
     path = gpt2_weights_path(model_name, models_dir)
     if path.exists():
         return path
@@ -113,9 +101,6 @@ def download_gpt2(model_name, models_dir="gpt2", flag="--weights"):
 
 
 def file_fingerprint(path):
-    """(size in bytes, sha256 hex) of a file, read in 1 MB pieces."""
-    digest = hashlib.sha256()
+    """(size in bytes, sha256 hex) of a file."""
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return os.path.getsize(path), digest.hexdigest()
+        return os.path.getsize(path), hashlib.file_digest(f, "sha256").hexdigest()

@@ -5,8 +5,8 @@ import torch
 
 
 IG_STEPS = 20  # integrated gradients: points on the path from a zero embedding
-
-
+MAX_EXPLAINED = 16  # texts one /classify request may explain: each costs IG_STEPS passes
+OCCLUSION_BATCH = 64
 EXPLAIN_METHODS = {
     "occlusion": "leave one token out: how far the label's log-odds fall without it "
                  "(one forward pass per token, batched)",
@@ -21,15 +21,9 @@ EXPLAIN_METHODS = {
 EXPLAIN_DEFAULT = "integrated"
 
 
-MAX_EXPLAINED = 16  # texts one /classify request may explain: each costs IG_STEPS passes
-
-
-OCCLUSION_BATCH = 64
-
-
 def padded_batch(sequences, model, max_length, pad_token_id):
-    """Token id lists -> (b, T) as classify_texts pads them: to max_length where the
-    pooling reads a padding position ("last"), else to the longest."""
+    """Token id lists -> (b, T): to max_length where the pooling reads a padding
+    position ("last"), else to the longest."""
     width = max_length if model.pool == "last" else None
     return pad_ids(sequences, pad_token_id, length=width)
 
@@ -79,10 +73,9 @@ def logits_from_token_embeddings(model, token_embeddings, input_batch):
     return logits.float()
 
 
-def path_gradients(model, ids, target, max_length, pad_token_id, scales):
-    """The message's token embeddings (n, emb_dim) and the mean over `scales` of
-    the gradient of target's log-odds at the real tokens' embeddings times each
-    scale (the padding keeps its own embeddings)."""
+def gradient_scores(model, ids, target, max_length, pad_token_id, scales=(1.0,)):
+    """Gradient x input: each token's embedding times the mean over `scales` of the
+    gradient of target's log-odds at the embeddings scaled (the padding's unscaled)."""
     inputs = padded_batch([ids], model, max_length, pad_token_id)
     inputs = inputs.to(model.gpt.tok_emb.weight.device).expand(len(scales), -1)
     n = len(ids)
@@ -93,19 +86,13 @@ def path_gradients(model, ids, target, max_length, pad_token_id, scales):
         scaled = (embeddings * scale[..., None]).requires_grad_()
         odds = log_odds(logits_from_token_embeddings(model, scaled, inputs).float(), target)
         (gradient,) = torch.autograd.grad(odds.sum(), scaled)
-    return embeddings[0, :n], gradient[:, :n].mean(dim=0)
-
-
-def gradient_scores(model, ids, target, max_length, pad_token_id):
-    embeddings, gradient = path_gradients(model, ids, target, max_length, pad_token_id, [1.0])
-    return (gradient * embeddings).sum(dim=-1).tolist()
+    return (gradient[:, :n].mean(dim=0) * embeddings[0, :n]).sum(dim=-1).tolist()
 
 
 def integrated_gradient_scores(model, ids, target, max_length, pad_token_id, steps=IG_STEPS):
     # the midpoint rule on the straight path from a zero embedding to the message's
     scales = [(step + 0.5) / steps for step in range(steps)]
-    embeddings, gradient = path_gradients(model, ids, target, max_length, pad_token_id, scales)
-    return (gradient * embeddings).sum(dim=-1).tolist()
+    return gradient_scores(model, ids, target, max_length, pad_token_id, scales)
 
 
 SCORERS = {"occlusion": occlusion_scores, "gradient": gradient_scores,
@@ -114,9 +101,8 @@ SCORERS = {"occlusion": occlusion_scores, "gradient": gradient_scores,
 
 def explain_ids(model, ids, max_length, pad_token_id=PAD_TOKEN_ID, method=EXPLAIN_DEFAULT,
                 target=None):
-    """(class explained, one signed score per token): positive pushes toward the
-    class, by default the predicted one. ids: the message's tokens as classified
-    (truncated)."""
+    """(class explained, by default the predicted one; a signed score per token of ids,
+    positive toward that class)."""
     model.eval()
     if target is None:
         target = int(class_logits(model, [ids], max_length, pad_token_id)[0].argmax())
@@ -152,7 +138,3 @@ def explain_texts(texts, targets, model, tokenizer, max_length, pad_token_id=PAD
         _, scores = explain_ids(model, ids, max_length, pad_token_id, method, target)
         explanations.append(token_pieces(ids, scores, tokenizer))
     return explanations
-
-
-
-

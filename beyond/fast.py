@@ -8,7 +8,7 @@ import tempfile
 import time
 from beyond.cli import InputError, progress
 from beyond.distributed import broadcast_from, ranks
-from beyond.memory import cache_budget, cache_plan
+from beyond.memory import cache_budget, cache_plan, memory_size
 from beyond.pooling import mean_over_real_tokens, pool_positions, real_lengths, take_positions
 from beyond.precision import PRECISIONS
 from beyond.safetensors import tensor_bytes, write_all
@@ -81,6 +81,10 @@ class GPTClassifier(torch.nn.Module):
         self.prefix_cache = PrefixCache()
         self.rounding, self.rounds_after = None, None  # set by round_frozen_prefix
         self.grad_scaler = None  # --precision fp16's loss scaling, set by finetune.py
+
+    @property
+    def pos_emb(self):  # what listing 6.12 reads the context length from, as on GPTModel
+        return self.gpt.pos_emb
 
     def forward(self, input_batch):
         if self.precision != "fp32":  # --precision's speed, outside the chapter's pass
@@ -395,3 +399,19 @@ def cache_size(datasets, emb_dim, dtype):
     (padded where the datasets pad: pool "last" reads a padding position)."""
     lengths = {tuple(ids.tolist()): len(ids) for dataset in datasets for ids, _ in dataset}
     return sum(lengths.values()) * emb_dim * dtype.itemsize
+
+
+def add_fast_options(parser):
+    parser.add_argument("--plain", action="store_true",
+                        help="run every layer on every batch as section 6.7 does, instead "
+                             "of caching the frozen layers' output and computing the last "
+                             "block at the pooled position only (same results, slower)")
+    parser.add_argument("--cache-memory", type=memory_size, default="auto", metavar="SIZE",
+                        help="memory the frozen layers' cached output may take on the device: "
+                             "a size such as 500MB or 2GB, 0 for no cache, or auto: half of "
+                             "the free GPU memory (cuda), of what Metal recommends (mps, "
+                             "torch >= 2.5) or of the available RAM (cpu; the physical RAM "
+                             "on macOS) when the cache is made, the RAM's half divided among "
+                             "torchrun's processes on the machine. What does not fit goes to "
+                             "a temporary file in --out, read back at each batch (same "
+                             "results)")

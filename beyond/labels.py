@@ -1,5 +1,7 @@
-"""Any labels, not only ham and spam: counting them, and their class ids."""
+"""Any labels, not only ham and spam: counting them, their class ids, and
+balancing them as listing 6.2 balances ham and spam."""
 from beyond.cli import InputError
+from beyond.sampling import sample
 
 
 def count_labels(rows):
@@ -18,3 +20,16 @@ def class_ids(rows):
     return {label: i for i, label in enumerate(labels)}
 
 
+def balance_classes(rows, seed):
+    """Listing 6.2 for any number of classes: every class undersampled to the size
+    of the smallest with pandas' df.sample, the sampled classes first,
+    as the book puts ham_subset before the spam rows."""
+    groups = {label: [row for row in rows if row[0] == label] for label in class_ids(rows)}
+    smallest = min(len(group) for group in groups.values())
+    sampled, kept = [], []
+    for group in groups.values():
+        if len(group) > smallest:
+            sampled += sample(group, smallest, seed)
+        else:
+            kept += group
+    return sampled + kept

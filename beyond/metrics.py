@@ -3,6 +3,7 @@ F1, the confusion matrix, and a naive Bayes baseline on the same split."""
 import math
 import re
 from beyond.calibrate import calibrate
+from beyond.cli import fraction
 from beyond.files import out_left_as_it_was
 import torch
 
@@ -118,3 +119,14 @@ def naive_bayes_baseline(label_ids, splits):
     print(f"Naive Bayes baseline (word counts, same split): validation accuracy "
           f"{result['val_accuracy']*100:.2f}%, test accuracy {result['test_accuracy']*100:.2f}%")
     return result
+
+
+def add_metrics_options(parser):
+    parser.add_argument("--target-fpr", type=fraction, default=0.01, metavar="RATE",
+                        help="after the test metrics (two classes): choose the threshold on "
+                             "P(spam) whose false-positive rate on the validation split, the "
+                             "share of real messages flagged as spam, is at most RATE; saved "
+                             "in the checkpoint for classify.py --threshold validated")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the naive Bayes baseline (word counts, same split) "
+                             "printed beside the GPT's final accuracy (section 6.7)")

@@ -1,4 +1,9 @@
-"""A Matplotlib stand-in: the chapter's plots as SVG files, drawn by hand."""
+"""A Matplotlib stand-in: the chapter's plots as SVG files, drawn by hand.
+
+plt takes listing 6.11's calls as matplotlib.pyplot does (subplots, plot,
+set_xlabel, set_ylabel, legend, twiny, tight_layout, savefig), records them, and
+savefig draws the figure: the loss or accuracy curves against epochs, with the
+examples seen on a top axis."""
 import math
 from xml.sax.saxutils import escape
 from beyond.files import write_atomically
@@ -151,3 +156,61 @@ def svg_key(entries, corner):
                 f'stroke-width="1.8" {style}/>',
                 f'<text x="{x + 40:.1f}" y="{line_y + 4}">{name}</text>']
     return svg
+
+
+class Axes:
+    """The curves and labels one set of axes was given (Matplotlib's Axes)."""
+
+    def __init__(self, figure):
+        self.figure, self.lines, self.xlabel, self.ylabel = figure, [], None, None
+        figure.axes.append(self)
+
+    def plot(self, x, y, label=None, linestyle="-", alpha=1.0):
+        # the styles are the chapter's own: solid training, dashed validation
+        self.lines.append(([float(v) for v in x], [float(v) for v in y], label))
+
+    def set_xlabel(self, text):
+        self.xlabel = text
+
+    def set_ylabel(self, text):
+        self.ylabel = text
+
+    def legend(self):
+        pass  # every figure here has its legend
+
+    def twiny(self):
+        return Axes(self.figure)
+
+
+class Figure:
+    def __init__(self):
+        self.axes = []
+
+    def tight_layout(self):
+        pass  # the SVG's margins are fixed
+
+    def svg(self):
+        """The figure plot_values draws: two curves against epochs (the first axes),
+        examples seen on the top axis (the second)."""
+        (epochs, train_values, train_label), (_, val_values, _) = self.axes[0].lines[:2]
+        examples = self.axes[1].lines[0][0]
+        label = train_label.removeprefix("Training ")
+        return svg_figure(epochs, examples, train_values, val_values, label)
+
+
+class PyPlot:
+    """matplotlib.pyplot's calls of listing 6.11: savefig writes the figure that
+    subplots made last (written whole or not at all)."""
+
+    def __init__(self):
+        self.figure = None
+
+    def subplots(self, figsize=None):
+        self.figure = Figure()
+        return self.figure, Axes(self.figure)
+
+    def savefig(self, path):
+        write_atomically(path, self.figure.svg())
+
+
+plt = PyPlot()

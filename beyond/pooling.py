@@ -42,3 +42,9 @@ def mean_over_real_tokens(x, input_batch, pad_token_id):
 def take_positions(x, positions):
     """x[i, positions[i]] for each row: (b, T, d) -> (b, 1, d)."""
     return x[torch.arange(x.shape[0], device=x.device), positions].unsqueeze(1)
+
+
+def add_pool_option(parser):
+    parser.add_argument("--pool", default="last", choices=list(POOLS),
+                        help="which output the head reads: " + "; ".join(
+                            f"{k}: {v}" for k, v in POOLS.items()))

@@ -25,12 +25,8 @@ MAX_HEADER_BYTES = 100_000_000  # the Hub's own readers refuse larger headers to
 
 
 def read_safetensors_header(path):
-    """Reads and checks the header: {name: (dtype, shape, start, end)} with offsets
-    from the start of the file, and the string-to-string __metadata__.
-
-    The layout: 8 bytes little-endian header length, a JSON header, raw data.
-    Everything is checked before any tensor is read, so a crafted or truncated
-    file fails here, naming the file and the problem."""
+    """({name: (dtype, shape, start, end)}, offsets from the file's start; __metadata__),
+    all checked before any tensor is read: a crafted or truncated file fails here."""
     def bad(problem):
         return InputError(f"{path} is not a valid safetensors file: {problem}.")
 
@@ -79,10 +75,8 @@ def read_safetensors_header(path):
 
 
 def tiling_problem(entries, data_start, file_size):
-    """The format requires the tensors to tile the data area exactly, in the
-    order of their offsets: a gap, an overlap or bytes after the last one mean
-    the header's length or an offset is wrong, and every tensor read would be
-    shifted. What is wrong, or None."""
+    """What is wrong, or None: the tensors must tile the data area exactly, or the
+    header's length or an offset is wrong and every tensor read would be shifted."""
     spans = sorted((start, end, name) for name, (_, _, start, end) in entries.items())
     position, previous = data_start, None
     for start, end, name in spans:
@@ -131,25 +125,30 @@ def check_floating(entries, names, source):
                              f"floating point (F16, BF16, F32 or F64).")
 
 
-def _tensor_from_bytes(buffer, entry, offset=0):
-    dtype, shape, start, end = entry
-    torch_dtype = SAFETENSORS_DTYPES[dtype][0]
+def map_file(path):
+    """A copy-on-write memory map of a whole file (b"" when empty)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}.") from None
+
+
+def buffer_tensor(buffer, dtype, shape, start, end):
+    """A tensor viewing buffer[start:end]: nothing is copied until used."""
     if end == start:
-        return torch.empty(shape, dtype=torch_dtype)
-    flat = torch.frombuffer(buffer, dtype=torch_dtype,
-                            count=(end - start) // SAFETENSORS_DTYPES[dtype][1],
-                            offset=start - offset)
-    return flat.view(shape)
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype, count=(end - start) // dtype.itemsize,
+                            offset=start).view(shape)
 
 
 def load_safetensors(path):
-    """All tensors of a file as views of a copy-on-write memory map, and the
-    metadata: nothing is copied until used, so a checkpoint opens at once."""
+    """All tensors of a file as views of a memory map, and the metadata."""
     entries, metadata = read_safetensors_header(path)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        buffer = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
-    return {name: _tensor_from_bytes(buffer, entry) for name, entry in entries.items()}, metadata
+    buffer = map_file(path)
+    return {name: buffer_tensor(buffer, SAFETENSORS_DTYPES[dtype][0], shape, start, end)
+            for name, (dtype, shape, start, end) in entries.items()}, metadata
 
 
 def tensor_bytes(t):
@@ -159,20 +158,17 @@ def tensor_bytes(t):
 
 
 def save_safetensors(tensors, path, metadata=None):
-    """Writes tensors (all contiguous, little-endian) atomically: to a temporary
-    file beside path, renamed over it only once complete. The data starts on a
-    64-byte boundary and tensors of whole 64-byte lines come first, so that a
-    memory-mapped tensor is as aligned as one in memory: the CPU's kernels then
-    take the same path and give the same bits."""
+    """Writes tensors atomically (a temporary file renamed over path), the data and
+    tensors of whole 64-byte lines first 64-byte aligned: a memory-mapped tensor is
+    then as aligned as one in memory, so the CPU's kernels give the same bits."""
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     tensors = {name: tensors[name] for name in sorted(tensors, key=lambda n: sizes[n] % 64 > 0)}
     header, offset = {}, 0
     names = {dtype: name for name, (dtype, _) in SAFETENSORS_DTYPES.items()}
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
         header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+                        "data_offsets": [offset, offset + sizes[name]]}
+        offset += sizes[name]
     if metadata:
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -202,9 +198,8 @@ def write_kept(path):
 
 
 def write_all(fd, data, offset=None):
-    """Writes every byte of data at the file position (or at offset, with
-    pwrite): os.write and os.pwrite may write fewer bytes than asked, and a
-    write that makes no progress means the disk is full."""
+    """Writes every byte of data at the file position (or at offset): os.write and
+    os.pwrite may write fewer bytes than asked; no progress means the disk is full."""
     view = memoryview(data).cast("B")
     while view:
         written = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)

@@ -1,6 +1,7 @@
 """classify.py --serve: a page to try the classifier (page.html) and a small
 JSON API, on the standard library's http.server."""
 import base64
+import contextlib
 import errno
 import hashlib
 import http.server
@@ -16,8 +17,12 @@ from beyond.explain import MAX_EXPLAINED, explain_texts
 from beyond.stream import NonFiniteLogits, classify_texts, predicted_class, result_record
 
 
-
-
+MAX_BODY = 1_000_000     # bytes of one /classify request
+MAX_TEXTS = 1_000        # messages in one /classify request
+TIMEOUT = 10.0           # seconds a client may stay silent before its connection is dropped
+MAX_CONNECTIONS = 128    # connections served at a time; more are answered 503
+REQUEST_DEADLINE = 30.0  # seconds a client has to send its whole request
+MAX_DRAIN = 16_000_000   # bytes of an unread body read and dropped after an error answer
 
 
 def describe_checkpoint(path, info):
@@ -29,31 +34,12 @@ def describe_checkpoint(path, info):
             "trainable": info["trainable"]}
 
 
-MAX_BODY = 1_000_000  # bytes of one /classify request
-
-
-MAX_TEXTS = 1_000     # messages in one /classify request
-
-
-TIMEOUT = 10.0          # seconds a client may stay silent before its connection is dropped
-
-
-MAX_CONNECTIONS = 128   # connections served at a time; more are answered 503
-
-
-REQUEST_DEADLINE = 30.0  # seconds a client has to send its whole request
-
-
-MAX_DRAIN = 16_000_000  # bytes of an unread body read and dropped after an error answer
-
-
 # The page at /: one text box, a button, a bar per class; inline, nothing to fetch.
 PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 
 
 def inline_hashes(page, tag):
-    """The Content-Security-Policy sources of the page's inline <tag>s: the
-    sha256 of each one's text, so that no other script or style can run."""
+    """The CSP sources of the page's inline <tag>s (their sha256): nothing else can run."""
     return " ".join(
         f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
         for text in re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S))
@@ -105,8 +91,7 @@ class RequestError(Exception):
 
 
 def parse_request(body):
-    """The texts of a /classify body {"texts": [...], "explain": false} and whether
-    to explain them; RequestError otherwise."""
+    """(texts, explain) of a /classify body {"texts": [...], "explain": false}."""
     try:
         request = json.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
@@ -131,9 +116,7 @@ def parse_request(body):
 
 
 def make_handler(classify, description, timeout=TIMEOUT, deadline=REQUEST_DEADLINE):
-    """The request handler: classify(texts, explain) -> results; description: /info;
-    timeout: seconds a client may stay silent; deadline: seconds it has to send
-    its whole request."""
+    """The request handler: classify(texts, explain) -> results; description: /info."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         routes = {"/": "GET", "/info": "GET", "/classify": "POST"}
@@ -164,10 +147,8 @@ def make_handler(classify, description, timeout=TIMEOUT, deadline=REQUEST_DEADLI
             self.request_timer.start()
 
         def cut(self):
-            try:
+            with contextlib.suppress(OSError):  # already closed
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:  # already closed
-                pass
 
         def finish(self):
             self.request_timer.cancel()
@@ -178,7 +159,7 @@ def make_handler(classify, description, timeout=TIMEOUT, deadline=REQUEST_DEADLI
             try:
                 self.check(method)
                 body = self.read_body() if method == "POST" else None
-                self.request_timer.cancel()  # the whole request is in: the answer may take its time
+                self.request_timer.cancel()  # the request is in: the answer may take its time
                 if self.path == "/":
                     return self.answer(200, PAGE, "text/html")
                 if self.path == "/info":
@@ -218,16 +199,14 @@ def make_handler(classify, description, timeout=TIMEOUT, deadline=REQUEST_DEADLI
                 raise RequestError(400, "the request has no valid Content-Length")
             length = int(next(iter(lengths)))
             if length > MAX_BODY:
-                raise RequestError(413, f"the body has {length:,} bytes; at most "
-                                        f"{MAX_BODY:,}")
+                raise RequestError(413, f"the body has {length:,} bytes; at most {MAX_BODY:,}")
             body = self.rfile.read(length)
             self.body_read = True
             return body
 
         def linger(self):
-            """After an error answer, reads and drops the unread body (up to
-            MAX_DRAIN bytes) before the connection closes: closing with unread
-            data resets it, and a client still sending would never see the answer."""
+            """Drops the unread body after an error answer: closing with unread data
+            resets the connection, and a client still sending would never see the answer."""
             if self.body_read or (self.headers.get("Content-Length", "0") == "0"
                                   and "Transfer-Encoding" not in self.headers):
                 return
@@ -242,17 +221,10 @@ def make_handler(classify, description, timeout=TIMEOUT, deadline=REQUEST_DEADLI
             self.close_connection = True
             self.answer(code, {"error": message or http.HTTPStatus(code).phrase})
 
-        def do_GET(self):
-            self.route("GET")
+        def do_GET(self):  # HEAD: as GET; other methods: 405 where the page exists
+            self.route("GET" if self.command == "HEAD" else self.command)
 
-        def do_POST(self):
-            self.route("POST")
-
-        def refuse(self):
-            self.route(self.command)
-
-        do_HEAD = do_GET
-        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = refuse
+        do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
         def log_message(self, *args):  # the terminal shows the address, not every request
             pass
@@ -262,9 +234,8 @@ def make_handler(classify, description, timeout=TIMEOUT, deadline=REQUEST_DEADLI
 
 
 class ClassifierServer(http.server.HTTPServer):
-    """http.server with limits: a listen backlog for bursts, a thread per
-    connection but at most max_connections served at a time (the others are
-    answered 503), and no traceback when a client goes away or stays silent."""
+    """http.server with a thread per connection, at most max_connections at a time
+    (the others are answered 503), and no traceback when a client goes away."""
     request_queue_size = 128  # socketserver's 5 resets connections in a burst
 
     def __init__(self, address, family, handler, max_connections):
@@ -298,8 +269,7 @@ class ClassifierServer(http.server.HTTPServer):
 
 def make_server(host, port, classify, description, timeout=TIMEOUT, deadline=REQUEST_DEADLINE,
                 max_connections=MAX_CONNECTIONS):
-    """The server of --serve, listening on host and port (IPv4 or IPv6, as the
-    host's address is); serve_forever() serves it."""
+    """The server of --serve on host and port (IPv4 or IPv6, as the host's address is)."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                     flags=socket.AI_PASSIVE)[0][0]
@@ -319,8 +289,7 @@ def make_server(host, port, classify, description, timeout=TIMEOUT, deadline=REQ
 
 
 def classifier(model, info, device, checkpoint, tokenizer):
-    """classify(texts) -> result records, for the server's threads: the model
-    is used by one request at a time."""
+    """classify(texts, explain) -> result records; one request at a time uses the model."""
     lock = threading.Lock()
 
     def classify(texts, explain):

@@ -7,8 +7,8 @@ import sys
 import threading
 import time
 from beyond.cli import InputError, progress
-from beyond.explain import explain_texts
-from beyond.tokens import PAD_TOKEN_ID, encode, pad_ids
+from beyond.explain import explain_texts, padded_batch
+from beyond.tokens import PAD_TOKEN_ID, encode
 import torch
 
 
@@ -18,11 +18,8 @@ class NonFiniteLogits(InputError):
 
 def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD_TOKEN_ID,
                    batch_size=32, temperature=1.0):
-    """Class probabilities (one list per text) for many texts, in batches of
-    similar length. Padded to max_length only where the checkpoint's pooling
-    reads a padding position ("last"); otherwise to each batch's longest.
-    temperature: the checkpoint's, fitted by finetune.py (the logits divided by
-    it; the argmax does not change)."""
+    """Class probabilities (one list per text), in batches of similar length; the
+    logits divided by temperature (the checkpoint's: the argmax does not change)."""
     model.eval()
     max_length = min(max_length, model.gpt.pos_emb.weight.shape[0])
     encoded = [encode(text, tokenizer, max_length) for text in texts]
@@ -30,12 +27,11 @@ def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD
         if not ids:  # no token for the head to read
             raise InputError(f"text {i} is empty: there is nothing to classify.")
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    width = max_length if model.pool == "last" else None  # None: the batch's longest
     probabilities = [None] * len(texts)
     start_time = time.time()
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        inputs = pad_ids([encoded[i] for i in batch], pad_token_id, length=width)
+        inputs = padded_batch([encoded[i] for i in batch], model, max_length, pad_token_id)
         with torch.inference_mode():
             logits = model(inputs.to(device))[:, -1, :].float()
         if not torch.isfinite(logits).all():
@@ -50,8 +46,6 @@ def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD
 
 
 CHUNK = 1024  # at most this many lines of stdin classified and printed at a time
-
-
 BLANK = "empty or only whitespace: nothing to classify"
 
 
@@ -62,8 +56,8 @@ CONTROL_ESCAPES = {c: chr(c).encode("unicode_escape").decode()
 
 
 def read_lines(stream, pending):
-    """Puts the lines of a binary stream on the queue `pending` as they arrive,
-    a list per read, without their "\n"; then None, or the OSError that ended it."""
+    """Puts the lines of a stream on `pending` as they arrive, a list per read; then
+    None, or the OSError that ended it."""
     parts = []  # of a line not yet complete
     try:
         while data := stream.read1(65536):  # what has arrived, without waiting for more
@@ -81,9 +75,8 @@ def read_lines(stream, pending):
 
 
 def line_batches(stream, size):
-    """The lines of a binary stream, in order, in lists of at most `size`: a
-    list as soon as every line that has arrived is in one, so that a pause in
-    the input (a person typing, tail -f) shows the answers so far."""
+    """The lines of a binary stream in lists of at most `size`, one as soon as every
+    line that has arrived is in one: a pause in the input shows the answers so far."""
     pending = queue.Queue(maxsize=16)  # bounded: memory stays flat however long the input
     threading.Thread(target=read_lines, args=(stream, pending), daemon=True).start()
     lines, ended = [], False
@@ -101,8 +94,7 @@ def line_batches(stream, size):
 
 
 def decode_line(line, number):
-    """A line of stdin as text, without its "\r"; bytes that are not UTF-8
-    become U+FFFD, and a note on stderr names the line."""
+    """A line of stdin as text, without its "\r"; bytes that are not UTF-8 become U+FFFD."""
     line = line[:-1] if line.endswith(b"\r") else line
     try:
         return line.decode("utf-8")
@@ -113,8 +105,8 @@ def decode_line(line, number):
 
 
 def argument_text(text, number):
-    """A TEXT argument as text: bytes that are not UTF-8 (Python keeps them as
-    lone surrogates, which no JSON reader takes) become U+FFFD, as on stdin."""
+    """A TEXT argument whose bytes that are not UTF-8 (Python keeps them as lone
+    surrogates, which no JSON reader takes) become U+FFFD, as on stdin."""
     raw = text.encode("utf-8", errors="surrogateescape")
     if raw.decode("utf-8", errors="replace") == text:
         return text
@@ -124,9 +116,7 @@ def argument_text(text, number):
 
 
 def text_batches(args_texts, stdin, size=CHUNK):
-    """The texts to classify, in order, in lists: the TEXTs, and for "-" each
-    line of stdin (blank ones too: they get an error line), as line_batches
-    gives them."""
+    """The texts to classify in lists: the TEXTs, and for "-" each line of stdin."""
     texts, number = [], 0
     for text in args_texts:
         if text != "-":
@@ -164,33 +154,15 @@ def print_result(text, probas, labels, as_json, show_all, threshold=None, explan
         print("\n".join(explanation_lines(explanation, names[best], sys.stdout.isatty())))
 
 
-def print_blank(text, as_json):
-    """The line printed for a blank line of stdin, so that output line N stays
-    the answer to input line N."""
-    if as_json:
-        print(json.dumps({"text": text, "error": BLANK}))
-    else:
-        print(f"-\t{BLANK}\t{printable(text)}")
-
-
-def unwritable_stdout(error):
-    """The error for a stdout that cannot be written (a full disk, /dev/full);
-    stdout goes to nothing first, so that Python's own flush at exit is quiet."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return InputError(f"cannot write the results to stdout: {error.strerror or error}.")
-
-
 def classify_and_print(batches, model, tokenizer, device, info, args, threshold):
-    """Classifies (and with --explain explains) each list of texts and prints a
-    line per text, in order; the number of texts."""
+    """Classifies (and explains) each list of texts, prints a line per text; how many."""
     done = 0
     for texts in batches:
         messages = [text for text in texts if text.strip()]
         probabilities = classify_texts(messages, model, tokenizer, device, info["max_length"],
-                                       info["pad_token_id"], temperature=info["temperature"]) \
-            if messages else []
+                                       info["pad_token_id"], temperature=info["temperature"])
         explanations = [None] * len(messages)
-        if args.explain and messages:
+        if args.explain:
             targets = [predicted_class(p, threshold) for p in probabilities]
             explanations = explain_texts(messages, targets, model, tokenizer, info["max_length"],
                                          info["pad_token_id"], args.explain_method)
@@ -201,13 +173,15 @@ def classify_and_print(batches, model, tokenizer, device, info, args, threshold)
                     probas, explanation = next(answers)
                     print_result(text, probas, info["labels"], args.json, args.all, threshold,
                                  explanation)
-                else:
-                    print_blank(text, args.json)
+                else:  # a blank line gets a line too: output line N answers input line N
+                    print(json.dumps({"text": text, "error": BLANK}) if args.json
+                          else f"-\t{BLANK}\t{printable(text)}")
             sys.stdout.flush()
         except BrokenPipeError:
             raise  # the reader went away: run_cli ends quietly
-        except OSError as e:
-            raise unwritable_stdout(e) from None
+        except OSError as e:  # a full disk, /dev/full: stdout to nothing, so exit is quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise InputError(f"cannot write the results to stdout: {e.strerror or e}.") from None
         done += len(texts)
     return done
 
@@ -227,8 +201,7 @@ def validated_threshold(choice, info, checkpoint):
 
 
 def predicted_class(probas, threshold=None):
-    """The chapter's argmax or, given a validated threshold (two classes), class 1
-    where its probability is above it."""
+    """The chapter's argmax, or class 1 where its probability is above threshold."""
     if threshold is not None:
         return int(probas[1] > threshold)
     return max(range(len(probas)), key=lambda i: probas[i])
@@ -244,8 +217,7 @@ def result_record(text, probas, labels, threshold=None, explanation=None):
 
 
 def ansi_colour(score, largest):
-    """A background from white to red (toward the predicted class) or blue
-    (against it), as strong as the score is against the message's largest."""
+    """A background from white to red (toward the class) or blue (against it)."""
     strength = min(abs(score) / largest, 1.0) if largest > 0 else 0.0
     fade = round(255 * (1 - 0.75 * strength))
     red, blue = (255, fade) if score > 0 else (fade, 255)
@@ -253,8 +225,7 @@ def ansi_colour(score, largest):
 
 
 def explanation_lines(pieces, label, coloured, top=5):
-    """What the terminal shows under a result: the message coloured token by token
-    (on a terminal only), then the tokens that pushed most toward the label."""
+    """Under a result: the message coloured by token (on a terminal), then the top tokens."""
     lines = []
     if coloured:
         largest = max(abs(piece["score"]) for piece in pieces)

@@ -1,43 +1,31 @@
 """OpenAI's TensorFlow checkpoint read by hand (the index is a LevelDB table of
 BundleEntryProto messages): no TensorFlow, no protobuf."""
 import math
-import mmap
-import os
 import struct
 from pathlib import Path
 from beyond.cli import InputError
+from beyond.safetensors import buffer_tensor, map_file
 import torch
 
 
-# The .index file is a LevelDB-format table (TensorFlow's tensor_bundle): sorted
-# keys, each a variable name, whose values are BundleEntryProto messages saying
-# where in the data file its bytes are. Read here without TensorFlow or protobuf.
+# The .index file (TensorFlow's tensor_bundle) maps each variable name, sorted,
+# to a BundleEntryProto saying where in the data file its bytes are.
 TABLE_MAGIC = 0xDB4775248B80FB57
-
-
 TABLE_FOOTER_BYTES = 48  # two block handles, padding, the magic
-
-
-# TensorFlow's DataType numbers: the floats a GPT-2 can be stored in -> (torch dtype, bytes)
-TF_FLOAT_DTYPES = {1: (torch.float32, 4), 2: (torch.float64, 8), 14: (torch.bfloat16, 2),
-                   19: (torch.float16, 2)}
-
-
+# TensorFlow's DataType numbers: the floats a GPT-2 can be stored in
+TF_FLOAT_DTYPES = {1: torch.float32, 2: torch.float64, 14: torch.bfloat16, 19: torch.float16}
 TF_DTYPE_NAMES = {1: "DT_FLOAT", 2: "DT_DOUBLE", 3: "DT_INT32", 4: "DT_UINT8",
                   5: "DT_INT16", 6: "DT_INT8", 7: "DT_STRING", 9: "DT_INT64", 10: "DT_BOOL",
                   14: "DT_BFLOAT16", 19: "DT_HALF"}
 
 
-def crc32c_table():
-    table = []
-    for n in range(256):
-        for _ in range(8):
-            n = (n >> 1) ^ (0x82F63B78 if n & 1 else 0)  # the Castagnoli polynomial, reflected
-        table.append(n)
-    return table
+def crc32c_entry(n):
+    for _ in range(8):
+        n = (n >> 1) ^ (0x82F63B78 if n & 1 else 0)  # the Castagnoli polynomial, reflected
+    return n
 
 
-CRC32C_TABLE = crc32c_table()
+CRC32C_TABLE = [crc32c_entry(n) for n in range(256)]
 
 
 def crc32c(data):
@@ -80,15 +68,11 @@ def proto_fields(raw):
         if wire == 0:
             value, pos = read_varint(raw, pos)
         elif wire in (1, 2, 5):
-            size = {1: 8, 5: 4}.get(wire)
-            if size is None:
-                size, pos = read_varint(raw, pos)
+            size, pos = read_varint(raw, pos) if wire == 2 else ({1: 8, 5: 4}[wire], pos)
             if pos + size > len(raw):
                 raise DamagedFile("a field runs past the end of its entry")
             value = raw[pos:pos + size]
-            if wire != 2:
-                value = int.from_bytes(value, "little")
-            pos += size
+            value, pos = value if wire == 2 else int.from_bytes(value, "little"), pos + size
         else:
             raise DamagedFile(f"an entry has a field of unknown wire type {wire}")
         fields.setdefault(tag >> 3, []).append(value)
@@ -107,9 +91,7 @@ def block_entries(raw, handle):
                           f"uncompressed")
     if masked_crc32c(block + bytes([kind])) != stored_crc:
         raise DamagedFile(f"the block at byte {offset:,} fails its crc32c check")
-    if size < 4:
-        raise DamagedFile(f"the block at byte {offset:,} is too short")
-    (num_restarts,) = struct.unpack("<I", block[-4:])
+    num_restarts = struct.unpack("<I", block[-4:])[0] if size >= 4 else 0
     entries_end = size - 4 - 4 * num_restarts
     if entries_end < 0:
         raise DamagedFile(f"the block at byte {offset:,} is too short")
@@ -174,7 +156,7 @@ def tf_data_file(prefix, shard, num_shards):
 
 def read_tf_index(index):
     """model.ckpt.index -> ({variable name: (dtype, shape, shard, offset, size)},
-    number of data files), each entry checked against its dtype and shape."""
+    number of data files), each checked against its dtype and shape."""
     try:
         table = read_table(index.read_bytes())
         header = proto_fields(table.pop(b"", b""))  # BundleHeaderProto
@@ -192,7 +174,7 @@ def read_tf_index(index):
             raise InputError(f"{index}: variable {name} has dtype "
                              f"{TF_DTYPE_NAMES.get(dtype, dtype)}; GPT-2's weights are "
                              f"floats (DT_FLOAT, DT_HALF, DT_BFLOAT16 or DT_DOUBLE).")
-        needed = math.prod(shape) * TF_FLOAT_DTYPES[dtype][1]
+        needed = math.prod(shape) * TF_FLOAT_DTYPES[dtype].itemsize
         if size != needed:
             raise InputError(f"{index}: variable {name} has {size:,} bytes but "
                              f"{TF_DTYPE_NAMES[dtype]} x {list(shape)} needs {needed:,}.")
@@ -205,31 +187,17 @@ def read_tf_index(index):
 
 
 def read_tf_checkpoint(prefix):
-    """{variable name: tensor} of a TensorFlow checkpoint (model.ckpt.index and its
-    data file), each tensor a view of the memory-mapped data file: nothing is
-    copied until used. Sizes, offsets, dtypes and the index's checksums are
-    checked; the data's own crc32c are not (see notes/weights.md)."""
+    """{variable name: tensor} of a TensorFlow checkpoint, each a view of the mapped data
+    file; the index's checksums are checked, the data's own crc32c not (docs/reference.md)."""
     entries, num_shards = read_tf_index(Path(f"{prefix}.index"))
     buffers, tensors = {}, {}
     for name, (dtype, shape, shard, offset, size) in entries.items():
         data_file = tf_data_file(prefix, shard, num_shards)
         if shard not in buffers:
-            buffers[shard] = map_data_file(data_file)
+            buffers[shard] = map_file(data_file)
         if offset + size > len(buffers[shard]):
             raise InputError(f"{data_file} is truncated: variable {name} ends at byte "
                              f"{offset + size:,} and the file has {len(buffers[shard]):,}.")
-        torch_dtype, item_size = TF_FLOAT_DTYPES[dtype]
-        flat = torch.frombuffer(buffers[shard], dtype=torch_dtype, count=size // item_size,
-                                offset=offset) if size else torch.empty(0, dtype=torch_dtype)
-        tensors[name] = flat.view(shape)
+        tensors[name] = buffer_tensor(buffers[shard], TF_FLOAT_DTYPES[dtype], shape, offset,
+                                      offset + size)
     return tensors
-
-
-def map_data_file(path):
-    """A copy-on-write memory map of a whole file (b"" when empty)."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror or e}.") from None

@@ -10,10 +10,6 @@ from beyond.tf_checkpoint import read_tf_checkpoint, tf_data_file
 import torch
 
 
-
-
-
-
 def read_params(form, path, n_layers):
     """The book's nested params from one file, every tensor a view of the file
     mapped into memory (a .pth's fused c_attn aside): nothing read yet."""
@@ -25,17 +21,44 @@ def read_params(form, path, n_layers):
     return params_from_tf(read_tf_checkpoint(prefix), n_layers, f"{prefix}.index")
 
 
+def settings_for(form, path, config, base):
+    """(config, the file it came from or None): hparams.json beside OpenAI's
+    checkpoint, a config.json (the Hub's naming or the book's) beside a
+    model.safetensors or a .pth, else `config`, --model's."""
+    beside = path.parent / ("hparams.json" if form == "tf" else "config.json")
+    if beside.is_file():
+        # None: the naming the file itself shows (the Hub's or the book's)
+        return config_from_json(beside, base, "openai" if form == "tf" else None), beside
+    return config, None
 
 
-
-
+def check_gpt2_size(params, config, source, known, config_file=None):
+    """Compares the file's embeddings and layer count with the config before any
+    tensor is read, so that no model larger than the file's tensors is ever
+    allocated; suggests the --model the tensors fit among `known` (name -> config)."""
+    if params.get("wte") is None or params.get("wpe") is None:
+        raise InputError(f"{source} has no token or position embedding (wte, wpe): "
+                         f"not GPT-2 weights.")
+    wte, wpe = tuple(params["wte"].shape), tuple(params["wpe"].shape)
+    layers = sum(1 for block in params["blocks"] if block)
+    needs = "the model needs" if config_file is None else f"{config_file} says"
+    if wte != (config["vocab_size"], config["emb_dim"]) or layers != config["n_layers"]:
+        fits = [name for name, size in known.items()
+                if (size["emb_dim"],) == wte[-1:] and size["n_layers"] == layers]
+        hint = f" (these are {fits[0]} weights: use --model {fits[0]})" \
+            if fits and config_file is None else ""
+        raise InputError(
+            f"{source}: wte (the token embedding) has shape {wte} and there are {layers} "
+            f"layers, but {needs} {(config['vocab_size'], config['emb_dim'])} and "
+            f"{config['n_layers']} layers{hint}.")
+    if wpe != (config["context_length"], config["emb_dim"]):
+        raise InputError(f"{source}: wpe (the position embedding) has shape {wpe}, but "
+                         f"{needs} {(config['context_length'], config['emb_dim'])}.")
 
 
 def find_weights(weights, flag="--weights"):
-    """What a --weights PATH names -> (form, file): "safetensors" (a
-    model.safetensors, or a folder holding one), "tf" (OpenAI's checkpoint: its
-    folder, the model.ckpt prefix or any of its files; file = its data file) or
-    "pth" (the book's .pth). The file is the one whose bytes are the weights."""
+    """What a --weights PATH names -> (form, the file whose bytes are the weights):
+    "safetensors", "tf" (OpenAI's checkpoint: its folder, prefix or any file) or "pth"."""
     path = Path(weights)
     if path.name in ("checkpoint", "hparams.json") and path.is_file():
         path = path.parent  # a file of OpenAI's release that names no weights: its folder
@@ -61,8 +84,7 @@ def find_weights(weights, flag="--weights"):
 
 
 def checkpoint_prefix_name(folder):
-    """The checkpoint a folder's "checkpoint" file names (what TensorFlow's
-    latest_checkpoint reads), else model.ckpt."""
+    """The checkpoint a folder's "checkpoint" file names (as TensorFlow reads it)."""
     try:
         text = (folder / "checkpoint").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
@@ -148,9 +170,8 @@ def check_config(config, source):
 
 
 def params_from_tf(variables, n_layers, source):
-    """The book's load_gpt2_params_from_tf_ckpt without TensorFlow: OpenAI's names
-    ("model/h0/attn/c_attn/w") become nested keys (params["blocks"][0]["attn"]
-    ["c_attn"]["w"]), each array squeezed ([1, in, out] -> (in, out))."""
+    """The book's load_gpt2_params_from_tf_ckpt without TensorFlow: "model/h0/attn/c_attn/w"
+    -> params["blocks"][0]["attn"]["c_attn"]["w"], squeezed ([1, in, out] -> (in, out))."""
     params = {"blocks": [{} for _ in range(n_layers)]}
     for name, tensor in variables.items():
         parts = name.split("/")[1:]  # without the "model/" prefix
@@ -158,15 +179,22 @@ def params_from_tf(variables, n_layers, source):
             continue
         target = params
         if parts[0][:1] == "h" and parts[0][1:].isdigit():
-            layer = int(parts[0][1:])
-            if layer >= n_layers:
+            if int(parts[0][1:]) >= n_layers:
                 raise InputError(f"{source} has a layer {parts[0]}, but the model config "
                                  f"has {n_layers} layers.")
-            target = params["blocks"][layer]
-        for key in parts[1:-1]:
-            target = target.setdefault(key, {})
-        target[parts[-1]] = tensor.squeeze()
+            target = params["blocks"][int(parts[0][1:])]
+        nested(target, parts[1:-1])[parts[-1]] = tensor.squeeze()
     return params
+
+
+def nested(target, keys, layer=None):
+    """target[keys[0]][keys[1]]..., made as needed; with layer, in that block of params."""
+    if layer is not None:
+        target["blocks"].extend({} for _ in range(layer + 1 - len(target["blocks"])))
+        target = target["blocks"][layer]
+    for key in keys:
+        target = target.setdefault(key, {})
+    return target
 
 
 def params_from_hub(tensors):
@@ -181,11 +209,7 @@ def params_from_hub(tensors):
             params[{"weight": "g", "bias": "b"}.get(parts[1], parts[1])] = tensor
         elif parts[0] == "h" and len(parts) in (4, 5) and parts[1].isdigit() and \
                 parts[-1] in ("weight", "bias") and parts[2:4] != ["attn", "bias"]:
-            blocks = params["blocks"]
-            blocks.extend({} for _ in range(int(parts[1]) + 1 - len(blocks)))
-            target = blocks[int(parts[1])]
-            for key in parts[2:-1]:
-                target = target.setdefault(key, {})
+            target = nested(params, parts[2:-1], int(parts[1]))
             layer_norm = parts[2].startswith("ln_")
             target[{"weight": "g" if layer_norm else "w", "bias": "b"}[parts[-1]]] = tensor
     return params
@@ -198,9 +222,8 @@ BOOK_BLOCK_NAMES = {
 
 
 def params_from_book(state):
-    """The book's state_dict (.pth) -> its nested params: Linear weights back to
-    (in, out), W_query/W_key/W_value fused into c_attn as OpenAI stores them, the
-    att.mask buffers left out and out_head kept as given (the book ties it to wte
+    """The book's state_dict (.pth) -> nested params: Linear weights back to (in, out),
+    W_query/W_key/W_value fused into c_attn, out_head kept (the book ties it to wte
     only when loading OpenAI's weights)."""
     params = {"blocks": []}
     top = {"tok_emb.weight": "wte", "pos_emb.weight": "wpe", "final_norm.scale": "g",
@@ -214,17 +237,14 @@ def params_from_book(state):
         if parts[0] != "trf_blocks" or not parts[1].isdigit():
             continue
         layer, module, leaf = int(parts[1]), ".".join(parts[2:-1]), parts[-1]
-        params["blocks"].extend({} for _ in range(layer + 1 - len(params["blocks"])))
+        target = nested(params, BOOK_BLOCK_NAMES.get(module, ()), layer)
         if module in ("att.W_query", "att.W_key", "att.W_value"):
             fused.setdefault(layer, {})[f"{module[4:]}.{leaf}"] = tensor
         elif module in BOOK_BLOCK_NAMES:
-            target = params["blocks"][layer]
-            for key in BOOK_BLOCK_NAMES[module]:
-                target = target.setdefault(key, {})
             key = {"scale": "g", "shift": "b", "weight": "w", "bias": "b"}.get(leaf, leaf)
             target[key] = tensor.T if leaf == "weight" else tensor
     for layer, parts in fused.items():
-        c_attn = params["blocks"][layer].setdefault("attn", {}).setdefault("c_attn", {})
+        c_attn = nested(params, ("attn", "c_attn"), layer)
         for leaf, key in (("weight", "w"), ("bias", "b")):
             qkv = [parts.get(f"{m}.{leaf}") for m in ("W_query", "W_key", "W_value")]
             if all(t is not None for t in qkv):  # a missing one is reported as missing
@@ -234,8 +254,7 @@ def params_from_book(state):
 
 
 def read_pth(path):
-    """The book's .pth: torch.load with weights_only=True, which refuses anything
-    but tensors and plain containers (no code runs), memory-mapped."""
+    """The book's .pth, memory-mapped: torch.load(weights_only=True) runs no code."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises several kinds for a damaged or unsafe file
