@@ -7,14 +7,10 @@ python bench.py --explain runs/a/review_classifier.safetensors  # how faithful -
 python bench.py --precision fp32,bf16 --json bench-precision.json  # each mode in each
 python bench.py --device cuda --precision fp32,bf16,fp16           # a GPU, in minutes
 
-Each mode is the chapter's whole schedule with random weights (speed does not
-depend on their values) in a finetune.py process of its own, its peak memory its own:
-  plain     the chapter's loop: every layer on every batch (finetune.py --plain)
-  cache     frozen-prefix cache + last block at the last position only (the default)
-  flexible  cache + dynamic padding + the last real token (--pool flexible)
-Every printed loss is compared with the fp32 run of the same mode. Then classify's
-throughput on the test messages, one at a time (the chapter's classify_review) vs
-batched, and the wall-clock of `python classify.py "text"` against bare imports.
+Each mode (MODES: --plain, the default cache, --pool flexible) is the chapter's whole
+schedule with random weights (speed does not depend on them) in a finetune.py process of
+its own; each printed loss is compared with the fp32 run's. Then classify's messages/s,
+one at a time (the chapter's) vs batched, and `python classify.py "text"` vs bare imports.
 """
 import argparse
 import csv
@@ -102,17 +98,13 @@ def classify_throughput(checkpoint, test_csv, device, precision="fp32"):
     model, info = load_classifier(checkpoint, device, precision=precision)
     tokenizer = get_tokenizer()
     texts = [text for _, text in read_csv(test_csv)]
-    model.fast = False  # the chapter's forward pass
-    start = time.time()
+    model.fast, start = False, time.time()  # the chapter's forward pass
     for text in texts:
         classify_review(text, model, tokenizer, device, max_length=info["max_length"])
-    one_at_a_time = len(texts) / (time.time() - start)
-    model.fast = True
-    start = time.time()
+    model.fast, middle = True, time.time()
     classify_texts(texts, model, tokenizer, device, info["max_length"])
-    batched = len(texts) / (time.time() - start)
-    return {"one_at_a_time_msgs_per_s": round(one_at_a_time, 1),
-            "batched_msgs_per_s": round(batched, 1)}
+    return {"one_at_a_time_msgs_per_s": round(len(texts) / (middle - start), 1),
+            "batched_msgs_per_s": round(len(texts) / (time.time() - middle), 1)}
 
 
 def best_wall_clock(command, repeats=3):
@@ -235,9 +227,9 @@ def tiny_checkpoint(path):
 
 def classify_stream(checkpoint, lines, device):
     """python classify.py - < lines: messages per second and peak RSS."""
-    count = sum(1 for _ in open(lines, encoding="utf-8"))
-    start = time.time()
     with open(lines, encoding="utf-8") as stdin:
+        count, start = sum(1 for _ in stdin), time.time()
+        stdin.seek(0)
         process = subprocess.Popen([sys.executable, "classify.py", "--checkpoint",
                                     str(checkpoint), "--device", device, "-"],
                                    stdin=stdin, stdout=subprocess.DEVNULL, cwd=HERE)
@@ -315,13 +307,12 @@ def fill_under_torchrun(args, work):
         if done.returncode != 0:
             sys.exit(f"torchrun --nproc_per_node={processes} failed:\n{done.stderr[-2000:]}")
         metrics = json.loads((out / "metrics.json").read_text())
+        cache = metrics["prefix_cache"]
         report["runs"].append({
             "processes": processes, "seconds": round(time.time() - start, 1),
-            "fill_seconds": metrics["prefix_cache"]["fill_seconds"],
-            "fill_batches_computed_by_rank_0": metrics["prefix_cache"][
-                "fill_batches_computed_here"],
-            "test_accuracy": metrics["test_accuracy"],
-            "losses": printed_losses(done.stdout)})
+            "fill_seconds": cache["fill_seconds"],
+            "fill_batches_computed_by_rank_0": cache["fill_batches_computed_here"],
+            "test_accuracy": metrics["test_accuracy"], "losses": printed_losses(done.stdout)})
         print(f"  {report['runs'][-1]}", flush=True)
     one, two = report["runs"]
     print(f"cache fill: {one['fill_seconds']} s with 1 process, {two['fill_seconds']} s with 2 "
@@ -337,7 +328,6 @@ ERASER_SHARES = (0.01, 0.05, 0.10, 0.20, 0.50)  # k: the top k% of a message's t
 
 def method_ranking(method, model, max_length, pad_token_id):
     """ids -> (class explained, token positions from the most important) by `method`."""
-
     def rank(ids):
         target, scores = explain_ids(model, ids, max_length, pad_token_id, method)
         return target, sorted(range(len(ids)), key=lambda i: -scores[i])
@@ -378,24 +368,22 @@ def faithfulness_table(checkpoint, test_csv, device):
     """Each method's and a random ranking's AOPC on the test split, and time per message."""
     model, info = load_classifier(checkpoint, device)
     max_length = min(info["max_length"], model.gpt.pos_emb.weight.shape[0])
-    tokenizer = get_tokenizer()
+    tokenizer, pad = get_tokenizer(), info["pad_token_id"]
     texts = [text for _, text in read_csv(test_csv, info["num_classes"])]
     try:  # an explanation of a model that computes NaN would be NaN too
-        classify_texts(texts, model, tokenizer, device, max_length, info["pad_token_id"])
+        classify_texts(texts, model, tokenizer, device, max_length, pad)
     except NonFiniteLogits as e:
         raise InputError(f"{checkpoint}: {e}") from None
     messages = [encode(text, tokenizer, max_length) for text in texts]
-    rows = []
-    rankings = {method: method_ranking(method, model, max_length, info["pad_token_id"])
+    rankings = {method: method_ranking(method, model, max_length, pad)
                 for method in EXPLAIN_METHODS}
-    rankings["random"] = random_ranking(model, max_length, info["pad_token_id"])
+    rows, rankings["random"] = [], random_ranking(model, max_length, pad)
     for name, rank in rankings.items():
         start = time.time()
         for ids in messages:
             rank(ids)
         seconds = (time.time() - start) / len(messages)
-        comprehensiveness, sufficiency = aopc(model, messages, rank, max_length,
-                                              info["pad_token_id"])
+        comprehensiveness, sufficiency = aopc(model, messages, rank, max_length, pad)
         rows.append({"method": name, "comprehensiveness": round(comprehensiveness, 4),
                      "sufficiency": round(sufficiency, 4),
                      "ms_per_message": round(1000 * seconds, 1)})

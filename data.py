@@ -1,10 +1,8 @@
-"""The dataset of sections 6.2-6.3: download, parse, balance, split, tokenize, batch.
+"""The dataset of sections 6.2-6.3: download, read, balance, split, tokenize, batch.
 
-Hand-written replacements for the chapter's pandas calls that give the book's
-rows: a TSV reader that quotes as pd.read_csv does, balancing and splitting with
-pandas' seeded sampler, and CSV files written with the standard csv module.
-Listings 6.1-6.5 come first, in the book's order, then the TSV and CSV readers
-that stand in for pandas; pandas' sampler and the rest are in beyond/.
+Listings 6.1-6.5 come first, in the book's order, on lists of (label, text) rows
+where the book has pandas DataFrames; then the TSV and CSV reading and writing
+that stand in for pandas (the TSV read as pd.read_csv reads it, quotes and all).
 """
 import csv
 import io
@@ -59,11 +57,8 @@ def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
 
 
 def load_messages(path):
-    """The chapter's pd.read_csv(data_file_path, sep="\t", header=None,
-    names=["Label", "Text"]), without pandas (read_tsv quotes as it does):
-    [(label, text)] from --data: the SMS collection (TSV, or the UCI zip), whose
-    labels must be ham or spam, or your own label<TAB>text TSV or Label,Text CSV,
-    whose distinct labels are the classes."""
+    """[(label, text)] from --data: the SMS collection (TSV, or the UCI zip), whose
+    labels must be ham or spam, or your own label<TAB>text TSV or Label,Text CSV."""
     path = Path(path)
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
@@ -135,9 +130,7 @@ def read_csv(path, num_classes=2):
 
 
 class SpamDataset(Dataset):
-    """Listing 6.4: pre-tokenized messages, truncated to max_length (the longest
-    message when None) and padded with pad_token_id. With pad=False messages keep
-    their own length and pad_batch pads each batch to its longest message."""
+    """Listing 6.4. Not the book's: pad=False leaves the padding to each batch."""
 
     def __init__(self, csv_file, tokenizer, max_length=None, pad_token_id=PAD_TOKEN_ID,
                  num_classes=2, pad=True):
@@ -171,10 +164,8 @@ class SpamDataset(Dataset):
 
 def create_data_loaders(train_dataset, val_dataset, test_dataset, batch_size=8,
                         num_workers=0):
-    """Listing 6.5: the training loader shuffles and drops the last incomplete
-    batch; validation and test keep every message. Like the chapter's, the
-    loaders draw from torch's global generator, so the torch.manual_seed calls
-    before sections 6.6 and 6.7 give the book's batches."""
+    """Listing 6.5. Like the book's, the loaders draw from torch's global generator,
+    so the torch.manual_seed calls before sections 6.6 and 6.7 give its batches."""
     # not the book's default collate: the same stack for padded datasets, and
     # padding per batch for the others (pad=False)
     collate = pad_batch

@@ -73,19 +73,6 @@ class FeedForward(nn.Module):
         return self.layers(x)
 
 
-def explicit_causal_attention(queries, keys, values, mask, dropout):
-    """Chapter 3's formula, kept as the reference the fast path is tested against.
-
-    queries: (b, heads, n_queries, head_dim); keys, values: (b, heads, n_keys, head_dim);
-    mask: bool, broadcastable to (b, heads, n_queries, n_keys), True where attending is allowed.
-    """
-    attn_scores = queries @ keys.transpose(2, 3)
-    attn_scores = attn_scores.masked_fill(~mask, -torch.inf)
-    attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
-    attn_weights = dropout(attn_weights)
-    return attn_weights @ values  # (b, heads, n_queries, head_dim)
-
-
 class MultiHeadAttention(nn.Module):
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
         super().__init__()
@@ -111,7 +98,7 @@ class MultiHeadAttention(nn.Module):
         values = self.split_heads(self.W_value(x))
         queries = self.split_heads(self.W_query(x))
         dropout_p = self.dropout.p if self.training else 0.0
-        # equals explicit_causal_attention with a lower-triangular mask, fused
+        # chapter 3's masked softmax(queries @ keys.T / sqrt(head_dim)) @ values, fused
         context = nn.functional.scaled_dot_product_attention(
             queries, keys, values, dropout_p=dropout_p, is_causal=True)
         context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
@@ -155,16 +142,16 @@ class GPTModel(nn.Module):
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
 
-    def embed(self, in_idx):
-        # (b, T) token ids -> (b, T, emb_dim)
-        pos = torch.arange(in_idx.shape[1], device=in_idx.device)
-        return self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
-
     def forward(self, in_idx):
-        x = self.embed(in_idx)
+        batch_size, seq_len = in_idx.shape
+        tok_embeds = self.tok_emb(in_idx)
+        pos_embeds = self.pos_emb(torch.arange(seq_len, device=in_idx.device))
+        x = tok_embeds + pos_embeds  # Shape [batch_size, num_tokens, emb_size]
+        x = self.drop_emb(x)
         x = self.trf_blocks(x)
         x = self.final_norm(x)
-        return self.out_head(x)  # (b, T, vocab_size)
+        logits = self.out_head(x)
+        return logits
 
 
 # ---------------------------------------------------------- text generation (ch. 4-5)
@@ -207,17 +194,15 @@ def build_gpt(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
 
 
 def download_and_load_gpt2(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
-    """The chapter's download_and_load_gpt2: (settings, params), params the book's
-    nested dict, from the Hub's model.safetensors or OpenAI's checkpoint in
-    gpt2/<size>/ (downloaded once), or from the file or folder `weights` names."""
+    """The book's gpt_download.py function: (config, params), params its nested
+    dict, from gpt2/<size>/ (downloaded once) or from the file or folder `weights`."""
     path = download_gpt2(model_name, models_dir) if weights == "pretrained" else weights
     return load_gpt2(path, model_name)
 
 
 def load_gpt2(weights, model_name="gpt2-small", config=None):
-    """(settings, params) from any of the three forms --weights takes, checked
-    against the settings (or `config`, where the caller knows it) before a model
-    is built: sizes first, then every tensor on an empty model."""
+    """(config, params) from any form --weights takes (beyond/weights.py), checked
+    before a model is built: sizes first, then every tensor on an empty model."""
     form, path = find_weights(weights)
     config_file = None
     if config is None:
@@ -233,9 +218,7 @@ def load_gpt2(weights, model_name="gpt2-small", config=None):
 
 
 def weights_config(model_name, weights):
-    """The model config for --weights: where a file or folder is given, from the
-    config beside it (settings_for) or model_name, checked against the file's
-    tensors here, before any data is read or written."""
+    """The model config --weights gives, its file checked before any data is read."""
     if weights in ("pretrained", "random"):
         return model_config(model_name)
     return load_gpt2(weights, model_name)[0]
@@ -325,9 +308,7 @@ def matched_params(gpt, params, source):
 
 
 def get_tokenizer():
-    """The chapter's tiktoken.get_encoding("gpt2"). tiktoken reads its cache or
-    downloads the files; where it can do neither, the repository's copy is used
-    (repository_tokenizer)."""
+    """The chapter's tiktoken.get_encoding("gpt2"); offline, the repository's copy."""
     import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")

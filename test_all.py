@@ -204,13 +204,26 @@ def test_fused_gelu_and_layer_norm_equal_the_chapters_formulas():
     assert torch.allclose(norm(x), expected, atol=1e-5)
 
 
+def explicit_causal_attention(queries, keys, values, mask, dropout):
+    """Chapter 3's formula: the reference the fused attention and the fast path meet.
+
+    queries: (b, heads, n_queries, head_dim); keys, values: (b, heads, n_keys, head_dim);
+    mask: bool, broadcastable to (b, heads, n_queries, n_keys), True where attending is allowed.
+    """
+    attn_scores = queries @ keys.transpose(2, 3)
+    attn_scores = attn_scores.masked_fill(~mask, -torch.inf)
+    attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+    attn_weights = dropout(attn_weights)
+    return attn_weights @ values  # (b, heads, n_queries, head_dim)
+
+
 def test_sdpa_attention_equals_the_explicit_masked_softmax():
     torch.manual_seed(1)
     att = gpt.MultiHeadAttention(16, 16, 64, 0.0, num_heads=4, qkv_bias=True).eval()
     x = torch.randn(3, 9, 16)
     queries, keys, values = (att.split_heads(w(x)) for w in (att.W_query, att.W_key, att.W_value))
     mask = torch.ones(9, 9, dtype=torch.bool).tril()
-    context = gpt.explicit_causal_attention(queries, keys, values, mask, att.dropout)
+    context = explicit_causal_attention(queries, keys, values, mask, att.dropout)
     expected = att.out_proj(context.transpose(1, 2).reshape(3, 9, 16))
     assert torch.allclose(att(x), expected, atol=1e-5)
 
@@ -1862,13 +1875,13 @@ def test_lora_starts_at_the_base_model_and_trains_only_adapters_and_head():
     base = gpt.GPTModel(TINY_CONFIG)
     ids = torch.randint(0, 50000, (2, 8))
     with torch.no_grad():
-        hidden = base.final_norm(base.trf_blocks(base.embed(ids)))
+        hidden = base.final_norm(base.trf_blocks(beyond.fast.embed(base, ids)))
     finetune.prepare_for_classification(base, 2, trainable="lora", lora_rank=4, lora_alpha=8)
     trainable = {n for n, p in base.named_parameters() if p.requires_grad}
     assert trainable and all(".lora." in n or n.startswith("out_head.") for n in trainable)
     assert sum(".lora.A" in n for n in trainable) == 2 * 6  # 6 Linear layers per block
     with torch.no_grad():
-        assert torch.allclose(base.final_norm(base.trf_blocks(base.embed(ids))), hidden)
+        assert torch.allclose(base.final_norm(base.trf_blocks(beyond.fast.embed(base, ids))), hidden)
     assert not beyond.fast.GPTClassifier(base).enable_prefix_cache()
     layer = beyond.lora.LoRALayer(3, 5, rank=2, alpha=4)
     with torch.no_grad():
@@ -3085,3 +3098,18 @@ def test_a_plain_run_steps_through_the_chapters_gpt_model_forward(sample_tsv, tm
     batches = int(re.search(r"^(\d+) training batches$", out.getvalue(), re.M)[1])
     assert sum(calls) == batches > 0  # in training mode: once per step of the one epoch
     assert len(calls) > batches  # and in eval mode for every evaluation
+
+
+def test_a_checkpoint_written_before_the_beyond_split_classifies_as_it_did(capsys):
+    """testdata/checkpoint-2b3c524: LoRA adapters (rank 2) and head, pool flexible,
+    calibrated, written by finetune.py at commit 2b3c524; the lines below are what
+    that commit's classify.py printed for them."""
+    checkpoint = HERE / "testdata" / "checkpoint-2b3c524" / "review_classifier.safetensors"
+    classify.main(["--checkpoint", str(checkpoint), "--base-weights", str(MINI_WEIGHTS),
+                   "--json", "Win a free prize now, call 0800 to claim",
+                   "Are we still on for dinner tonight?"])
+    assert capsys.readouterr().out.splitlines() == [
+        '{"text": "Win a free prize now, call 0800 to claim", "label": "not spam", '
+        '"probabilities": {"not spam": 0.5000096559524536, "spam": 0.49999040365219116}}',
+        '{"text": "Are we still on for dinner tonight?", "label": "spam", '
+        '"probabilities": {"not spam": 0.4966579079627991, "spam": 0.5033420920372009}}']

@@ -61,15 +61,10 @@ def download_file(url, destination, what, hint):
     return destination
 
 
-def gpt2_folder(model_name, models_dir="gpt2"):
-    """gpt2/124M/ for gpt2-small: where chapter 5 leaves OpenAI's files."""
-    return Path(models_dir) / RELEASES[model_name][1]
-
-
 def gpt2_weights_path(model_name, models_dir="gpt2"):
     """The file --weights pretrained reads in gpt2/<size>/: OpenAI's data file where
     chapter 5 left it and no model.safetensors is there, else model.safetensors."""
-    folder = gpt2_folder(model_name, models_dir)
+    folder = Path(models_dir) / RELEASES[model_name][1]  # gpt2/124M/: where chapter 5 puts them
     hub_file, openai_data = folder / "model.safetensors", folder / OPENAI_FILES[-1]
     return openai_data if not hub_file.exists() and openai_data.exists() else hub_file
 
@@ -85,7 +80,7 @@ def download_gpt2(model_name, models_dir="gpt2", flag="--weights"):
         return download_file(HUB_URL.format(RELEASES[model_name][0]), path, what,
                              "OpenAI's original files were tried next")
     except InputError as hub_error:
-        size, folder = gpt2_folder(model_name, models_dir).name, path.parent
+        size, folder = RELEASES[model_name][1], path.parent
         hint = (f"download model.safetensors of openai-community/{RELEASES[model_name][0]} "
                 f"yourself and pass it with {flag} PATH (or place it, or chapter 5's "
                 f"OpenAI files, in {folder})")

@@ -1,5 +1,6 @@
 """Why: each token's signed share of a classification (occlusion, gradient x
 input, integrated gradients), for classify.py --explain and the page."""
+import functools
 from beyond.tokens import PAD_TOKEN_ID, encode, pad_ids
 import torch
 
@@ -61,42 +62,30 @@ def occlusion_scores(model, ids, target, max_length, pad_token_id):
     return (odds[0] - odds[1:]).tolist()
 
 
-def logits_from_token_embeddings(model, token_embeddings, input_batch):
-    """The classifier's logits from the token embeddings (b, T, emb_dim) instead of
-    ids, so that gradients reach them: every layer at every position."""
-    gpt = model.gpt
-    positions = torch.arange(input_batch.shape[1], device=input_batch.device)
-    with model.autocast(input_batch):  # --precision, as the classification's
-        x = gpt.drop_emb(token_embeddings + gpt.pos_emb(positions))
-        x = gpt.final_norm(gpt.trf_blocks(x))  # (b, T, emb_dim)
-        logits = gpt.out_head(model.pool_outputs(x, input_batch))
-    return logits.float()
-
-
 def gradient_scores(model, ids, target, max_length, pad_token_id, scales=(1.0,)):
     """Gradient x input: each token's embedding times the mean over `scales` of the
     gradient of target's log-odds at the embeddings scaled (the padding's unscaled)."""
+    gpt, n = model.gpt, len(ids)
     inputs = padded_batch([ids], model, max_length, pad_token_id)
-    inputs = inputs.to(model.gpt.tok_emb.weight.device).expand(len(scales), -1)
-    n = len(ids)
+    inputs = inputs.to(gpt.tok_emb.weight.device).expand(len(scales), -1)
     with torch.inference_mode(False), torch.enable_grad():
-        embeddings = model.gpt.tok_emb(inputs).detach()  # (steps, T, emb_dim)
+        positions = torch.arange(inputs.shape[1], device=inputs.device)
+        embeddings = gpt.tok_emb(inputs).detach()  # (steps, T, emb_dim)
         scale = torch.ones(inputs.shape, device=inputs.device)
         scale[:, :n] = torch.tensor(scales, device=inputs.device)[:, None]
         scaled = (embeddings * scale[..., None]).requires_grad_()
-        odds = log_odds(logits_from_token_embeddings(model, scaled, inputs).float(), target)
-        (gradient,) = torch.autograd.grad(odds.sum(), scaled)
+        # the forward pass from the embeddings, so that gradients reach them
+        with model.autocast(inputs):  # --precision, as the classification's
+            x = gpt.final_norm(gpt.trf_blocks(gpt.drop_emb(scaled + gpt.pos_emb(positions))))
+            logits = gpt.out_head(model.pool_outputs(x, inputs))  # x: (steps, T, emb_dim)
+        (gradient,) = torch.autograd.grad(log_odds(logits.float(), target).sum(), scaled)
     return (gradient[:, :n].mean(dim=0) * embeddings[0, :n]).sum(dim=-1).tolist()
 
 
-def integrated_gradient_scores(model, ids, target, max_length, pad_token_id, steps=IG_STEPS):
-    # the midpoint rule on the straight path from a zero embedding to the message's
-    scales = [(step + 0.5) / steps for step in range(steps)]
-    return gradient_scores(model, ids, target, max_length, pad_token_id, scales)
-
-
+# integrated gradients: the midpoint rule on the straight path from a zero embedding
 SCORERS = {"occlusion": occlusion_scores, "gradient": gradient_scores,
-           "integrated": integrated_gradient_scores}
+           "integrated": functools.partial(gradient_scores, scales=[
+               (step + 0.5) / IG_STEPS for step in range(IG_STEPS)])}
 
 
 def explain_ids(model, ids, max_length, pad_token_id=PAD_TOKEN_ID, method=EXPLAIN_DEFAULT,

@@ -222,7 +222,7 @@ class GPTClassifier(torch.nn.Module):
         """The frozen prefix's output, (b, T, emb_dim), in the cache's dtype."""
         # outside inference mode: cached tensors are later used in training
         with torch.inference_mode(False), torch.no_grad(), self.autocast(input_batch):
-            hidden = self.gpt.embed(input_batch.clone())
+            hidden = embed(self.gpt, input_batch.clone())
             hidden = self.gpt.trf_blocks[:self.n_cached](hidden)
         return hidden.to(self.cache_dtype())
 
@@ -242,7 +242,7 @@ class GPTClassifier(torch.nn.Module):
         """Output of the embeddings and the first n_cached blocks, (b, T, emb_dim),
         each message computed once (keyed as prefix_keys says)."""
         if self.n_cached is None:
-            return self.gpt.embed(input_batch)
+            return embed(self.gpt, input_batch)
         keys, keep = self.prefix_keys(input_batch)
         rows = {}  # batch row -> hidden states computed now
         missing = [i for i, key in enumerate(keys) if key not in self.prefix_cache]
@@ -260,6 +260,12 @@ class GPTClassifier(torch.nn.Module):
         for i, key in enumerate(keys):
             x[i, :keep[i]] = rows[i] if i in rows else self.prefix_cache.get(key, x.device)
         return x
+
+
+def embed(gpt, in_idx):
+    """GPTModel.forward's first steps, with its modules: (b, T) ids -> (b, T, emb_dim)."""
+    pos_embeds = gpt.pos_emb(torch.arange(in_idx.shape[1], device=in_idx.device))
+    return gpt.drop_emb(gpt.tok_emb(in_idx) + pos_embeds)
 
 
 def frozen_prefix_length(gpt):

@@ -12,15 +12,11 @@ from beyond.cli import InputError
 import torch
 
 
-# dtype name in the file -> (torch dtype, bytes per element)
+# dtype name in the file -> torch dtype
 SAFETENSORS_DTYPES = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-}
-
-
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool}
 MAX_HEADER_BYTES = 100_000_000  # the Hub's own readers refuse larger headers too
 
 
@@ -109,7 +105,7 @@ def entry_problem(info, data_size):
     if offsets[1] > data_size:
         return (f"ends at byte {offsets[1]:,} of the data area, which has {data_size:,} "
                 f"bytes (truncated?)")
-    expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
+    expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
     if offsets[1] - offsets[0] != expected:
         return f"has {offsets[1] - offsets[0]:,} bytes but {dtype} x {shape} needs {expected:,}"
     return None
@@ -120,7 +116,7 @@ def check_floating(entries, names, source):
     same size, passes every other check and would load as nonsense."""
     for name in names:
         dtype = entries[name][0]
-        if not SAFETENSORS_DTYPES[dtype][0].is_floating_point:
+        if not SAFETENSORS_DTYPES[dtype].is_floating_point:
             raise InputError(f"{source}: tensor {name} has dtype {dtype}, but weights are "
                              f"floating point (F16, BF16, F32 or F64).")
 
@@ -147,7 +143,7 @@ def load_safetensors(path):
     """All tensors of a file as views of a memory map, and the metadata."""
     entries, metadata = read_safetensors_header(path)
     buffer = map_file(path)
-    return {name: buffer_tensor(buffer, SAFETENSORS_DTYPES[dtype][0], shape, start, end)
+    return {name: buffer_tensor(buffer, SAFETENSORS_DTYPES[dtype], shape, start, end)
             for name, (dtype, shape, start, end) in entries.items()}, metadata
 
 
@@ -164,7 +160,7 @@ def save_safetensors(tensors, path, metadata=None):
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     tensors = {name: tensors[name] for name in sorted(tensors, key=lambda n: sizes[n] % 64 > 0)}
     header, offset = {}, 0
-    names = {dtype: name for name, (dtype, _) in SAFETENSORS_DTYPES.items()}
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     for name, t in tensors.items():
         header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + sizes[name]]}

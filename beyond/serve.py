@@ -25,15 +25,6 @@ REQUEST_DEADLINE = 30.0  # seconds a client has to send its whole request
 MAX_DRAIN = 16_000_000   # bytes of an unread body read and dropped after an error answer
 
 
-def describe_checkpoint(path, info):
-    """What /info answers and the page shows above the text box."""
-    config = info["config"]
-    return {"checkpoint": Path(path).name, "labels": info["labels"], "model": info["model"],
-            "layers": config["n_layers"], "emb_dim": config["emb_dim"],
-            "max_length": info["max_length"], "pool": info["pool"],
-            "trainable": info["trainable"]}
-
-
 # The page at /: one text box, a button, a bar per class; inline, nothing to fetch.
 PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 
@@ -56,14 +47,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-
-
-def host_names(host, server_name):
-    """The names, besides IP addresses, that a Host header may give this server."""
-    names = {"localhost", host, server_name}
-    if host in ("0.0.0.0", "::"):  # every interface: the machine's own name too
-        names.add(socket.gethostname())
-    return {name.lower().rstrip(".") for name in names}
 
 
 def names_this_server(host_header, names):
@@ -124,8 +107,7 @@ def make_handler(classify, description, timeout=TIMEOUT, deadline=REQUEST_DEADLI
         body_read = False
 
         def answer(self, status, body, content_type="application/json"):
-            data = body.encode("utf-8") if isinstance(body, str) else \
-                json.dumps(body, allow_nan=False).encode("utf-8")
+            data = (body if isinstance(body, str) else json.dumps(body, allow_nan=False)).encode()
             self.send_response(status)
             self.send_header("Content-Type", f"{content_type}; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
@@ -243,7 +225,11 @@ class ClassifierServer(http.server.HTTPServer):
         self.connections = threading.BoundedSemaphore(max_connections)
         self.busy_handler = type("BusyHandler", (handler,), {"busy": True})
         super().__init__(address, handler)
-        self.host_names = host_names(address[0], self.server_name)
+        # the names, besides IP addresses, that a Host header may give this server
+        names = {"localhost", address[0], self.server_name}
+        if address[0] in ("0.0.0.0", "::"):  # every interface: the machine's own name too
+            names.add(socket.gethostname())
+        self.host_names = {name.lower().rstrip(".") for name in names}
 
     def process_request(self, request, client_address):
         # counted here, in the order the connections arrived
@@ -311,8 +297,13 @@ def classifier(model, info, device, checkpoint, tokenizer):
 
 def serve(model, info, checkpoint, device, tokenizer, host, port):
     """Serves the page, /info and /classify until Ctrl-C; the model is loaded once."""
+    config = info["config"]  # what /info answers and the page shows above the text box
+    description = {"checkpoint": Path(checkpoint).name, "labels": info["labels"],
+                   "model": info["model"], "layers": config["n_layers"],
+                   "emb_dim": config["emb_dim"], "max_length": info["max_length"],
+                   "pool": info["pool"], "trainable": info["trainable"]}
     server = make_server(host, port, classifier(model, info, device, checkpoint, tokenizer),
-                         describe_checkpoint(checkpoint, info))
+                         description)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {host}, not only on this machine: whoever reaches it on "
               f"port {server.server_port} can use the classifier.")

@@ -93,26 +93,20 @@ def line_batches(stream, size):
         del lines[:size]
 
 
-def decode_line(line, number):
-    """A line of stdin as text, without its "\r"; bytes that are not UTF-8 become U+FFFD."""
-    line = line[:-1] if line.endswith(b"\r") else line
+def utf8_text(raw, what):
+    """Bytes as text: those that are not UTF-8 become U+FFFD, and a note names `what`."""
     try:
-        return line.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
-        print(f"note: line {number} of stdin is not UTF-8: its undecodable bytes are "
-              f"classified as U+FFFD.", file=sys.stderr)
-        return line.decode("utf-8", errors="replace")
+        print(f"note: {what} is not UTF-8: its undecodable bytes are classified as U+FFFD.",
+              file=sys.stderr)
+        return raw.decode("utf-8", errors="replace")
 
 
 def argument_text(text, number):
-    """A TEXT argument whose bytes that are not UTF-8 (Python keeps them as lone
-    surrogates, which no JSON reader takes) become U+FFFD, as on stdin."""
-    raw = text.encode("utf-8", errors="surrogateescape")
-    if raw.decode("utf-8", errors="replace") == text:
-        return text
-    print(f"note: TEXT {number} is not UTF-8: its undecodable bytes are classified as "
-          f"U+FFFD.", file=sys.stderr)
-    return raw.decode("utf-8", errors="replace")
+    """A TEXT argument's bytes that are not UTF-8 (Python keeps them as lone surrogates,
+    which no JSON reader takes) become U+FFFD, as on stdin."""
+    return utf8_text(text.encode("utf-8", errors="surrogateescape"), f"TEXT {number}")
 
 
 def text_batches(args_texts, stdin, size=CHUNK):
@@ -126,7 +120,8 @@ def text_batches(args_texts, stdin, size=CHUNK):
             yield texts
             texts = []
         for lines in line_batches(stdin, size):
-            yield [decode_line(line, number + i) for i, line in enumerate(lines, 1)]
+            yield [utf8_text(line.removesuffix(b"\r"), f"line {number + i} of stdin")
+                   for i, line in enumerate(lines, 1)]
             number += len(lines)
     if texts:
         yield texts

@@ -98,15 +98,10 @@ def checkpoint_prefix_name(folder):
 
 def tf_prefix(path):
     """The checkpoint prefix of model.ckpt, model.ckpt.index, .meta or .data-*, or None."""
-    name = path.name
-    for ending in (".index", ".meta"):
-        if name.endswith(ending):
-            return path.with_name(name[:-len(ending)])
-    if ".data-" in name:
-        return path.with_name(name.rsplit(".data-", 1)[0])
-    if not path.exists() and Path(f"{path}.index").is_file():
-        return path
-    return None
+    match = re.fullmatch(r"(.+)(\.index|\.meta|\.data-.*)", path.name, re.S)
+    if match:
+        return path.with_name(match[1])
+    return path if not path.exists() and Path(f"{path}.index").is_file() else None
 
 
 def tf_data_file_of(prefix):
