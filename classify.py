@@ -19,9 +19,11 @@ from beyond.explain import EXPLAIN_DEFAULT, EXPLAIN_METHODS, MAX_EXPLAINED
 from beyond.fast import GPTClassifier
 from beyond.lora import lora_base_file, not_the_base, replace_linear_with_lora
 from beyond.precision import add_precision_option, check_precision
-from beyond.safetensors import check_floating, load_safetensors, read_safetensors_header, save_safetensors
+from beyond.safetensors import (check_floating, load_safetensors, read_safetensors_header,
+                                save_safetensors)
 from beyond.serve import serve
-from beyond.stream import BLANK, CHUNK, NonFiniteLogits, argument_text, classify_and_print, text_batches, validated_threshold
+from beyond.stream import (BLANK, CHUNK, NonFiniteLogits, argument_text, classify_and_print,
+                           text_batches, validated_threshold)
 from beyond.tokens import PAD_TOKEN_ID, encode
 import torch
 from data import SPAM_CLASS_NAMES

@@ -30,10 +30,10 @@ SEED = 123                               # the chapter's random_state and manual
 EMPTY_TEXT = "the message is empty (or only whitespace); remove the line or give it a text."
 
 
-# ---------------------------------- the chapter: listings 6.1-6.5, in the book's order
+# --------------------------------------------------------- 6.2 Preparing the dataset
 
+# Listing 6.1 Downloading and unzipping the dataset
 def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
-    """Listing 6.1."""
     data_file_path = Path(data_file_path)
     if data_file_path.exists():
         print(f"{data_file_path} already exists. Skipping download and extraction.")
@@ -56,25 +56,8 @@ def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
     print(f"File downloaded and saved as {data_file_path}")
 
 
-def load_messages(path):
-    """[(label, text)] from --data: the SMS collection (TSV, or the UCI zip), whose
-    labels must be ham or spam, or your own label<TAB>text TSV or Label,Text CSV."""
-    path = Path(path)
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise InputError(f"data file {path} {what}.")
-    if zipfile.is_zipfile(path):  # parsed in memory: the zip's folder may be read-only
-        return parse_tsv(read_member(path), f"{path}:{ZIP_MEMBER}", labels=SPAM_LABELS)
-    if path.suffix.lower() == ".csv":
-        rows = read_labeled_csv(path)
-        if not rows:
-            raise InputError(f"{path} holds no messages.")
-        return rows
-    return read_tsv(path, labels=SPAM_LABELS if path.name.startswith(ZIP_MEMBER) else None)
-
-
+# Listing 6.2 Creating a balanced dataset (df: a list of (label, text) rows)
 def create_balanced_dataset(df, seed=SEED):
-    """Listing 6.2 on a list of (label, text) rows, the book's DataFrame."""
     # Count the instances of "spam"
     num_spam = len([row for row in df if row[0] == "spam"])
     # Randomly sample "ham" instances to match the number of "spam" instances;
@@ -85,8 +68,8 @@ def create_balanced_dataset(df, seed=SEED):
     return balanced_df
 
 
+# Listing 6.3 Splitting the dataset
 def random_split(df, train_frac, validation_frac, seed=SEED):
-    """Listing 6.3."""
     # Shuffle the entire DataFrame: pandas' df.sample(frac=1, random_state=seed)
     df = sample(df, len(df), seed)
 
@@ -105,32 +88,10 @@ def random_split(df, train_frac, validation_frac, seed=SEED):
     return train_df, validation_df, test_df
 
 
-def write_csv(rows, path, label_ids=SPAM_LABELS):
-    """Columns Label,Text with integer labels: the chapter's map({"ham": 0,
-    "spam": 1}) (label_ids) and to_csv(index=None); commas, quotes and newlines
-    inside texts are quoted by the csv module."""
-    out = io.StringIO(newline="")
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["Label", "Text"])
-    for label, text in rows:
-        writer.writerow([label_ids[label], text])
-    write_atomically(path, out.getvalue())
+# ----------------------------------------------------------- 6.3 Creating data loaders
 
-
-def read_csv(path, num_classes=2):
-    """[(label_id, text)] from a split written by write_csv; a label that is not a
-    class id is an error naming the row."""
-    rows = []
-    for number, (label, text) in enumerate(read_labeled_csv(path), start=2):
-        if not label.strip().isdigit() or not 0 <= int(label) < num_classes:
-            raise InputError(f"{path}, row {number}: label {label!r} is not a class id "
-                             f"from 0 to {num_classes - 1}.")
-        rows.append((int(label), text))
-    return rows
-
-
+# Listing 6.4 Setting up a Pytorch Dataset class
 class SpamDataset(Dataset):
-    """Listing 6.4. Not the book's: pad=False leaves the padding to each batch."""
 
     def __init__(self, csv_file, tokenizer, max_length=None, pad_token_id=PAD_TOKEN_ID,
                  num_classes=2, pad=True):
@@ -162,10 +123,11 @@ class SpamDataset(Dataset):
         return max((len(encoded_text) for encoded_text in self.encoded_texts), default=0)
 
 
+# Listing 6.5 Creating PyTorch data loaders
 def create_data_loaders(train_dataset, val_dataset, test_dataset, batch_size=8,
                         num_workers=0):
-    """Listing 6.5. Like the book's, the loaders draw from torch's global generator,
-    so the torch.manual_seed calls before sections 6.6 and 6.7 give its batches."""
+    # like the book's, the loaders draw from torch's global generator, so the
+    # torch.manual_seed calls before sections 6.6 and 6.7 give its batches
     # not the book's default collate: the same stack for padded datasets, and
     # padding per batch for the others (pad=False)
     collate = pad_batch
@@ -178,7 +140,48 @@ def create_data_loaders(train_dataset, val_dataset, test_dataset, batch_size=8,
     return train_loader, val_loader, test_loader
 
 
-# ===== beyond the chapter: what zipfile and pandas did for it, by hand =====
+# ------------------------------- what the book gets from pandas and zipfile, by hand
+
+def load_messages(path):
+    """[(label, text)] from --data: the SMS collection (TSV, or the UCI zip), whose
+    labels must be ham or spam, or your own label<TAB>text TSV or Label,Text CSV."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise InputError(f"data file {path} {what}.")
+    if zipfile.is_zipfile(path):  # parsed in memory: the zip's folder may be read-only
+        return parse_tsv(read_member(path), f"{path}:{ZIP_MEMBER}", labels=SPAM_LABELS)
+    if path.suffix.lower() == ".csv":
+        rows = read_labeled_csv(path)
+        if not rows:
+            raise InputError(f"{path} holds no messages.")
+        return rows
+    return read_tsv(path, labels=SPAM_LABELS if path.name.startswith(ZIP_MEMBER) else None)
+
+
+def write_csv(rows, path, label_ids=SPAM_LABELS):
+    """Columns Label,Text with integer labels: the chapter's map({"ham": 0,
+    "spam": 1}) (label_ids) and to_csv(index=None); commas, quotes and newlines
+    inside texts are quoted by the csv module."""
+    out = io.StringIO(newline="")
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["Label", "Text"])
+    for label, text in rows:
+        writer.writerow([label_ids[label], text])
+    write_atomically(path, out.getvalue())
+
+
+def read_csv(path, num_classes=2):
+    """[(label_id, text)] from a split written by write_csv; a label that is not a
+    class id is an error naming the row."""
+    rows = []
+    for number, (label, text) in enumerate(read_labeled_csv(path), start=2):
+        if not label.strip().isdigit() or not 0 <= int(label) < num_classes:
+            raise InputError(f"{path}, row {number}: label {label!r} is not a class id "
+                             f"from 0 to {num_classes - 1}.")
+        rows.append((int(label), text))
+    return rows
+
 
 def read_member(zip_file, member=ZIP_MEMBER):
     """The bytes of the one expected member of zip_file; no other member, and no
@@ -279,9 +282,6 @@ def read_labeled_csv(path):
     except (UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"{path} is not a readable UTF-8 CSV file ({e}).") from None
     return rows
-
-
-# ===== beyond the chapter: the names classify prints =====
 
 
 def class_names(label_ids):

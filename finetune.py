@@ -1,9 +1,7 @@
-"""Sections 6.4-6.8: load GPT-2, swap its head, fine-tune it as a spam classifier,
-evaluate, plot and save it. The classifier module and its checkpoint format are
-classify.py's; this file trains them. Listings 6.7-6.11 come first, in the
-book's order, then the run's steps as the chapter takes them (main) and its
-flags; torchrun, the metrics beyond accuracy, the SVG drawing, the prefix cache
-and the rest are in beyond/, each reached from one commented line here.
+"""Sections 6.4-6.8: GPT-2 with a new head, fine-tuned to classify spam, evaluated,
+plotted and saved. Listings 6.7-6.11 come first, in the book's order, then the
+chapter's script (main) and its flags; what goes beyond the chapter is in beyond/,
+each reached from one commented line.
 
 python finetune.py                      # the whole chapter, with its defaults
 python finetune.py --device cuda --out runs/a
@@ -14,29 +12,34 @@ import time
 from pathlib import Path
 
 from beyond.cli import InputError, positive_float, positive_int, run_cli, seed_number
-from beyond.distributed import join_process_group, on_every_rank, printing_rank, said_by_rank_0, torchrun_ranks, with_progress
+from beyond.distributed import (join_process_group, on_every_rank, printing_rank, said_by_rank_0,
+                                torchrun_ranks, with_progress)
 from beyond.fast import GPTClassifier, add_fast_options, cache_frozen_prefix
 from beyond.files import out_left_as_it_was, publish_run, said_if_interrupted, work_folder
 from beyond.labels import balance_classes, class_ids, count_labels
 from beyond.lora import lora_description
-from beyond.metrics import add_metrics_options, baseline_and_calibration, metrics_beyond_accuracy, run_record
+from beyond.metrics import (add_metrics_options, baseline_and_calibration, metrics_beyond_accuracy,
+                            run_record)
 from beyond.plot import plt
 from beyond.pooling import add_pool_option
 from beyond.precision import add_precision_option, check_precision, loss_scaled
 from beyond.trainable import add_trainable_options, check_trainable_options, choose_trainable
 import torch
-from classify import CHECKPOINT_NAME, add_device_option, classify_review, save_classifier, select_device
-from data import SEED, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_names, create_balanced_dataset, create_data_loaders, data_file_path, download_and_unzip_spam_data, extracted_path, load_messages, random_split, read_tsv, url, write_csv, zip_path
+from classify import (CHECKPOINT_NAME, add_device_option, classify_review, save_classifier,
+                      select_device)
+from data import (SEED, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_names,
+                  create_balanced_dataset, create_data_loaders, data_file_path,
+                  download_and_unzip_spam_data, extracted_path, load_messages, random_split,
+                  read_tsv, url, write_csv, zip_path)
 from gpt import add_model_options, build_gpt, get_tokenizer, weights_config
 
 
+# ---------------------------------------------------- 6.5 Adding a classification head
 
-
-# ---------------------------------------------------- 6.5 adding a classification head
-
+# Listing 6.7 Adding a classification layer
 def prepare_for_classification(model, num_classes, trainable="last_block", seed=SEED,
                                lora_rank=16, lora_alpha=16):
-    """Listing 6.7 and the freezing before it (section 6.5)."""
+    # not the book's script statements: a function, for the tests and the flags
     for param in model.parameters():
         param.requires_grad = False
 
@@ -54,7 +57,7 @@ def prepare_for_classification(model, num_classes, trainable="last_block", seed=
     return choose_trainable(model, trainable, lora_rank, lora_alpha)
 
 
-# ------------------------------------------- 6.6 classification loss and accuracy
+# ------------------------------------- 6.6 Calculating the classification loss and accuracy
 
 # Listing 6.8 Calculating the classification accuracy
 def calc_accuracy_loader(data_loader, model, device, num_batches=None):
@@ -104,7 +107,7 @@ def calc_loss_loader(data_loader, model, device, num_batches=None):
     return total_loss / num_batches
 
 
-# --------------------------------------------------- 6.7 fine-tuning the model
+# ------------------------------------------ 6.7 Fine-tuning the model on supervised data
 
 # Listing 6.10 Fine-tuning the model to classify spam
 def train_classifier_simple(model, train_loader, val_loader, optimizer, device,
@@ -358,14 +361,13 @@ def classify_examples(model, tokenizer, device, max_length):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description="Fine-tune GPT-2 to classify SMS messages as spam or not spam, "
-                    "as chapter 6 does. With no flags it runs the whole chapter: "
-                    "downloads the data and the gpt2-small weights, fine-tunes for 5 "
-                    "epochs, writes train/validation/test.csv, loss-plot.svg, "
-                    "accuracy-plot.svg and review_classifier.safetensors. After the "
-                    "chapter's metrics: a temperature fitted on validation, expected "
-                    "calibration error, reliability-plot.svg and, for two classes, "
-                    "roc-plot.svg, pr-plot.svg and a threshold for --target-fpr.",
+        description="Fine-tune GPT-2 to classify SMS messages as spam or not spam, as chapter "
+                    "6 does. With no flags it runs the whole chapter: downloads the data and "
+                    "the gpt2-small weights, fine-tunes for 5 epochs, writes train/validation/"
+                    "test.csv, loss-plot.svg, accuracy-plot.svg and review_classifier."
+                    "safetensors. After the chapter's metrics: a temperature fitted on "
+                    "validation, expected calibration error, reliability-plot.svg and, for two "
+                    "classes, roc-plot.svg, pr-plot.svg and a threshold for --target-fpr.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_device_option(parser, "auto", "where to train (section 6.6's device)")
     add_model_options(parser, random="'random' (untrained: appendix B's random-weights "

@@ -176,11 +176,12 @@ def token_ids_to_text(token_ids, tokenizer):
     return tokenizer.decode(token_ids.squeeze(0).tolist())
 
 
-# ----------------------------------- 6.4 loading the pretrained weights (listing 6.6)
+# ------------------------------------ 6.4 Initializing a model with pretrained weights
 
+# Listing 6.6 Loading a pretrained GPT model
 def build_gpt(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
-    """Listing 6.6: GPT-2 with its pretrained weights; returns (model, BASE_CONFIG).
-    Not the book's: weights may also be "random" or a local file or folder."""
+    """GPT-2 with its pretrained weights: (model, BASE_CONFIG). Not the book's:
+    weights may also be "random" or a local file or folder."""
     if weights == "random":  # not the book's: an untrained GPT-2, for tests and timings
         BASE_CONFIG = model_config(model_name)
         return GPTModel(BASE_CONFIG).eval(), BASE_CONFIG

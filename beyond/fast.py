@@ -38,36 +38,13 @@ def cache_frozen_prefix(classifier, args, datasets, device, work, cleanup):
             **filled}
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 class GPTClassifier(torch.nn.Module):
     """GPT-2 with its new head, as the listings call it: model(input_batch)[:, -1, :]
     is the class logits (b, num_classes) read at the `pool` position. forward
     returns every position where the chapter's pass computes them (--plain, pool
-    "last"), else only the pooled one: (b, 1, num_classes).
-
-    forward with fast=False is the chapter's plain pass. fast=True (the default)
-    computes the same with less work, in fast_forward:
-    - the output of the frozen prefix (embeddings and the first, frozen blocks)
-      never changes when dropout is off, so it is computed once per message and
-      kept in prefix_cache;
-    - the last block computes its query, attention output and feed-forward at
-      the pooled position only (last_block_at; keys and values still come from
-      all positions)."""
+    "last"), else only the pooled one: (b, 1, num_classes). fast=True computes the
+    same with less work: the frozen prefix's output (embeddings and frozen blocks)
+    cached per message, and the last block at the pooled position only."""
 
     def __init__(self, gpt, pool="last", pad_token_id=PAD_TOKEN_ID, fast=True,
                  precision="fp32"):
@@ -79,7 +56,7 @@ class GPTClassifier(torch.nn.Module):
         self.precision = precision  # "fp32" (the chapter), "bf16" or "fp16": see forward
         self.n_cached = None  # set by enable_prefix_cache
         self.prefix_cache = PrefixCache()
-        self.rounding, self.rounds_after = None, None  # set by round_frozen_prefix
+        self.rounding = None  # set by round_frozen_prefix
         self.grad_scaler = None  # --precision fp16's loss scaling, set by finetune.py
 
     @property
@@ -106,12 +83,10 @@ class GPTClassifier(torch.nn.Module):
     # ------------------------------------ --precision bf16 and fp16
 
     def mixed_precision_forward(self, input_batch):
-        """forward's result with the matrix products in bfloat16 or float16
-        (torch.autocast: weights, layer norms, softmax's sums and the residual
-        stream stay float32), logits returned as float32. The autocast opens and
-        closes with each pass: one left open across optimizer steps keeps reusing
-        its first low-precision copy of the weights, so training never sees its
-        own updates (and AdamW drifts the float32 weights it cannot see)."""
+        """forward's result with the matrix products in bfloat16 or float16, logits
+        in float32. The autocast opens and closes with each pass: one left open
+        across optimizer steps keeps reusing its first low-precision copy of the
+        weights, so training never sees its own updates."""
         with self.autocast(input_batch):
             if self.fast:
                 logits = self.fast_forward(input_batch)
@@ -125,17 +100,15 @@ class GPTClassifier(torch.nn.Module):
         return logits
 
     def round_frozen_prefix(self):
-        """Under bf16/fp16 the cache keeps the frozen prefix's output in that
-        dtype (half the bytes). Rounding that output to it in every pass, cached
-        or not, keeps --plain computing exactly what the cache gives."""
+        """Under bf16/fp16 the cache keeps the frozen prefix's output in that dtype;
+        rounding it so in every pass keeps --plain computing what the cache gives."""
         if self.rounding is not None:
             self.rounding.remove()
-            self.rounding, self.rounds_after = None, None
+            self.rounding = None
         n = frozen_prefix_length(self.gpt)
         if self.precision == "fp32" or n is None:
             return
         dtype = PRECISIONS[self.precision]
-        self.rounds_after = n - 1  # the index of the last frozen block
         self.rounding = self.gpt.trf_blocks[n - 1].register_forward_hook(
             lambda block, inputs, output: output.to(dtype).to(output.dtype))
 
@@ -146,10 +119,9 @@ class GPTClassifier(torch.nn.Module):
     # ------------------------------------ the same result with less work
 
     def enable_prefix_cache(self, budget=None, spill_dir=None):
-        """Caches the frozen prefix's output from now on, where it applies (frozen
+        """Caches the frozen prefix's output from now on where it applies (frozen
         embeddings and first block, no dropout, budget not 0); returns whether it
-        does. Only for fine-tuning: the cache keeps every message it has seen,
-        budget bytes of them on the device (None: no limit), the rest in a
+        does. budget: bytes on the device (None: no limit), the rest spilled to a
         temporary file in spill_dir (None: recomputed)."""
         self.n_cached = frozen_prefix_length(self.gpt) if self.fast and budget != 0 else None
         self.prefix_cache.close()
@@ -167,19 +139,13 @@ class GPTClassifier(torch.nn.Module):
             return self.gpt.out_head(self.pool_outputs(x, input_batch))
         x = blocks[:-1](x)
         x = last_block_at(blocks[-1], x, positions)  # (b, 1, emb_dim)
-        if self.rounds_after == len(self.gpt.trf_blocks) - 1:
-            # every block frozen and no cache: last_block_at bypasses the hook
-            x = x.to(PRECISIONS[self.precision]).to(x.dtype)
         return self.gpt.out_head(self.gpt.final_norm(x[:, 0, :]))
 
     def fill_prefix_cache(self, datasets, batch_size=32, rank=0, world=1):
-        """Computes the frozen prefix of every message once, up front, in batches
-        of similar length: far less padding than the shuffled training batches.
-        The shortest come first, so a budget keeps as many messages as it can.
-        Under torchrun (world processes) each computes every world-th batch and
-        broadcasts it: each ends with the cache one process fills, world times
-        sooner. Returns the seconds it took, the batches, and how many of them
-        this process computed."""
+        """The frozen prefix of every message, once, up front, in batches of similar
+        length (the shortest first, so a budget keeps as many as it can). Under
+        torchrun each process computes every world-th batch and broadcasts it.
+        Returns the seconds it took, the batches, and how many were computed here."""
         start_time = time.time()
         if self.n_cached is None:
             return {"fill_seconds": 0.0, "fill_batches": 0, "fill_batches_computed_here": 0}
@@ -207,10 +173,9 @@ class GPTClassifier(torch.nn.Module):
                 "fill_batches_computed_here": len(range(rank, len(starts), world))}
 
     def prefix_keys(self, input_batch):
-        """Each row's cache key (its token ids) and how many positions it keeps:
-        all of them when pool is "last" (it reads a padding position), only the
-        real tokens otherwise (later padding cannot change them, through the
-        causal mask)."""
+        """Each row's cache key (its token ids) and how many positions it keeps: all
+        for pool "last" (it reads a padding position), else the real tokens (the
+        causal mask keeps later padding from changing them)."""
         b, num_tokens = input_batch.shape
         if self.pool == "last":
             keep = [num_tokens] * b
@@ -282,38 +247,38 @@ def frozen_prefix_length(gpt):
     return n or None
 
 
-def attention_at(att, x, positions):
-    """gpt.py's MultiHeadAttention `att` with one query per row, at `positions` (b,):
-    (b, T, d_in) -> (b, 1, d_out). Keys and values still come from every position
-    up to it: what the full attention computes there, for 1/T of the queries."""
-    b, num_tokens, _ = x.shape
-    keys = att.split_heads(att.W_key(x))
-    values = att.split_heads(att.W_value(x))
-    dropout_p = att.dropout.p if att.training else 0.0
-    queries = att.split_heads(att.W_query(take_positions(x, positions)))
-    key_pos = torch.arange(num_tokens, device=x.device)
-    mask = key_pos <= positions[:, None]  # (b, T): causal for that query
-    context = torch.nn.functional.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=mask[:, None, None, :], dropout_p=dropout_p)
-    context = context.transpose(1, 2).reshape(b, 1, att.d_out)
-    return att.out_proj(context)
+class AttentionAt(torch.nn.Module):
+    """A block's MultiHeadAttention `att` asked for some positions only: queries
+    from the rows it is given (b, 1, d_in), keys and values from every position
+    of `normed` (b, T, d_in), the block's norm1 output, up to each row's position."""
+
+    def __init__(self, att, normed, positions):
+        super().__init__()
+        self.att, self.normed, self.positions = att, normed, positions
+
+    def forward(self, x):
+        att, b = self.att, x.shape[0]
+        keys = att.split_heads(att.W_key(self.normed))
+        values = att.split_heads(att.W_value(self.normed))
+        queries = att.split_heads(att.W_query(x))
+        key_pos = torch.arange(self.normed.shape[1], device=x.device)
+        mask = key_pos <= self.positions[:, None]  # (b, T): causal for that query
+        context = torch.nn.functional.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask[:, None, None, :],
+            dropout_p=att.dropout.p if att.training else 0.0)
+        return att.out_proj(context.transpose(1, 2).reshape(b, 1, att.d_out))
 
 
 def last_block_at(block, x, positions):
-    """gpt.py's TransformerBlock `block` at one position per row, (b, T, d) ->
-    (b, 1, d): block(x)[i, positions[i]], with the block's own layers, but the
-    query, attention output and feed-forward computed there only."""
-    shortcut = take_positions(x, positions)
-    x = block.norm1(x)
-    x = attention_at(block.att, x, positions)
-    x = block.drop_resid(x)
-    x = x + shortcut
-
-    shortcut = x
-    x = block.norm2(x)
-    x = block.ff(x)
-    x = block.drop_resid(x)
-    return x + shortcut
+    """block(x)[i, positions[i]] for each row, (b, T, d) -> (b, 1, d), with the
+    chapter's TransformerBlock.forward itself, run on the pooled rows only: its
+    attention (AttentionAt, for this one call) still reads every position."""
+    att = block.att
+    block.att = AttentionAt(att, block.norm1(x), positions)
+    try:
+        return block(take_positions(x, positions))
+    finally:
+        block.att = att
 
 
 ARENA_BYTES = 64 * 2**20  # the prefix cache's buffers: large enough to be few
