@@ -34,21 +34,19 @@ EMPTY_TEXT = "the message is empty (or only whitespace); remove the line or give
 
 # Listing 6.1 Downloading and unzipping the dataset
 def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
-    data_file_path = Path(data_file_path)
+    # extracted_path: the folder that holds data_file_path, kept from the book's signature
+    data_file_path = Path(data_file_path)  # not the book's: a str works too
     if data_file_path.exists():
         print(f"{data_file_path} already exists. Skipping download and extraction.")
         return
 
-    # Downloading the file: not the book's urlopen and write but beyond/download.py's,
-    # which writes the file whole or not at all and says what to do offline; the
-    # process id in its name, because torchrun's ranks may download side by side
-    zip_path = Path(f"{zip_path}.{os.getpid()}")
+    # Downloading the file: beyond/download.py's, whole or not at all, one error offline
+    zip_path = Path(f"{zip_path}.{os.getpid()}")  # torchrun's ranks may download at once
     download_file(url, zip_path, "the SMS Spam Collection",
                   "pass a local copy of SMSSpamCollection (or the UCI zip) with --data PATH")
 
-    # Unzipping the file: not the book's extractall and os.rename: only its one
-    # member is read, so no path inside the archive (such as ../x) is ever written,
-    # and the .tsv is written whole or not at all
+    # Unzipping the file and adding the .tsv: not extractall and os.rename, which would
+    # write any path the archive names (such as ../x); the one member, written whole
     try:
         write_atomically(data_file_path, read_member(zip_path))
     finally:
@@ -56,21 +54,22 @@ def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
     print(f"File downloaded and saved as {data_file_path}")
 
 
-# Listing 6.2 Creating a balanced dataset (df: a list of (label, text) rows)
-def create_balanced_dataset(df, seed=SEED):
+# Listing 6.2 Creating a balanced dataset (df: a list of (label, text) rows, no pandas)
+def create_balanced_dataset(df, seed=SEED):  # seed: the book's 123, or --seed
     # Count the instances of "spam"
     num_spam = len([row for row in df if row[0] == "spam"])
     # Randomly sample "ham" instances to match the number of "spam" instances;
     # sample is pandas' df.sample(num_spam, random_state=seed): the same rows
     ham_subset = sample([row for row in df if row[0] == "ham"], num_spam, seed)
-    # Combine ham "subset" with "spam"
+    # Combine ham subset with "spam" (pd.concat: lists are joined with +)
     balanced_df = ham_subset + [row for row in df if row[0] == "spam"]
     return balanced_df
 
 
 # Listing 6.3 Splitting the dataset
-def random_split(df, train_frac, validation_frac, seed=SEED):
-    # Shuffle the entire DataFrame: pandas' df.sample(frac=1, random_state=seed)
+def random_split(df, train_frac, validation_frac, seed=SEED):  # seed: 123, or --seed
+    # Shuffle the entire DataFrame: pandas' df.sample(frac=1, random_state=seed); a list
+    # has no index to reset
     df = sample(df, len(df), seed)
 
     # Calculate split indices
@@ -81,7 +80,8 @@ def random_split(df, train_frac, validation_frac, seed=SEED):
     train_df = df[:train_end]
     validation_df = df[train_end:validation_end]
     test_df = df[validation_end:]
-    if not train_df or not validation_df or not test_df:  # not the book's: said, not a crash
+    # not the book's: an empty split would divide by zero in calc_accuracy_loader
+    if not train_df or not validation_df or not test_df:
         raise InputError(f"{len(df)} messages are too few to split {train_frac:.0%} / "
                          f"{validation_frac:.0%} / rest into non-empty training, validation "
                          f"and test sets.")
@@ -93,18 +93,25 @@ def random_split(df, train_frac, validation_frac, seed=SEED):
 # Listing 6.4 Setting up a Pytorch Dataset class
 class SpamDataset(Dataset):
 
+    # not the book's: num_classes checks the labels read; pad=False (--pool) leaves the
+    # padding to each batch
     def __init__(self, csv_file, tokenizer, max_length=None, pad_token_id=PAD_TOKEN_ID,
                  num_classes=2, pad=True):
-        self.data = read_csv(csv_file, num_classes)  # the book's pd.read_csv(csv_file)
-        # the book's tokenizer.encode(text), but "<|endoftext|>" in a text stays text
+        self.data = read_csv(csv_file, num_classes)  # pd.read_csv: (label, text) rows
+
+        # Pre-tokenize texts; encode keeps a text's "<|endoftext|>" as text
         self.encoded_texts = [encode(text, tokenizer) for _, text in self.data]
+
         if max_length is None:
             self.max_length = self._longest_encoded_length()
         else:
             self.max_length = max_length
+            # Truncate sequences if they are longer than max_length
             self.encoded_texts = [encoded_text[:self.max_length]
                                   for encoded_text in self.encoded_texts]
-        if pad:  # not the book's: pad=False leaves the padding to each batch (--pool)
+
+        # Pad sequences to the longest sequence
+        if pad:
             self.encoded_texts = [
                 encoded_text + [pad_token_id] * (self.max_length - len(encoded_text))
                 for encoded_text in self.encoded_texts
@@ -112,7 +119,7 @@ class SpamDataset(Dataset):
 
     def __getitem__(self, index):
         encoded = self.encoded_texts[index]
-        label = self.data[index][0]
+        label = self.data[index][0]  # the book's self.data.iloc[index]["Label"]
         return (torch.tensor(encoded, dtype=torch.long),
                 torch.tensor(label, dtype=torch.long))
 
@@ -120,23 +127,26 @@ class SpamDataset(Dataset):
         return len(self.data)
 
     def _longest_encoded_length(self):
-        return max((len(encoded_text) for encoded_text in self.encoded_texts), default=0)
+        max_length = 0
+        for encoded_text in self.encoded_texts:
+            encoded_length = len(encoded_text)
+            if encoded_length > max_length:
+                max_length = encoded_length
+        return max_length
 
 
-# Listing 6.5 Creating PyTorch data loaders
+# Listing 6.5 Creating PyTorch data loaders. A function, for --batch-size; the book's
+# torch.manual_seed(123) before it is the one finetune.py's main sets before 6.6, which
+# is when the shuffled loader first draws. collate_fn: pad_batch stacks padded messages
+# as the default does, and pads the others (pad=False) per batch
 def create_data_loaders(train_dataset, val_dataset, test_dataset, batch_size=8,
                         num_workers=0):
-    # like the book's, the loaders draw from torch's global generator, so the
-    # torch.manual_seed calls before sections 6.6 and 6.7 give its batches
-    # not the book's default collate: the same stack for padded datasets, and
-    # padding per batch for the others (pad=False)
-    collate = pad_batch
     train_loader = DataLoader(dataset=train_dataset, batch_size=batch_size, shuffle=True,
-                              num_workers=num_workers, drop_last=True, collate_fn=collate)
+                              num_workers=num_workers, drop_last=True, collate_fn=pad_batch)
     val_loader = DataLoader(dataset=val_dataset, batch_size=batch_size,
-                            num_workers=num_workers, drop_last=False, collate_fn=collate)
+                            num_workers=num_workers, drop_last=False, collate_fn=pad_batch)
     test_loader = DataLoader(dataset=test_dataset, batch_size=batch_size,
-                             num_workers=num_workers, drop_last=False, collate_fn=collate)
+                             num_workers=num_workers, drop_last=False, collate_fn=pad_batch)
     return train_loader, val_loader, test_loader
 
 

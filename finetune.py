@@ -20,6 +20,7 @@ from beyond.labels import balance_classes, class_ids, count_labels
 from beyond.lora import lora_description
 from beyond.metrics import (add_metrics_options, baseline_and_calibration, metrics_beyond_accuracy,
                             run_record)
+from beyond.overlap import add_dedup_option, drop_repeated, overlap_metrics
 from beyond.plot import plt
 from beyond.pooling import add_pool_option
 from beyond.precision import add_precision_option, check_precision, loss_scaled
@@ -58,6 +59,9 @@ def prepare_for_classification(model, num_classes, trainable="last_block", seed=
 
 
 # ------------------------------------- 6.6 Calculating the classification loss and accuracy
+
+# model: GPT-2 with its new head, or beyond/fast.py's GPTClassifier around it, whose last
+# output position is the one --pool reads (the last token, as in the book, by default)
 
 # Listing 6.8 Calculating the classification accuracy
 def calc_accuracy_loader(data_loader, model, device, num_batches=None):
@@ -153,7 +157,7 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter):
     return train_loss, val_loss
 
 
-# Listing 6.11 Plotting the classification loss
+# Listing 6.11 Plotting the classification loss (out_dir: --out's work folder)
 def plot_values(epochs_seen, examples_seen, train_values, val_values, label="loss",
                 out_dir="."):
     # plt is beyond/plot.py's stand-in for matplotlib.pyplot: it draws an SVG by hand
@@ -174,7 +178,7 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, label="los
     fig.tight_layout()  # Adjust layout to make room
     # not the book's PDF, and no plt.show(): an SVG in --out, for a command line
     plt.savefig(Path(out_dir) / f"{label}-plot.svg")
-    return Path(out_dir) / f"{label}-plot.svg"
+    return Path(out_dir) / f"{label}-plot.svg"  # for the tests
 
 
 # ------------------------------------------------ the chapter's script, in its order
@@ -205,7 +209,7 @@ def main(argv=None):
             print(f"{len(loader)} {loader.name} batches")
 
         # 6.4 Initializing a model with pretrained weights: listing 6.6
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # not the book's: what --weights random draws
         model, BASE_CONFIG = build_gpt(args.model, args.weights)
 
         # 6.5 Adding a classification head: listing 6.7
@@ -227,9 +231,13 @@ def main(argv=None):
             with out_left_as_it_was(out):
                 plot_curves(results, args.epochs, work)
         metrics = final_metrics(model, loaders, device, class_names(label_ids))
+        # not the book's: the messages also seen in training, and how sure each accuracy is
+        metrics.update(overlap_metrics(model, loaders, splits, label_ids, device,
+                                       metrics["train_accuracy"]))
         metrics.update(run_record(args, train_seconds, classifier, cache))
 
-        # 6.8 Using the LLM as a spam classifier: saved, then listing 6.12
+        # 6.8 Using the LLM as a spam classifier: saved first (the book classifies its two
+        # examples, then saves), so that what follows "Saved" is the saved model's
         if rank == 0:
             save_run(classifier, metrics, BASE_CONFIG, datasets[0].max_length, label_ids,
                      splits, loaders, device, args, work, out)
@@ -252,6 +260,8 @@ def prepare_splits(args, df, out):
     train/validation/test.csv into `out`. Returns label -> id and the splits."""
     print(f"Dataset: {len(df)} messages, label counts {count_labels(df)}")
     label_ids = class_ids(df)  # the book's {"ham": 0, "spam": 1}; any labels: sorted
+    if args.dedup:  # not the book's: no message both in training and in evaluation
+        df = drop_repeated(df)
     if not args.no_balance:
         # listing 6.2 for ham and spam; any other labels: beyond/labels.py, alike
         balance = create_balanced_dataset if label_ids == SPAM_LABELS else balance_classes
@@ -316,8 +326,8 @@ def plot_curves(results, num_epochs, out):
                                             ("accuracy", train_accs, val_accs)]:
         epochs_tensor = torch.linspace(0, num_epochs, len(train_values))
         examples_seen_tensor = torch.linspace(0, examples_seen, len(train_values))
-        plot_values(epochs_tensor.tolist(), examples_seen_tensor.tolist(), train_values,
-                    val_values, label=label, out_dir=out)
+        plot_values(epochs_tensor, examples_seen_tensor, train_values, val_values,
+                    label=label, out_dir=out)
 
 
 def final_metrics(model, loaders, device, names):
@@ -397,8 +407,8 @@ def build_parser():
                         help="keep the data as it is instead of undersampling every class "
                              "to the smallest (listing 6.2)")
     # not the chapter's: each of these modules adds the flags of what it does
-    for add_options in (add_trainable_options, add_pool_option, add_metrics_options,
-                        add_fast_options, add_precision_option):
+    for add_options in (add_dedup_option, add_trainable_options, add_pool_option,
+                        add_metrics_options, add_fast_options, add_precision_option):
         add_options(parser)
     return parser
 

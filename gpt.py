@@ -180,18 +180,19 @@ def token_ids_to_text(token_ids, tokenizer):
 
 # Listing 6.6 Loading a pretrained GPT model
 def build_gpt(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
-    """GPT-2 with its pretrained weights: (model, BASE_CONFIG). Not the book's:
-    weights may also be "random" or a local file or folder."""
-    if weights == "random":  # not the book's: an untrained GPT-2, for tests and timings
-        BASE_CONFIG = model_config(model_name)
-        return GPTModel(BASE_CONFIG).eval(), BASE_CONFIG
-    # not the book's settings (OpenAI's hparams) beside BASE_CONFIG: one config, in
-    # BASE_CONFIG's keys, --model's or the one beside a local file
-    BASE_CONFIG, params = download_and_load_gpt2(model_name, weights, models_dir)
-    model = GPTModel(BASE_CONFIG)
+    """(model, config): GPT-2 as listing 6.6 loads it. Not the book's: weights may
+    also be "random" (untrained, for tests and timings) or a local file or folder."""
+    if weights == "random":
+        config = model_config(model_name)
+        return GPTModel(config).eval(), config
+    # the book's BASE_CONFIG.update(model_configs[CHOOSE_MODEL]) and model_size line are
+    # in download_and_load_gpt2, whose settings are that config (or the one beside a
+    # local file) in BASE_CONFIG's keys, where the book's are OpenAI's hparams
+    settings, params = download_and_load_gpt2(model_name, weights, models_dir)
+    model = GPTModel(settings)
     load_weights_into_gpt(model, params)
     model.eval()
-    return model, BASE_CONFIG
+    return model, settings
 
 
 def download_and_load_gpt2(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):

@@ -6,23 +6,33 @@ import base64
 import contextlib
 import errno
 import hashlib
+import http.client
 import http.server
+import inspect
 import io
 import json
 import math
 import os
+import pickle
+import pty
 import random
 import re
+import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import xml.etree.ElementTree as ET
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -42,26 +52,13 @@ import data  # noqa: E402
 import finetune  # noqa: E402
 import classify  # noqa: E402
 from beyond.cli import InputError  # noqa: E402
-import beyond.calibrate  # noqa: E402
-import beyond.cli  # noqa: E402
 import beyond.distributed  # noqa: E402
-import beyond.download  # noqa: E402
-import beyond.explain  # noqa: E402
-import beyond.fast  # noqa: E402
-import beyond.labels  # noqa: E402
-import beyond.lora  # noqa: E402
-import beyond.memory  # noqa: E402
-import beyond.metrics  # noqa: E402
-import beyond.pooling  # noqa: E402
-import beyond.precision  # noqa: E402
-import beyond.safetensors  # noqa: E402
-import beyond.sampling  # noqa: E402
-import beyond.serve  # noqa: E402
-import beyond.stream  # noqa: E402
-import beyond.tf_checkpoint  # noqa: E402
-import beyond.tokens  # noqa: E402
-import beyond.trainable  # noqa: E402
-import beyond.weights  # noqa: E402
+from beyond import (calibrate as bcalibrate, cli as bcli, download as bdownload,  # noqa: E402
+                    explain as bexplain, fast as bfast, files as bfiles, labels as blabels,
+                    lora as blora, memory as bmemory, metrics as bmetrics, pooling as bpooling,
+                    precision as bprecision, safetensors as bst, sampling as bsampling,
+                    serve as bserve, stream as bstream, tf_checkpoint as btf,
+                    tokens as btokens, trainable as btrainable, weights as bweights)
 
 KNOWN_SIZES = {name: gpt.model_config(name) for name in gpt.MODEL_NAMES}
 TINY_CONFIG = {"vocab_size": 50257, "context_length": 64, "emb_dim": 16, "n_layers": 2,
@@ -112,7 +109,7 @@ def cli(capsys, monkeypatch):
         sigterm = signal.getsignal(signal.SIGTERM)  # run_cli sets its own
         capsys.readouterr()
         try:
-            beyond.cli.run_cli(module.main if module is bench else lambda: module.main(argv))
+            bcli.run_cli(module.main if module is bench else lambda: module.main(argv))
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else int(e.code is not None)
@@ -143,7 +140,7 @@ def tiny_classifier(num_classes=2, pool="last", trainable="last_block", seed=0, 
     torch.manual_seed(seed)
     model = gpt.GPTModel(dict(TINY_CONFIG, n_layers=n_layers))
     finetune.prepare_for_classification(model, num_classes, trainable=trainable, seed=seed)
-    return beyond.fast.GPTClassifier(model, pool=pool)
+    return bfast.GPTClassifier(model, pool=pool)
 
 
 # ------------------------------------------------------------------------ gpt.py
@@ -152,7 +149,7 @@ def test_hub_layout_model_reproduces_the_reference_implementations_logits(tokeni
     model, config = gpt.build_gpt(weights=str(MINI_WEIGHTS))
     assert (config["emb_dim"], config["n_layers"], config["n_heads"],
             config["context_length"]) == (16, 2, 2, 128)
-    expected, _ = beyond.safetensors.load_safetensors(MINI / "expected.safetensors")
+    expected, _ = bst.load_safetensors(MINI / "expected.safetensors")
     reference = json.loads((MINI / "expected.json").read_text())
     assert expected["input_ids"].tolist() == [tokenizer.encode(t) for t in reference["texts"]]
     with torch.no_grad():
@@ -234,13 +231,12 @@ def test_last_block_at_one_position_equals_the_full_block():
     x = torch.randn(4, 10, 16)
     positions = torch.tensor([9, 0, 4, 7])
     full = block(x)
-    one = beyond.fast.last_block_at(block, x, positions)
+    one = bfast.last_block_at(block, x, positions)
     assert one.shape == (4, 1, 16)
     assert torch.allclose(one[:, 0], full[torch.arange(4), positions], atol=1e-5)
 
 
 def test_chapter_4s_attention_and_block_take_only_x():
-    import inspect
     for module in (gpt.MultiHeadAttention, gpt.TransformerBlock):
         assert list(inspect.signature(module.forward).parameters) == ["self", "x"]
 
@@ -258,12 +254,12 @@ def test_the_classifiers_plain_path_is_the_chapters_last_output_token():
 
 
 def test_loader_accepts_a_transformer_prefix_and_ignores_extra_keys():
-    tensors, _ = beyond.safetensors.load_safetensors(MINI_WEIGHTS)
+    tensors, _ = bst.load_safetensors(MINI_WEIGHTS)
     prefixed = {"transformer." + k: v for k, v in tensors.items()}
     prefixed["lm_head.weight"] = tensors["wte.weight"]
-    config = beyond.weights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub")
+    config = bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub")
     model = gpt.GPTModel(config)
-    params = beyond.weights.params_from_hub(prefixed)
+    params = bweights.params_from_hub(prefixed)
     assert params["blocks"][1]["attn"]["c_attn"]["w"].shape == (16, 48)  # the book's layout
     assert "bias" not in params["blocks"][0]["attn"]  # the mask buffer is left out
     gpt.load_weights_into_gpt(model, params)
@@ -274,62 +270,62 @@ def test_loader_accepts_a_transformer_prefix_and_ignores_extra_keys():
 
 
 def test_loader_rejects_weights_missing_a_tensor():
-    tensors, _ = beyond.safetensors.load_safetensors(MINI_WEIGHTS)
+    tensors, _ = bst.load_safetensors(MINI_WEIGHTS)
     del tensors["h.1.mlp.c_fc.bias"]
-    model = gpt.GPTModel(beyond.weights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub"))
+    model = gpt.GPTModel(bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub"))
     before = model.tok_emb.weight.clone()
     with pytest.raises(InputError, match=r"params\['blocks'\]\[1\]\['mlp'\]\['c_fc'\]\['b'\] "
                                          r"is missing \(the model's trf_blocks\.1\.ff\.layers\.0\.bias\)"):
-        gpt.load_weights_into_gpt(model, beyond.weights.params_from_hub(tensors))
+        gpt.load_weights_into_gpt(model, bweights.params_from_hub(tensors))
     assert torch.equal(model.tok_emb.weight, before)  # checked before anything is copied
 
 
 def test_loader_names_a_tensor_of_the_wrong_rank_before_splitting_it():
-    tensors, _ = beyond.safetensors.load_safetensors(MINI_WEIGHTS)
+    tensors, _ = bst.load_safetensors(MINI_WEIGHTS)
     tensors["h.0.attn.c_attn.weight"] = torch.tensor(1.0)  # 0-d: chunk would crash on it
-    model = gpt.GPTModel(beyond.weights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub"))
+    model = gpt.GPTModel(bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub"))
     with pytest.raises(InputError, match=r"params\['blocks'\]\[0\]\['attn'\]\['c_attn'\]"
                                          r"\['w'\] has shape \(\), but the model needs \(16, 16\)"):
-        gpt.load_weights_into_gpt(model, beyond.weights.params_from_hub(tensors))
+        gpt.load_weights_into_gpt(model, bweights.params_from_hub(tensors))
 
 
 def test_loader_fills_a_model_without_query_key_value_biases():
-    config = dict(beyond.weights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub"), qkv_bias=False)
+    config = dict(bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub"), qkv_bias=False)
     torch.manual_seed(5)
     source, model = gpt.GPTModel(config), gpt.GPTModel(config)
-    gpt.load_weights_into_gpt(model, beyond.weights.params_from_book(source.state_dict()))
+    gpt.load_weights_into_gpt(model, bweights.params_from_book(source.state_dict()))
     assert model.trf_blocks[0].att.W_query.bias is None
     for (name, a), (_, b) in zip(source.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), name
 
 
 def test_weights_of_another_size_name_the_tensor_shapes_and_the_right_model():
-    params = beyond.weights.params_from_hub(beyond.safetensors.load_safetensors(MINI_WEIGHTS)[0])
+    params = bweights.params_from_hub(bst.load_safetensors(MINI_WEIGHTS)[0])
     config = gpt.model_config("gpt2-small")
     with pytest.raises(InputError) as error:
-        beyond.weights.check_gpt2_size(params, dict(config, context_length=128), "w.safetensors",
+        bweights.check_gpt2_size(params, dict(config, context_length=128), "w.safetensors",
                                        KNOWN_SIZES)
     assert "wte (the token embedding)" in str(error.value)
     assert "(50257, 16)" in str(error.value) and "(50257, 768)" in str(error.value)
-    mini = beyond.weights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub")
+    mini = bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub")
     with pytest.raises(InputError, match=r"wpe \(the position embedding\) has shape "
                                          r"\(128, 16\), but the model needs \(64, 16\)"):
-        beyond.weights.check_gpt2_size(params, dict(mini, context_length=64), "w.safetensors",
+        bweights.check_gpt2_size(params, dict(mini, context_length=64), "w.safetensors",
                                        KNOWN_SIZES)
     # gpt2-medium's shapes against --model gpt2-small: the error suggests gpt2-medium
     with torch.device("meta"):  # shapes without memory
         medium = {"wte": torch.empty(50257, 1024), "wpe": torch.empty(1024, 1024),
                   "blocks": [{"ln_1": {"g": torch.empty(1024)}} for _ in range(24)]}
     with pytest.raises(InputError, match="use --model gpt2-medium"):
-        beyond.weights.check_gpt2_size(medium, gpt.model_config("gpt2-small"), "w.safetensors",
+        bweights.check_gpt2_size(medium, gpt.model_config("gpt2-small"), "w.safetensors",
                                        KNOWN_SIZES)
 
 
 def test_safetensors_round_trip_of_f32_f16_bf16_and_metadata(tmp_path):
     tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).half(),
                "c": torch.randn(2, 2).bfloat16(), "empty": torch.zeros(0, 3)}
-    beyond.safetensors.save_safetensors(tensors, tmp_path / "t.safetensors", {"k": "v"})
-    loaded, metadata = beyond.safetensors.load_safetensors(tmp_path / "t.safetensors")
+    bst.save_safetensors(tensors, tmp_path / "t.safetensors", {"k": "v"})
+    loaded, metadata = bst.load_safetensors(tmp_path / "t.safetensors")
     assert metadata == {"k": "v"}
     for name, t in tensors.items():
         assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t)
@@ -366,31 +362,49 @@ def safetensors_bytes(header, data=b""):
      "the file has 4 bytes after the last tensor"),
 ])
 def test_broken_safetensors_files_name_the_file_and_the_problem(tmp_path, content, problem):
-    assert_error_names_file(beyond.safetensors.read_safetensors_header, tmp_path / "broken.safetensors",
+    assert_error_names_file(bst.read_safetensors_header, tmp_path / "broken.safetensors",
                             content, problem)
+
+
+def outcomes(path, contents, read):
+    """Each content written at path and read: (how many read, how many the project's
+    error refused). Any other exception fails the test with its traceback."""
+    parsed = refused = 0
+    for content in contents:
+        path.write_bytes(content)
+        try:
+            read(path)
+            parsed += 1
+        except InputError:
+            refused += 1
+    return parsed, refused
 
 
 def test_fuzzed_safetensors_bytes_parse_or_raise_the_projects_error(tmp_path):
     rng = random.Random(0)
-    beyond.safetensors.save_safetensors({"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4).half()},
+    bst.save_safetensors({"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4).half()},
                          tmp_path / "valid.safetensors", {"m": "x"})
     valid = (tmp_path / "valid.safetensors").read_bytes()
-    path = tmp_path / "fuzz.safetensors"
-    for i in range(300):
-        if i % 3 == 0:
-            content = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
-        elif i % 3 == 1:
+    header_end = 8 + struct.unpack("<Q", valid[:8])[0]
+
+    def flipped(start, count):  # 1-3 random bytes at or after start
+        for _ in range(count):
             content = bytearray(valid)
-            for _ in range(rng.randrange(1, 6)):
-                content[rng.randrange(len(content))] = rng.randrange(256)
-        else:
-            content = valid[:rng.randrange(len(valid))]
-        path.write_bytes(bytes(content))
-        try:
-            for tensor in beyond.safetensors.load_safetensors(path)[0].values():
-                tensor.sum()
-        except InputError:
-            pass
+            for _ in range(rng.randrange(1, 4)):
+                content[rng.randrange(start, len(valid))] = rng.randrange(256)
+            yield bytes(content)
+
+    def read(path):
+        return [tensor.sum() for tensor in bst.load_safetensors(path)[0].values()]
+
+    path = tmp_path / "fuzz.safetensors"
+    noise = [bytes(rng.randrange(256) for _ in range(rng.randrange(40))) for _ in range(50)]
+    assert outcomes(path, noise, read) == (0, 50)
+    cut = [valid[:size] for size in range(0, len(valid), 3)]  # a shorter file is refused
+    assert outcomes(path, cut, read) == (0, len(cut))
+    assert outcomes(path, flipped(header_end, 30), read) == (30, 0)  # any data bytes are floats
+    parsed, refused = outcomes(path, flipped(0, 150), read)  # the header's bytes too
+    assert 0 < parsed < refused
 
 
 ODD_VALUES = [[], ["F32"], {}, {"a": 1}, None, True, 10**30, -1, -(10**30), 2.5, "", "x" * 300,
@@ -427,56 +441,62 @@ def with_value(value, path, new):
 
 def mutated_files(path, count, seed):
     """Copies of a safetensors file whose header has one JSON value of another
-    type or size (a list, an object, null, a huge or negative number...),
-    including the values inside JSON strings of __metadata__, written at path."""
+    type or size (a list, an object, null, a huge or negative number...), in an
+    entry (a tensor or __metadata__) chosen first, so that each is as likely,
+    including the values inside JSON strings of __metadata__."""
     raw = Path(path).read_bytes()
     (header_len,) = struct.unpack("<Q", raw[:8])
     header, body = json.loads(raw[8:8 + header_len]), raw[8 + header_len:]
-    leaves = [p for p, _ in json_leaves(header) if p]
     rng = random.Random(seed)
     for _ in range(count):
-        mutated = json.dumps(with_value(header, rng.choice(leaves), rng.choice(ODD_VALUES)))
+        key = rng.choice(sorted(header))
+        leaf = rng.choice([p for p, _ in json_leaves(header[key], (key,))])
+        mutated = json.dumps(with_value(header, leaf, rng.choice(ODD_VALUES)))
         yield struct.pack("<Q", len(mutated)) + mutated.encode() + body
 
 
-def test_safetensors_headers_with_values_of_the_wrong_type_raise_the_projects_error(tmp_path):
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_bytes((MINI / "config.json").read_bytes())
-    path = folder / "model.safetensors"
-    for content in mutated_files(MINI_WEIGHTS, 300, seed=0):
-        path.write_bytes(content)
-        try:
-            gpt.build_gpt(weights=str(path))
-        except InputError:
-            pass
-
-
-def test_checkpoints_with_values_of_the_wrong_type_raise_the_projects_error(tmp_path):
-    plain, lora = tmp_path / "plain.safetensors", tmp_path / "lora.safetensors"
-    classify.save_classifier(tiny_classifier(), plain, TINY_CONFIG, 20, ["not spam", "spam"])
+def save_lora_checkpoint(checkpoint, **lora):
+    """A --trainable lora checkpoint (rank 2) on the test model, its base recorded
+    as MINI_WEIGHTS unless lora says otherwise."""
     base, config = gpt.build_gpt(weights=str(MINI_WEIGHTS))
     finetune.prepare_for_classification(base, 2, trainable="lora", lora_rank=2)
-    size, sha256 = beyond.download.file_fingerprint(MINI_WEIGHTS)
-    classify.save_classifier(beyond.fast.GPTClassifier(base), lora, config, 20, ["a", "b"], lora={
+    size, sha256 = bdownload.file_fingerprint(MINI_WEIGHTS)
+    classify.save_classifier(bfast.GPTClassifier(base), checkpoint, config, 20, ["a", "b"], lora={
         "rank": 2, "alpha": 16, "model": "gpt2-small", "weights": str(MINI_WEIGHTS),
-        "seed": 123, "path": str(MINI_WEIGHTS), "bytes": size, "sha256": sha256})
-    path = tmp_path / "fuzz.safetensors"
-    for original in (plain, lora):
-        for content in mutated_files(original, 300, seed=1):
-            path.write_bytes(content)
-            try:
-                classify.load_classifier(path)
-            except InputError:
-                pass
+        "seed": 123, "path": str(MINI_WEIGHTS), "bytes": size, "sha256": sha256, **lora})
+    return checkpoint
+
+
+def save_tiny(path, labels=("not spam", "spam"), model=None, **kwargs):
+    """A checkpoint of tiny_classifier() (or of model), max_length 20, at path."""
+    model = tiny_classifier() if model is None else model
+    classify.save_classifier(model, path, TINY_CONFIG, 20, list(labels), **kwargs)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["hub weights", "checkpoint", "lora checkpoint"])
+def test_safetensors_headers_with_values_of_the_wrong_type_raise_the_projects_error(
+        kind, tmp_path):
+    """Some mutations still load (a label or a format note that is another string, a
+    value replaced by an equal one, the Hub file's unused __metadata__); the rest
+    are the project's error."""
+    original = {"hub weights": lambda p: MINI_WEIGHTS, "checkpoint": save_tiny,
+                "lora checkpoint": save_lora_checkpoint}[kind](tmp_path / "c.safetensors")
+    read = classify.load_classifier
+    if kind == "hub weights":  # beside its config.json
+        shutil.copy(MINI / "config.json", tmp_path / "config.json")
+        read = lambda path: gpt.build_gpt(weights=str(path))  # noqa: E731
+    parsed, refused = outcomes(tmp_path / "model.safetensors",
+                               mutated_files(original, 200, seed=1), read)
+    assert 0 < parsed < refused
 
 
 def test_failed_download_leaves_no_file_and_names_the_flag(tmp_path, monkeypatch):
     destination = tmp_path / "gpt2" / "124M" / "model.safetensors"
-    monkeypatch.setattr(beyond.download, "HUB_URL", "http://127.0.0.1:9/{}")
-    monkeypatch.setattr(beyond.download, "OPENAI_URL", "http://127.0.0.1:9/{size}/{file}")
+    monkeypatch.setattr(bdownload, "HUB_URL", "http://127.0.0.1:9/{}")
+    monkeypatch.setattr(bdownload, "OPENAI_URL", "http://127.0.0.1:9/{size}/{file}")
     with pytest.raises(InputError, match="--weights PATH"):
-        beyond.download.download_gpt2("gpt2-small", tmp_path / "gpt2")
+        bdownload.download_gpt2("gpt2-small", tmp_path / "gpt2")
     assert not destination.exists() and not list(tmp_path.rglob("*.part"))
     assert not (tmp_path / "gpt2").exists()  # no empty folders left behind either
 
@@ -511,10 +531,10 @@ def test_download_cut_half_way_leaves_nothing_and_the_next_run_succeeds(tmp_path
     destination = tmp_path / "model.safetensors"
     try:
         with pytest.raises(InputError, match="Nothing was saved|stopped after"):
-            beyond.download.download_file(server.url, destination, "the weights", "use --weights PATH")
+            bdownload.download_file(server.url, destination, "the weights", "use --weights PATH")
         assert not destination.exists() and not list(tmp_path.iterdir())
         server.cut = False
-        beyond.download.download_file(server.url, destination, "the weights", "use --weights PATH")
+        bdownload.download_file(server.url, destination, "the weights", "use --weights PATH")
         assert destination.read_bytes() == body
     finally:
         server.httpd.shutdown()
@@ -531,10 +551,10 @@ def test_ctrl_c_during_a_download_leaves_no_partial_file(tmp_path, monkeypatch):
                 raise KeyboardInterrupt
             return b"x" * size
 
-    monkeypatch.setattr(beyond.download.urllib.request, "urlopen", lambda url, timeout: Response())
+    monkeypatch.setattr(bdownload.urllib.request, "urlopen", lambda url, timeout: Response())
     destination = tmp_path / "model.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        beyond.download.download_file("http://example.invalid/m", destination, "the weights", "hint")
+        bdownload.download_file("http://example.invalid/m", destination, "the weights", "hint")
     assert Response.reads == 2
     assert not destination.exists() and not list(tmp_path.iterdir())
 
@@ -557,7 +577,7 @@ def test_openai_checkpoint_and_book_pth_give_the_hub_copys_weights_and_logits(
     assert (config["emb_dim"], config["n_layers"], config["n_heads"],
             config["context_length"]) == (16, 2, 2, 128)
     assert all(torch.equal(t, hub_state[n]) for n, t in model.state_dict().items())
-    expected, _ = beyond.safetensors.load_safetensors(MINI / "expected.safetensors")
+    expected, _ = bst.load_safetensors(MINI / "expected.safetensors")
     with torch.no_grad():
         logits = model.eval()(expected["input_ids"].long())
     assert torch.allclose(logits[:, -1], expected["logits_last"], atol=1e-4)
@@ -568,15 +588,15 @@ def test_weights_paths_name_a_file_a_folder_or_any_file_of_openais_checkpoint(tm
     data = MINI_TF / "model.ckpt.data-00000-of-00001"
     for path in [MINI_TF, MINI_TF / "model.ckpt", MINI_TF / "model.ckpt.index", data,
                  MINI_TF / "model.ckpt.meta", MINI_TF / "checkpoint", MINI_TF / "hparams.json"]:
-        assert beyond.weights.find_weights(path) == ("tf", data), path
-    assert beyond.weights.find_weights(MINI) == ("safetensors", MINI_WEIGHTS)
-    assert beyond.weights.find_weights(MINI_WEIGHTS) == ("safetensors", MINI_WEIGHTS)
-    assert beyond.weights.find_weights(MINI_BOOK) == ("pth", MINI_BOOK)
+        assert bweights.find_weights(path) == ("tf", data), path
+    assert bweights.find_weights(MINI) == ("safetensors", MINI_WEIGHTS)
+    assert bweights.find_weights(MINI_WEIGHTS) == ("safetensors", MINI_WEIGHTS)
+    assert bweights.find_weights(MINI_BOOK) == ("pth", MINI_BOOK)
     renamed = tmp_path / "weights.bin"  # torch.save's zip is known by its first bytes
     shutil.copy(MINI_BOOK, renamed)
-    assert beyond.weights.find_weights(renamed) == ("pth", renamed)
+    assert bweights.find_weights(renamed) == ("pth", renamed)
     with pytest.raises(InputError, match="has neither a model.safetensors nor OpenAI's"):
-        beyond.weights.find_weights(tmp_path)
+        bweights.find_weights(tmp_path)
 
 
 def flat_params(params, keys=()):
@@ -626,25 +646,25 @@ def test_a_fine_tune_starts_alike_from_each_form_and_its_lora_base_is_found(tmp_
                        "--lora-rank", "2", "--epochs", "1", "--batch-size", "4",
                        "--out", str(out), "--no-baseline"])
         lines[weights] = chapter_lines(capsys.readouterr().out)
-        lora = json.loads(beyond.safetensors.read_safetensors_header(out / CHECKPOINT)[1]["lora"])
-        assert lora["path"] == str(beyond.weights.weights_file(weights).resolve())
+        lora = json.loads(bst.read_safetensors_header(out / CHECKPOINT)[1]["lora"])
+        assert lora["path"] == str(bweights.weights_file(weights).resolve())
         classify.load_classifier(out / CHECKPOINT)  # the base rebuilt from the same file
     assert any(line.startswith("Ep 1 (Step 000000): Train loss") for line in lines[MINI_TF])
     assert lines[MINI_TF] == lines[MINI_BOOK]
-    assert beyond.weights.weights_file(MINI_TF) == MINI_TF / "model.ckpt.data-00000-of-00001"
+    assert bweights.weights_file(MINI_TF) == MINI_TF / "model.ckpt.data-00000-of-00001"
 
 
 def with_data_block(index, change):
     """The mini index with its one data block changed by change(bytearray) and
     the block's checksum recomputed, as a writer would have written it."""
-    footer = index[-beyond.tf_checkpoint.TABLE_FOOTER_BYTES:]
-    _, pos = beyond.tf_checkpoint.block_handle(footer)
-    index_handle, _ = beyond.tf_checkpoint.block_handle(footer, pos)
-    [(_, handle)] = beyond.tf_checkpoint.block_entries(index, index_handle)
-    offset, size = beyond.tf_checkpoint.block_handle(handle)[0]
+    footer = index[-btf.TABLE_FOOTER_BYTES:]
+    _, pos = btf.block_handle(footer)
+    index_handle, _ = btf.block_handle(footer, pos)
+    [(_, handle)] = btf.block_entries(index, index_handle)
+    offset, size = btf.block_handle(handle)[0]
     block = bytearray(index[offset:offset + size])
     change(block)
-    crc = struct.pack("<I", beyond.tf_checkpoint.masked_crc32c(bytes(block) + b"\x00"))
+    crc = struct.pack("<I", btf.masked_crc32c(bytes(block) + b"\x00"))
     return index[:offset] + bytes(block) + b"\x00" + crc + index[offset + size + 5:]
 
 
@@ -666,12 +686,10 @@ def test_fuzzed_openai_index_entries_parse_or_raise_the_projects_error(tmp_path)
         for _ in range(rng.randrange(1, 4)):
             block[rng.randrange(len(block))] = rng.randrange(256)
 
-    for _ in range(150):
-        (folder / "model.ckpt.index").write_bytes(with_data_block(index, flip))
-        try:
-            beyond.tf_checkpoint.read_tf_checkpoint(folder / "model.ckpt")
-        except InputError:
-            pass
+    parsed, refused = outcomes(folder / "model.ckpt.index",
+                               (with_data_block(index, flip) for _ in range(150)),
+                               lambda path: btf.read_tf_checkpoint(folder / "model.ckpt"))
+    assert 0 < parsed < refused  # a flip in a name or a shape's padding may still read
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -708,14 +726,14 @@ def test_a_damaged_openai_checkpoint_is_a_one_line_error_naming_the_file(
         gpt.build_gpt(weights=str(folder))
     message = str(error.value)
     assert problem in message and str(folder) in message and "\n" not in message
-    assert beyond.tf_checkpoint.crc32c(b"123456789") == 0xE3069283  # the standard check value of crc32c
+    assert btf.crc32c(b"123456789") == 0xE3069283  # the standard check value of crc32c
 
 
 def test_a_config_json_in_the_books_naming_beside_a_safetensors_file_sets_the_size(tmp_path):
     shutil.copy(MINI_WEIGHTS, tmp_path / "x.safetensors")
     shutil.copy(TESTDATA / "gpt2-mini-book" / "config.json", tmp_path / "config.json")
     settings, _ = gpt.load_gpt2(tmp_path / "x.safetensors")
-    assert settings == beyond.weights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG)
+    assert settings == bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG)
 
 
 def test_a_pth_holding_more_than_tensors_is_refused_without_running_it(tmp_path, monkeypatch):
@@ -743,22 +761,22 @@ def test_pretrained_falls_back_to_openais_files_and_reads_them_where_chapter_5_l
         tmp_path, monkeypatch):
     mirror = tmp_path / "mirror" / "124M"  # OpenAI's URLs, as file:// URLs
     shutil.copytree(MINI_TF, mirror)
-    monkeypatch.setattr(beyond.download, "HUB_URL", "http://127.0.0.1:9/{}")
-    monkeypatch.setattr(beyond.download, "OPENAI_URL", (tmp_path / "mirror").as_uri() + "/{size}/{file}")
+    monkeypatch.setattr(bdownload, "HUB_URL", "http://127.0.0.1:9/{}")
+    monkeypatch.setattr(bdownload, "OPENAI_URL", (tmp_path / "mirror").as_uri() + "/{size}/{file}")
     models_dir = tmp_path / "gpt2"
     model, config = gpt.build_gpt("gpt2-small", "pretrained", models_dir)
     folder = models_dir / "124M"
-    assert sorted(p.name for p in folder.iterdir()) == sorted(beyond.download.OPENAI_FILES)
-    assert all((folder / n).read_bytes() == (MINI_TF / n).read_bytes() for n in beyond.download.OPENAI_FILES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(bdownload.OPENAI_FILES)
+    assert all((folder / n).read_bytes() == (MINI_TF / n).read_bytes() for n in bdownload.OPENAI_FILES)
     assert config["emb_dim"] == 16  # from the downloaded hparams.json
 
     def no_network(*args, **kwargs):
         raise AssertionError("downloaded again")
 
-    monkeypatch.setattr(beyond.download.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(bdownload.urllib.request, "urlopen", no_network)
     again, _ = gpt.build_gpt("gpt2-small", "pretrained", models_dir)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
-    assert beyond.weights.weights_file("pretrained", "gpt2-small", models_dir) == \
+    assert bweights.weights_file("pretrained", "gpt2-small", models_dir) == \
         folder / "model.ckpt.data-00000-of-00001"
 
 
@@ -779,13 +797,13 @@ def test_help_of_every_command_names_the_three_weight_forms_and_the_folder_rule(
 def test_real_tsv_reads_balances_and_splits_row_for_row_as_the_chapters_pandas(capsys):
     rows = data.read_tsv(SMS, labels=data.SPAM_LABELS)
     assert len(rows) == 5572  # the chapter's figure 6.5
-    assert beyond.labels.count_labels(rows) == {"ham": 4825, "spam": 747}
+    assert blabels.count_labels(rows) == {"ham": 4825, "spam": 747}
     assert "lines 5082-5084 hold one quoted text" in capsys.readouterr().out
     label, text = rows[5081]  # pandas' row 5081 too: three lines, one quote left in
     assert label == "ham" and len(text) == 350 and text.count("\n") == 2
     assert text.startswith("Keep ur problems in ur heart") and text.endswith('I\x92L CALL U"')
     balanced = data.create_balanced_dataset(rows)
-    assert beyond.labels.count_labels(balanced) == {"ham": 747, "spam": 747}
+    assert blabels.count_labels(balanced) == {"ham": 747, "spam": 747}
     train, validation, test = data.random_split(balanced, 0.7, 0.1)
     assert (len(train), len(validation), len(test)) == (1045, 149, 300)
     # What the chapter's pandas code (pandas 3.1.1, NumPy 2.4.6) writes to its CSVs:
@@ -801,11 +819,11 @@ def test_real_tsv_reads_balances_and_splits_row_for_row_as_the_chapters_pandas(c
 
 def test_sample_order_is_numpys_random_state_permutation():
     # np.random.RandomState(seed).permutation(n), as printed by NumPy 2.4.6
-    assert beyond.sampling.sample_order(10, 123) == [4, 0, 7, 5, 8, 3, 1, 6, 9, 2]
-    assert beyond.sampling.sample_order(8, 0) == [6, 2, 1, 7, 3, 0, 5, 4]
-    assert beyond.sampling.sample_order(8, 2**32 - 1) == [1, 7, 6, 0, 5, 4, 2, 3]
-    assert beyond.sampling.sample_order(300, 7)[:6] == [254, 57, 150, 66, 114, 280]
-    assert beyond.sampling.sample_order(0, 123) == [] and beyond.sampling.sample_order(1, 123) == [0]
+    assert bsampling.sample_order(10, 123) == [4, 0, 7, 5, 8, 3, 1, 6, 9, 2]
+    assert bsampling.sample_order(8, 0) == [6, 2, 1, 7, 3, 0, 5, 4]
+    assert bsampling.sample_order(8, 2**32 - 1) == [1, 7, 6, 0, 5, 4, 2, 3]
+    assert bsampling.sample_order(300, 7)[:6] == [254, 57, 150, 66, 114, 280]
+    assert bsampling.sample_order(0, 123) == [] and bsampling.sample_order(1, 123) == [0]
 
 
 def test_uci_zip_reads_the_same_messages_as_the_tsv():
@@ -875,16 +893,28 @@ def test_bad_tsv_lines_name_the_file_and_line(tmp_path, content, problem):
 
 
 def test_fuzzed_tsv_bytes_parse_or_raise_the_projects_error(tmp_path):
+    """1-3 bytes of a valid file replaced, inserted or deleted: what reads with the
+    spam labels reads the same with any labels, and every other file is refused."""
     rng = random.Random(1)
     alphabet = b"hamspm\t\n\r\" ,\xef\xbb\xbf\xff\xc3\xa9x"
-    path = tmp_path / "fuzz.tsv"
-    for _ in range(300):
-        path.write_bytes(bytes(rng.choice(alphabet) for _ in range(rng.randrange(60))))
-        for labels in (data.SPAM_LABELS, None):
-            try:
-                data.read_tsv(path, labels)
-            except InputError:
-                pass
+    contents = []
+    for _ in range(200):
+        content = bytearray(b'ham\tHi "there", ok\r\nspam\tWIN a prize\n\nham\t"two\nlines"\n')
+        for _ in range(rng.randrange(1, 4)):
+            at, byte = rng.randrange(len(content)), rng.choice(alphabet)
+            content[at:at + 1] = [[byte], [byte, content[at]], []][rng.randrange(3)]
+        contents.append(bytes(content))
+    spam = []
+
+    def read(path):  # with any labels, after the spam labels
+        try:
+            spam.append(data.read_tsv(path, data.SPAM_LABELS))
+        except InputError:
+            data.read_tsv(path)
+        else:
+            assert data.read_tsv(path) == spam[-1]
+    parsed, refused = outcomes(tmp_path / "fuzz.tsv", contents, read)
+    assert 0 < len(spam) < parsed and refused > 0
 
 
 def test_tricky_texts_round_trip_through_csv(tmp_path):
@@ -910,7 +940,7 @@ def test_bad_csv_splits_name_the_file_and_row(tmp_path, content, problem):
 
 def test_single_class_or_too_few_messages_fail_before_any_model():
     with pytest.raises(InputError, match="single class"):
-        beyond.labels.class_ids([("ham", "a"), ("ham", "b")])
+        blabels.class_ids([("ham", "a"), ("ham", "b")])
     with pytest.raises(InputError, match="too few"):
         data.random_split([("ham", "a"), ("spam", "b"), ("ham", "c"), ("spam", "d")], 0.7, 0.1)
 
@@ -926,7 +956,7 @@ def test_dataset_pads_with_50256_and_truncates(tmp_path, tokenizer):
     short = data.SpamDataset(tmp_path / "t.csv", tokenizer, max_length=3)
     assert short[1][0].tolist() == tokenizer.encode("This is a longer message, really")[:3]
     unpadded = data.SpamDataset(tmp_path / "t.csv", tokenizer, pad=False)
-    inputs, labels = beyond.tokens.pad_batch([unpadded[0], unpadded[1]])
+    inputs, labels = btokens.pad_batch([unpadded[0], unpadded[1]])
     assert inputs.shape == (2, longest) and labels.tolist() == [0, 1]
 
 
@@ -1072,7 +1102,7 @@ def chapter_lines(printed):
 
 def test_a_cache_budget_smaller_than_the_cache_prints_the_same_lines_as_plain(
         tmp_path, sample_tsv, capsys, monkeypatch):
-    monkeypatch.setattr(beyond.memory, "available_memory", lambda device: (4 * 10**9, "RAM"))
+    monkeypatch.setattr(bmemory, "available_memory", lambda device: (4 * 10**9, "RAM"))
     runs = {}
     for name, flags in [("plain", ["--plain"]), ("budget", ["--cache-memory", "200kB"]),
                         ("no-cache", ["--cache-memory", "0"]), ("auto", [])]:
@@ -1116,7 +1146,7 @@ def test_prefix_cache_switches_itself_off_when_every_layer_trains_or_dropout_is_
     torch.manual_seed(0)
     model = gpt.GPTModel(dict(TINY_CONFIG, drop_rate=0.1))
     finetune.prepare_for_classification(model, 2)
-    assert not beyond.fast.GPTClassifier(model).enable_prefix_cache()
+    assert not bfast.GPTClassifier(model).enable_prefix_cache()
     assert tiny_classifier().enable_prefix_cache()
 
 
@@ -1147,7 +1177,7 @@ def precision_classifier(precision):
     torch.manual_seed(0)
     model = gpt.GPTModel(dict(TINY_CONFIG, emb_dim=32, n_heads=4))
     finetune.prepare_for_classification(model, 2, trainable="last_block")
-    classifier = beyond.fast.GPTClassifier(model, pool="last", precision=precision)
+    classifier = bfast.GPTClassifier(model, pool="last", precision=precision)
     classifier.round_frozen_prefix()
     return classifier
 
@@ -1166,10 +1196,10 @@ def test_bf16_logits_are_within_two_percent_of_fp32s_and_float32(tokenizer):
     gpt_model, _ = gpt.build_gpt(weights=str(MINI_WEIGHTS))
     finetune.prepare_for_classification(gpt_model, 2)
     texts = [text for _, text in data.read_tsv(SMS)[:64]]
-    ids = beyond.tokens.pad_ids([beyond.tokens.encode(t, tokenizer, 60) for t in texts])
+    ids = btokens.pad_ids([btokens.encode(t, tokenizer, 60) for t in texts])
     logits = {}
     for precision in ("fp32", "bf16"):
-        model = beyond.fast.GPTClassifier(gpt_model, precision=precision).eval()
+        model = bfast.GPTClassifier(gpt_model, precision=precision).eval()
         with torch.no_grad():
             logits[precision] = model(ids)[:, -1, :]
     assert logits["bf16"].dtype == torch.float32
@@ -1191,7 +1221,7 @@ def test_default_and_plain_print_the_same_lines_in_bf16_with_half_the_cache_byte
     assert bf16_cache["needed_bytes"] * 2 == fp32_cache["needed_bytes"] > 0
     assert bf16_cache["memory_bytes"] * 2 == fp32_cache["memory_bytes"]
     # the checkpoint keeps float32 weights, whatever precision trained them
-    tensors, _ = beyond.safetensors.load_safetensors(tmp_path / "bf16" / CHECKPOINT)
+    tensors, _ = bst.load_safetensors(tmp_path / "bf16" / CHECKPOINT)
     assert {t.dtype for t in tensors.values()} == {torch.float32}
 
 
@@ -1265,7 +1295,7 @@ def test_fp16_loss_scaling_skips_an_overflowing_step_then_trains(capsys):
     and lowers the scale; then the steps train."""
     model = precision_classifier("fp16")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    optimizer = beyond.precision.loss_scaled(optimizer, model, torch.device("cpu"))
+    optimizer = bprecision.loss_scaled(optimizer, model, torch.device("cpu"))
     scaler = model.grad_scaler
     scaler._init_scale = 2.0 ** 40
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -1283,7 +1313,7 @@ def test_fp16_loss_scaling_skips_an_overflowing_step_then_trains(capsys):
 
 
 def test_the_cache_keeps_its_messages_in_a_few_large_buffers():
-    cache = beyond.fast.PrefixCache()
+    cache = bfast.PrefixCache()
     hidden = [torch.randn(n, 16) for n in range(1, 200)]
     for i, h in enumerate(hidden):
         cache.put(i, h[:, :])
@@ -1291,7 +1321,7 @@ def test_the_cache_keeps_its_messages_in_a_few_large_buffers():
     assert all(torch.equal(a, b) for a, b in zip(stored, hidden))
     assert len({t.untyped_storage().data_ptr() for t in stored}) == 1
     assert cache.memory_bytes == sum(h.numel() * 4 for h in hidden)
-    budgeted = beyond.fast.PrefixCache(budget=1000)
+    budgeted = bfast.PrefixCache(budget=1000)
     budgeted.put("a", hidden[3])
     assert budgeted.arena.numel() == 1000  # no more than the budget is reserved
 
@@ -1299,7 +1329,7 @@ def test_the_cache_keeps_its_messages_in_a_few_large_buffers():
 def test_flexible_pooling_reads_the_last_real_token_whatever_the_padding():
     model = tiny_classifier(pool="flexible").eval()
     ids = torch.tensor([[5, 6, 7, 50256, 50256], [8, 9, 10, 11, 12]])
-    positions = beyond.pooling.pool_positions(ids, "flexible", 50256)
+    positions = bpooling.pool_positions(ids, "flexible", 50256)
     assert positions.tolist() == [2, 4]
     more_padding = torch.cat([ids, torch.full((2, 6), 50256)], dim=1)
     with torch.no_grad():
@@ -1324,8 +1354,7 @@ def test_plot_values_writes_a_well_formed_svg_with_both_axes(tmp_path):
 
 def test_saved_checkpoint_loads_with_the_same_logits(tmp_path, tokenizer):
     model = tiny_classifier().eval()
-    path = tmp_path / "c.safetensors"
-    classify.save_classifier(model, path, TINY_CONFIG, 20, ["not spam", "spam"])
+    path = save_tiny(tmp_path / "c.safetensors", model=model)
     loaded, info = classify.load_classifier(path)
     assert info["max_length"] == 20 and info["labels"] == ["not spam", "spam"]
     ids = torch.tensor([tokenizer.encode(SPAM_TEXT)[:20]])
@@ -1333,7 +1362,7 @@ def test_saved_checkpoint_loads_with_the_same_logits(tmp_path, tokenizer):
         assert torch.equal(loaded(ids), model(ids))  # the same positions, the same values
     label = classify.classify_review(SPAM_TEXT, loaded, tokenizer, "cpu", max_length=20)
     assert label in ("spam", "not spam")
-    probas = beyond.stream.classify_texts([SPAM_TEXT, "hi", "x" * 20000, "😀 日本語 привет"],
+    probas = bstream.classify_texts([SPAM_TEXT, "hi", "x" * 20000, "😀 日本語 привет"],
                                      loaded, tokenizer, "cpu", 20)
     assert all(len(p) == 2 and sum(p) == pytest.approx(1) for p in probas)
 
@@ -1342,7 +1371,7 @@ def test_batched_classification_equals_one_at_a_time(tokenizer):
     for pool in ("last", "flexible"):
         model = tiny_classifier(pool=pool).eval()
         texts = ["hi", SPAM_TEXT, "see you at the station at 5", "ok " * 40]
-        batched = beyond.stream.classify_texts(texts, model, tokenizer, "cpu", 30, batch_size=3)
+        batched = bstream.classify_texts(texts, model, tokenizer, "cpu", 30, batch_size=3)
         for text, probas in zip(texts, batched):
             ids = tokenizer.encode(text)[:30]
             ids += [50256] * (30 - len(ids)) if pool == "last" else []
@@ -1352,13 +1381,11 @@ def test_batched_classification_equals_one_at_a_time(tokenizer):
 
 
 def checkpoint_with(tmp_path, **changes):
-    model = tiny_classifier()
-    path = tmp_path / "c.safetensors"
-    classify.save_classifier(model, path, TINY_CONFIG, 20, ["not spam", "spam"])
-    tensors, metadata = beyond.safetensors.load_safetensors(path)
+    path = save_tiny(tmp_path / "c.safetensors")
+    tensors, metadata = bst.load_safetensors(path)
     tensors = {k: v.clone() for k, v in tensors.items()}
     metadata.update(changes)
-    beyond.safetensors.save_safetensors(tensors, path, metadata)
+    bst.save_safetensors(tensors, path, metadata)
     return path
 
 
@@ -1396,7 +1423,6 @@ class RunsWhenUnpickled:
 
 
 def test_a_pickled_checkpoint_is_refused_and_never_unpickled(tmp_path, monkeypatch):
-    import pickle
     marker = tmp_path / "code-ran"
     monkeypatch.setenv("MARKER", str(marker))
     path = tmp_path / "review_classifier.pth"
@@ -1415,12 +1441,12 @@ def test_a_full_disk_during_a_download_leaves_no_file(tmp_path, monkeypatch):
         headers = {"Content-Length": "10"}
 
     real_open = open
-    monkeypatch.setattr(beyond.download.urllib.request, "urlopen", lambda url, timeout: Response(b"x" * 10))
-    monkeypatch.setattr(beyond.download, "open", lambda path, mode: (real_open(path, mode).close(),
+    monkeypatch.setattr(bdownload.urllib.request, "urlopen", lambda url, timeout: Response(b"x" * 10))
+    monkeypatch.setattr(bdownload, "open", lambda path, mode: (real_open(path, mode).close(),
                                                          FullDisk())[1], raising=False)
     destination = tmp_path / "model.safetensors"
     with pytest.raises(InputError, match="No space left on device"):
-        beyond.download.download_file("http://example.invalid/m", destination, "the weights", "hint")
+        bdownload.download_file("http://example.invalid/m", destination, "the weights", "hint")
     assert not list(tmp_path.iterdir())
 
 
@@ -1431,11 +1457,10 @@ def test_a_failed_save_leaves_the_existing_checkpoint_intact(tmp_path, monkeypat
     def fail(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(beyond.safetensors.ctypes, "string_at", fail)
+    monkeypatch.setattr(bst.ctypes, "string_at", fail)
     with pytest.raises(InputError, match=f"cannot write {re.escape(str(path))}: No space "
                                          f"left on device; {re.escape(str(path))} is unchanged"):
-        classify.save_classifier(tiny_classifier(seed=5), path, TINY_CONFIG, 20,
-                                 ["not spam", "spam"])
+        save_tiny(path, model=tiny_classifier(seed=5))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
 
@@ -1479,7 +1504,7 @@ def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokeni
     assert code == 0, stderr
     results = [json.loads(line) for line in stdout.strip().split("\n")]
     assert [r["text"][:6] for r in results] == ["first ", "", "second", "long l"]
-    assert results[1] == {"text": "", "error": beyond.stream.BLANK}
+    assert results[1] == {"text": "", "error": bstream.BLANK}
     for blank in ["", "   "]:
         code, stdout, stderr = cli("classify.py", "--checkpoint", checkpoint, blank)
         assert code == 1 and "empty or only whitespace" in stderr
@@ -1598,36 +1623,31 @@ def test_an_empty_message_in_the_data_fails_naming_the_line_before_anything_is_w
     assert "Traceback" not in stderr and not (tmp_path / "out").exists()
     model = tiny_classifier(pool="flexible")
     with pytest.raises(InputError, match="text 1 is empty"):
-        beyond.stream.classify_texts(["hi", ""], model, tokenizer, "cpu", 20)
+        bstream.classify_texts(["hi", ""], model, tokenizer, "cpu", 20)
 
 
 def test_classify_from_a_pipe_prints_the_first_chunk_before_the_input_ends(tmp_path):
-    checkpoint = tmp_path / "c.safetensors"
-    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20,
-                             ["not spam", "spam"])
-    texts = [f"message {i} " + "word " * (i % 7) for i in range(beyond.stream.CHUNK + 300)]
+    checkpoint = save_tiny(tmp_path / "c.safetensors")
+    texts = [f"message {i} " + "word " * (i % 7) for i in range(bstream.CHUNK + 300)]
     process = subprocess.Popen(
         [sys.executable, "classify.py", "--checkpoint", str(checkpoint), "--json", "-"],
         cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
-        process.stdin.write("".join(t + "\n" for t in texts[:beyond.stream.CHUNK]))
+        process.stdin.write("".join(t + "\n" for t in texts[:bstream.CHUNK]))
         process.stdin.flush()  # and the pipe stays open
-        first = [json.loads(process.stdout.readline()) for _ in range(beyond.stream.CHUNK)]
-        assert [r["text"] for r in first] == texts[:beyond.stream.CHUNK]
-        process.stdin.write("".join(t + "\n" for t in texts[beyond.stream.CHUNK:]))
+        first = [json.loads(process.stdout.readline()) for _ in range(bstream.CHUNK)]
+        assert [r["text"] for r in first] == texts[:bstream.CHUNK]
+        process.stdin.write("".join(t + "\n" for t in texts[bstream.CHUNK:]))
         stdout, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
     assert process.returncode == 0, stderr
-    assert [json.loads(line)["text"] for line in stdout.splitlines()] == texts[beyond.stream.CHUNK:]
+    assert [json.loads(line)["text"] for line in stdout.splitlines()] == texts[bstream.CHUNK:]
 
 
 def test_progress_shows_on_a_terminal_and_never_in_piped_output(tmp_path):
-    import pty
-    checkpoint = tmp_path / "c.safetensors"
-    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20,
-                             ["not spam", "spam"])
+    checkpoint = save_tiny(tmp_path / "c.safetensors")
     stdin = "".join(f"message {i}\n" for i in range(300))
     (tmp_path / "messages.txt").write_text(stdin)  # a file: all 300 lines arrive at once
     command = [sys.executable, "classify.py", "--checkpoint", str(checkpoint), "-"]
@@ -1654,9 +1674,7 @@ def test_progress_shows_on_a_terminal_and_never_in_piped_output(tmp_path):
 
 
 def test_classify_into_a_pipe_closed_early_ends_without_a_traceback(tmp_path):
-    checkpoint = tmp_path / "c.safetensors"
-    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20,
-                             ["not spam", "spam"])
+    checkpoint = save_tiny(tmp_path / "c.safetensors")
     messages = tmp_path / "many.txt"
     messages.write_text("".join(f"message number {i} about a prize\n" for i in range(4000)))
     done = subprocess.run(
@@ -1669,7 +1687,6 @@ def test_classify_into_a_pipe_closed_early_ends_without_a_traceback(tmp_path):
 def read_lines_within(pipe, count, seconds=120):
     """count lines from an unbuffered pipe; fails if they have not all come
     after `seconds`, a bound only a program waiting for more input misses."""
-    import select
     data, deadline = b"", time.monotonic() + seconds
     while data.count(b"\n") < count:
         ready, _, _ = select.select([pipe], [], [], max(0, deadline - time.monotonic()))
@@ -1681,9 +1698,7 @@ def read_lines_within(pipe, count, seconds=120):
 
 
 def test_a_stream_gets_a_line_per_line_in_order_as_soon_as_the_input_pauses(tmp_path):
-    checkpoint = tmp_path / "c.safetensors"
-    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20,
-                             ["not spam", "spam"])
+    checkpoint = save_tiny(tmp_path / "c.safetensors")
     process = subprocess.Popen(
         [sys.executable, "classify.py", "--checkpoint", str(checkpoint), "--json", "-"],
         cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1697,7 +1712,7 @@ def test_a_stream_gets_a_line_per_line_in_order_as_soon_as_the_input_pauses(tmp_
         process.kill()
     assert process.returncode == 0, stderr
     assert [r["text"] for r in first] == ["first message", "", " \t", "caf\ufffd \ufffd\ufffd"]
-    assert first[1] == {"text": "", "error": beyond.stream.BLANK} == dict(first[2], text="")
+    assert first[1] == {"text": "", "error": bstream.BLANK} == dict(first[2], text="")
     assert set(first[3]["probabilities"]) == {"not spam", "spam"}
     assert json.loads(stdout)["text"] == "last, with no line end"
     assert stderr.decode().splitlines() == [
@@ -1706,8 +1721,7 @@ def test_a_stream_gets_a_line_per_line_in_order_as_soon_as_the_input_pauses(tmp_
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 def test_a_closed_or_full_stdout_is_one_error(tmp_path, monkeypatch):
-    checkpoint = tmp_path / "c.safetensors"
-    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20, ["a", "b"])
+    checkpoint = save_tiny(tmp_path / "c.safetensors", ["a", "b"])
     monkeypatch.setattr(sys, "stdout", None)  # what Python makes of >&-
     with pytest.raises(InputError, match="stdout is closed: there is nowhere to print"):
         classify.main(["--checkpoint", str(checkpoint), "hello"])
@@ -1719,8 +1733,7 @@ def test_a_closed_or_full_stdout_is_one_error(tmp_path, monkeypatch):
 
 def test_an_argument_that_is_not_utf8_is_classified_with_replacement_characters(
         tmp_path, cli):
-    path = tmp_path / "c.safetensors"
-    classify.save_classifier(tiny_classifier(), path, TINY_CONFIG, 20, ["not spam", "spam"])
+    path = save_tiny(tmp_path / "c.safetensors")
     # how Python hands over the argument bytes b"\xff win": a lone surrogate
     code, out, err = cli("classify.py", "--checkpoint", path, "--json", "\udcff win")
     assert code == 0 and json.loads(out)["text"] == "\ufffd win"
@@ -1730,7 +1743,7 @@ def test_an_argument_that_is_not_utf8_is_classified_with_replacement_characters(
 def test_labels_and_messages_are_printed_with_control_characters_escaped(tmp_path, capsys):
     checkpoint = tmp_path / "c.safetensors"
     labels = ["\x1b[31mred", "two\nlines"]
-    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20, labels)
+    save_tiny(checkpoint, labels)
     classify.main(["--checkpoint", str(checkpoint), "--all", "a\tb\rc\x85"])
     printed = capsys.readouterr().out
     assert printed.count("\n") == 1 and "\x1b" not in printed and "\r" not in printed
@@ -1746,12 +1759,12 @@ def test_nan_logits_are_an_error_naming_the_checkpoint_never_an_answer(tmp_path,
     model = tiny_classifier()
     with torch.no_grad():
         model.gpt.out_head.weight[1, 0] = float("nan")
-    classify.save_classifier(model, checkpoint, TINY_CONFIG, 20, ["not spam", "spam"])
+    save_tiny(checkpoint, model=model)
     with pytest.raises(InputError, match="logits are not all finite") as error:
         classify.main(["--checkpoint", str(checkpoint), "--json", "hello"])
     assert str(error.value).startswith(f"{checkpoint}: ") and capsys.readouterr().out == ""
     model, info = classify.load_classifier(checkpoint)
-    server = beyond.serve.make_server("127.0.0.1", 0, beyond.serve.classifier(
+    server = bserve.make_server("127.0.0.1", 0, bserve.classifier(
         model, info, "cpu", checkpoint, gpt.get_tokenizer()), {})
     with serving(server) as url:
         status, _, body = request(url, "POST", "/classify", '{"texts": ["hello"]}')
@@ -1803,9 +1816,9 @@ def three_class_tsv(path, per_class=30):
 
 def test_own_labels_become_sorted_class_ids_and_balancing_evens_them(tmp_path):
     rows = data.load_messages(three_class_tsv(tmp_path / "topics.tsv"))
-    assert beyond.labels.class_ids(rows) == {"politics": 0, "sports": 1, "tech": 2}
-    assert data.class_names(beyond.labels.class_ids(rows)) == ["politics", "sports", "tech"]
-    assert beyond.labels.count_labels(beyond.labels.balance_classes(rows, 123)) == {
+    assert blabels.class_ids(rows) == {"politics": 0, "sports": 1, "tech": 2}
+    assert data.class_names(blabels.class_ids(rows)) == ["politics", "sports", "tech"]
+    assert blabels.count_labels(blabels.balance_classes(rows, 123)) == {
         "politics": 30, "sports": 30, "tech": 30}
     assert data.class_names({"ham": 0, "spam": 1}) == ["not spam", "spam"]
     csv_path = tmp_path / "own.csv"
@@ -1845,29 +1858,29 @@ def test_no_balance_keeps_every_message(tmp_path, capsys):
 
 
 def test_per_class_metrics_from_a_confusion_matrix():
-    metrics = beyond.metrics.per_class_metrics([[8, 2], [1, 9]], ["not spam", "spam"])
+    metrics = bmetrics.per_class_metrics([[8, 2], [1, 9]], ["not spam", "spam"])
     assert metrics["spam"]["precision"] == pytest.approx(9 / 11)
     assert metrics["spam"]["recall"] == pytest.approx(0.9)
     assert metrics["spam"]["f1"] == pytest.approx(2 * (9 / 11) * 0.9 / (9 / 11 + 0.9))
     assert metrics["not spam"]["support"] == 10
-    assert beyond.metrics.per_class_metrics([[0, 0], [0, 3]], ["a", "b"])["a"]["f1"] == 0.0
+    assert bmetrics.per_class_metrics([[0, 0], [0, 3]], ["a", "b"])["a"]["f1"] == 0.0
 
 
 def test_naive_bayes_learns_word_counts():
     train = [(1, "WIN cash now"), (1, "free cash prize"), (0, "see you at lunch"),
              (0, "lunch at noon?")]
-    model = beyond.metrics.fit_naive_bayes(train)
-    assert beyond.metrics.predict_naive_bayes(model, "cash prize now") == 1
-    assert beyond.metrics.predict_naive_bayes(model, "lunch today") == 0
-    assert beyond.metrics.naive_bayes_accuracy(model, train) == 1.0
+    model = bmetrics.fit_naive_bayes(train)
+    assert bmetrics.predict_naive_bayes(model, "cash prize now") == 1
+    assert bmetrics.predict_naive_bayes(model, "lunch today") == 0
+    assert bmetrics.naive_bayes_accuracy(model, train) == 1.0
 
 
 def test_naive_bayes_on_the_chapters_split_gets_285_of_300_test_messages():
     balanced = data.create_balanced_dataset(data.read_tsv(SMS))
     train, validation, test = data.random_split(balanced, 0.7, 0.1)
     as_ids = [[(data.SPAM_LABELS[l], t) for l, t in split] for split in (train, validation, test)]
-    model = beyond.metrics.fit_naive_bayes(as_ids[0])
-    assert beyond.metrics.naive_bayes_accuracy(model, as_ids[2]) == 285 / 300
+    model = bmetrics.fit_naive_bayes(as_ids[0])
+    assert bmetrics.naive_bayes_accuracy(model, as_ids[2]) == 285 / 300
 
 
 def test_lora_starts_at_the_base_model_and_trains_only_adapters_and_head():
@@ -1875,15 +1888,15 @@ def test_lora_starts_at_the_base_model_and_trains_only_adapters_and_head():
     base = gpt.GPTModel(TINY_CONFIG)
     ids = torch.randint(0, 50000, (2, 8))
     with torch.no_grad():
-        hidden = base.final_norm(base.trf_blocks(beyond.fast.embed(base, ids)))
+        hidden = base.final_norm(base.trf_blocks(bfast.embed(base, ids)))
     finetune.prepare_for_classification(base, 2, trainable="lora", lora_rank=4, lora_alpha=8)
     trainable = {n for n, p in base.named_parameters() if p.requires_grad}
     assert trainable and all(".lora." in n or n.startswith("out_head.") for n in trainable)
     assert sum(".lora.A" in n for n in trainable) == 2 * 6  # 6 Linear layers per block
     with torch.no_grad():
-        assert torch.allclose(base.final_norm(base.trf_blocks(beyond.fast.embed(base, ids))), hidden)
-    assert not beyond.fast.GPTClassifier(base).enable_prefix_cache()
-    layer = beyond.lora.LoRALayer(3, 5, rank=2, alpha=4)
+        assert torch.allclose(base.final_norm(base.trf_blocks(bfast.embed(base, ids))), hidden)
+    assert not bfast.GPTClassifier(base).enable_prefix_cache()
+    layer = blora.LoRALayer(3, 5, rank=2, alpha=4)
     with torch.no_grad():
         layer.B.fill_(1.0)
     x = torch.randn(1, 3)
@@ -1897,7 +1910,7 @@ def test_lora_checkpoint_holds_only_adapters_and_reloads_on_its_base(tmp_path, c
                    "--lora-alpha", "8", "--epochs", "1", "--batch-size", "4", "--out", str(out),
                    "--no-baseline"])
     assert "Naive Bayes" not in capsys.readouterr().out
-    entries, metadata = beyond.safetensors.read_safetensors_header(out / CHECKPOINT)
+    entries, metadata = bst.read_safetensors_header(out / CHECKPOINT)
     assert entries and all(".lora." in n or n.startswith("out_head.") for n in entries)
     lora = json.loads(metadata["lora"])
     assert lora["path"] == str(MINI_WEIGHTS.resolve())
@@ -1944,25 +1957,18 @@ def test_a_moved_lora_base_is_found_with_base_weights_and_a_changed_one_is_refus
     assert f"{moved} is not the base {checkpoint} was fine-tuned on" in stderr
     flags = set(re.findall(r"--[a-z-]+", stderr))
     assert flags == {"--base-weights"}  # no flag that classify.py does not have
-    plain = tmp_path / "plain.safetensors"
-    classify.save_classifier(tiny_classifier(), plain, TINY_CONFIG, 20, ["not spam", "spam"])
+    plain = save_tiny(tmp_path / "plain.safetensors")
     with pytest.raises(InputError, match="--base-weights is only for checkpoints of "
                                          "--trainable lora"):
         classify.load_classifier(plain, base_weights=moved)
 
 
 def test_a_pretrained_lora_base_that_cannot_be_found_names_base_weights(tmp_path, monkeypatch):
-    checkpoint = tmp_path / "lora.safetensors"
-    base, config = gpt.build_gpt(weights=str(MINI_WEIGHTS))
-    finetune.prepare_for_classification(base, 2, trainable="lora", lora_rank=2)
-    classify.save_classifier(beyond.fast.GPTClassifier(base), checkpoint, config, 20, ["a", "b"],
-                             lora={"rank": 2, "alpha": 16, "model": "gpt2-small",
-                                   "weights": "pretrained", "seed": 123,
-                                   "path": str(tmp_path / "gone" / "model.safetensors"),
-                                   "bytes": 1693464, "sha256": "0" * 64})
+    checkpoint = save_lora_checkpoint(tmp_path / "lora.safetensors", weights="pretrained",
+                                      path=str(tmp_path / "gone" / "model.safetensors"))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(beyond.download, "HUB_URL", "http://127.0.0.1:9/{}")
-    monkeypatch.setattr(beyond.download, "OPENAI_URL", "http://127.0.0.1:9/{size}/{file}")
+    monkeypatch.setattr(bdownload, "HUB_URL", "http://127.0.0.1:9/{}")
+    monkeypatch.setattr(bdownload, "OPENAI_URL", "http://127.0.0.1:9/{size}/{file}")
     with pytest.raises(InputError) as error:
         classify.load_classifier(checkpoint)
     assert "could not download the gpt2-small weights" in str(error.value)
@@ -1987,11 +1993,11 @@ def test_help_documents_every_flag_with_its_chapter_reference(cli):
 @pytest.mark.parametrize("name", ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"])
 def test_every_model_size_composes_with_every_trainable_choice(name):
     config = gpt.model_config(name)
-    for trainable in beyond.trainable.TRAINABLE:
+    for trainable in btrainable.TRAINABLE:
         with torch.device("meta"):  # shapes only: no memory, no time
             model = finetune.prepare_for_classification(gpt.GPTModel(config), 3,
                                                         trainable=trainable)
-        classifier = beyond.fast.GPTClassifier(model, pool="flexible")
+        classifier = bfast.GPTClassifier(model, pool="flexible")
         cached = classifier.enable_prefix_cache()
         assert model.out_head.weight.shape == (3, config["emb_dim"])
         assert cached == (trainable not in ("all", "lora"))
@@ -2012,11 +2018,11 @@ def test_pool_max_length_seed_plain_no_balance_and_trainable_flags_reach_the_run
     assert "Caching" not in printed and "Balanced" not in printed
     assert "Longest training sequence (max_length): 6 tokens" in printed
     rows = data.load_messages(tmp_path / "t.tsv")  # 91 rows: no balancing, split with seed 7
-    label_ids = beyond.labels.class_ids(rows)
+    label_ids = blabels.class_ids(rows)
     expected = data.random_split(rows, 0.7, 0.1, seed=7)[0]
     assert data.read_csv(out / "train.csv", 3) == [(label_ids[l], t) for l, t in expected]
     assert expected != data.random_split(rows, 0.7, 0.1)[0]
-    _, metadata = beyond.safetensors.read_safetensors_header(out / CHECKPOINT)
+    _, metadata = bst.read_safetensors_header(out / CHECKPOINT)
     assert metadata["pool"] == "flexible" and metadata["max_length"] == "6"
     assert result["args"]["seed"] == 7
     model, _ = classify.load_classifier(out / CHECKPOINT)
@@ -2043,9 +2049,7 @@ def start_server(checkpoint, *flags):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    checkpoint = tmp_path_factory.mktemp("serve") / "c.safetensors"
-    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20,
-                             ["not spam", "spam"])
+    checkpoint = save_tiny(tmp_path_factory.mktemp("serve") / "c.safetensors")
     process, url, _ = start_server(checkpoint)
     yield url, checkpoint
     process.kill()
@@ -2054,8 +2058,6 @@ def server(tmp_path_factory):
 
 def fetch(url, body=None, method=None, content_type="application/json"):
     """(status, content type, body) of one request, never through a proxy."""
-    import urllib.error
-    import urllib.request
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     data = body.encode() if isinstance(body, str) else body
     request = urllib.request.Request(url, data=data, method=method,
@@ -2119,7 +2121,6 @@ def test_a_bad_request_gets_its_status_and_the_server_keeps_serving(
 
 
 def test_a_hundred_concurrent_requests_all_succeed(server):
-    from concurrent.futures import ThreadPoolExecutor
     url, _ = server
 
     def ask(i):
@@ -2140,8 +2141,7 @@ def test_a_body_over_the_limit_gets_its_413_every_time(server):
 
 
 def test_a_burst_of_connections_waits_in_the_listen_queue():
-    import socket
-    server = beyond.serve.make_server("127.0.0.1", 0, echo, {})
+    server = bserve.make_server("127.0.0.1", 0, echo, {})
     # connected before the server accepts any: each waits in the kernel's queue
     clients = [socket.create_connection(server.server_address, timeout=60) for _ in range(100)]
     with serving(server):
@@ -2153,9 +2153,7 @@ def test_a_burst_of_connections_waits_in_the_listen_queue():
 
 
 def test_serve_stops_on_ctrl_c_and_a_port_in_use_is_one_error(tmp_path):
-    import socket
-    checkpoint = tmp_path / "c.safetensors"
-    classify.save_classifier(tiny_classifier(), checkpoint, TINY_CONFIG, 20, ["a", "b"])
+    checkpoint = save_tiny(tmp_path / "c.safetensors", ["a", "b"])
     process, url, printed = start_server(checkpoint, "--host", "0.0.0.0")
     assert "note: listening on 0.0.0.0, not only on this machine" in printed[0]
     assert fetch(url.replace("0.0.0.0", "127.0.0.1") + "/info")[0] == 200
@@ -2179,8 +2177,6 @@ def test_serve_stops_on_ctrl_c_and_a_port_in_use_is_one_error(tmp_path):
 def request(url, method, path, body=None, headers=None):
     """(status, headers, body) of one request sent by http.client as given:
     a Host header in `headers` replaces the one it would send."""
-    import http.client
-    import urllib.parse
     address = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
     try:
@@ -2194,7 +2190,7 @@ def request(url, method, path, body=None, headers=None):
 
 @contextlib.contextmanager
 def serving(server):
-    """Runs a beyond.serve.make_server server in a thread: its URL."""
+    """Runs a bserve.make_server server in a thread: its URL."""
     threading.Thread(target=server.serve_forever, daemon=True).start()
     host = server.server_address[0]
     try:
@@ -2242,7 +2238,6 @@ def test_the_server_refuses_what_another_site_makes_a_browser_send(server):
 
 
 def test_head_gets_the_headers_of_get_and_no_body(server):
-    import socket
     url, _ = server
     _, get_headers, page = request(url, "GET", "/")
     port = int(url.rsplit(":", 1)[1])
@@ -2261,8 +2256,7 @@ def test_head_gets_the_headers_of_get_and_no_body(server):
 
 
 def test_a_silent_client_is_dropped_after_the_timeout_while_others_are_served():
-    import socket
-    server = beyond.serve.make_server("127.0.0.1", 0, echo, {}, timeout=0.5)
+    server = bserve.make_server("127.0.0.1", 0, echo, {}, timeout=0.5)
     with serving(server) as url, socket.create_connection(server.server_address,
                                                           timeout=60) as silent:
         silent.sendall(b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -2273,9 +2267,8 @@ def test_a_silent_client_is_dropped_after_the_timeout_while_others_are_served():
 
 
 def test_a_client_trickling_its_request_is_cut_at_the_deadline_while_others_are_served():
-    import socket
     # each read waits up to 60 s, so only the whole request's deadline can end this one
-    server = beyond.serve.make_server("127.0.0.1", 0, echo, {}, timeout=60, deadline=0.5)
+    server = bserve.make_server("127.0.0.1", 0, echo, {}, timeout=60, deadline=0.5)
     with serving(server) as url, socket.create_connection(server.server_address,
                                                           timeout=60) as trickle:
         trickle.sendall(b"POST /classify HTTP/1.1\r\n")
@@ -2298,8 +2291,7 @@ def test_a_client_trickling_its_request_is_cut_at_the_deadline_while_others_are_
     ({"Transfer-Encoding": "chunked"}, 411),
 ])
 def test_a_body_length_is_plain_digits_and_chunked_bodies_are_refused(headers, status):
-    import socket
-    server = beyond.serve.make_server("127.0.0.1", 0, echo, {})
+    server = bserve.make_server("127.0.0.1", 0, echo, {})
     head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     with serving(server), socket.create_connection(server.server_address, timeout=60) as s:
         s.sendall(f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
@@ -2311,7 +2303,6 @@ def test_a_body_length_is_plain_digits_and_chunked_bodies_are_refused(headers, s
 
 
 def test_two_different_content_lengths_are_refused_and_the_page_takes_a_query(server):
-    import socket
     url, _ = server
     port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
@@ -2327,8 +2318,7 @@ def test_two_different_content_lengths_are_refused_and_the_page_takes_a_query(se
 
 
 def test_connections_over_the_cap_are_answered_503():
-    import socket
-    server = beyond.serve.make_server("127.0.0.1", 0, echo, {}, timeout=60, max_connections=1)
+    server = bserve.make_server("127.0.0.1", 0, echo, {}, timeout=60, max_connections=1)
     with serving(server) as url, socket.create_connection(server.server_address,
                                                           timeout=60):
         status, headers, body = request(url, "GET", "/info")  # behind the silent one
@@ -2336,18 +2326,17 @@ def test_connections_over_the_cap_are_answered_503():
 
 
 def test_the_server_listens_on_ipv6_and_a_wrong_host_is_named_not_the_port():
-    server = beyond.serve.make_server("::1", 0, echo, {"labels": ["a"]})
+    server = bserve.make_server("::1", 0, echo, {"labels": ["a"]})
     with serving(server) as url:
         assert url.startswith("http://[::1]:")
         assert request(url, "GET", "/info")[::2] == (200, b'{"labels": ["a"]}')
     with pytest.raises(InputError, match=r"^cannot listen on 192\.0\.2\.1: .*--host") as error:
-        beyond.serve.make_server("192.0.2.1", 0, echo, {})  # a documentation address: not ours
+        bserve.make_server("192.0.2.1", 0, echo, {})  # a documentation address: not ours
     assert "--port" not in str(error.value)
 
 
 def test_clients_that_go_away_are_no_traceback_but_a_bug_is(capsys):
-    import socket
-    server = beyond.serve.make_server("127.0.0.1", 0, echo, {})
+    server = bserve.make_server("127.0.0.1", 0, echo, {})
     with serving(server):
         for _ in range(20):  # a body cut short by a reset
             with socket.create_connection(server.server_address, timeout=60) as client:
@@ -2380,7 +2369,6 @@ def webdriver(base, method, path, body=None):
 def browser(server, tmp_path):
     """(chromedriver's address, the session's path) of headless Chromium showing
     the served page, through the WebDriver protocol of Debian's chromium-driver."""
-    import socket
     url, _ = server
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -2436,7 +2424,6 @@ def test_a_real_browser_types_two_messages_and_sees_two_labels(browser):
 # ------------------------------------------------- several processes: torchrun and DDP
 
 def free_port():
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -2474,8 +2461,8 @@ def assert_same_run(reference, out, stdout):
     assert len(chapter_lines(reference_stdout)) > 10
     assert chapter_lines(stdout) == chapter_lines(reference_stdout)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference_out.iterdir())
-    trained, _ = beyond.safetensors.load_safetensors(out / CHECKPOINT)
-    expected, _ = beyond.safetensors.load_safetensors(reference_out / CHECKPOINT)
+    trained, _ = bst.load_safetensors(out / CHECKPOINT)
+    expected, _ = bst.load_safetensors(reference_out / CHECKPOINT)
     assert trained.keys() == expected.keys()
     for name, tensor in expected.items():
         # A key bias has no true gradient (softmax ignores what it adds to a row of
@@ -2577,14 +2564,13 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_keeps_the_old_on
     disk_full_after(monkeypatch, "write", 1000)
     with pytest.raises(InputError, match=f"cannot write {re.escape(str(path))}: No space left "
                                          f"on device; {re.escape(str(path))} is unchanged"):
-        classify.save_classifier(tiny_classifier(seed=5), path, TINY_CONFIG, 20,
-                                 ["not spam", "spam"])
+        save_tiny(path, model=tiny_classifier(seed=5))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
 
 
 def test_short_spill_writes_are_completed_and_a_full_disk_is_one_error(tmp_path, monkeypatch):
-    cache = beyond.fast.PrefixCache(budget=0, spill_dir=tmp_path)
+    cache = bfast.PrefixCache(budget=0, spill_dir=tmp_path)
     hidden = torch.randn(5, 16)
     real_pwrite = os.pwrite
     monkeypatch.setattr(os, "pwrite", lambda fd, data, offset:
@@ -2641,7 +2627,7 @@ def test_an_unwritable_out_folder_is_one_error_naming_it_and_changes_nothing(
             return call
         monkeypatch.setattr(os, "mkdir", refused(os.mkdir))
         monkeypatch.setattr(os, "open", refused(os.open))
-        monkeypatch.setattr(beyond.files, "open", refused(open), raising=False)
+        monkeypatch.setattr(bfiles, "open", refused(open), raising=False)
     try:
         with pytest.raises(InputError, match=f"{re.escape(str(out))}.*: Permission denied"):
             finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
@@ -2656,12 +2642,12 @@ def test_sigterm_while_a_checkpoint_is_written_exits_143_and_leaves_no_tmp_file(
         tmp_path, monkeypatch, capsys):
     path = tmp_path / "c.safetensors"
     path.write_bytes(b"an earlier checkpoint")
-    real_tensor_bytes = beyond.safetensors.tensor_bytes
+    real_tensor_bytes = bst.tensor_bytes
 
     def tensor_bytes(t):
         os.kill(os.getpid(), signal.SIGTERM)  # arrives with the file half written
         return real_tensor_bytes(t)
-    monkeypatch.setattr(beyond.safetensors, "tensor_bytes", tensor_bytes)
+    monkeypatch.setattr(bst, "tensor_bytes", tensor_bytes)
 
     class Unhandled(Exception):
         pass
@@ -2671,7 +2657,7 @@ def test_sigterm_while_a_checkpoint_is_written_exits_143_and_leaves_no_tmp_file(
     previous = signal.signal(signal.SIGTERM, unhandled)  # run_cli must set its own
     try:
         with pytest.raises(SystemExit) as exit:
-            beyond.cli.run_cli(lambda: beyond.safetensors.save_safetensors({"w": torch.zeros(4)}, path))
+            bcli.run_cli(lambda: bst.save_safetensors({"w": torch.zeros(4)}, path))
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert exit.value.code == 143 and capsys.readouterr().err.strip() == "interrupted."
@@ -2709,7 +2695,7 @@ def test_a_weight_relabelled_as_integers_is_refused(tmp_path):
     base = tmp_path / "model.safetensors"
     base.write_bytes(safetensors_bytes(header, MINI_WEIGHTS.read_bytes()[8 + length:]))
     with pytest.raises(InputError, match=r"params\['wte'\] holds torch.int16, not floats"):
-        gpt.load_gpt2_file(base, beyond.weights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG))
+        gpt.load_gpt2_file(base, bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG))
 
 
 def test_cuda_memory_is_asked_for_by_device_index(monkeypatch):
@@ -2722,26 +2708,26 @@ def test_cuda_memory_is_asked_for_by_device_index(monkeypatch):
         return 6 * 10**9, 8 * 10**9
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert beyond.memory.available_memory(torch.device("cuda")) == (6 * 10**9, "free GPU memory")
-    assert beyond.memory.available_memory(torch.device("cuda", 1))[0] == 6 * 10**9
+    assert bmemory.available_memory(torch.device("cuda")) == (6 * 10**9, "free GPU memory")
+    assert bmemory.available_memory(torch.device("cuda", 1))[0] == 6 * 10**9
     assert asked == [0, 1]
 
 
 def test_auto_cache_memory_shares_the_ram_among_torchruns_processes(monkeypatch):
-    monkeypatch.setattr(beyond.memory, "available_memory", lambda device: (8 * 10**9, "RAM"))
+    monkeypatch.setattr(bmemory, "available_memory", lambda device: (8 * 10**9, "RAM"))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert beyond.memory.cache_budget("auto", torch.device("cpu")) == (
+    assert bmemory.cache_budget("auto", torch.device("cpu")) == (
         10**9, "--cache-memory auto: half the RAM, shared by 4 processes")
-    assert beyond.memory.cache_budget("auto", torch.device("cuda", 0))[0] == 4 * 10**9  # its own
+    assert bmemory.cache_budget("auto", torch.device("cuda", 0))[0] == 4 * 10**9  # its own
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert beyond.memory.cache_budget("auto", torch.device("cpu"))[0] == 4 * 10**9
+    assert bmemory.cache_budget("auto", torch.device("cpu"))[0] == 4 * 10**9
 
 
 def test_auto_cache_memory_on_mps_is_what_metal_recommends_less_what_is_held(monkeypatch):
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 10 * 10**9,
                         raising=False)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 2 * 10**9)
-    assert beyond.memory.available_memory(torch.device("mps")) == (
+    assert bmemory.available_memory(torch.device("mps")) == (
         8 * 10**9, "memory Metal recommends for this process")
 
 
@@ -2758,24 +2744,16 @@ def test_mps_under_torchrun_is_a_clear_error(tmp_path, sample_tsv, monkeypatch, 
     assert not (tmp_path / "out").exists()
 
 
-def test_a_lora_base_file_is_hashed_once_when_its_checkpoint_loads(
-        tmp_path, monkeypatch):
-    size, sha256 = beyond.download.file_fingerprint(MINI_WEIGHTS)
-    base, config = gpt.build_gpt(weights=str(MINI_WEIGHTS))
-    finetune.prepare_for_classification(base, 2, trainable="lora", lora_rank=2)
-    checkpoint = tmp_path / "lora.safetensors"
-    lora = {"rank": 2, "alpha": 16, "model": "gpt2-small", "weights": str(MINI_WEIGHTS),
-            "seed": 123, "path": str(MINI_WEIGHTS), "bytes": size, "sha256": sha256}
-    classify.save_classifier(beyond.fast.GPTClassifier(base), checkpoint, config, 20, ["a", "b"],
-                             lora=lora)
+def test_a_lora_base_file_is_hashed_once_when_its_checkpoint_loads(tmp_path, monkeypatch):
+    checkpoint = save_lora_checkpoint(tmp_path / "lora.safetensors")
     hashed = []
     monkeypatch.setattr(classify, "file_fingerprint",
-                        lambda path: hashed.append(path) or beyond.download.file_fingerprint(path))
+                        lambda path: hashed.append(path) or bdownload.file_fingerprint(path))
     model, _ = classify.load_classifier(checkpoint)
     assert hashed == [MINI_WEIGHTS]
-    assert torch.equal(model.gpt.tok_emb.weight, base.tok_emb.weight)
-    classify.save_classifier(beyond.fast.GPTClassifier(base), checkpoint, config, 20, ["a", "b"],
-                             lora=dict(lora, sha256="0" * 64))
+    wte = bst.load_safetensors(MINI_WEIGHTS)[0]["wte.weight"]
+    assert torch.equal(model.gpt.tok_emb.weight, wte.float())
+    save_lora_checkpoint(checkpoint, sha256="0" * 64)
     with pytest.raises(InputError, match="is not the base .* was fine-tuned on"):
         classify.load_classifier(checkpoint)
 
@@ -2816,14 +2794,14 @@ def rule_model():
     torch.manual_seed(0)
     model = gpt.GPTModel(RULE_CONFIG)
     finetune.prepare_for_classification(model, 2, trainable="all", seed=0)
-    classifier = beyond.fast.GPTClassifier(model, pool="last", pad_token_id=RULE_PAD)
+    classifier = bfast.GPTClassifier(model, pool="last", pad_token_id=RULE_PAD)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-2)
     train = rule_messages(256, seed=1)
     with one_thread():
         for _ in range(3):
             for start in range(0, len(train), 32):
                 batch = train[start:start + 32]
-                inputs = beyond.tokens.pad_ids([ids for ids, _ in batch], RULE_PAD, length=12)
+                inputs = btokens.pad_ids([ids for ids, _ in batch], RULE_PAD, length=12)
                 optimizer.zero_grad()
                 torch.nn.functional.cross_entropy(
                     classifier(inputs)[:, -1, :],
@@ -2837,7 +2815,7 @@ def test_the_rule_word_gets_the_top_score_in_nine_of_ten_spam_messages(rule_mode
     tops = []
     with one_thread():
         for ids, label in messages:
-            target, scores = beyond.explain.explain_ids(model, ids, 12, RULE_PAD)
+            target, scores = bexplain.explain_ids(model, ids, 12, RULE_PAD)
             if label == target == 1:
                 tops.append(ids[max(range(len(ids)), key=lambda i: scores[i])] == RULE_WORD)
     assert len(tops) >= 25  # the model learnt the rule: most of the 30 spam found
@@ -2850,7 +2828,7 @@ def test_the_default_method_beats_a_random_ranking_on_erasers_faithfulness(rule_
     sequences = [ids for ids, _ in messages]
     with one_thread():
         shipped = bench.aopc(model, sequences, bench.method_ranking(
-            beyond.explain.EXPLAIN_DEFAULT, model, 12, RULE_PAD), 12, RULE_PAD)
+            bexplain.EXPLAIN_DEFAULT, model, 12, RULE_PAD), 12, RULE_PAD)
         chance = bench.aopc(model, sequences, bench.random_ranking(model, 12, RULE_PAD), 12,
                             RULE_PAD)
     assert shipped[0] > chance[0] + 0.1  # comprehensiveness: removing the top tokens hurts
@@ -2860,21 +2838,21 @@ def test_the_default_method_beats_a_random_ranking_on_erasers_faithfulness(rule_
 def test_occlusion_scores_are_the_fall_in_log_odds_without_each_token(rule_model):
     model, (message, *_) = rule_model
     ids = message[0]
-    target, scores = beyond.explain.explain_ids(model, ids, 12, RULE_PAD, "occlusion")
+    target, scores = bexplain.explain_ids(model, ids, 12, RULE_PAD, "occlusion")
     with torch.no_grad():
         def log_odds(sequence):  # log p / (1 - p) with two classes
-            logits = model(beyond.tokens.pad_ids([sequence], RULE_PAD, length=12))[0, -1]
+            logits = model(btokens.pad_ids([sequence], RULE_PAD, length=12))[0, -1]
             return (logits[target] - logits[1 - target]).item()
         expected = [log_odds(ids) - log_odds(ids[:i] + ids[i + 1:]) for i in range(len(ids))]
     assert scores == pytest.approx(expected, abs=1e-5)
     for method in ("gradient", "integrated"):
-        assert len(beyond.explain.explain_ids(model, ids, 12, RULE_PAD, method)[1]) == len(ids)
+        assert len(bexplain.explain_ids(model, ids, 12, RULE_PAD, method)[1]) == len(ids)
 
 
 def test_explanation_tokens_join_to_the_classified_text_after_truncation(tokenizer):
     model = tiny_classifier().eval()
     texts = [SPAM_TEXT, "😀 日本語 привет", "x" * 200, "naïve 🙂🙂 " * 30]
-    pieces = beyond.explain.explain_texts(texts, [1, 0, 1, 0], model, tokenizer, 20)
+    pieces = bexplain.explain_texts(texts, [1, 0, 1, 0], model, tokenizer, 20)
     for text, explanation in zip(texts, pieces):
         ids = tokenizer.encode(text)[:20]
         assert "".join(p["token"] for p in explanation) == tokenizer.decode(ids)
@@ -2884,8 +2862,7 @@ def test_explanation_tokens_join_to_the_classified_text_after_truncation(tokeniz
 
 
 def test_explain_prints_json_tokens_and_plain_text_in_a_pipe(tmp_path, capsys):
-    path = tmp_path / "c.safetensors"
-    classify.save_classifier(tiny_classifier(), path, TINY_CONFIG, 20, ["not spam", "spam"])
+    path = save_tiny(tmp_path / "c.safetensors")
     classify.main(["--checkpoint", str(path), "--explain", "--json", SPAM_TEXT])
     result = json.loads(capsys.readouterr().out)
     assert "".join(p["token"] for p in result["explanation"]) == \
@@ -2895,7 +2872,7 @@ def test_explain_prints_json_tokens_and_plain_text_in_a_pipe(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "\x1b[" not in printed and re.search(r"\n  toward (spam|not spam): '.+' [+-]\d", printed)
     pieces = [{"token": "win", "score": 2.0}, {"token": " now", "score": -1.0}]
-    coloured = beyond.stream.explanation_lines(pieces, "spam", coloured=True)
+    coloured = bstream.explanation_lines(pieces, "spam", coloured=True)
     assert coloured[0].startswith("  why: \x1b[30;48;2;255;64;64mwin\x1b[0m")
     assert "\x1b[30;48;2;" in coloured[0] and coloured[1] == "  toward spam: 'win' +2.000  ' now' -1.000"
 
@@ -2904,13 +2881,13 @@ def test_fitting_a_temperature_recovers_it_and_never_raises_the_nll():
     g = torch.Generator().manual_seed(0)
     logits = 2 * torch.randn(20000, 3, generator=g)
     targets = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=g)[:, 0]
-    assert beyond.calibrate.fit_temperature(3.0 * logits, targets) == pytest.approx(3.0, abs=0.1)
+    assert bcalibrate.fit_temperature(3.0 * logits, targets) == pytest.approx(3.0, abs=0.1)
     separable = torch.tensor([[5.0, -5.0], [-4.0, 4.0]])
     for case_logits, case_targets in [(logits[:50], targets[:50]), (separable, torch.tensor([0, 1])),
                                       (-logits[:50], targets[:50])]:
-        t = beyond.calibrate.fit_temperature(case_logits, case_targets)
-        assert beyond.calibrate.nll(case_logits, case_targets, t) <= beyond.calibrate.nll(case_logits, case_targets)
-    assert beyond.calibrate.fit_temperature(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)) == 1.0
+        t = bcalibrate.fit_temperature(case_logits, case_targets)
+        assert bcalibrate.nll(case_logits, case_targets, t) <= bcalibrate.nll(case_logits, case_targets)
+    assert bcalibrate.fit_temperature(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)) == 1.0
 
 
 def test_roc_auc_equals_a_count_of_correctly_ordered_pairs():
@@ -2920,23 +2897,23 @@ def test_roc_auc_equals_a_count_of_correctly_ordered_pairs():
     pairs = [(s, t) for s, p in zip(scores, positives) if p
              for t, q in zip(scores, positives) if not q]
     expected = sum(1.0 if s > t else 0.5 if s == t else 0.0 for s, t in pairs) / len(pairs)
-    points, area = beyond.calibrate.roc_curve(scores, positives)
+    points, area = bcalibrate.roc_curve(scores, positives)
     assert area == pytest.approx(expected) and points[0] == (0, 0) and points[-1] == (1, 1)
-    points, average_precision = beyond.calibrate.pr_curve([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0])
+    points, average_precision = bcalibrate.pr_curve([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0])
     assert average_precision == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
-    assert beyond.calibrate.roc_curve([0.1, 0.2], [1, 1]) == ([], None)
+    assert bcalibrate.roc_curve([0.1, 0.2], [1, 1]) == ([], None)
 
 
 def test_the_threshold_keeps_the_validation_false_positive_rate_within_the_target():
     rng = random.Random(1)
     ham = [round(rng.random(), 2) for _ in range(300)]  # ties included
     for target in (0.0, 0.01, 0.05, 0.5):
-        threshold = beyond.calibrate.threshold_for_fpr(ham, target)
-        fpr, _ = beyond.calibrate.rates_at(threshold, ham, [0] * len(ham))
+        threshold = bcalibrate.threshold_for_fpr(ham, target)
+        fpr, _ = bcalibrate.rates_at(threshold, ham, [0] * len(ham))
         assert fpr <= target
         lower = max(score for score in ham + [-1.0] if score < threshold)
-        assert beyond.calibrate.rates_at(lower, ham, [0] * len(ham))[0] > target  # the lowest such
-    assert beyond.calibrate.rates_at(0.5, [0.4, 0.6, 0.7, 0.2], [1, 1, 0, 0]) == (0.5, 0.5)
+        assert bcalibrate.rates_at(lower, ham, [0] * len(ham))[0] > target  # the lowest such
+    assert bcalibrate.rates_at(0.5, [0.4, 0.6, 0.7, 0.2], [1, 1, 0, 0]) == (0.5, 0.5)
 
 
 def test_ece_equals_a_hand_computation():
@@ -2945,18 +2922,18 @@ def test_ece_equals_a_hand_computation():
     # one message per bin of width 1/15: (14/15, 1] 0.95 right, (13/15, 14/15] 0.9 wrong,
     # (10/15, 11/15] 0.7 right, (9/15, 10/15] 0.62 wrong, (7/15, 8/15] 0.5 right (argmax 0)
     expected = (abs(1 - 0.95) + abs(0 - 0.9) + abs(1 - 0.7) + abs(0 - 0.62) + abs(1 - 0.5)) / 5
-    assert beyond.calibrate.expected_calibration_error(probas, targets) == pytest.approx(expected)
-    bins = beyond.calibrate.reliability_bins(probas, targets)
+    assert bcalibrate.expected_calibration_error(probas, targets) == pytest.approx(expected)
+    bins = bcalibrate.reliability_bins(probas, targets)
     assert [i for i, row in enumerate(bins) if row] == [7, 9, 10, 13, 14]
 
 
 def test_calibration_writes_metrics_svgs_and_what_the_checkpoint_keeps(rule_model, tmp_path,
                                                                      capsys):
     model, messages = rule_model
-    batches = [(beyond.tokens.pad_ids([ids for ids, _ in messages[i:i + 20]], RULE_PAD, length=12),
+    batches = [(btokens.pad_ids([ids for ids, _ in messages[i:i + 20]], RULE_PAD, length=12),
                 torch.tensor([label for _, label in messages[i:i + 20]]))
                for i in range(0, 60, 20)]
-    result, kept = beyond.calibrate.calibrate(model, [batches, batches[:2], batches[2:]], "cpu",
+    result, kept = bcalibrate.calibrate(model, [batches, batches[:2], batches[2:]], "cpu",
                                       ["not spam", "spam"], 0.05, tmp_path)
     assert kept == {"temperature": result["temperature"], "threshold": result["threshold"],
                     "target_fpr": 0.05}
@@ -2967,7 +2944,7 @@ def test_calibration_writes_metrics_svgs_and_what_the_checkpoint_keeps(rule_mode
         root = ET.parse(tmp_path / name).getroot()
         assert root.tag == "{http://www.w3.org/2000/svg}svg"
         assert root.findall(".//{http://www.w3.org/2000/svg}polyline")
-    beyond.calibrate.plot_roc_pr([], None, [], None, "<b>&", tmp_path)  # one class only: still XML
+    bcalibrate.plot_roc_pr([], None, [], None, "<b>&", tmp_path)  # one class only: still XML
     ET.parse(tmp_path / "roc-plot.svg")
 
 
@@ -2975,10 +2952,9 @@ def test_classify_applies_the_checkpoints_temperature_and_validated_threshold(
         tmp_path, tokenizer, capsys):
     model = tiny_classifier().eval()
     old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
-    classify.save_classifier(model, old, TINY_CONFIG, 20, ["not spam", "spam"])
-    classify.save_classifier(model, new, TINY_CONFIG, 20, ["not spam", "spam"],
-                             calibration={"temperature": 0.01, "threshold": 0.0,
-                                          "target_fpr": 0.01})
+    save_tiny(old, model=model)
+    save_tiny(new, model=model, calibration={"temperature": 0.01, "threshold": 0.0,
+                                             "target_fpr": 0.01})
     _, info = classify.load_classifier(old)
     assert (info["temperature"], info["threshold"]) == (1.0, None)  # still loads
     loaded, info = classify.load_classifier(new)
@@ -2986,16 +2962,15 @@ def test_classify_applies_the_checkpoints_temperature_and_validated_threshold(
     ids = torch.tensor([tokenizer.encode("hello")])
     with torch.no_grad():
         expected = torch.softmax(model(ids)[:, -1, :] / 0.01, dim=-1)[0].tolist()
-    assert beyond.stream.classify_texts(["hello"], loaded, tokenizer, "cpu", 20, 50256,
+    assert bstream.classify_texts(["hello"], loaded, tokenizer, "cpu", 20, 50256,
                                    temperature=0.01)[0] == pytest.approx(expected, abs=1e-5)
     classify.main(["--checkpoint", str(new), "--json", "--threshold", "validated", "hello"])
     assert json.loads(capsys.readouterr().out)["label"] == "spam"  # any P(spam) > 0
     with pytest.raises(InputError, match="has no validated threshold"):
         classify.main(["--checkpoint", str(old), "--threshold", "validated", "hello"])
     three = tmp_path / "three.safetensors"
-    classify.save_classifier(tiny_classifier(num_classes=3), three, TINY_CONFIG, 20,
-                             ["a", "b", "c"], calibration={"temperature": 1.0, "threshold": None,
-                                                           "target_fpr": None})
+    save_tiny(three, ["a", "b", "c"], tiny_classifier(num_classes=3), calibration={
+        "temperature": 1.0, "threshold": None, "target_fpr": None})
     with pytest.raises(InputError, match="has 3 classes: --threshold validated is for two"):
         classify.main(["--checkpoint", str(three), "--threshold", "validated", "hello"])
 
@@ -3113,3 +3088,44 @@ def test_a_checkpoint_written_before_the_beyond_split_classifies_as_it_did(capsy
         '"probabilities": {"not spam": 0.5000096559524536, "spam": 0.49999040365219116}}',
         '{"text": "Are we still on for dinner tonight?", "label": "spam", '
         '"probabilities": {"not spam": 0.4966579079627991, "spam": 0.5033420920372009}}']
+
+
+def test_wilson_intervals_match_hand_computations():
+    z2 = 1.959963984540054 ** 2
+    cases = {(0, 10): (0.0, z2 / (10 + z2)),  # k = 0: the upper end is z^2 / (n + z^2)
+             (10, 10): (10 / (10 + z2), 1.0),  # k = n: the lower end is n / (n + z^2)
+             (5, 10): (0.236593, 0.763407),
+             (287, 300): (0.927283, 0.974504)}  # the chapter's 95.67% test accuracy
+    for (k, n), expected in cases.items():
+        assert beyond.overlap.wilson_interval(k, n) == pytest.approx(expected, abs=1e-6)
+
+
+def test_messages_seen_in_training_are_counted_and_left_out_of_the_unseen_accuracy():
+    train = [("ham", "see you at 5"), ("spam", "WIN a prize"), ("ham", "ok")]
+    test = [("ham", "see you at 5"),    # copied from training: seen
+            ("spam", "WIN a prize \n"),  # trailing whitespace only: the same message
+            ("spam", "win a prize"),     # letter case: another message
+            ("ham", "something new")]
+    seen = beyond.overlap.seen_in(train, test)
+    assert seen == [True, True, False, False]
+    labels, predicted = [0, 1, 1, 0], [0, 1, 1, 1]
+    assert beyond.overlap.unseen_accuracy(labels, predicted, seen) == (1, 2)
+    assert beyond.overlap.shown(1, 2) == "50.00% (95% interval 9.5-90.5%)"
+
+
+def test_dedup_leaves_no_evaluation_message_in_training_and_the_default_split_as_it_was(
+        tmp_path, capsys):
+    finetune.main(["--data", str(SMS), "--weights", str(MINI_WEIGHTS), "--dedup",
+                   "--epochs", "1", "--no-baseline", "--out", str(tmp_path / "dedup")])
+    out = capsys.readouterr().out
+    # 5,169 distinct texts; 11 more differ only in leading or trailing whitespace
+    assert "Dropped 414 repeated messages (--dedup): 5158 left" in out
+    assert re.search(r"Seen in training: 0 of the \d+ validation messages and 0 of the", out)
+    splits = [data.read_csv(tmp_path / "dedup" / f"{name}.csv")
+              for name in ("train", "validation", "test")]
+    train = {text.strip() for _, text in splits[0]}
+    assert not any(text.strip() in train for split in splits[1:] for _, text in split)
+    metrics = json.loads((tmp_path / "dedup" / "metrics.json").read_text())
+    assert metrics["test_seen_in_training"] == 0
+    low, high = metrics["test_accuracy_interval95"]
+    assert low < metrics["test_accuracy"] < high
