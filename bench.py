@@ -7,10 +7,8 @@ python bench.py --explain runs/a/review_classifier.safetensors  # how faithful -
 python bench.py --precision fp32,bf16 --json bench-precision.json  # each mode in each
 python bench.py --device cuda --precision fp32,bf16,fp16           # a GPU, in minutes
 
-Each mode (MODES: --plain, the default cache, --pool flexible) is the chapter's whole
-schedule with random weights (speed does not depend on them) in a finetune.py process of
-its own; each printed loss is compared with the fp32 run's. Then classify's messages/s,
-one at a time (the chapter's) vs batched, and `python classify.py "text"` vs bare imports.
+Each of MODES is the chapter's whole schedule with random weights (speed does not depend
+on them) in a finetune.py process of its own; its losses are compared with the fp32 run's.
 """
 import argparse
 import csv
@@ -82,8 +80,7 @@ def run_finetune(flags, out_dir, training_only=False):
 
 
 def loss_differences(runs):
-    """Each run's largest difference of a printed loss from the fp32 run of the
-    same mode (None where there is none to compare)."""
+    """Each run's largest printed-loss difference from its mode's fp32 run (or None)."""
     fp32 = {r["mode"]: r["losses"] for r in runs if r["precision"] == "fp32"}
     for r in runs:
         reference = fp32.get(r["mode"])
@@ -93,8 +90,7 @@ def loss_differences(runs):
 
 
 def classify_throughput(checkpoint, test_csv, device, precision="fp32"):
-    """Messages per second: the chapter's classify_review and forward pass, one message at
-    a time, vs classify_texts in batches."""
+    """Messages per second: classify_review one at a time (the chapter's) vs batched."""
     model, info = load_classifier(checkpoint, device, precision=precision)
     tokenizer = get_tokenizer()
     texts = [text for _, text in read_csv(test_csv)]

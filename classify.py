@@ -10,20 +10,16 @@ python classify.py --checkpoint runs/a/review_classifier.safetensors - < message
 """
 import argparse
 import os
-import sys
 
 from beyond.checkpoint import checkpoint_metadata, read_checkpoint_metadata
-from beyond.cli import InputError, port_number, run_cli, torch_version
-from beyond.download import file_fingerprint
-from beyond.explain import EXPLAIN_DEFAULT, EXPLAIN_METHODS, MAX_EXPLAINED
+from beyond.cli import InputError, run_cli, torch_version
+from beyond.explain import add_explain_options
 from beyond.fast import GPTClassifier
-from beyond.lora import lora_base_file, not_the_base, replace_linear_with_lora
+from beyond.lora import lora_base
 from beyond.precision import add_precision_option, check_precision
-from beyond.safetensors import (check_floating, load_safetensors, read_safetensors_header,
-                                save_safetensors)
-from beyond.serve import serve
-from beyond.stream import (BLANK, CHUNK, NonFiniteLogits, argument_text, classify_and_print,
-                           text_batches, validated_threshold)
+from beyond.safetensors import check_floating, load_safetensors, read_safetensors_header, save_safetensors
+from beyond.serve import add_serve_options, check_serve_options, serve
+from beyond.stream import add_output_options, add_texts_argument, check_texts, classify_arguments
 from beyond.tokens import PAD_TOKEN_ID, encode
 import torch
 from data import SPAM_CLASS_NAMES
@@ -103,7 +99,7 @@ def load_classifier(path, device="cpu", base_weights=None, precision="fp32"):
         raise InputError(f"{path} holds every weight of its model: --base-weights is only "
                          f"for checkpoints of --trainable lora.")
     if lora:  # adapters and head only: rebuild the base model they sit on
-        gpt = lora_base(info, path, base_weights)
+        gpt = lora_base(info, path, base_weights, GPTModel, load_gpt2_file)
         expected = {name: tuple(t.shape) for name, t in gpt.state_dict().items()
                     if ".lora." in name or name.startswith("out_head.")}
     else:
@@ -140,29 +136,6 @@ def empty_gpt(config, num_classes):
     return gpt
 
 
-def lora_base(info, checkpoint, base_weights=None):
-    """The base GPT-2 under a LoRA checkpoint's adapters (random with the seed
-    finetune.py used, or the checked file), with an empty ("meta") head and
-    adapters for the checkpoint's tensors to fill."""
-    lora, config = info["lora"], info["config"]
-    if lora["weights"] == "random":
-        if base_weights:
-            raise InputError(f"{checkpoint} was fine-tuned on random base weights (seed "
-                             f"{lora['seed']}), which classify.py rebuilds itself: leave "
-                             f"out --base-weights.")
-        torch.manual_seed(lora["seed"])  # finetune.py seeds the same way
-        gpt = GPTModel(config)
-    else:
-        weights, hint = lora_base_file(lora, checkpoint, base_weights)
-        if file_fingerprint(weights)[1] != lora["sha256"]:  # the one pass over the file
-            raise not_the_base(weights, checkpoint, hint)
-        gpt = load_gpt2_file(weights, config)
-    with torch.device("meta"):
-        gpt.out_head = torch.nn.Linear(config["emb_dim"], info["num_classes"])
-        replace_linear_with_lora(gpt.trf_blocks, lora["rank"], lora["alpha"])
-    return gpt
-
-
 def add_device_option(parser, default, what):
     parser.add_argument("--device", default=default, choices=["auto", "cpu", "cuda", "mps"],
                         help=f"{what}; auto picks cuda, then mps (torch >= 2.9), then cpu "
@@ -188,8 +161,7 @@ def select_device(name):
     return torch.device(name)
 
 
-# ===== beyond the chapter: the command line =====
-
+# ----------------------------------------------------------------- the command line
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -199,16 +171,7 @@ def build_parser():
                     "validation split and saved in the checkpoint (none in an older "
                     "checkpoint: T=1); the label is the most probable class unless "
                     "--threshold validated.")
-    parser.add_argument("texts", nargs="*", metavar="TEXT",
-                        help="messages to classify; - reads one per line from stdin and "
-                             "prints one line per line read, in order, as soon as the input "
-                             f"pauses (at most {CHUNK:,} at a time). A blank line prints "
-                             f"'-<tab>{BLANK}' (--json: an object with \"error\"); a line "
-                             "that is not UTF-8 is classified with U+FFFD for its bad bytes, "
-                             "and a note on stderr names it. Control characters in what is "
-                             "printed (not --json) are escaped, as \\n or \\x1b. With "
-                             "--explain (not --json), each result line is followed by its "
-                             "explanation's lines, indented")
+    add_texts_argument(parser)
     parser.add_argument("--checkpoint", default=CHECKPOINT_NAME,
                         help="the classifier finetune.py saved (default: %(default)s)")
     parser.add_argument("--base-weights", metavar="PATH",
@@ -219,82 +182,27 @@ def build_parser():
                              "folder holding a model.safetensors or OpenAI's checkpoint; "
                              "checked by size and sha256 (of OpenAI's data file)")
     add_device_option(parser, "cpu", "where to run the model")
-    add_precision_option(parser)
-    parser.add_argument("--all", action="store_true",
-                        help="print the probability of every class, not only the chosen one")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object per message: text, label, probabilities "
-                             "(and with --explain: explanation, a list of {token, score} "
-                             "whose tokens join to the text as classified, after truncation)")
-    parser.add_argument("--explain", action="store_true",
-                        help="also show each token's signed share of the label (positive: "
-                             "toward it): on a terminal the message coloured token by token, "
-                             "then the tokens that pushed most toward the label")
-    parser.add_argument("--explain-method", default=EXPLAIN_DEFAULT,
-                        choices=list(EXPLAIN_METHODS),
-                        help="with --explain, how the shares are computed (default: "
-                             "%(default)s, the most faithful here): " + "; ".join(
-                                 f"{k}: {v}" for k, v in EXPLAIN_METHODS.items()))
-    parser.add_argument("--threshold", default="argmax", choices=["argmax", "validated"],
-                        help="how the label is chosen: argmax, the most probable class (the "
-                             "chapter); validated, for two classes, class 1 (spam) where its "
-                             "probability is above the threshold finetune.py chose on the "
-                             "validation split for its --target-fpr (default: %(default)s)")
-    parser.add_argument("--serve", action="store_true",
-                        help="instead of classifying TEXTs, serve a page to try the classifier "
-                             "in a browser (with a \"why?\" view per message), and POST "
-                             "/classify with {\"texts\": [...]} as Content-Type: "
-                             "application/json, and \"explain\": true for each token's share "
-                             f"(at most {MAX_EXPLAINED} texts then)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="with --serve: the address to listen on (IPv4 or IPv6: ::1); "
-                             "0.0.0.0 or :: opens it to other machines (default: %(default)s, "
-                             "this machine only)")
-    parser.add_argument("--port", type=port_number, default=8000,
-                        help="with --serve: the port; 0 lets the system pick a free one "
-                             "(default: %(default)s)")
+    # not the chapter's: each of these modules adds the flags of what it does
+    for add_options in (add_precision_option, add_output_options, add_explain_options,
+                        add_serve_options):
+        add_options(parser)
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.serve:
-        if args.texts or args.all or args.json or args.explain or args.threshold != "argmax":
-            parser.error("--serve takes no TEXT, --all, --json, --explain or --threshold: the "
-                         "page shows every class's probability, and explains on request")
-        device = select_device(args.device)
-        check_precision(args.precision, device)
-        model, info = load_classifier(args.checkpoint, device, args.base_weights,
-                                      args.precision)
-        return serve(model, info, args.checkpoint, device, get_tokenizer(), args.host,
-                     args.port)
-    if args.host != "127.0.0.1" or args.port != 8000:
-        parser.error("--host and --port go with --serve")
-    if args.explain_method != EXPLAIN_DEFAULT and not args.explain:
-        parser.error("--explain-method goes with --explain")
-    if not args.texts:
-        raise InputError("no message to classify: give texts as arguments, or - to read "
-                         "one per line from stdin.")
-    if any(not text.strip() for text in args.texts):
-        raise InputError("a message to classify is empty or only whitespace.")
-    if sys.stdout is None:  # started with >&-
-        raise InputError("stdout is closed: there is nowhere to print the results.")
-    if "-" in args.texts and sys.stdin is None:
-        raise InputError("stdin is closed: - has no line to read.")
+    check_serve_options(parser, args)
+    if not args.serve:
+        check_texts(parser, args)  # beyond/stream.py: texts, stdin and stdout usable
     device = select_device(args.device)
     check_precision(args.precision, device)
     model, info = load_classifier(args.checkpoint, device, args.base_weights, args.precision)
-    threshold = validated_threshold(args.threshold, info, args.checkpoint)
-    texts = [argument_text(text, i) for i, text in enumerate(args.texts, 1)]
-    batches = text_batches(texts, sys.stdin.buffer if "-" in texts else None)
-    try:
-        done = classify_and_print(batches, model, get_tokenizer(), device, info, args,
-                                  threshold)
-    except NonFiniteLogits as e:
-        raise InputError(f"{args.checkpoint}: {e}") from None
-    if not done:
-        raise InputError("no message to classify: stdin was empty.")
+    if args.serve:  # not the chapter's: a page and an API (beyond/serve.py)
+        return serve(model, info, args.checkpoint, device, get_tokenizer(), args.host,
+                     args.port)
+    # classify_review's steps for many texts at once, printed (beyond/stream.py)
+    classify_arguments(args, model, info, device, get_tokenizer())
 
 
 if __name__ == "__main__":

@@ -12,26 +12,20 @@ import time
 from pathlib import Path
 
 from beyond.cli import InputError, positive_float, positive_int, run_cli, seed_number
-from beyond.distributed import (join_process_group, on_every_rank, printing_rank, said_by_rank_0,
-                                torchrun_ranks, with_progress)
+from beyond.distributed import join_process_group, on_every_rank, printing_rank, said_by_rank_0, torchrun_ranks, with_progress
 from beyond.fast import GPTClassifier, add_fast_options, cache_frozen_prefix
 from beyond.files import out_left_as_it_was, publish_run, said_if_interrupted, work_folder
 from beyond.labels import balance_classes, class_ids, count_labels
 from beyond.lora import lora_description
-from beyond.metrics import (add_metrics_options, baseline_and_calibration, metrics_beyond_accuracy,
-                            run_record)
+from beyond.metrics import add_metrics_options, baseline_and_calibration, metrics_beyond_accuracy, run_record
 from beyond.overlap import add_dedup_option, drop_repeated, overlap_metrics
 from beyond.plot import plt
 from beyond.pooling import add_pool_option
 from beyond.precision import add_precision_option, check_precision, loss_scaled
 from beyond.trainable import add_trainable_options, check_trainable_options, choose_trainable
 import torch
-from classify import (CHECKPOINT_NAME, add_device_option, classify_review, save_classifier,
-                      select_device)
-from data import (SEED, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_names,
-                  create_balanced_dataset, create_data_loaders, data_file_path,
-                  download_and_unzip_spam_data, extracted_path, load_messages, random_split,
-                  read_tsv, url, write_csv, zip_path)
+from classify import CHECKPOINT_NAME, add_device_option, classify_review, save_classifier, select_device
+from data import SEED, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_names, create_balanced_dataset, create_data_loaders, data_file_path, download_and_unzip_spam_data, extracted_path, load_messages, random_split, read_tsv, url, write_csv, zip_path
 from gpt import add_model_options, build_gpt, get_tokenizer, weights_config
 
 

@@ -7,9 +7,9 @@ formats, downloads and command-line plumbing are in beyond/.
 """
 import argparse
 
-from beyond.cli import InputError, repository_tokenizer, run_cli
+from beyond.cli import repository_tokenizer, run_cli
 from beyond.download import download_gpt2
-from beyond.weights import check_gpt2_size, find_weights, read_params, settings_for
+from beyond.weights import check_gpt2_size, checked_value, find_weights, read_params, settings_for
 import torch
 import torch.nn as nn
 
@@ -272,36 +272,13 @@ def params_targets(gpt, params):
 
 
 def matched_params(gpt, params, source):
-    """[(parameter, value)] for every parameter of gpt, each value checked (a
-    float tensor of the parameter's shape) before anything is copied: a missing
-    tensor is an error naming it, not a silent random weight."""
+    """[(parameter, value)] for every parameter of gpt, each value checked before
+    anything is copied (beyond/weights.py: there, floats, the parameter's shape, as
+    the book's assign checks the shape): a missing tensor is an error naming it."""
     names = {id(param): name for name, param in gpt.named_parameters()}
-    pairs = []
-    for param, keys, transform in params_targets(gpt, params):
-        if param is None:  # qkv_bias=False: W_query, W_key and W_value have no bias
-            continue
-        where = "params" + "".join(f"[{key!r}]" for key in keys)
-        tensor = params
-        try:
-            for key in keys:
-                if not isinstance(tensor, (dict, list)):  # a tensor where keys go on
-                    raise KeyError(key)
-                tensor = tensor[key]
-        except (KeyError, IndexError, TypeError):
-            raise InputError(f"{source}: {where} is missing (the model's "
-                             f"{names[id(param)]}): not a complete GPT-2 checkpoint of "
-                             f"this size.") from None
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise InputError(f"{source}: {where} holds "
-                             f"{getattr(tensor, 'dtype', type(tensor).__name__)}, not floats.")
-        same_dims = tensor.dim() == param.dim()  # split and transpose keep them
-        value = transform(tensor) if transform and same_dims else tensor
-        if not same_dims or value.shape != param.shape:
-            how = " (after splitting and transposing)" if transform else ""
-            raise InputError(f"{source}: {where} has shape {tuple(tensor.shape)}, but the "
-                             f"model needs {tuple(param.shape)} there{how}. Check that "
-                             f"--model matches the weights.")
-        pairs.append((param, value))
+    pairs = [(param, checked_value(params, keys, transform, param, names[id(param)], source))
+             for param, keys, transform in params_targets(gpt, params)
+             if param is not None]  # qkv_bias=False: W_query, W_key, W_value have no bias
     assert {id(param) for param, _ in pairs} == set(names), "a parameter params_targets misses"
     return pairs
 

@@ -43,6 +43,8 @@ SMS = TESTDATA / "sms_spam_collection" / "SMSSpamCollection"
 SMS_ZIP = TESTDATA / "sms_spam_collection" / "sms+spam+collection.zip"
 MINI = TESTDATA / "gpt2-mini-hf"
 MINI_WEIGHTS = MINI / "model.safetensors"
+MINI_TF = TESTDATA / "gpt2-mini-tf"
+MINI_BOOK = TESTDATA / "gpt2-mini-book" / "gpt2-mini-book.pth"
 # the repository's copy of tiktoken's cache, for this process and every subprocess
 os.environ["TIKTOKEN_CACHE_DIR"] = str(TESTDATA / "tiktoken")
 
@@ -55,7 +57,8 @@ from beyond.cli import InputError  # noqa: E402
 import beyond.distributed  # noqa: E402
 from beyond import (calibrate as bcalibrate, cli as bcli, download as bdownload,  # noqa: E402
                     explain as bexplain, fast as bfast, files as bfiles, labels as blabels,
-                    lora as blora, memory as bmemory, metrics as bmetrics, pooling as bpooling,
+                    lora as blora, memory as bmemory, metrics as bmetrics, overlap as boverlap,
+                    pooling as bpooling,
                     precision as bprecision, safetensors as bst, sampling as bsampling,
                     serve as bserve, stream as bstream, tf_checkpoint as btf,
                     tokens as btokens, trainable as btrainable, weights as bweights)
@@ -143,12 +146,26 @@ def tiny_classifier(num_classes=2, pool="last", trainable="last_block", seed=0, 
     return bfast.GPTClassifier(model, pool=pool)
 
 
+def mini_config():
+    """The test model's config, read from its config.json in the Hub's naming."""
+    return bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub")
+
+
 # ------------------------------------------------------------------------ gpt.py
 
-def test_hub_layout_model_reproduces_the_reference_implementations_logits(tokenizer):
-    model, config = gpt.build_gpt(weights=str(MINI_WEIGHTS))
+@pytest.fixture(scope="module")
+def hub_state():
+    return gpt.build_gpt(weights=str(MINI_WEIGHTS))[0].state_dict()
+
+
+@pytest.mark.parametrize("weights", [MINI_WEIGHTS, MINI_TF, MINI_BOOK])
+def test_each_weights_form_reproduces_the_reference_implementations_logits(
+        weights, tokenizer, hub_state):
+    """The Hub's safetensors, OpenAI's TF checkpoint and the book's .pth of one model."""
+    model, config = gpt.build_gpt(weights=str(weights))
     assert (config["emb_dim"], config["n_layers"], config["n_heads"],
             config["context_length"]) == (16, 2, 2, 128)
+    assert all(torch.equal(t, hub_state[n]) for n, t in model.state_dict().items())
     expected, _ = bst.load_safetensors(MINI / "expected.safetensors")
     reference = json.loads((MINI / "expected.json").read_text())
     assert expected["input_ids"].tolist() == [tokenizer.encode(t) for t in reference["texts"]]
@@ -160,15 +177,20 @@ def test_hub_layout_model_reproduces_the_reference_implementations_logits(tokeni
     assert logits[:, -1].argmax(-1).tolist() == reference["argmax_last"]
 
 
-def test_gpt_cli_prints_reference_greedy_continuation():
+def test_gpt_prints_the_reference_greedy_continuation_from_each_form(
+        capsys, monkeypatch, tokenizer):
     expected = json.loads((MINI / "expected.json").read_text())["greedy_8_new_tokens"]
     code, out, err = run("gpt.py", "--weights", MINI_WEIGHTS,
                          "--max-new-tokens", "8", expected["prompt"])
     assert code == 0, err
     assert out.strip() == expected["prompt"] + expected["continuation"]
+    monkeypatch.setattr(gpt, "get_tokenizer", lambda: tokenizer)  # loaded once per session
+    for weights in (MINI_TF, MINI_BOOK):  # in this process, without a Python start-up
+        gpt.main(["--weights", str(weights), "--max-new-tokens", "8", expected["prompt"]])
+        assert capsys.readouterr().out.strip() == expected["prompt"] + expected["continuation"]
 
 
-def test_printed_model_shows_the_chapters_module_names():
+def test_the_model_has_the_chapters_module_names_forward_signatures_and_parameter_count():
     printed = str(gpt.GPTModel(TINY_CONFIG))
     for name in ["(tok_emb): Embedding(50257, 16)", "(pos_emb): Embedding(64, 16)", "(drop_emb)",
                  "(trf_blocks): Sequential", "TransformerBlock", "(att): MultiHeadAttention",
@@ -177,9 +199,8 @@ def test_printed_model_shows_the_chapters_module_names():
                  "(norm2): LayerNorm()", "(drop_resid)", "(final_norm): LayerNorm()",
                  "(out_head): Linear(in_features=16, out_features=50257, bias=False)"]:
         assert name in printed
-
-
-def test_chapter_model_sizes_have_the_chapters_parameter_counts():
+    for module in (gpt.MultiHeadAttention, gpt.TransformerBlock):  # chapter 4's: x only
+        assert list(inspect.signature(module.forward).parameters) == ["self", "x"]
     with torch.device("meta"):
         model = gpt.GPTModel(gpt.model_config("gpt2-small"))
     total = sum(p.numel() for p in model.parameters())
@@ -188,7 +209,7 @@ def test_chapter_model_sizes_have_the_chapters_parameter_counts():
     assert gpt.model_config("gpt2-xl")["n_heads"] == 25
 
 
-def test_fused_gelu_and_layer_norm_equal_the_chapters_formulas():
+def test_fused_gelu_layer_norm_and_attention_equal_the_chapters_formulas():
     x = torch.randn(4, 7, 16) * 3
     gelu = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))
     assert torch.allclose(gpt.GELU()(x), gelu, atol=1e-6)
@@ -199,28 +220,13 @@ def test_fused_gelu_and_layer_norm_equal_the_chapters_formulas():
     mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
     expected = norm.scale * (x - mean) / torch.sqrt(var + 1e-5) + norm.shift
     assert torch.allclose(norm(x), expected, atol=1e-5)
-
-
-def explicit_causal_attention(queries, keys, values, mask, dropout):
-    """Chapter 3's formula: the reference the fused attention and the fast path meet.
-
-    queries: (b, heads, n_queries, head_dim); keys, values: (b, heads, n_keys, head_dim);
-    mask: bool, broadcastable to (b, heads, n_queries, n_keys), True where attending is allowed.
-    """
-    attn_scores = queries @ keys.transpose(2, 3)
-    attn_scores = attn_scores.masked_fill(~mask, -torch.inf)
-    attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
-    attn_weights = dropout(attn_weights)
-    return attn_weights @ values  # (b, heads, n_queries, head_dim)
-
-
-def test_sdpa_attention_equals_the_explicit_masked_softmax():
-    torch.manual_seed(1)
+    torch.manual_seed(1)  # the fused attention against chapter 3's masked softmax
     att = gpt.MultiHeadAttention(16, 16, 64, 0.0, num_heads=4, qkv_bias=True).eval()
     x = torch.randn(3, 9, 16)
     queries, keys, values = (att.split_heads(w(x)) for w in (att.W_query, att.W_key, att.W_value))
-    mask = torch.ones(9, 9, dtype=torch.bool).tril()
-    context = explicit_causal_attention(queries, keys, values, mask, att.dropout)
+    attn_scores = queries @ keys.transpose(2, 3)  # (b, heads, num_tokens, num_tokens)
+    attn_scores.masked_fill_(~torch.ones(9, 9, dtype=torch.bool).tril(), -torch.inf)
+    context = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1) @ values
     expected = att.out_proj(context.transpose(1, 2).reshape(3, 9, 16))
     assert torch.allclose(att(x), expected, atol=1e-5)
 
@@ -236,11 +242,6 @@ def test_last_block_at_one_position_equals_the_full_block():
     assert torch.allclose(one[:, 0], full[torch.arange(4), positions], atol=1e-5)
 
 
-def test_chapter_4s_attention_and_block_take_only_x():
-    for module in (gpt.MultiHeadAttention, gpt.TransformerBlock):
-        assert list(inspect.signature(module.forward).parameters) == ["self", "x"]
-
-
 def test_the_classifiers_plain_path_is_the_chapters_last_output_token():
     model = tiny_classifier(pool="last")
     model.fast = False
@@ -253,12 +254,11 @@ def test_the_classifiers_plain_path_is_the_chapters_last_output_token():
         assert torch.allclose(model(ids)[:, -1, :], outputs[:, -1, :], atol=1e-5)
 
 
-def test_loader_accepts_a_transformer_prefix_and_ignores_extra_keys():
+def test_loader_takes_a_transformer_prefix_extra_keys_and_models_without_qkv_biases():
     tensors, _ = bst.load_safetensors(MINI_WEIGHTS)
     prefixed = {"transformer." + k: v for k, v in tensors.items()}
     prefixed["lm_head.weight"] = tensors["wte.weight"]
-    config = bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub")
-    model = gpt.GPTModel(config)
+    model = gpt.GPTModel(mini_config())
     params = bweights.params_from_hub(prefixed)
     assert params["blocks"][1]["attn"]["c_attn"]["w"].shape == (16, 48)  # the book's layout
     assert "bias" not in params["blocks"][0]["attn"]  # the mask buffer is left out
@@ -267,36 +267,34 @@ def test_loader_accepts_a_transformer_prefix_and_ignores_extra_keys():
     assert torch.equal(model.out_head.weight, tensors["wte.weight"].float())  # tied
     assert torch.equal(model.trf_blocks[1].att.W_key.weight,
                        tensors["h.1.attn.c_attn.weight"][:, 16:32].T.float())
-
-
-def test_loader_rejects_weights_missing_a_tensor():
-    tensors, _ = bst.load_safetensors(MINI_WEIGHTS)
-    del tensors["h.1.mlp.c_fc.bias"]
-    model = gpt.GPTModel(bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub"))
-    before = model.tok_emb.weight.clone()
-    with pytest.raises(InputError, match=r"params\['blocks'\]\[1\]\['mlp'\]\['c_fc'\]\['b'\] "
-                                         r"is missing \(the model's trf_blocks\.1\.ff\.layers\.0\.bias\)"):
-        gpt.load_weights_into_gpt(model, bweights.params_from_hub(tensors))
-    assert torch.equal(model.tok_emb.weight, before)  # checked before anything is copied
-
-
-def test_loader_names_a_tensor_of_the_wrong_rank_before_splitting_it():
-    tensors, _ = bst.load_safetensors(MINI_WEIGHTS)
-    tensors["h.0.attn.c_attn.weight"] = torch.tensor(1.0)  # 0-d: chunk would crash on it
-    model = gpt.GPTModel(bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub"))
-    with pytest.raises(InputError, match=r"params\['blocks'\]\[0\]\['attn'\]\['c_attn'\]"
-                                         r"\['w'\] has shape \(\), but the model needs \(16, 16\)"):
-        gpt.load_weights_into_gpt(model, bweights.params_from_hub(tensors))
-
-
-def test_loader_fills_a_model_without_query_key_value_biases():
-    config = dict(bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub"), qkv_bias=False)
+    config = dict(mini_config(), qkv_bias=False)
     torch.manual_seed(5)
     source, model = gpt.GPTModel(config), gpt.GPTModel(config)
     gpt.load_weights_into_gpt(model, bweights.params_from_book(source.state_dict()))
     assert model.trf_blocks[0].att.W_query.bias is None
     for (name, a), (_, b) in zip(source.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("h.1.mlp.c_fc.bias", None, r"params\['blocks'\]\[1\]\['mlp'\]\['c_fc'\]\['b'\] is "
+     r"missing \(the model's trf_blocks\.1\.ff\.layers\.0\.bias\)"),
+    ("h.0.attn.c_attn.weight", torch.tensor(1.0),  # 0-d: chunk would crash on it
+     r"params\['blocks'\]\[0\]\['attn'\]\['c_attn'\]\['w'\] has shape \(\), but the model "
+     r"needs \(16, 16\)"),
+])
+def test_loader_names_a_missing_tensor_or_one_of_the_wrong_rank_before_copying_any(
+        name, value, message):
+    tensors, _ = bst.load_safetensors(MINI_WEIGHTS)
+    if value is None:
+        del tensors[name]
+    else:
+        tensors[name] = value
+    model = gpt.GPTModel(mini_config())
+    before = model.tok_emb.weight.clone()
+    with pytest.raises(InputError, match=message):
+        gpt.load_weights_into_gpt(model, bweights.params_from_hub(tensors))
+    assert torch.equal(model.tok_emb.weight, before)
 
 
 def test_weights_of_another_size_name_the_tensor_shapes_and_the_right_model():
@@ -307,10 +305,9 @@ def test_weights_of_another_size_name_the_tensor_shapes_and_the_right_model():
                                        KNOWN_SIZES)
     assert "wte (the token embedding)" in str(error.value)
     assert "(50257, 16)" in str(error.value) and "(50257, 768)" in str(error.value)
-    mini = bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub")
     with pytest.raises(InputError, match=r"wpe \(the position embedding\) has shape "
                                          r"\(128, 16\), but the model needs \(64, 16\)"):
-        bweights.check_gpt2_size(params, dict(mini, context_length=64), "w.safetensors",
+        bweights.check_gpt2_size(params, dict(mini_config(), context_length=64), "w.safetensors",
                                        KNOWN_SIZES)
     # gpt2-medium's shapes against --model gpt2-small: the error suggests gpt2-medium
     with torch.device("meta"):  # shapes without memory
@@ -411,48 +408,30 @@ ODD_VALUES = [[], ["F32"], {}, {"a": 1}, None, True, 10**30, -1, -(10**30), 2.5,
               "F32", [10**30], [[1]], [-1, 2]]
 
 
-def json_leaves(value, path=()):
-    """Every (path, value) inside a JSON value; strings holding JSON are opened."""
-    yield path, value
-    if isinstance(value, str) and value[:1] in "[{":
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return
-        yield from json_leaves(value, path + ("<json>",))
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from json_leaves(item, path + (key,))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            yield from json_leaves(item, path + (i,))
-
-
-def with_value(value, path, new):
-    """A copy of value with the leaf at path replaced by new."""
-    if not path:
-        return new
-    if path[0] == "<json>":
-        return json.dumps(with_value(json.loads(value), path[1:], new))
-    value = value.copy()
-    value[path[0]] = with_value(value[path[0]], path[1:], new)
-    return value
-
-
 def mutated_files(path, count, seed):
-    """Copies of a safetensors file whose header has one JSON value of another
-    type or size (a list, an object, null, a huge or negative number...), in an
-    entry (a tensor or __metadata__) chosen first, so that each is as likely,
-    including the values inside JSON strings of __metadata__."""
+    """Copies of a safetensors file whose header has one JSON value of another type or
+    size (a list, an object, null, a huge or negative number...) in an entry (a tensor
+    or __metadata__, each as likely), inside the JSON strings of __metadata__ too."""
     raw = Path(path).read_bytes()
     (header_len,) = struct.unpack("<Q", raw[:8])
     header, body = json.loads(raw[8:8 + header_len]), raw[8 + header_len:]
     rng = random.Random(seed)
+
+    def mutated(value):  # value, or one value inside it, replaced
+        if isinstance(value, str) and value[:1] in "[{" and rng.random() < 0.8:
+            with contextlib.suppress(ValueError):
+                return json.dumps(mutated(json.loads(value)))
+        if not value or not isinstance(value, (dict, list)) or rng.random() < 0.2:
+            return rng.choice(ODD_VALUES)
+        value = value.copy()
+        key = rng.choice(list(value) if isinstance(value, dict) else range(len(value)))
+        value[key] = mutated(value[key])
+        return value
+
     for _ in range(count):
         key = rng.choice(sorted(header))
-        leaf = rng.choice([p for p, _ in json_leaves(header[key], (key,))])
-        mutated = json.dumps(with_value(header, leaf, rng.choice(ODD_VALUES)))
-        yield struct.pack("<Q", len(mutated)) + mutated.encode() + body
+        text = json.dumps(dict(header, **{key: mutated(header[key])}))
+        yield struct.pack("<Q", len(text)) + text.encode() + body
 
 
 def save_lora_checkpoint(checkpoint, **lora):
@@ -487,102 +466,75 @@ def test_safetensors_headers_with_values_of_the_wrong_type_raise_the_projects_er
         shutil.copy(MINI / "config.json", tmp_path / "config.json")
         read = lambda path: gpt.build_gpt(weights=str(path))  # noqa: E731
     parsed, refused = outcomes(tmp_path / "model.safetensors",
-                               mutated_files(original, 200, seed=1), read)
+                               mutated_files(original, 200, seed=0), read)
     assert 0 < parsed < refused
 
 
-def test_failed_download_leaves_no_file_and_names_the_flag(tmp_path, monkeypatch):
-    destination = tmp_path / "gpt2" / "124M" / "model.safetensors"
+def test_a_failed_or_cut_download_leaves_nothing_and_the_next_run_succeeds(
+        tmp_path, monkeypatch):
     monkeypatch.setattr(bdownload, "HUB_URL", "http://127.0.0.1:9/{}")
     monkeypatch.setattr(bdownload, "OPENAI_URL", "http://127.0.0.1:9/{size}/{file}")
     with pytest.raises(InputError, match="--weights PATH"):
         bdownload.download_gpt2("gpt2-small", tmp_path / "gpt2")
-    assert not destination.exists() and not list(tmp_path.rglob("*.part"))
-    assert not (tmp_path / "gpt2").exists()  # no empty folders left behind either
+    assert not list(tmp_path.iterdir())  # no file, no .part, no empty folders either
+    body, cut = os.urandom(300_000), [True]
 
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # the whole length announced, half of the body sent while cut
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:len(body) // 2] if cut[0] else body)
+            self.close_connection = True
 
-class Server:
-    """A local HTTP server that can cut its answer half-way."""
+        def log_message(self, *args):
+            pass
 
-    def __init__(self, body, cut):
-        outer = self
-        self.cut = cut
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[:len(body) // 2] if outer.cut else body)
-                self.wfile.flush()
-                self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/file"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
-def test_download_cut_half_way_leaves_nothing_and_the_next_run_succeeds(tmp_path):
-    body = os.urandom(300_000)
-    server = Server(body, cut=True)
-    destination = tmp_path / "model.safetensors"
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, destination = f"http://127.0.0.1:{server.server_port}/f", tmp_path / "model.safetensors"
     try:
         with pytest.raises(InputError, match="Nothing was saved|stopped after"):
-            bdownload.download_file(server.url, destination, "the weights", "use --weights PATH")
-        assert not destination.exists() and not list(tmp_path.iterdir())
-        server.cut = False
-        bdownload.download_file(server.url, destination, "the weights", "use --weights PATH")
+            bdownload.download_file(url, destination, "the weights", "use --weights PATH")
+        assert not list(tmp_path.iterdir())
+        cut[0] = False
+        bdownload.download_file(url, destination, "the weights", "use --weights PATH")
         assert destination.read_bytes() == body
     finally:
-        server.httpd.shutdown()
+        server.shutdown()
 
 
-def test_ctrl_c_during_a_download_leaves_no_partial_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", ["ctrl-c", "full disk"])
+def test_a_download_stopped_by_ctrl_c_or_a_full_disk_leaves_no_partial_file(
+        stop, tmp_path, monkeypatch):
     class Response(io.BytesIO):
         headers = {"Content-Length": str(3 << 20)}
         reads = 0
 
         def read(self, size=-1):
             Response.reads += 1
-            if Response.reads == 2:
+            if Response.reads == 2 and stop == "ctrl-c":
                 raise KeyboardInterrupt
             return b"x" * size
 
+    class FullDisk(io.BytesIO):
+        def write(self, chunk):
+            raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(bdownload.urllib.request, "urlopen", lambda url, timeout: Response())
-    destination = tmp_path / "model.safetensors"
-    with pytest.raises(KeyboardInterrupt):
-        bdownload.download_file("http://example.invalid/m", destination, "the weights", "hint")
-    assert Response.reads == 2
-    assert not destination.exists() and not list(tmp_path.iterdir())
+    if stop == "full disk":  # the file is made, then no write succeeds
+        real_open = open
+        monkeypatch.setattr(bdownload, "open", lambda path, mode: (
+            real_open(path, mode).close(), FullDisk())[1], raising=False)
+    error = (KeyboardInterrupt, None) if stop == "ctrl-c" else (InputError, "No space left on")
+    with pytest.raises(error[0], match=error[1]):
+        bdownload.download_file("http://example.invalid/m", tmp_path / "model.safetensors",
+                                "the weights", "hint")
+    assert Response.reads == {"ctrl-c": 2, "full disk": 1}[stop]
+    assert not list(tmp_path.iterdir())
 
 
 # ------------------------------------- weights: OpenAI's TF checkpoint, the book's .pth
-
-MINI_TF = TESTDATA / "gpt2-mini-tf"
-MINI_BOOK = TESTDATA / "gpt2-mini-book" / "gpt2-mini-book.pth"
-
-
-@pytest.fixture(scope="module")
-def hub_state():
-    return gpt.build_gpt(weights=str(MINI_WEIGHTS))[0].state_dict()
-
-
-@pytest.mark.parametrize("weights", [MINI_TF, MINI_BOOK])
-def test_openai_checkpoint_and_book_pth_give_the_hub_copys_weights_and_logits(
-        weights, hub_state):
-    model, config = gpt.build_gpt(weights=str(weights))
-    assert (config["emb_dim"], config["n_layers"], config["n_heads"],
-            config["context_length"]) == (16, 2, 2, 128)
-    assert all(torch.equal(t, hub_state[n]) for n, t in model.state_dict().items())
-    expected, _ = bst.load_safetensors(MINI / "expected.safetensors")
-    with torch.no_grad():
-        logits = model.eval()(expected["input_ids"].long())
-    assert torch.allclose(logits[:, -1], expected["logits_last"], atol=1e-4)
-    assert torch.allclose(logits[..., :1024], expected["logits_first_1024"], atol=1e-4)
-
 
 def test_weights_paths_name_a_file_a_folder_or_any_file_of_openais_checkpoint(tmp_path):
     data = MINI_TF / "model.ckpt.data-00000-of-00001"
@@ -626,15 +578,6 @@ def test_every_file_gives_the_books_nested_params():
         for other in (MINI_BOOK, MINI_WEIGHTS):
             assert torch.equal(flats[other][keys].float(), tensor.float()), (other, keys)
     assert flats[MINI_TF][("wte",)].dtype == torch.float16  # as stored: no copy made
-
-
-@pytest.mark.parametrize("weights", [MINI_TF, MINI_BOOK])
-def test_gpt_prints_the_hub_copys_greedy_continuation_from_each_form(
-        weights, capsys, monkeypatch, tokenizer):
-    monkeypatch.setattr(gpt, "get_tokenizer", lambda: tokenizer)  # loaded once per session
-    expected = json.loads((MINI / "expected.json").read_text())["greedy_8_new_tokens"]
-    gpt.main(["--weights", str(weights), "--max-new-tokens", "8", expected["prompt"]])
-    assert capsys.readouterr().out.strip() == expected["prompt"] + expected["continuation"]
 
 
 def test_a_fine_tune_starts_alike_from_each_form_and_its_lora_base_is_found(tmp_path, capsys):
@@ -729,14 +672,25 @@ def test_a_damaged_openai_checkpoint_is_a_one_line_error_naming_the_file(
     assert btf.crc32c(b"123456789") == 0xE3069283  # the standard check value of crc32c
 
 
-def test_a_config_json_in_the_books_naming_beside_a_safetensors_file_sets_the_size(tmp_path):
+def test_a_config_json_in_the_books_naming_sets_the_size_and_without_one_model_does(tmp_path):
     shutil.copy(MINI_WEIGHTS, tmp_path / "x.safetensors")
     shutil.copy(TESTDATA / "gpt2-mini-book" / "config.json", tmp_path / "config.json")
     settings, _ = gpt.load_gpt2(tmp_path / "x.safetensors")
-    assert settings == bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG)
+    assert settings == mini_config()
+    (tmp_path / "config.json").unlink()
+    shutil.copy(MINI_BOOK, tmp_path / "gpt2-mini-book.pth")
+    with pytest.raises(InputError, match=r"has shape \(50257, 16\) and there are 2 layers, "
+                                         r"but the model needs \(50257, 768\) and 12 layers"):
+        gpt.build_gpt("gpt2-small", str(tmp_path / "gpt2-mini-book.pth"))
 
 
-def test_a_pth_holding_more_than_tensors_is_refused_without_running_it(tmp_path, monkeypatch):
+class RunsWhenUnpickled:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["MARKER"]),))
+
+
+def test_a_pth_or_checkpoint_holding_more_than_tensors_is_refused_without_running_it(
+        tmp_path, monkeypatch):
     marker = tmp_path / "code-ran"
     monkeypatch.setenv("MARKER", str(marker))
     path = tmp_path / "gpt2-small-124M.pth"
@@ -744,17 +698,14 @@ def test_a_pth_holding_more_than_tensors_is_refused_without_running_it(tmp_path,
     with pytest.raises(InputError, match=r"refused by torch\.load\(weights_only=True\): it "
                                          r"refers to \S+, not only to tensors") as error:
         gpt.build_gpt(weights=str(path))
-    assert "\n" not in str(error.value) and not marker.exists()
+    assert "\n" not in str(error.value)
+    path.write_bytes(pickle.dumps({"model": RunsWhenUnpickled()}))  # a checkpoint of old
+    with pytest.raises(InputError, match="not a valid safetensors file"):
+        classify.load_classifier(path)
+    assert not marker.exists()
     torch.save([torch.zeros(2)], path)
     with pytest.raises(InputError, match="does not hold a state_dict"):
         gpt.build_gpt(weights=str(path))
-
-
-def test_a_book_pth_without_its_config_is_checked_against_model(tmp_path):
-    shutil.copy(MINI_BOOK, tmp_path / "gpt2-mini-book.pth")
-    with pytest.raises(InputError, match=r"has shape \(50257, 16\) and there are 2 layers, "
-                                         r"but the model needs \(50257, 768\) and 12 layers"):
-        gpt.build_gpt("gpt2-small", str(tmp_path / "gpt2-mini-book.pth"))
 
 
 def test_pretrained_falls_back_to_openais_files_and_reads_them_where_chapter_5_left_them(
@@ -780,17 +731,23 @@ def test_pretrained_falls_back_to_openais_files_and_reads_them_where_chapter_5_l
         folder / "model.ckpt.data-00000-of-00001"
 
 
-def test_help_of_every_command_names_the_three_weight_forms_and_the_folder_rule(capsys):
-    with pytest.raises(SystemExit):
-        gpt.main(["--help"])
-    helps = {"gpt.py": capsys.readouterr().out,
-             "finetune.py": finetune.build_parser().format_help(),
-             "classify.py": classify.build_parser().format_help()}
-    for name, text in helps.items():
-        text = " ".join(text.split())
+def test_help_documents_every_flag_its_chapter_reference_and_the_three_weight_forms(cli):
+    helps = {}
+    for script in ("gpt.py", "finetune.py", "classify.py"):
+        code, out, _ = cli(script, "--help")
+        assert code == 0
+        helps[script] = " ".join(out.split())  # argparse wraps to the terminal's width
         for words in ["model.safetensors", "the book's .pth", "OpenAI's model.ckpt",
                       "a folder holding a model.safetensors", "OpenAI's checkpoint"]:
-            assert words in text, (name, words)
+            assert words in helps[script], (script, words)
+    flags = re.findall(r"--[a-z-]+", helps["finetune.py"])
+    for flag in ["--device", "--model", "--weights", "--data", "--out", "--epochs",
+                 "--batch-size", "--lr", "--seed", "--max-length", "--trainable", "--pool",
+                 "--lora-rank", "--lora-alpha", "--no-balance", "--no-baseline", "--plain"]:
+        assert flag in flags
+    for reference in ["Exercise 6.1", "Exercise 6.2", "Exercise 6.3", "appendix E",
+                      "listing 6.2", "section 6.4"]:
+        assert reference in helps["finetune.py"]
 
 # ------------------------------------------------------------------------ data.py
 
@@ -826,11 +783,9 @@ def test_sample_order_is_numpys_random_state_permutation():
     assert bsampling.sample_order(0, 123) == [] and bsampling.sample_order(1, 123) == [0]
 
 
-def test_uci_zip_reads_the_same_messages_as_the_tsv():
+def test_the_uci_zip_reads_as_the_tsv_and_download_and_unzip_writes_only_the_tsv(
+        tmp_path, monkeypatch):
     assert data.load_messages(SMS_ZIP) == data.read_tsv(SMS)
-
-
-def test_download_and_unzip_from_a_file_url_writes_only_the_tsv(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tsv = Path("sms_spam_collection") / "SMSSpamCollection.tsv"
     data.download_and_unzip_spam_data(SMS_ZIP.as_uri(), "sms.zip", "sms_spam_collection", tsv)
@@ -857,15 +812,12 @@ def test_zip_members_with_escaping_paths_are_never_written(tmp_path):
         data.load_messages(empty)
 
 
-def test_tsv_tolerates_bom_crlf_and_blank_lines(tmp_path):
+def test_tsv_tolerates_bom_crlf_and_blank_lines_and_quotes_like_pandas_read_csv(
+        tmp_path, capsys):
     path = tmp_path / "d.tsv"
     path.write_bytes(b'\xef\xbb\xbfham\tHi "there", ok\r\n\r\nspam\tWIN\tnow\r\n\n\n')
     assert data.read_tsv(path, data.SPAM_LABELS) == [("ham", 'Hi "there", ok'),
                                                      ("spam", "WIN\tnow")]
-
-
-def test_tsv_quotes_like_pandas_read_csv(tmp_path, capsys):
-    path = tmp_path / "q.tsv"
     path.write_text('ham\t"Happy day" I said\n'        # quotes open a field, text may follow
                     'spam\t"a ""WIN"" with\ta tab"\n'  # "" is one quote; a quoted tab stays
                     '"ham"\t"two\nlines"\n'              # a quoted text may hold a newline
@@ -938,14 +890,8 @@ def test_bad_csv_splits_name_the_file_and_row(tmp_path, content, problem):
     assert_error_names_file(data.read_csv, tmp_path / "bad.csv", content.encode(), problem)
 
 
-def test_single_class_or_too_few_messages_fail_before_any_model():
-    with pytest.raises(InputError, match="single class"):
-        blabels.class_ids([("ham", "a"), ("ham", "b")])
-    with pytest.raises(InputError, match="too few"):
-        data.random_split([("ham", "a"), ("spam", "b"), ("ham", "c"), ("spam", "d")], 0.7, 0.1)
-
-
-def test_dataset_pads_with_50256_and_truncates(tmp_path, tokenizer):
+def test_dataset_pads_with_50256_truncates_and_reads_end_of_text_as_plain_text(
+        tmp_path, tokenizer):
     data.write_csv([("ham", "Hi"), ("spam", "This is a longer message, really")],
                    tmp_path / "t.csv")
     longest = len(tokenizer.encode("This is a longer message, really"))
@@ -958,12 +904,8 @@ def test_dataset_pads_with_50256_and_truncates(tmp_path, tokenizer):
     unpadded = data.SpamDataset(tmp_path / "t.csv", tokenizer, pad=False)
     inputs, labels = btokens.pad_batch([unpadded[0], unpadded[1]])
     assert inputs.shape == (2, longest) and labels.tolist() == [0, 1]
-
-
-def test_end_of_text_inside_a_message_is_plain_text(tmp_path, tokenizer):
     data.write_csv([("ham", "a <|endoftext|> b")], tmp_path / "t.csv")
-    ids = data.SpamDataset(tmp_path / "t.csv", tokenizer)[0][0].tolist()
-    assert 50256 not in ids
+    assert 50256 not in data.SpamDataset(tmp_path / "t.csv", tokenizer)[0][0].tolist()
 
 
 def test_data_loaders_give_the_chapters_batch_counts_shapes_and_shuffle(tmp_path, tokenizer):
@@ -991,7 +933,7 @@ def test_data_loaders_give_the_chapters_batch_counts_shapes_and_shuffle(tmp_path
 
 # -------------------------------------------------------------------- finetune.py
 
-def test_freezing_leaves_exactly_last_block_final_norm_and_head_trainable():
+def test_freezing_leaves_exactly_last_block_final_norm_and_head_trainable_the_rest_cached():
     torch.manual_seed(0)
     model = finetune.prepare_for_classification(gpt.GPTModel(TINY_CONFIG), num_classes=2)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -999,6 +941,10 @@ def test_freezing_leaves_exactly_last_block_final_norm_and_head_trainable():
                 if n.startswith(("trf_blocks.1.", "final_norm.", "out_head."))}
     assert trainable == expected
     assert model.out_head.out_features == 2 and model.out_head.bias is not None
+    assert bfast.GPTClassifier(model).enable_prefix_cache()
+    model = gpt.GPTModel(dict(TINY_CONFIG, drop_rate=0.1))  # dropout: no two passes alike
+    finetune.prepare_for_classification(model, 2)
+    assert not bfast.GPTClassifier(model).enable_prefix_cache()
 
 
 def random_batches(n_batches, batch_size=4, length=12, seed=0, ragged=False):
@@ -1100,25 +1046,43 @@ def chapter_lines(printed):
             and "completed in" not in line]
 
 
-def test_a_cache_budget_smaller_than_the_cache_prints_the_same_lines_as_plain(
+def test_any_cache_budget_prints_the_plain_runs_lines_bf16_its_own_and_a_rerun_the_same(
         tmp_path, sample_tsv, capsys, monkeypatch):
     monkeypatch.setattr(bmemory, "available_memory", lambda device: (4 * 10**9, "RAM"))
     runs = {}
-    for name, flags in [("plain", ["--plain"]), ("budget", ["--cache-memory", "200kB"]),
-                        ("no-cache", ["--cache-memory", "0"]), ("auto", [])]:
+    for name, flags in [("plain", ["--plain"]),
+                        ("budget", ["--cache-memory", "200kB", "--target-fpr", "0.05"]),
+                        ("no-cache", ["--cache-memory", "0"]), ("auto", []), ("again", []),
+                        ("bf16", ["--precision", "bf16"]),
+                        ("bf16-plain", ["--precision", "bf16", "--plain"])]:
         result = finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
                                 "--epochs", "2", "--out", str(tmp_path / name), *flags])
-        runs[name] = (capsys.readouterr().out, result["prefix_cache"])
-    assert len(chapter_lines(runs["plain"][0])) > 15
+        printed = capsys.readouterr().out.replace(str(tmp_path / name), "OUT")
+        runs[name] = (printed, result["prefix_cache"], chapter_lines(printed))
+    assert len(runs["plain"][2]) > 15
     for name in ("budget", "no-cache", "auto"):
-        assert chapter_lines(runs[name][0]) == chapter_lines(runs["plain"][0]), name
-    printed, cache = runs["budget"]
+        assert runs[name][2] == runs["plain"][2], name
+    printed, cache, _ = runs["budget"]
     assert re.search(r"Prefix cache: \d+ kB, over the budget of 200 kB \(--cache-memory\): "
                      r"200 kB stays in memory, the other \d+ kB goes to a temporary file", printed)
     assert 0 < cache["memory_bytes"] <= 200_000 < cache["memory_bytes"] + cache["file_bytes"]
+    assert not [p for p in (tmp_path / "budget").iterdir() if "cache" in p.name]
+    metrics = json.loads((tmp_path / "budget" / "metrics.json").read_text())
+    assert metrics["calibration"]["target_fpr"] == 0.05
     assert "Caching" not in runs["no-cache"][0] and runs["no-cache"][1]["memory_bytes"] == 0
     assert "within the budget" in runs["auto"][0] and runs["auto"][1]["file_bytes"] == 0
-    assert not [p for p in (tmp_path / "budget").iterdir() if "cache" in p.name]
+    # the same run again: the same lines but for the time taken, the same splits
+    timeless = [re.sub(r"Training completed in .*", "", runs[n][0]) for n in ("auto", "again")]
+    assert timeless[0] == timeless[1]
+    for split in ("train.csv", "validation.csv", "test.csv"):
+        assert (tmp_path / "auto" / split).read_bytes() == (tmp_path / "again" / split).read_bytes()
+    # bf16 computes in bf16, the same with --plain, and caches in half the bytes
+    assert runs["bf16"][2] == runs["bf16-plain"][2] != runs["auto"][2]
+    assert runs["bf16"][1]["needed_bytes"] * 2 == runs["auto"][1]["needed_bytes"] > 0
+    assert runs["bf16"][1]["memory_bytes"] * 2 == runs["auto"][1]["memory_bytes"]
+    # the checkpoint keeps float32 weights, whatever precision trained them
+    tensors, _ = bst.load_safetensors(tmp_path / "bf16" / CHECKPOINT)
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -1139,15 +1103,6 @@ def test_a_half_precision_classifier_gives_the_same_logits_with_the_cache(dtype,
         assert budget is None or cache.memory_bytes <= budget
         assert (cache.file_bytes > 0) == (spill_dir is not None)
     assert not list(tmp_path.iterdir())  # the spill file is unlinked at once
-
-
-def test_prefix_cache_switches_itself_off_when_every_layer_trains_or_dropout_is_on():
-    assert not tiny_classifier(trainable="all").enable_prefix_cache()
-    torch.manual_seed(0)
-    model = gpt.GPTModel(dict(TINY_CONFIG, drop_rate=0.1))
-    finetune.prepare_for_classification(model, 2)
-    assert not bfast.GPTClassifier(model).enable_prefix_cache()
-    assert tiny_classifier().enable_prefix_cache()
 
 
 # ------------------------------------------------------------- --precision bf16, fp16
@@ -1205,24 +1160,6 @@ def test_bf16_logits_are_within_two_percent_of_fp32s_and_float32(tokenizer):
     assert logits["bf16"].dtype == torch.float32
     scale = logits["fp32"].abs().max()
     assert 0 < (logits["bf16"] - logits["fp32"]).abs().max() <= 0.02 * scale
-
-
-def test_default_and_plain_print_the_same_lines_in_bf16_with_half_the_cache_bytes(
-        tmp_path, sample_tsv, capsys):
-    runs = {}
-    for name, flags in [("fp32", []), ("bf16", ["--precision", "bf16"]),
-                        ("bf16-plain", ["--precision", "bf16", "--plain"])]:
-        result = finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
-                                "--epochs", "2", "--out", str(tmp_path / name), *flags])
-        runs[name] = (chapter_lines(capsys.readouterr().out), result)
-    assert len(runs["bf16"][0]) > 15 and runs["bf16"][0] == runs["bf16-plain"][0]
-    assert runs["bf16"][0] != runs["fp32"][0]  # bf16 did compute in bf16
-    fp32_cache, bf16_cache = runs["fp32"][1]["prefix_cache"], runs["bf16"][1]["prefix_cache"]
-    assert bf16_cache["needed_bytes"] * 2 == fp32_cache["needed_bytes"] > 0
-    assert bf16_cache["memory_bytes"] * 2 == fp32_cache["memory_bytes"]
-    # the checkpoint keeps float32 weights, whatever precision trained them
-    tensors, _ = bst.load_safetensors(tmp_path / "bf16" / CHECKPOINT)
-    assert {t.dtype for t in tensors.values()} == {torch.float32}
 
 
 @pytest.mark.parametrize("trainable, budget", [("last_block", None), ("last_block", 0),
@@ -1365,6 +1302,8 @@ def test_saved_checkpoint_loads_with_the_same_logits(tmp_path, tokenizer):
     probas = bstream.classify_texts([SPAM_TEXT, "hi", "x" * 20000, "😀 日本語 привет"],
                                      loaded, tokenizer, "cpu", 20)
     assert all(len(p) == 2 and sum(p) == pytest.approx(1) for p in probas)
+    with pytest.raises(InputError, match="text 1 is empty"):
+        bstream.classify_texts(["hi", ""], loaded, tokenizer, "cpu", 20)
 
 
 def test_batched_classification_equals_one_at_a_time(tokenizer):
@@ -1415,54 +1354,6 @@ def test_missing_and_truncated_checkpoints_are_clear_errors(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(InputError, match="truncated"):
         classify.load_classifier(path)
-
-
-class RunsWhenUnpickled:
-    def __reduce__(self):
-        return (Path.touch, (Path(os.environ["MARKER"]),))
-
-
-def test_a_pickled_checkpoint_is_refused_and_never_unpickled(tmp_path, monkeypatch):
-    marker = tmp_path / "code-ran"
-    monkeypatch.setenv("MARKER", str(marker))
-    path = tmp_path / "review_classifier.pth"
-    path.write_bytes(pickle.dumps({"model": RunsWhenUnpickled()}))
-    with pytest.raises(InputError, match="not a valid safetensors file"):
-        classify.load_classifier(path)
-    assert not marker.exists()
-
-
-def test_a_full_disk_during_a_download_leaves_no_file(tmp_path, monkeypatch):
-    class FullDisk(io.BytesIO):
-        def write(self, chunk):
-            raise OSError(28, "No space left on device")
-
-    class Response(io.BytesIO):
-        headers = {"Content-Length": "10"}
-
-    real_open = open
-    monkeypatch.setattr(bdownload.urllib.request, "urlopen", lambda url, timeout: Response(b"x" * 10))
-    monkeypatch.setattr(bdownload, "open", lambda path, mode: (real_open(path, mode).close(),
-                                                         FullDisk())[1], raising=False)
-    destination = tmp_path / "model.safetensors"
-    with pytest.raises(InputError, match="No space left on device"):
-        bdownload.download_file("http://example.invalid/m", destination, "the weights", "hint")
-    assert not list(tmp_path.iterdir())
-
-
-def test_a_failed_save_leaves_the_existing_checkpoint_intact(tmp_path, monkeypatch):
-    path = checkpoint_with(tmp_path)
-    before = path.read_bytes()
-
-    def fail(*args):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(bst.ctypes, "string_at", fail)
-    with pytest.raises(InputError, match=f"cannot write {re.escape(str(path))}: No space "
-                                         f"left on device; {re.escape(str(path))} is unchanged"):
-        save_tiny(path, model=tiny_classifier(seed=5))
-    assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
 
 
 def test_unavailable_device_names_the_available_ones(monkeypatch):
@@ -1522,6 +1413,9 @@ def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokeni
     (["--cache-memory", "lots"], "'lots' is not a size: use auto, 0 (no cache)"),
     (["--cache-memory", "5XB"], "'5XB' is not a size: use auto, 0 (no cache)"),
     (["--lora-rank", "4"], "--lora-rank and --lora-alpha go with --trainable lora"),
+    (["--target-fpr", "1"], "--target-fpr: must be a rate from 0 up to (not including) 1"),
+    (["--target-fpr=-0.1"], "--target-fpr: must be a rate from 0 up to (not including) 1"),
+    (["--target-fpr", "often"], "--target-fpr: "),
 ])
 def test_bad_flags_are_argparse_errors(tmp_path, sample_tsv, flags, message, cli):
     code, _, stderr = cli("finetune.py", "--data", sample_tsv, "--weights", "random",
@@ -1583,67 +1477,30 @@ def test_ctrl_c_during_fine_tuning_says_what_was_saved_and_keeps_the_checkpoint(
     assert (out / classify.CHECKPOINT_NAME).read_bytes() == b"an earlier checkpoint"
 
 
-def test_paths_of_the_wrong_kind_are_one_line_errors_and_write_nothing(
+def test_bad_paths_and_files_are_one_line_errors_found_before_anything_is_written(
         tmp_path, sample_tsv, cli):
-    a_file = tmp_path / "file.txt"
+    a_file, out = tmp_path / "file.txt", tmp_path / "out"
     a_file.write_text("x")
-    out = tmp_path / "out"
+    broken = tmp_path / "cut.safetensors"
+    broken.write_bytes(MINI_WEIGHTS.read_bytes()[:5000])  # header intact, data cut
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text(sample_tsv.read_text(encoding="utf-8") + "spam\t\n", encoding="utf-8")
     for flags, code, message in [
             (["--data", sample_tsv, "--out", a_file], 2, f"--out {a_file} is a file"),
             (["--data", tmp_path, "--out", out], 1, f"data file {tmp_path} is a folder"),
             (["--data", sample_tsv, "--weights", tmp_path, "--out", out], 1,
-             f"weights folder {tmp_path} has neither a model.safetensors nor OpenAI's")]:
+             f"weights folder {tmp_path} has neither a model.safetensors nor OpenAI's"),
+            (["--data", sample_tsv, "--weights", broken, "--out", out], 1, "truncated"),
+            (["--data", tsv, "--out", out], 1, f"{tsv}, line 121: the message is empty")]:
         flags = ["--weights", MINI_WEIGHTS, *flags]  # the last --weights counts
-        returned, _, stderr = cli("finetune.py", *flags)
+        returned, stdout, stderr = cli("finetune.py", *flags)
         assert (returned, "Traceback" in stderr) == (code, False)
-        assert message in stderr
+        assert message in stderr and "Dataset" not in stdout  # before the data is read
         assert not out.exists()
-    code, _, stderr = cli("classify.py", "--checkpoint", tmp_path, "hello")
-    assert code == 1 and f"{tmp_path} is a folder" in stderr and "Traceback" not in stderr
-
-
-def test_a_bad_weights_file_is_found_before_the_data_is_read_or_written(
-        tmp_path, sample_tsv, cli):
-    broken = tmp_path / "model.safetensors"
-    broken.write_bytes(MINI_WEIGHTS.read_bytes()[:5000])  # header intact, data cut
-    out = tmp_path / "out"
-    code, stdout, stderr = cli("finetune.py", "--data", sample_tsv, "--weights", broken,
-                               "--out", out)
-    assert code == 1 and "truncated" in stderr and "Traceback" not in stderr
-    assert "Dataset" not in stdout and not out.exists()
-
-
-def test_an_empty_message_in_the_data_fails_naming_the_line_before_anything_is_written(
-        tmp_path, sample_tsv, tokenizer, cli):
-    tsv = tmp_path / "d.tsv"
-    tsv.write_text(sample_tsv.read_text(encoding="utf-8") + "spam\t\n", encoding="utf-8")
-    code, _, stderr = cli("finetune.py", "--data", tsv, "--weights", MINI_WEIGHTS,
-                          "--out", tmp_path / "out")
-    assert code == 1 and f"{tsv}, line 121: the message is empty" in stderr
-    assert "Traceback" not in stderr and not (tmp_path / "out").exists()
-    model = tiny_classifier(pool="flexible")
-    with pytest.raises(InputError, match="text 1 is empty"):
-        bstream.classify_texts(["hi", ""], model, tokenizer, "cpu", 20)
-
-
-def test_classify_from_a_pipe_prints_the_first_chunk_before_the_input_ends(tmp_path):
-    checkpoint = save_tiny(tmp_path / "c.safetensors")
-    texts = [f"message {i} " + "word " * (i % 7) for i in range(bstream.CHUNK + 300)]
-    process = subprocess.Popen(
-        [sys.executable, "classify.py", "--checkpoint", str(checkpoint), "--json", "-"],
-        cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
-    try:
-        process.stdin.write("".join(t + "\n" for t in texts[:bstream.CHUNK]))
-        process.stdin.flush()  # and the pipe stays open
-        first = [json.loads(process.stdout.readline()) for _ in range(bstream.CHUNK)]
-        assert [r["text"] for r in first] == texts[:bstream.CHUNK]
-        process.stdin.write("".join(t + "\n" for t in texts[bstream.CHUNK:]))
-        stdout, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 0, stderr
-    assert [json.loads(line)["text"] for line in stdout.splitlines()] == texts[bstream.CHUNK:]
+    for flags, message in [(["--checkpoint", tmp_path, "hello"], f"{tmp_path} is a folder"),
+                           (["hello"], "python finetune.py")]:  # none in the working folder
+        code, _, stderr = cli("classify.py", *flags, cwd=tmp_path)
+        assert code == 1 and message in stderr and "Traceback" not in stderr
 
 
 def test_progress_shows_on_a_terminal_and_never_in_piped_output(tmp_path):
@@ -1657,14 +1514,9 @@ def test_progress_shows_on_a_terminal_and_never_in_piped_output(tmp_path):
                               stderr=terminal, text=True, timeout=120)
     os.close(terminal)
     shown = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # the terminal's other end is closed and drained
-            break
-        if not chunk:
-            break
-        shown += chunk
+    with contextlib.suppress(OSError):  # raised once the other end is closed and drained
+        while chunk := os.read(master, 65536):
+            shown += chunk
     os.close(master)
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 300
     assert b"classifying, messages: 32/300" in shown and b"left" in shown
@@ -1698,25 +1550,29 @@ def read_lines_within(pipe, count, seconds=120):
 
 
 def test_a_stream_gets_a_line_per_line_in_order_as_soon_as_the_input_pauses(tmp_path):
+    """More than a chunk (bstream.CHUNK messages) at once, then a blank line, one of
+    whitespace and one not UTF-8: all answered while the pipe stays open."""
     checkpoint = save_tiny(tmp_path / "c.safetensors")
+    texts = [f"message {i} " + "word " * (i % 7) for i in range(bstream.CHUNK + 30)]
     process = subprocess.Popen(
         [sys.executable, "classify.py", "--checkpoint", str(checkpoint), "--json", "-"],
         cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         bufsize=0)
     try:
-        process.stdin.write(b"first message\n\n \t\r\ncaf\xe9 \xff\xfe\n")
-        first = [json.loads(line) for line in read_lines_within(process.stdout, 4)]
+        process.stdin.write("".join(t + "\n" for t in texts).encode()
+                            + b"\n \t\r\ncaf\xe9 \xff\xfe\n")
+        first = [json.loads(line) for line in read_lines_within(process.stdout, len(texts) + 3)]
         process.stdin.write(b"last, with no line end")  # and the pipe stays open till now
         stdout, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
     assert process.returncode == 0, stderr
-    assert [r["text"] for r in first] == ["first message", "", " \t", "caf\ufffd \ufffd\ufffd"]
-    assert first[1] == {"text": "", "error": bstream.BLANK} == dict(first[2], text="")
-    assert set(first[3]["probabilities"]) == {"not spam", "spam"}
+    assert [r["text"] for r in first] == texts + ["", " \t", "caf\ufffd \ufffd\ufffd"]
+    assert first[-3] == {"text": "", "error": bstream.BLANK} == dict(first[-2], text="")
+    assert set(first[-1]["probabilities"]) == {"not spam", "spam"}
     assert json.loads(stdout)["text"] == "last, with no line end"
-    assert stderr.decode().splitlines() == [
-        "note: line 4 of stdin is not UTF-8: its undecodable bytes are classified as U+FFFD."]
+    assert stderr.decode().splitlines() == [f"note: line {len(texts) + 3} of stdin is not "
+                                            f"UTF-8: its undecodable bytes are classified as U+FFFD."]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
@@ -1731,27 +1587,20 @@ def test_a_closed_or_full_stdout_is_one_error(tmp_path, monkeypatch):
             classify.main(["--checkpoint", str(checkpoint), "hello"])
 
 
-def test_an_argument_that_is_not_utf8_is_classified_with_replacement_characters(
+def test_control_characters_are_escaped_and_an_argument_not_utf8_gets_replacements(
         tmp_path, cli):
-    path = save_tiny(tmp_path / "c.safetensors")
-    # how Python hands over the argument bytes b"\xff win": a lone surrogate
-    code, out, err = cli("classify.py", "--checkpoint", path, "--json", "\udcff win")
-    assert code == 0 and json.loads(out)["text"] == "\ufffd win"
-    assert err == "note: TEXT 1 is not UTF-8: its undecodable bytes are classified as U+FFFD.\n"
-
-
-def test_labels_and_messages_are_printed_with_control_characters_escaped(tmp_path, capsys):
-    checkpoint = tmp_path / "c.safetensors"
     labels = ["\x1b[31mred", "two\nlines"]
-    save_tiny(checkpoint, labels)
-    classify.main(["--checkpoint", str(checkpoint), "--all", "a\tb\rc\x85"])
-    printed = capsys.readouterr().out
+    checkpoint = save_tiny(tmp_path / "c.safetensors", labels)
+    _, printed, _ = cli("classify.py", "--checkpoint", checkpoint, "--all", "a\tb\rc\x85")
     assert printed.count("\n") == 1 and "\x1b" not in printed and "\r" not in printed
     columns = printed.rstrip("\n").split("\t")
     assert columns[0] in ("\\x1b[31mred", "two\\nlines") and columns[2] == "a\\tb\\rc\\x85"
     assert re.fullmatch(r"P\(\\x1b\[31mred\)=0\.\d{3}  P\(two\\nlines\)=0\.\d{3}", columns[1])
-    classify.main(["--checkpoint", str(checkpoint), "--json", "x"])
-    assert set(json.loads(capsys.readouterr().out)["probabilities"]) == set(labels)
+    # how Python hands over the argument bytes b"\xff win": a lone surrogate
+    code, out, err = cli("classify.py", "--checkpoint", checkpoint, "--json", "\udcff win")
+    assert code == 0 and json.loads(out)["text"] == "\ufffd win"
+    assert set(json.loads(out)["probabilities"]) == set(labels)
+    assert err == "note: TEXT 1 is not UTF-8: its undecodable bytes are classified as U+FFFD.\n"
 
 
 def test_nan_logits_are_an_error_naming_the_checkpoint_never_an_answer(tmp_path, capsys):
@@ -1781,26 +1630,6 @@ def test_tokenizer_falls_back_to_the_repositorys_files_without_network(tmp_path)
     assert not list(tmp_path.iterdir())
 
 
-def test_classify_without_a_checkpoint_says_how_to_make_one(tmp_path, cli):
-    code, _, stderr = cli("classify.py", "hello", cwd=tmp_path)
-    assert code == 1 and "python finetune.py" in stderr and "Traceback" not in stderr
-
-
-def test_same_seed_gives_identical_splits_and_metrics(tmp_path, sample_tsv, capsys):
-    outputs = []
-    for name in ("a", "b"):
-        # a fixed --cache-memory: the auto line follows the free RAM, which moves
-        finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
-                       "--epochs", "1", "--device", "cpu", "--cache-memory", "100MB",
-                       "--out", str(tmp_path / name)])
-        printed = capsys.readouterr().out.replace(str(tmp_path / name), "OUT")
-        assert "within the budget of 100 MB (--cache-memory)" in printed
-        outputs.append(re.sub(r"Training completed in .*", "", printed))
-    assert outputs[0] == outputs[1]
-    for split in ("train.csv", "validation.csv", "test.csv"):
-        assert (tmp_path / "a" / split).read_bytes() == (tmp_path / "b" / split).read_bytes()
-
-
 # ------------------------------------------- beyond the chapter: own data, LoRA, metrics
 
 def three_class_tsv(path, per_class=30):
@@ -1814,7 +1643,7 @@ def three_class_tsv(path, per_class=30):
     return path
 
 
-def test_own_labels_become_sorted_class_ids_and_balancing_evens_them(tmp_path):
+def test_own_labels_become_sorted_class_ids_and_one_class_or_too_few_messages_fail(tmp_path):
     rows = data.load_messages(three_class_tsv(tmp_path / "topics.tsv"))
     assert blabels.class_ids(rows) == {"politics": 0, "sports": 1, "tech": 2}
     assert data.class_names(blabels.class_ids(rows)) == ["politics", "sports", "tech"]
@@ -1824,6 +1653,10 @@ def test_own_labels_become_sorted_class_ids_and_balancing_evens_them(tmp_path):
     csv_path = tmp_path / "own.csv"
     csv_path.write_text('Label,Text\npositive,"great, really"\nnegative,bad\n', encoding="utf-8")
     assert data.load_messages(csv_path) == [("positive", "great, really"), ("negative", "bad")]
+    with pytest.raises(InputError, match="single class"):  # before any model is built
+        blabels.class_ids([("ham", "a"), ("ham", "b")])
+    with pytest.raises(InputError, match="too few"):
+        data.random_split([("ham", "a"), ("spam", "b"), ("ham", "c"), ("spam", "d")], 0.7, 0.1)
 
 
 def test_three_class_fine_tune_then_classify_with_the_checkpoint(tmp_path, tokenizer, capsys):
@@ -1849,14 +1682,6 @@ def test_three_class_fine_tune_then_classify_with_the_checkpoint(tmp_path, token
 CHECKPOINT = classify.CHECKPOINT_NAME
 
 
-def test_no_balance_keeps_every_message(tmp_path, capsys):
-    tsv = three_class_tsv(tmp_path / "topics.tsv")
-    parser = finetune.build_parser()
-    args = parser.parse_args(["--data", str(tsv), "--no-balance"])
-    rows = finetune.load_rows(args)
-    assert len(rows) == 91 and args.no_balance
-
-
 def test_per_class_metrics_from_a_confusion_matrix():
     metrics = bmetrics.per_class_metrics([[8, 2], [1, 9]], ["not spam", "spam"])
     assert metrics["spam"]["precision"] == pytest.approx(9 / 11)
@@ -1866,16 +1691,14 @@ def test_per_class_metrics_from_a_confusion_matrix():
     assert bmetrics.per_class_metrics([[0, 0], [0, 3]], ["a", "b"])["a"]["f1"] == 0.0
 
 
-def test_naive_bayes_learns_word_counts():
+def test_naive_bayes_learns_word_counts_and_gets_285_of_the_chapters_300_test_messages():
     train = [(1, "WIN cash now"), (1, "free cash prize"), (0, "see you at lunch"),
              (0, "lunch at noon?")]
     model = bmetrics.fit_naive_bayes(train)
     assert bmetrics.predict_naive_bayes(model, "cash prize now") == 1
     assert bmetrics.predict_naive_bayes(model, "lunch today") == 0
     assert bmetrics.naive_bayes_accuracy(model, train) == 1.0
-
-
-def test_naive_bayes_on_the_chapters_split_gets_285_of_300_test_messages():
+    # on the chapter's split: 285 of its 300 test messages
     balanced = data.create_balanced_dataset(data.read_tsv(SMS))
     train, validation, test = data.random_split(balanced, 0.7, 0.1)
     as_ids = [[(data.SPAM_LABELS[l], t) for l, t in split] for split in (train, validation, test)]
@@ -1903,43 +1726,29 @@ def test_lora_starts_at_the_base_model_and_trains_only_adapters_and_head():
     assert torch.allclose(layer(x), 2.0 * (x @ layer.A @ layer.B))  # alpha / rank = 2
 
 
-def test_lora_checkpoint_holds_only_adapters_and_reloads_on_its_base(tmp_path, capsys):
-    out = tmp_path / "lora"
-    finetune.main(["--data", str(three_class_tsv(tmp_path / "t.tsv")), "--weights",
-                   str(MINI_WEIGHTS), "--trainable", "lora", "--lora-rank", "4",
-                   "--lora-alpha", "8", "--epochs", "1", "--batch-size", "4", "--out", str(out),
-                   "--no-baseline"])
+def test_a_lora_checkpoint_holds_only_adapters_and_finds_its_base_even_moved(tmp_path, capsys):
+    base = tmp_path / "base" / "model.safetensors"
+    base.parent.mkdir()
+    shutil.copy(MINI_WEIGHTS, base)
+    shutil.copy(MINI / "config.json", base.parent / "config.json")
+    checkpoint = tmp_path / "lora" / CHECKPOINT
+    finetune.main(["--data", str(three_class_tsv(tmp_path / "t.tsv")), "--weights", str(base),
+                   "--trainable", "lora", "--lora-rank", "4", "--lora-alpha", "8", "--epochs",
+                   "1", "--batch-size", "4", "--out", str(checkpoint.parent), "--no-baseline"])
     assert "Naive Bayes" not in capsys.readouterr().out
-    entries, metadata = bst.read_safetensors_header(out / CHECKPOINT)
+    entries, metadata = bst.read_safetensors_header(checkpoint)
     assert entries and all(".lora." in n or n.startswith("out_head.") for n in entries)
     lora = json.loads(metadata["lora"])
-    assert lora["path"] == str(MINI_WEIGHTS.resolve())
+    assert lora["path"] == str(base.resolve()) and (lora["rank"], lora["alpha"]) == (4, 8.0)
     assert (lora["bytes"], lora["sha256"]) == (1693464, hashlib.sha256(
         MINI_WEIGHTS.read_bytes()).hexdigest())
-    assert (lora["rank"], lora["alpha"]) == (4, 8.0)
-    loaded, info = classify.load_classifier(out / CHECKPOINT)
+    loaded, info = classify.load_classifier(checkpoint)
     assert info["labels"] == ["politics", "sports", "tech"]
     ids = torch.tensor([[101, 102, 103, 104]])
     with torch.no_grad():
-        again, _ = classify.load_classifier(out / CHECKPOINT)
-        assert torch.equal(loaded(ids), again(ids))
+        before = loaded(ids)
+        assert torch.equal(classify.load_classifier(checkpoint)[0](ids), before)
         assert loaded.gpt.trf_blocks[0].att.W_query.lora.B.abs().sum() > 0  # trained
-
-
-def test_a_moved_lora_base_is_found_with_base_weights_and_a_changed_one_is_refused(
-        tmp_path, capsys):
-    base = tmp_path / "base" / "model.safetensors"
-    base.parent.mkdir()
-    base.write_bytes(MINI_WEIGHTS.read_bytes())
-    (base.parent / "config.json").write_bytes((MINI / "config.json").read_bytes())
-    checkpoint = tmp_path / "lora" / CHECKPOINT
-    finetune.main(["--data", str(three_class_tsv(tmp_path / "t.tsv")), "--weights", str(base),
-                   "--trainable", "lora", "--lora-rank", "2", "--epochs", "1",
-                   "--batch-size", "4", "--out", str(checkpoint.parent), "--no-baseline"])
-    capsys.readouterr()
-    ids = torch.tensor([[101, 102, 103, 104]])
-    with torch.no_grad():
-        before = classify.load_classifier(checkpoint)[0](ids)
     moved = tmp_path / "elsewhere.safetensors"  # without its config.json
     base.rename(moved)
     with pytest.raises(InputError, match=r"does not exist: pass the file it was fine-tuned on "
@@ -1963,7 +1772,8 @@ def test_a_moved_lora_base_is_found_with_base_weights_and_a_changed_one_is_refus
         classify.load_classifier(plain, base_weights=moved)
 
 
-def test_a_pretrained_lora_base_that_cannot_be_found_names_base_weights(tmp_path, monkeypatch):
+def test_a_lora_base_is_hashed_once_and_one_that_cannot_be_found_names_base_weights(
+        tmp_path, monkeypatch):
     checkpoint = save_lora_checkpoint(tmp_path / "lora.safetensors", weights="pretrained",
                                       path=str(tmp_path / "gone" / "model.safetensors"))
     monkeypatch.chdir(tmp_path)
@@ -1974,20 +1784,16 @@ def test_a_pretrained_lora_base_that_cannot_be_found_names_base_weights(tmp_path
     assert "could not download the gpt2-small weights" in str(error.value)
     assert set(re.findall(r"--[a-z-]+", str(error.value))) == {"--base-weights"}
     assert not (tmp_path / "gpt2").exists()
-
-
-def test_help_documents_every_flag_with_its_chapter_reference(cli):
-    code, out, _ = cli("finetune.py", "--help")
-    assert code == 0
-    out = " ".join(out.split())  # argparse wraps to the terminal's width
-    flags = re.findall(r"--[a-z-]+", out)
-    for flag in ["--device", "--model", "--weights", "--data", "--out", "--epochs",
-                 "--batch-size", "--lr", "--seed", "--max-length", "--trainable", "--pool",
-                 "--lora-rank", "--lora-alpha", "--no-balance", "--no-baseline", "--plain"]:
-        assert flag in flags
-    for reference in ["Exercise 6.1", "Exercise 6.2", "Exercise 6.3", "appendix E",
-                      "listing 6.2", "section 6.4"]:
-        assert reference in out
+    hashed = []  # a base that is found is hashed once
+    monkeypatch.setattr(blora, "file_fingerprint",
+                        lambda path: hashed.append(path) or bdownload.file_fingerprint(path))
+    model, _ = classify.load_classifier(save_lora_checkpoint(checkpoint))
+    assert hashed == [MINI_WEIGHTS]
+    wte = bst.load_safetensors(MINI_WEIGHTS)[0]["wte.weight"]
+    assert torch.equal(model.gpt.tok_emb.weight, wte.float())
+    save_lora_checkpoint(checkpoint, sha256="0" * 64)
+    with pytest.raises(InputError, match="is not the base .* was fine-tuned on"):
+        classify.load_classifier(checkpoint)
 
 
 @pytest.mark.parametrize("name", ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"])
@@ -2009,22 +1815,22 @@ def test_every_model_size_composes_with_every_trainable_choice(name):
 def test_pool_max_length_seed_plain_no_balance_and_trainable_flags_reach_the_run(
         tmp_path, capsys):
     out = tmp_path / "run"
-    result = finetune.main(["--data", str(three_class_tsv(tmp_path / "t.tsv")), "--weights",
-                            str(MINI_WEIGHTS), "--pool", "flexible",
-                            "--max-length", "6", "--seed", "7", "--plain", "--no-balance",
-                            "--trainable", "last_two_blocks", "--epochs", "1",
-                            "--batch-size", "4", "--out", str(out)])
+    finetune.main(["--data", str(three_class_tsv(tmp_path / "t.tsv")), "--weights",
+                   str(MINI_WEIGHTS), "--pool", "flexible", "--max-length", "6", "--seed", "7",
+                   "--plain", "--no-balance", "--trainable", "last_two_blocks", "--epochs", "1",
+                   "--batch-size", "4", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "Caching" not in printed and "Balanced" not in printed
     assert "Longest training sequence (max_length): 6 tokens" in printed
-    rows = data.load_messages(tmp_path / "t.tsv")  # 91 rows: no balancing, split with seed 7
+    rows = data.load_messages(tmp_path / "t.tsv")  # no balancing, split with seed 7
+    assert len(rows) == 91
     label_ids = blabels.class_ids(rows)
     expected = data.random_split(rows, 0.7, 0.1, seed=7)[0]
     assert data.read_csv(out / "train.csv", 3) == [(label_ids[l], t) for l, t in expected]
     assert expected != data.random_split(rows, 0.7, 0.1)[0]
     _, metadata = bst.read_safetensors_header(out / CHECKPOINT)
-    assert metadata["pool"] == "flexible" and metadata["max_length"] == "6"
-    assert result["args"]["seed"] == 7
+    assert (metadata["pool"], metadata["max_length"]) == ("flexible", "6")
+    assert metadata["trainable"] == "last_two_blocks"
     model, _ = classify.load_classifier(out / CHECKPOINT)
     assert model.pool == "flexible"
 
@@ -2075,6 +1881,7 @@ def test_served_page_and_info_describe_the_checkpoint(server):
     assert status == 200 and content_type == "text/html; charset=utf-8"
     assert b'<textarea id="texts"' in page and b'<button id="go">' in page
     assert b"<script src" not in page and b"<link" not in page  # nothing from elsewhere
+    assert fetch(url + "/?from=a-bookmark")[::2] == (200, page)
     status, _, body = fetch(url + "/info")
     assert status == 200 and json.loads(body) == {
         "checkpoint": checkpoint.name, "labels": ["not spam", "spam"], "model": "a custom size",
@@ -2101,6 +1908,8 @@ def test_served_classify_equals_the_command_lines_json(server):
     ("/classify", "POST", json.dumps({"texts": ["x"] * 1001}), 413, "at most 1,000"),
     ("/classify", "POST", json.dumps({"texts": ["y" * 1_000_001]}), 413, "at most 1,000,000"),
     ("/classify", "POST", b"\xff\xfe", 400, "not JSON"),
+    ("/classify", "POST", json.dumps({"texts": ["x"] * 17, "explain": True}), 413, "at most 16"),
+    ("/classify", "POST", json.dumps({"texts": ["x"], "explain": "yes"}), 400, "explain"),
     pytest.param("/classify", "POST", '{"texts": ' + "[" * 100_000 + "]" * 100_000 + "}", 400,
                  "not JSON", id="nested-100000-deep"),
     ("/nothing", "GET", None, 404, "no such page: /nothing"),
@@ -2152,7 +1961,7 @@ def test_a_burst_of_connections_waits_in_the_listen_queue():
                 assert client.makefile("rb").readline() == b"HTTP/1.0 200 OK\r\n"
 
 
-def test_serve_stops_on_ctrl_c_and_a_port_in_use_is_one_error(tmp_path):
+def test_serve_stops_on_ctrl_c_and_a_port_in_use_is_one_error(tmp_path, cli):
     checkpoint = save_tiny(tmp_path / "c.safetensors", ["a", "b"])
     process, url, printed = start_server(checkpoint, "--host", "0.0.0.0")
     assert "note: listening on 0.0.0.0, not only on this machine" in printed[0]
@@ -2164,14 +1973,22 @@ def test_serve_stops_on_ctrl_c_and_a_port_in_use_is_one_error(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, _, stderr = run("classify.py", "--serve", "--port", port, "--checkpoint",
+        code, _, stderr = cli("classify.py", "--serve", "--port", port, "--checkpoint",
                               checkpoint)
     assert code == 1 and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
     assert f"error: cannot listen on 127.0.0.1 port {port}" in stderr and "--port" in stderr
-    code, _, stderr = run("classify.py", "--serve", "hello", "--checkpoint", checkpoint)
-    assert code == 2 and "--serve takes no TEXT" in stderr
-    code, _, stderr = run("classify.py", "--port", "70000", "hello")
-    assert code == 2 and "'70000' is not a port" in stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--serve", "hello"], "--serve takes no TEXT"),
+    (["--serve", "--explain"], "--serve takes no"),
+    (["--port", "70000", "hello"], "'70000' is not a port"),
+    (["--explain-method", "gradient", "hi"], "--explain-method goes with --explain"),
+    (["--explain-method", "shap", "hi"], "invalid choice: 'shap'"),
+])
+def test_classify_rejects_bad_flags_before_loading_anything(flags, message, tmp_path, cli):
+    code, stdout, stderr = cli("classify.py", "--checkpoint", tmp_path / "none", *flags)
+    assert code == 2 and message in stderr and "Traceback" not in stderr and stdout == ""
 
 
 def request(url, method, path, body=None, headers=None):
@@ -2237,16 +2054,23 @@ def test_the_server_refuses_what_another_site_makes_a_browser_send(server):
     assert (headers["X-Content-Type-Options"], headers["X-Frame-Options"]) == ("nosniff", "DENY")
 
 
+def exchange(address, raw):
+    """The whole answer to the raw bytes of a request: the server closes after one."""
+    answer = b""
+    with socket.create_connection(address, timeout=60) as client:
+        client.sendall(raw)
+        while chunk := client.recv(65536):
+            answer += chunk
+    return answer
+
+
 def test_head_gets_the_headers_of_get_and_no_body(server):
     url, _ = server
-    _, get_headers, page = request(url, "GET", "/")
+    _, _, page = request(url, "GET", "/")
     port = int(url.rsplit(":", 1)[1])
     for path, status in [("/", 200), ("/info", 200), ("/classify", 405)]:
-        with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
-            client.sendall(f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-            answer = b""
-            while chunk := client.recv(65536):  # the server closes after one answer
-                answer += chunk
+        answer = exchange(("127.0.0.1", port),
+                          f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(f"HTTP/1.0 {status} ".encode()) and body == b"", answer
         if path == "/":
@@ -2286,35 +2110,19 @@ def test_a_client_trickling_its_request_is_cut_at_the_deadline_while_others_are_
 
 
 @pytest.mark.parametrize("headers, status", [
-    ({"Content-Length": "2_3"}, 400),  # int() would take it
-    ({"Content-Length": " 23"}, 200),
-    ({"Transfer-Encoding": "chunked"}, 411),
+    (["Content-Length: 2_3"], 400),  # int() would take it
+    (["Content-Length:  23"], 200),
+    (["Content-Length: 5", "Content-Length: 23"], 400),  # two different lengths
+    (["Transfer-Encoding: chunked"], 411),
 ])
 def test_a_body_length_is_plain_digits_and_chunked_bodies_are_refused(headers, status):
     server = bserve.make_server("127.0.0.1", 0, echo, {})
-    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    with serving(server), socket.create_connection(server.server_address, timeout=60) as s:
-        s.sendall(f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                  f"application/json\r\n{head}\r\n".encode() + b'{"texts": ["a m"]}     ')  # 23
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
+    head = "".join(f"{header}\r\n" for header in headers)
+    with serving(server):
+        answer = exchange(server.server_address, (
+            f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"{head}\r\n").encode() + b'{"texts": ["a m"]}     ')  # 23 bytes
     assert answer.split(b" ", 2)[1] == str(status).encode()
-
-
-def test_two_different_content_lengths_are_refused_and_the_page_takes_a_query(server):
-    url, _ = server
-    port = int(url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-        s.sendall(b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                  b"application/json\r\nContent-Length: 5\r\nContent-Length: 18\r\n\r\n"
-                  b'{"texts": ["a m"]}')
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    assert answer.startswith(b"HTTP/1.0 400 ")
-    status, content_type, _ = fetch(url + "/?from=a-bookmark")
-    assert status == 200 and content_type.startswith("text/html")
 
 
 def test_connections_over_the_cap_are_answered_503():
@@ -2526,8 +2334,8 @@ def test_bad_data_under_torchrun_is_one_error_and_writes_nothing(tmp_path, sampl
     assert not out.exists()
 
 
-def test_a_batch_size_the_processes_cannot_share_is_said_by_rank_0_only(
-        tmp_path, sample_tsv, cli):
+def test_under_torchrun_a_batch_size_the_processes_cannot_share_or_mps_is_one_error(
+        tmp_path, sample_tsv, cli, monkeypatch):
     # what torchrun sets; the flags are refused before any process group starts
     said = {}
     for rank in ("0", "1"):
@@ -2535,8 +2343,14 @@ def test_a_batch_size_the_processes_cannot_share_is_said_by_rank_0_only(
         said[rank] = cli("finetune.py", "--data", sample_tsv, "--weights", MINI_WEIGHTS,
                          "--out", tmp_path / "out", "--batch-size", "7", env=env)
     code, stdout, stderr = said["0"]
-    assert code == 2 and stdout == "" and "--batch-size 7 does not divide among 2 processes" in stderr
+    assert code == 2 and stdout == ""
+    assert "--batch-size 7 does not divide among 2 processes" in stderr
     assert said["1"] == (2, "", "")
+    monkeypatch.setattr(finetune, "select_device", lambda name: torch.device("mps"))
+    code, _, stderr = cli("finetune.py", "--data", sample_tsv, "--weights", MINI_WEIGHTS,
+                          "--out", tmp_path / "out", env={"RANK": "0", "LOCAL_RANK": "0"})
+    assert code == 2
+    assert "--device mps (which auto picks on a Mac) cannot run under torchrun" in stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -2557,11 +2371,17 @@ def disk_full_after(monkeypatch, name, allowed):
     monkeypatch.setattr(os, name, write)
 
 
+@pytest.mark.parametrize("fails", ["reading a tensor's bytes", "writing after 1000 bytes"])
 def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_keeps_the_old_one(
-        tmp_path, monkeypatch):
+        fails, tmp_path, monkeypatch):
     path = checkpoint_with(tmp_path)
     before = path.read_bytes()
-    disk_full_after(monkeypatch, "write", 1000)
+    if fails == "writing after 1000 bytes":
+        disk_full_after(monkeypatch, "write", 1000)
+    else:
+        def fail(*args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(bst.ctypes, "string_at", fail)
     with pytest.raises(InputError, match=f"cannot write {re.escape(str(path))}: No space left "
                                          f"on device; {re.escape(str(path))} is unchanged"):
         save_tiny(path, model=tiny_classifier(seed=5))
@@ -2665,7 +2485,7 @@ def test_sigterm_while_a_checkpoint_is_written_exits_143_and_leaves_no_tmp_file(
     assert path.read_bytes() == b"an earlier checkpoint"
 
 
-def test_a_header_length_lowered_into_its_padding_is_refused(tmp_path):
+def test_a_header_length_lowered_into_its_padding_or_a_weight_relabelled_is_refused(tmp_path):
     for note in range(64):  # a note long enough to leave some padding in the header
         path = checkpoint_with(tmp_path, note="x" * note)
         content = path.read_bytes()
@@ -2678,11 +2498,7 @@ def test_a_header_length_lowered_into_its_padding_is_refused(tmp_path):
         with pytest.raises(InputError, match=f"the file has {shift} bytes after the last "
                                              f"tensor"):
             classify.load_classifier(path)
-
-
-def test_a_weight_relabelled_as_integers_is_refused(tmp_path):
-    path = checkpoint_with(tmp_path)
-    content = path.read_bytes()
+    content = checkpoint_with(tmp_path).read_bytes()
     relabelled = re.sub(rb'("out_head\.weight":\{"dtype":")F32', rb"\1I32", content, count=1)
     assert relabelled != content
     path.write_bytes(relabelled)
@@ -2695,10 +2511,10 @@ def test_a_weight_relabelled_as_integers_is_refused(tmp_path):
     base = tmp_path / "model.safetensors"
     base.write_bytes(safetensors_bytes(header, MINI_WEIGHTS.read_bytes()[8 + length:]))
     with pytest.raises(InputError, match=r"params\['wte'\] holds torch.int16, not floats"):
-        gpt.load_gpt2_file(base, bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG))
+        gpt.load_gpt2_file(base, mini_config())
 
 
-def test_cuda_memory_is_asked_for_by_device_index(monkeypatch):
+def test_cuda_memory_is_asked_for_by_device_index_and_mps_memory_of_metal(monkeypatch):
     asked = []
 
     def mem_get_info(device=None):  # torch 2.1-2.4 refuse a device without an index
@@ -2711,6 +2527,11 @@ def test_cuda_memory_is_asked_for_by_device_index(monkeypatch):
     assert bmemory.available_memory(torch.device("cuda")) == (6 * 10**9, "free GPU memory")
     assert bmemory.available_memory(torch.device("cuda", 1))[0] == 6 * 10**9
     assert asked == [0, 1]
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 10 * 10**9,
+                        raising=False)  # on a Mac: what Metal recommends less what is held
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 2 * 10**9)
+    assert bmemory.available_memory(torch.device("mps")) == (
+        8 * 10**9, "memory Metal recommends for this process")
 
 
 def test_auto_cache_memory_shares_the_ram_among_torchruns_processes(monkeypatch):
@@ -2721,41 +2542,6 @@ def test_auto_cache_memory_shares_the_ram_among_torchruns_processes(monkeypatch)
     assert bmemory.cache_budget("auto", torch.device("cuda", 0))[0] == 4 * 10**9  # its own
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert bmemory.cache_budget("auto", torch.device("cpu"))[0] == 4 * 10**9
-
-
-def test_auto_cache_memory_on_mps_is_what_metal_recommends_less_what_is_held(monkeypatch):
-    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 10 * 10**9,
-                        raising=False)
-    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 2 * 10**9)
-    assert bmemory.available_memory(torch.device("mps")) == (
-        8 * 10**9, "memory Metal recommends for this process")
-
-
-def test_mps_under_torchrun_is_a_clear_error(tmp_path, sample_tsv, monkeypatch, capsys):
-    monkeypatch.setattr(finetune, "select_device", lambda name: torch.device("mps"))
-    for name, value in [("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")]:
-        monkeypatch.setenv(name, value)
-    with pytest.raises(SystemExit) as exit:
-        finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
-                       "--out", str(tmp_path / "out")])
-    assert exit.value.code == 2
-    assert "--device mps (which auto picks on a Mac) cannot run under torchrun" in \
-        capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
-def test_a_lora_base_file_is_hashed_once_when_its_checkpoint_loads(tmp_path, monkeypatch):
-    checkpoint = save_lora_checkpoint(tmp_path / "lora.safetensors")
-    hashed = []
-    monkeypatch.setattr(classify, "file_fingerprint",
-                        lambda path: hashed.append(path) or bdownload.file_fingerprint(path))
-    model, _ = classify.load_classifier(checkpoint)
-    assert hashed == [MINI_WEIGHTS]
-    wte = bst.load_safetensors(MINI_WEIGHTS)[0]["wte.weight"]
-    assert torch.equal(model.gpt.tok_emb.weight, wte.float())
-    save_lora_checkpoint(checkpoint, sha256="0" * 64)
-    with pytest.raises(InputError, match="is not the base .* was fine-tuned on"):
-        classify.load_classifier(checkpoint)
 
 
 # ------------------------- why and how sure: explanations, calibration (issue 17)
@@ -2849,7 +2635,8 @@ def test_occlusion_scores_are_the_fall_in_log_odds_without_each_token(rule_model
         assert len(bexplain.explain_ids(model, ids, 12, RULE_PAD, method)[1]) == len(ids)
 
 
-def test_explanation_tokens_join_to_the_classified_text_after_truncation(tokenizer):
+def test_explanation_tokens_join_to_the_classified_text_and_print_as_json_or_text(
+        tokenizer, tmp_path, capsys):
     model = tiny_classifier().eval()
     texts = [SPAM_TEXT, "😀 日本語 привет", "x" * 200, "naïve 🙂🙂 " * 30]
     pieces = bexplain.explain_texts(texts, [1, 0, 1, 0], model, tokenizer, 20)
@@ -2859,14 +2646,10 @@ def test_explanation_tokens_join_to_the_classified_text_after_truncation(tokeniz
         assert all(isinstance(p["score"], float) for p in explanation)
     assert "".join(p["token"] for p in pieces[1]) == "😀 日本語 привет"  # whole characters
     assert len(pieces[1]) < len(tokenizer.encode(texts[1]))  # split ones merged
-
-
-def test_explain_prints_json_tokens_and_plain_text_in_a_pipe(tmp_path, capsys):
-    path = save_tiny(tmp_path / "c.safetensors")
+    path = save_tiny(tmp_path / "c.safetensors", model=model)  # json tokens, text in a pipe
     classify.main(["--checkpoint", str(path), "--explain", "--json", SPAM_TEXT])
     result = json.loads(capsys.readouterr().out)
-    assert "".join(p["token"] for p in result["explanation"]) == \
-        gpt.get_tokenizer().decode(gpt.get_tokenizer().encode(SPAM_TEXT)[:20])
+    assert [p["token"] for p in result["explanation"]] == [p["token"] for p in pieces[0]]
     classify.main(["--checkpoint", str(path), "--explain", "--explain-method", "gradient",
                    SPAM_TEXT])
     printed = capsys.readouterr().out
@@ -2981,10 +2764,6 @@ def test_the_api_explains_on_request_within_its_bound(server):
                                                             "explain": True}))
     result = json.loads(body)["results"][0]
     assert status == 200 and "".join(p["token"] for p in result["explanation"]) == "win a prize"
-    status, _, body = fetch(url + "/classify", json.dumps({"texts": ["x"] * 17, "explain": True}))
-    assert status == 413 and "at most 16" in json.loads(body)["error"]
-    status, _, body = fetch(url + "/classify", json.dumps({"texts": ["x"], "explain": "yes"}))
-    assert status == 400 and "explain" in json.loads(body)["error"]
     status, _, body = fetch(url + "/classify", json.dumps({"texts": ["x"] * 17}))
     assert status == 200 and "explanation" not in json.loads(body)["results"][0]
 
@@ -3018,21 +2797,6 @@ def test_a_real_browser_shows_why_with_highlighted_tokens_and_a_legend(browser):
         colour.startswith("rgba(40, 80, 220") for _, colour, _ in tokens)
     legend = run_script("return document.querySelector('.why .legend').innerText")
     assert "toward" in legend and "against it" in legend
-
-
-def test_target_fpr_and_explain_flags_are_checked_when_parsed(capsys):
-    args = finetune.build_parser().parse_args(["--target-fpr", "0.05"])
-    assert args.target_fpr == 0.05 and finetune.build_parser().parse_args([]).target_fpr == 0.01
-    for bad in ("1", "-0.1", "often"):
-        with pytest.raises(SystemExit):
-            finetune.build_parser().parse_args(["--target-fpr", bad])
-        assert "--target-fpr" in capsys.readouterr().err
-    for argv, message in [(["--explain-method", "gradient", "hi"], "goes with --explain"),
-                          (["--serve", "--explain"], "--serve takes no"),
-                          (["--explain-method", "shap", "hi"], "invalid choice: 'shap'")]:
-        with pytest.raises(SystemExit):
-            classify.main(argv)
-        assert message in capsys.readouterr().err
 
 
 def test_nothing_in_beyond_imports_the_chapters_files_and_imports_run_one_way():
@@ -3097,7 +2861,7 @@ def test_wilson_intervals_match_hand_computations():
              (5, 10): (0.236593, 0.763407),
              (287, 300): (0.927283, 0.974504)}  # the chapter's 95.67% test accuracy
     for (k, n), expected in cases.items():
-        assert beyond.overlap.wilson_interval(k, n) == pytest.approx(expected, abs=1e-6)
+        assert boverlap.wilson_interval(k, n) == pytest.approx(expected, abs=1e-6)
 
 
 def test_messages_seen_in_training_are_counted_and_left_out_of_the_unseen_accuracy():
@@ -3106,11 +2870,11 @@ def test_messages_seen_in_training_are_counted_and_left_out_of_the_unseen_accura
             ("spam", "WIN a prize \n"),  # trailing whitespace only: the same message
             ("spam", "win a prize"),     # letter case: another message
             ("ham", "something new")]
-    seen = beyond.overlap.seen_in(train, test)
+    seen = boverlap.seen_in(train, test)
     assert seen == [True, True, False, False]
     labels, predicted = [0, 1, 1, 0], [0, 1, 1, 1]
-    assert beyond.overlap.unseen_accuracy(labels, predicted, seen) == (1, 2)
-    assert beyond.overlap.shown(1, 2) == "50.00% (95% interval 9.5-90.5%)"
+    assert boverlap.unseen_accuracy(labels, predicted, seen) == (1, 2)
+    assert boverlap.shown(1, 2) == "50.00% (95% interval 9.5-90.5%)"
 
 
 def test_dedup_leaves_no_evaluation_message_in_training_and_the_default_split_as_it_was(

@@ -104,8 +104,7 @@ def roc_curve(scores, positives):
 
 
 def pr_curve(scores, positives):
-    """[(recall, precision)] and the average precision: the sum of precision times
-    each step in recall; ([], None) without positives."""
+    """[(recall, precision)] and the average precision; ([], None) without positives."""
     n_pos = sum(map(bool, positives))
     if not n_pos:
         return [], None

@@ -118,15 +118,17 @@ def interrupted_status(e):
     return 143 if isinstance(e, Terminated) else 130
 
 
-def integer(text):
+def parsed(text, kind):
+    """text as an int or a float (kind), or an error argparse shows."""
     try:
-        return int(text)
+        return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
 
 
 def positive_int(text):
-    value = integer(text)
+    value = parsed(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -134,21 +136,14 @@ def positive_int(text):
 
 def seed_number(text):
     """0 to 2**32 - 1: the seeds pandas' sampler (NumPy's RandomState) accepts."""
-    value = integer(text)
+    value = parsed(text, int)
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must be between 0 and 4294967295, got {value}")
     return value
 
 
-def number(text):
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-
-
 def positive_float(text):
-    value = number(text)
+    value = parsed(text, float)
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
@@ -156,7 +151,7 @@ def positive_float(text):
 
 def fraction(text):
     """--target-fpr: a rate between 0 and 1."""
-    value = number(text)
+    value = parsed(text, float)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be a rate from 0 up to (not including) 1, "
                                          f"such as 0.01, got {text}")

@@ -11,14 +11,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-
 # A collective that waits longer than this (a rank stuck or gone) ends the job.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 def torchrun_ranks():
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0)
-    for a plain python finetune.py."""
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
     return tuple(int(os.environ.get(name, default)) for name, default in
                  [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
 
@@ -48,14 +46,12 @@ class WithProgress:
 
 def with_progress(loaders):
     """The training, validation and test loaders, each with its progress line."""
-    return [WithProgress(loader, name)
-            for loader, name in zip(loaders, ["training", "validation", "test"])]
+    return list(map(WithProgress, loaders, ["training", "validation", "test"]))
 
 
 def on_every_rank(classifier, device):
-    """The model the listings train: under torchrun, the classifier inside
-    DistributedDataParallel, which averages the gradients over the ranks, inside
-    WholeBatches, which shares each batch's rows among the ranks."""
+    """Under torchrun, the classifier inside DDP (which averages the gradients over the
+    ranks) inside WholeBatches (which shares each batch's rows among the ranks)."""
     if ranks()[1] == 1:
         return classifier
     return WholeBatches(DistributedDataParallel(
@@ -63,13 +59,10 @@ def on_every_rank(classifier, device):
 
 
 class WholeBatches(torch.nn.Module):
-    """Under torchrun, the listings' model(input_batch) on whole batches: each
-    rank computes its share of the rows and gathers the others' logits, so every
-    rank holds the batch's logits and the listings' counts, losses and examples
-    seen are the whole batch's, as in one process. The gathered rows are
-    constants; this rank's rows carry the gradient, times the number of ranks,
-    which DDP's average over the ranks divides out again: the whole batch's
-    gradient on every rank."""
+    """model(input_batch) on whole batches under torchrun: each rank computes its share of
+    the rows and gathers the others' logits, so the listings' counts and losses are the whole
+    batch's. Only this rank's rows carry the gradient, times the number of ranks, which
+    DDP's average divides out again: the whole batch's gradient on every rank."""
 
     def __init__(self, module):
         super().__init__()
@@ -92,8 +85,8 @@ class WholeBatches(torch.nn.Module):
 
 @contextlib.contextmanager
 def said_by_rank_0(rank):
-    """Before the process group starts, every rank meets the same bad flag or bad
-    data: only rank 0 says so, the others end quietly with the same status."""
+    """Before the process group starts, every rank meets the same bad flag or data: only
+    rank 0 says so, the others end quietly with the same status."""
     if rank == 0:
         yield
         return
@@ -105,25 +98,19 @@ def said_by_rank_0(rank):
 
 
 def join_process_group(args, device, world, local_rank, cleanup):
-    """Under torchrun (world > 1): the pretrained weights downloaded first, then
-    this process in the process group, which `cleanup` (an ExitStack) ends with
-    the run. Returns this process's device (in one process, the one given)."""
+    """Under torchrun (world > 1), this process in a process group that `cleanup` (an
+    ExitStack) ends with the run. Returns this process's device (in one process, the one given)."""
     if world == 1:
         return device
     if args.weights == "pretrained":
-        download_before_process_group(args.model, local_rank)
-    cleanup.callback(end_process_group)
-    return start_process_group(device, local_rank)
-
-
-def end_process_group():
-    if dist.is_initialized():  # not if starting it failed
-        dist.destroy_process_group()
-
-
-def start_process_group(device, local_rank):
-    """torchrun's environment -> a process group: NCCL between GPUs (one per
-    process), gloo between CPU processes. Returns this process's device."""
+        # before the group starts, whose collectives time out (gpt2-xl is 6.4 GB): one
+        # download per machine, by local rank 0; torchrun ends the others if it fails
+        if local_rank == 0:
+            download_gpt2(args.model)
+        # asked anew each time: where the Hub fails, OpenAI's files arrive instead
+        while not gpt2_weights_path(args.model).exists():
+            time.sleep(1)
+    cleanup.callback(lambda: dist.is_initialized() and dist.destroy_process_group())  # if begun
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -132,30 +119,16 @@ def start_process_group(device, local_rank):
     return device
 
 
-def download_before_process_group(model_name, local_rank):
-    """Under torchrun, the pretrained weights are downloaded before the process
-    group starts, whose collectives time out (gpt2-xl is 6.4 GB): one download
-    per machine, by local rank 0; the others wait for the file (torchrun ends
-    them if the download fails)."""
-    if local_rank == 0:
-        download_gpt2(model_name)
-    # asked anew each time: where the Hub fails, OpenAI's files arrive instead
-    while not gpt2_weights_path(model_name).exists():
-        time.sleep(1)
-
-
 def broadcast_from(owner, tensor, shape, dtype, device):
-    """torchrun: rank owner's tensor, on every rank (the others pass None). Sent
-    as its bytes: gloo has no bfloat16 in older versions of torch."""
-    if tensor is None:
-        tensor = torch.empty(shape, dtype=dtype, device=device)
-    tensor = tensor.contiguous()
+    """Rank owner's tensor on every rank (the others pass None), sent as bytes: gloo has no
+    bfloat16 in older versions of torch."""
+    tensor = torch.empty(shape, dtype=dtype, device=device) if tensor is None else \
+        tensor.contiguous()
     dist.broadcast(tensor.view(torch.uint8), src=owner)
     return tensor
 
 
 def printing_rank(rank):
     """Under torchrun, one writer: the other ranks print nothing but errors."""
-    if rank == 0:
-        return contextlib.nullcontext()
-    return contextlib.redirect_stdout(open(os.devnull, "w"))
+    return contextlib.nullcontext() if rank == 0 else \
+        contextlib.redirect_stdout(open(os.devnull, "w"))

@@ -13,8 +13,6 @@ from beyond.cli import InputError, progress
 # size -> (the Hub's repository openai-community/<name>, OpenAI's folder gpt2/<size>/)
 RELEASES = {"gpt2-small": ("gpt2", "124M"), "gpt2-medium": ("gpt2-medium", "355M"),
             "gpt2-large": ("gpt2-large", "774M"), "gpt2-xl": ("gpt2-xl", "1558M")}
-
-
 HUB_URL = "https://huggingface.co/openai-community/{}/resolve/main/model.safetensors"
 # where chapter 5's gpt_download.py fetches OpenAI's original release
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models/{size}/{file}"

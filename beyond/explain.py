@@ -14,17 +14,13 @@ EXPLAIN_METHODS = {
     "gradient": "gradient x input: the gradient of the label's log-odds times each "
                 "token's embedding (one forward and one backward pass)",
     "integrated": f"integrated gradients, {IG_STEPS} steps from a zero embedding "
-                  f"({IG_STEPS} forward and backward passes, batched)",
-}
-
-
+                  f"({IG_STEPS} forward and backward passes, batched)"}
 # the most faithful of the three on ERASER's measures, by far (bench.py --explain)
 EXPLAIN_DEFAULT = "integrated"
 
 
 def padded_batch(sequences, model, max_length, pad_token_id):
-    """Token id lists -> (b, T): to max_length where the pooling reads a padding
-    position ("last"), else to the longest."""
+    """Token id lists -> (b, T), to max_length where the pooling reads it ("last")."""
     width = max_length if model.pool == "last" else None
     return pad_ids(sequences, pad_token_id, length=width)
 
@@ -90,8 +86,7 @@ SCORERS = {"occlusion": occlusion_scores, "gradient": gradient_scores,
 
 def explain_ids(model, ids, max_length, pad_token_id=PAD_TOKEN_ID, method=EXPLAIN_DEFAULT,
                 target=None):
-    """(class explained, by default the predicted one; a signed score per token of ids,
-    positive toward that class)."""
+    """(class explained (default: the predicted one), a signed score per token toward it)."""
     model.eval()
     if target is None:
         target = int(class_logits(model, [ids], max_length, pad_token_id)[0].argmax())
@@ -127,3 +122,15 @@ def explain_texts(texts, targets, model, tokenizer, max_length, pad_token_id=PAD
         _, scores = explain_ids(model, ids, max_length, pad_token_id, method, target)
         explanations.append(token_pieces(ids, scores, tokenizer))
     return explanations
+
+
+def add_explain_options(parser):
+    parser.add_argument("--explain", action="store_true",
+                        help="also show each token's signed share of the label (positive: "
+                             "toward it): on a terminal the message coloured token by token, "
+                             "then the tokens that pushed most toward the label")
+    parser.add_argument("--explain-method", default=EXPLAIN_DEFAULT,
+                        choices=list(EXPLAIN_METHODS),
+                        help="with --explain, how the shares are computed (default: "
+                             "%(default)s, the most faithful here): " + "; ".join(
+                                 f"{k}: {v}" for k, v in EXPLAIN_METHODS.items()))

@@ -6,6 +6,7 @@ import math
 import os
 import tempfile
 import time
+from types import SimpleNamespace
 from beyond.cli import InputError, progress
 from beyond.distributed import broadcast_from, ranks
 from beyond.memory import cache_budget, cache_plan, memory_size
@@ -56,7 +57,7 @@ class GPTClassifier(torch.nn.Module):
         self.precision = precision  # "fp32" (the chapter), "bf16" or "fp16": see forward
         self.n_cached = None  # set by enable_prefix_cache
         self.prefix_cache = PrefixCache()
-        self.rounding = None  # set by round_frozen_prefix
+        self.rounding, self.rounds_after = None, None  # set by round_frozen_prefix
         self.grad_scaler = None  # --precision fp16's loss scaling, set by finetune.py
 
     @property
@@ -104,11 +105,12 @@ class GPTClassifier(torch.nn.Module):
         rounding it so in every pass keeps --plain computing what the cache gives."""
         if self.rounding is not None:
             self.rounding.remove()
-            self.rounding = None
+            self.rounding, self.rounds_after = None, None
         n = frozen_prefix_length(self.gpt)
         if self.precision == "fp32" or n is None:
             return
         dtype = PRECISIONS[self.precision]
+        self.rounds_after = n - 1  # the index of the last frozen block
         self.rounding = self.gpt.trf_blocks[n - 1].register_forward_hook(
             lambda block, inputs, output: output.to(dtype).to(output.dtype))
 
@@ -139,6 +141,9 @@ class GPTClassifier(torch.nn.Module):
             return self.gpt.out_head(self.pool_outputs(x, input_batch))
         x = blocks[:-1](x)
         x = last_block_at(blocks[-1], x, positions)  # (b, 1, emb_dim)
+        if self.rounds_after == len(self.gpt.trf_blocks) - 1:
+            # every block frozen, no cache: the hook on the last one is bypassed here
+            x = x.to(PRECISIONS[self.precision]).to(x.dtype)
         return self.gpt.out_head(self.gpt.final_norm(x[:, 0, :]))
 
     def fill_prefix_cache(self, datasets, batch_size=32, rank=0, world=1):
@@ -247,38 +252,32 @@ def frozen_prefix_length(gpt):
     return n or None
 
 
-class AttentionAt(torch.nn.Module):
-    """A block's MultiHeadAttention `att` asked for some positions only: queries
-    from the rows it is given (b, 1, d_in), keys and values from every position
+def attention_at(att, normed, positions):
+    """A block's MultiHeadAttention `att` asked for some positions only: a function of
+    those rows' inputs (b, 1, d_in) whose keys and values come from every position
     of `normed` (b, T, d_in), the block's norm1 output, up to each row's position."""
-
-    def __init__(self, att, normed, positions):
-        super().__init__()
-        self.att, self.normed, self.positions = att, normed, positions
-
-    def forward(self, x):
-        att, b = self.att, x.shape[0]
-        keys = att.split_heads(att.W_key(self.normed))
-        values = att.split_heads(att.W_value(self.normed))
+    def attention(x):
+        keys = att.split_heads(att.W_key(normed))
+        values = att.split_heads(att.W_value(normed))
         queries = att.split_heads(att.W_query(x))
-        key_pos = torch.arange(self.normed.shape[1], device=x.device)
-        mask = key_pos <= self.positions[:, None]  # (b, T): causal for that query
+        key_pos = torch.arange(normed.shape[1], device=x.device)
+        mask = key_pos <= positions[:, None]  # (b, T): causal for that query
         context = torch.nn.functional.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask[:, None, None, :],
             dropout_p=att.dropout.p if att.training else 0.0)
-        return att.out_proj(context.transpose(1, 2).reshape(b, 1, att.d_out))
+        return att.out_proj(context.transpose(1, 2).reshape(x.shape[0], 1, att.d_out))
+    return attention
 
 
 def last_block_at(block, x, positions):
-    """block(x)[i, positions[i]] for each row, (b, T, d) -> (b, 1, d), with the
-    chapter's TransformerBlock.forward itself, run on the pooled rows only: its
-    attention (AttentionAt, for this one call) still reads every position."""
-    att = block.att
-    block.att = AttentionAt(att, block.norm1(x), positions)
-    try:
-        return block(take_positions(x, positions))
-    finally:
-        block.att = att
+    """block(x)[i, positions[i]] for each row, (b, T, d) -> (b, 1, d): the chapter's
+    TransformerBlock.forward itself, run on the pooled rows, on a view of the block
+    whose attention (attention_at) still reads every position. A view, not the block
+    changed for the call: threads may share the model."""
+    view = SimpleNamespace(norm1=block.norm1, att=attention_at(block.att, block.norm1(x),
+                                                                positions),
+                           drop_resid=block.drop_resid, norm2=block.norm2, ff=block.ff)
+    return type(block).forward(view, take_positions(x, positions))
 
 
 ARENA_BYTES = 64 * 2**20  # the prefix cache's buffers: large enough to be few

@@ -12,8 +12,7 @@ from beyond.safetensors import write_kept
 
 
 def write_atomically(path, content):
-    """Bytes or str to path via a temporary file, so a crash never leaves half a
-    file; a failed write (full disk, no permission) is one error naming path."""
+    """Bytes or str to path via a temporary file, never half a file; a failed write names path."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: ranks may race
     try:
@@ -24,17 +23,13 @@ def write_atomically(path, content):
     except OSError as e:
         raise InputError(f"cannot write {path}: {e.strerror or e}; {write_kept(path)}.") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def work_folder(out, rank, cleanup):
-    """This process's folder for the run, a TemporaryDirectory inside --out (made
-    if missing): the CSV splits it reads, the prefix cache's spill and (rank 0)
-    every output, moved into --out only once the run has succeeded. `cleanup`
-    (an ExitStack) removes it when the run ends, however it ends, and --out too
-    if this run made it and it is still empty. Under torchrun every process has
-    its own: --out may or may not be shared between machines."""
+    """This process's own folder inside --out (ranks may or may not share --out): the splits,
+    the cache's spill and (rank 0) the outputs, published once the run succeeds. `cleanup`
+    removes it however the run ends, and --out if this run made it and it is still empty."""
     made = [p for p in [out, *out.parents] if not p.exists()]
     cleanup.callback(remove_empty_folders, made)
     try:
@@ -53,8 +48,7 @@ def remove_empty_folders(folders):
 
 @contextlib.contextmanager
 def out_left_as_it_was(out):
-    """A write into the work folder that fails says what the user cares about:
-    nothing in --out was replaced."""
+    """A failed write into the work folder says what the user cares about: --out is intact."""
     try:
         yield
     except InputError as e:
@@ -62,36 +56,13 @@ def out_left_as_it_was(out):
 
 
 def publish_run(metrics, work, checkpoint, names):
-    """Rank 0's last step: metrics.json beside the checkpoint in `work`, every
-    output moved into the checkpoint's folder, and the line that says what is there."""
+    """Rank 0's last step: metrics.json beside the checkpoint in `work`, every output moved
+    into the checkpoint's folder over the last run's, and the line that says what is there."""
     out = checkpoint.parent
     with out_left_as_it_was(out):
         write_atomically(work / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    publish(work, out)
-    plots = "reliability-plot.svg, roc-plot.svg, pr-plot.svg" if len(names) == 2 else \
-        "reliability-plot.svg"
-    print(f"Saved {checkpoint}, metrics.json, loss-plot.svg, accuracy-plot.svg, "
-          f"{plots} and the CSV splits in {out}")
-
-
-@contextlib.contextmanager
-def said_if_interrupted(checkpoint):
-    """Ctrl-C (or SIGTERM, run_cli) during training: one rank says that nothing
-    of this run was saved, and the run ends with the interrupt's exit status."""
-    try:
-        yield
-    except KeyboardInterrupt as e:
-        kept = f"{checkpoint} is unchanged" if checkpoint.exists() else "no checkpoint was written"
-        if ranks()[0] == 0:  # every rank got Ctrl-C; one says so
-            print(f"\ninterrupted during training: nothing of this run was saved, "
-                  f"{checkpoint.parent} is as it was; {kept}.", file=sys.stderr)
-        sys.exit(interrupted_status(e))
-
-
-def publish(work, out):
-    """Moves the run's outputs from its work folder into --out, over the last
-    run's: renames within one file system, each file whole, old or new. The
-    checkpoint goes last: if a rename fails, it is still the earlier run's."""
+    # renames within one file system, each file whole, old or new; the checkpoint goes
+    # last: if a rename fails, it is still the earlier run's
     moved = []
     for path in sorted(work.iterdir(), key=lambda p: p.suffix == ".safetensors"):
         try:
@@ -102,3 +73,19 @@ def publish(work, out):
                 f"run's: {', '.join(moved) or 'none'}; the other files in {out} are the "
                 f"earlier run's.") from None
         moved.append(path.name)
+    plots = "reliability-plot.svg" + (", roc-plot.svg, pr-plot.svg" if len(names) == 2 else "")
+    print(f"Saved {checkpoint}, metrics.json, loss-plot.svg, accuracy-plot.svg, "
+          f"{plots} and the CSV splits in {out}")
+
+
+@contextlib.contextmanager
+def said_if_interrupted(checkpoint):
+    """Ctrl-C or SIGTERM in training: one rank says nothing was saved; exits with its status."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        kept = f"{checkpoint} is unchanged" if checkpoint.exists() else "no checkpoint was written"
+        if ranks()[0] == 0:  # every rank got Ctrl-C; one says so
+            print(f"\ninterrupted during training: nothing of this run was saved, "
+                  f"{checkpoint.parent} is as it was; {kept}.", file=sys.stderr)
+        sys.exit(interrupted_status(e))

@@ -1,14 +1,11 @@
-"""Any labels, not only ham and spam: counting them, their class ids, and
-balancing them as listing 6.2 balances ham and spam."""
+"""Any labels, not only ham and spam: their counts, class ids and listing 6.2's balancing."""
+from collections import Counter
 from beyond.cli import InputError
 from beyond.sampling import sample
 
 
 def count_labels(rows):
-    counts = {}
-    for label, _ in rows:
-        counts[label] = counts.get(label, 0) + 1
-    return counts
+    return dict(Counter(label for label, _ in rows))
 
 
 def class_ids(rows):
@@ -21,15 +18,10 @@ def class_ids(rows):
 
 
 def balance_classes(rows, seed):
-    """Listing 6.2 for any number of classes: every class undersampled to the size
-    of the smallest with pandas' df.sample, the sampled classes first,
-    as the book puts ham_subset before the spam rows."""
+    """Listing 6.2 for any number of classes: each class undersampled to the smallest's size
+    with df.sample, the sampled classes first, as the book puts ham_subset before spam."""
     groups = {label: [row for row in rows if row[0] == label] for label in class_ids(rows)}
     smallest = min(len(group) for group in groups.values())
-    sampled, kept = [], []
-    for group in groups.values():
-        if len(group) > smallest:
-            sampled += sample(group, smallest, seed)
-        else:
-            kept += group
-    return sampled + kept
+    sampled = [row for group in groups.values() if len(group) > smallest
+               for row in sample(group, smallest, seed)]
+    return sampled + [row for group in groups.values() if len(group) == smallest for row in group]

@@ -1,5 +1,4 @@
-"""LoRA (appendix E): low-rank adapters on the blocks' Linear layers, and what a
-LoRA checkpoint records of the base weights it sits on."""
+"""LoRA (appendix E): adapters on the blocks' Linear layers, and the base weights under them."""
 import math
 import os
 from pathlib import Path
@@ -10,8 +9,7 @@ import torch
 
 
 def lora_description(args):
-    """What classify.py needs to rebuild the base model under the adapters, and
-    to check that it is the very file they were trained on: its size and sha256."""
+    """What classify.py needs to rebuild the base under the adapters and check its size, sha256."""
     lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "model": args.model,
             "weights": args.weights, "seed": args.seed}
     if args.weights != "random":
@@ -22,11 +20,9 @@ def lora_description(args):
 
 
 def lora_base_file(lora, checkpoint, base_weights=None):
-    """The base weights file of a LoRA checkpoint: --base-weights, else where
-    finetune.py read it, else (for pretrained weights) the Hub's file downloaded
-    into gpt2/. It must be the very file the adapters were trained on: its size
-    is checked here, its sha256 by lora_base. Returns
-    the path and the hint an error about it gives."""
+    """A LoRA checkpoint's base weights file and the hint an error about it gives:
+    --base-weights, else where finetune.py read it, else the Hub's pretrained file. Its
+    size is checked here, its sha256 by lora_base."""
     if base_weights:
         # a folder or OpenAI's prefix names a file: the one fingerprinted
         weights = weights_file(base_weights, flag="--base-weights")
@@ -50,11 +46,8 @@ def not_the_base(weights, checkpoint, hint):
                       f"size or sha256 differs, so its predictions would too): {hint}.")
 
 
-
-
 class LoRALayer(torch.nn.Module):
-    """Appendix E: a low-rank update alpha/rank * (x A B); B starts at zero, so
-    training starts from the pretrained model exactly."""
+    """Appendix E: alpha/rank * (x A B); B starts at 0, so training starts at the base model."""
 
     def __init__(self, in_dim, out_dim, rank, alpha):
         super().__init__()
@@ -83,3 +76,27 @@ def replace_linear_with_lora(module, rank, alpha):
             setattr(module, name, LinearWithLoRA(child, rank, alpha))
         else:
             replace_linear_with_lora(child, rank, alpha)
+
+
+def lora_base(info, checkpoint, base_weights, GPTModel, load_gpt2_file):
+    """The base GPT-2 under a LoRA checkpoint's adapters (random with the seed
+    finetune.py used, or the checked file), with an empty ("meta") head and
+    adapters for the checkpoint's tensors to fill. GPTModel and load_gpt2_file: gpt.py's,
+    passed in (beyond/ never imports the chapter's files)."""
+    lora, config = info["lora"], info["config"]
+    if lora["weights"] == "random":
+        if base_weights:
+            raise InputError(f"{checkpoint} was fine-tuned on random base weights (seed "
+                             f"{lora['seed']}), which classify.py rebuilds itself: leave "
+                             f"out --base-weights.")
+        torch.manual_seed(lora["seed"])  # finetune.py seeds the same way
+        gpt = GPTModel(config)
+    else:
+        weights, hint = lora_base_file(lora, checkpoint, base_weights)
+        if file_fingerprint(weights)[1] != lora["sha256"]:  # the one pass over the file
+            raise not_the_base(weights, checkpoint, hint)
+        gpt = load_gpt2_file(weights, config)
+    with torch.device("meta"):
+        gpt.out_head = torch.nn.Linear(config["emb_dim"], info["num_classes"])
+        replace_linear_with_lora(gpt.trf_blocks, lora["rank"], lora["alpha"])
+    return gpt

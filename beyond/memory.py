@@ -1,16 +1,13 @@
-"""How much memory the prefix cache may take: --cache-memory, the device's free
-memory, and the line that says what the cache will hold."""
+"""--cache-memory: how much the prefix cache may take, and the line that says what it holds."""
 import argparse
+import contextlib
 import os
 import re
 
 import torch
 
-
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 # --cache-memory auto: the other half stays for the model, its gradients and AdamW's
 # two moments, the activations of a batch, and (on the CPU) the data and the OS
 CACHE_SHARE = 0.5
@@ -29,11 +26,8 @@ def memory_size(text):
 
 
 def available_memory(device):
-    """(bytes free now, what they are); bytes None if unknown. CUDA: the card's
-    free memory. MPS: what Metal recommends this process use, less what it holds
-    (torch >= 2.5; before, the RAM, which Apple's GPUs share). Otherwise the
-    available RAM, or the physical RAM where the system does not say what is
-    available (macOS)."""
+    """(bytes free now, what they are), bytes None if unknown. MPS before torch 2.5: the RAM
+    its GPU shares; where the system does not say what RAM is available (macOS), all of it."""
     if device.type == "cuda":
         # an index, not the device: before torch 2.5 "cuda" without one is refused
         index = torch.cuda.current_device() if device.index is None else device.index
@@ -41,40 +35,27 @@ def available_memory(device):
     if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
         return (torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory(),
                 "memory Metal recommends for this process")
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "available RAM"
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "available RAM"
     for pages, what in [("SC_AVPHYS_PAGES", "available RAM"), ("SC_PHYS_PAGES", "RAM")]:
-        try:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
             return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE"), what
-        except (ValueError, OSError, AttributeError):
-            pass
     return None, "available RAM"
 
 
-def processes_per_machine():
-    """torchrun's processes on this machine (1 without torchrun): they share its RAM."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-
-
 def cache_budget(setting, device):
-    """--cache-memory in bytes (None: no limit) and where the figure comes from.
-    auto: half the free memory, shared among the processes that draw on it (under
-    torchrun every process on a machine shares its RAM; each has its own GPU)."""
+    """--cache-memory in bytes (None: no limit) and where the figure comes from."""
     if setting != "auto":
         return setting, "--cache-memory"
     free, where = available_memory(device)
     if free is None:
         return None, f"--cache-memory auto: the {where} is unknown, no limit"
-    sharing = 1 if device.type == "cuda" else processes_per_machine()
-    if sharing == 1:
-        return int(free * CACHE_SHARE), f"--cache-memory auto: half the {where}"
-    return (int(free * CACHE_SHARE / sharing),
-            f"--cache-memory auto: half the {where}, shared by {sharing} processes")
+    # torchrun's processes on a machine share its RAM; each has its own GPU
+    sharing = 1 if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    shared = f", shared by {sharing} processes" if sharing != 1 else ""
+    return int(free * CACHE_SHARE / sharing), f"--cache-memory auto: half the {where}{shared}"
 
 
 def human_bytes(n):

@@ -1,5 +1,5 @@
-"""Metrics a spam filter needs beyond accuracy: per-class precision, recall and
-F1, the confusion matrix, and a naive Bayes baseline on the same split."""
+"""Beyond accuracy: per-class precision, recall and F1, the confusion matrix, naive Bayes."""
+from collections import Counter
 import math
 import re
 from beyond.calibrate import calibrate
@@ -9,17 +9,21 @@ import torch
 
 
 def metrics_beyond_accuracy(model, test_loader, device, names):
-    """The test set's per-class precision, recall and F1 and its confusion
-    matrix, printed after the chapter's accuracies and kept for metrics.json."""
-    counts = confusion_matrix_loader(test_loader, model, device, len(names))
+    """The test set's per-class precision, recall, F1 and confusion matrix, printed and kept."""
+    model.eval()
+    counts = [[0] * len(names) for _ in names]  # counts[true class][predicted class]
+    with torch.inference_mode():
+        for input_batch, target_batch in test_loader:
+            predicted = torch.argmax(model(input_batch.to(device))[:, -1, :], dim=-1)
+            for true, guess in zip(target_batch.tolist(), predicted.tolist()):
+                counts[true][guess] += 1
     per_class = per_class_metrics(counts, names)
     print_test_metrics(per_class, counts, names)
     return {"labels": names, "test_per_class": per_class, "test_confusion_matrix": counts}
 
 
 def run_record(args, train_seconds, classifier, cache):
-    """What metrics.json keeps of the run beside its metrics: the training time,
-    the flags, and what the prefix cache was allowed, needed and held."""
+    """What metrics.json keeps of the run: training time, flags, the prefix cache's use."""
     return {"train_seconds": round(train_seconds, 1), "args": vars(args),
             "prefix_cache": dict(cache, memory_bytes=classifier.prefix_cache.memory_bytes,
                                  file_bytes=classifier.prefix_cache.file_bytes)}
@@ -27,9 +31,7 @@ def run_record(args, train_seconds, classifier, cache):
 
 def baseline_and_calibration(classifier, metrics, loaders, device, args, label_ids, splits,
                              work, out):
-    """Rank 0's metrics after the chapter's final accuracy: the naive Bayes
-    baseline and the calibration, added to metrics (its plots written into
-    `work`). Returns what the checkpoint keeps of the calibration."""
+    """Rank 0 adds the baseline and calibration to metrics; returns the checkpoint's part."""
     if not args.no_baseline:
         metrics["naive_bayes"] = naive_bayes_baseline(label_ids, splits)
     with out_left_as_it_was(out):
@@ -40,24 +42,11 @@ def baseline_and_calibration(classifier, metrics, loaders, device, args, label_i
     return calibration
 
 
-def confusion_matrix_loader(data_loader, model, device, num_classes):
-    """counts[true class][predicted class] over a whole loader."""
-    model.eval()
-    counts = [[0] * num_classes for _ in range(num_classes)]
-    with torch.inference_mode():
-        for input_batch, target_batch in data_loader:
-            predicted = torch.argmax(model(input_batch.to(device))[:, -1, :], dim=-1)
-            for true, guess in zip(target_batch.tolist(), predicted.tolist()):
-                counts[true][guess] += 1
-    return counts
-
-
 def per_class_metrics(counts, names):
     """Precision, recall and F1 of each class from a confusion matrix."""
     metrics = {}
     for i, name in enumerate(names):
-        predicted = sum(row[i] for row in counts)
-        actual = sum(counts[i])
+        predicted, actual = sum(row[i] for row in counts), sum(counts[i])
         precision = counts[i][i] / predicted if predicted else 0.0
         recall = counts[i][i] / actual if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -82,17 +71,12 @@ def words(text):
 
 
 def fit_naive_bayes(rows):
-    """Multinomial naive Bayes over lower-cased word counts, Laplace smoothing:
-    the baseline a GPT classifier has to beat. rows: [(class id, text)]."""
-    counts, totals, docs, vocabulary = {}, {}, {}, set()
+    """Multinomial naive Bayes on the word counts of [(class id, text)]: the baseline to beat."""
+    docs, counts = Counter(label for label, _ in rows), {}
     for label, text in rows:
-        docs[label] = docs.get(label, 0) + 1
-        class_counts = counts.setdefault(label, {})
-        for word in words(text):
-            class_counts[word] = class_counts.get(word, 0) + 1
-            totals[label] = totals.get(label, 0) + 1
-            vocabulary.add(word)
-    return {"counts": counts, "totals": totals, "vocabulary_size": len(vocabulary),
+        counts.setdefault(label, Counter()).update(words(text))
+    return {"counts": counts, "totals": {c: sum(n.values()) for c, n in counts.items()},
+            "vocabulary_size": len(set().union(*counts.values())),
             "log_priors": {c: math.log(n / len(rows)) for c, n in docs.items()}}
 
 

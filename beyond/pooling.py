@@ -1,11 +1,5 @@
-"""--pool: which output position the head reads (the chapter's last, the first,
-the last real token, or the mean over real tokens)."""
+"""--pool: which output position the head reads (POOLS: last, first, flexible or mean)."""
 import torch
-
-
-
-
-
 
 POOLS = {  # which output position the head reads
     "last": "the last position of the padded sequence (the chapter)",
@@ -23,10 +17,8 @@ def real_lengths(input_batch, pad_token_id):
 def pool_positions(input_batch, pool, pad_token_id):
     """The one position per message the head reads, (b,); None for "mean"."""
     b, num_tokens = input_batch.shape
-    if pool == "last":
-        return torch.full((b,), num_tokens - 1, device=input_batch.device)
-    if pool == "first":
-        return torch.zeros(b, dtype=torch.long, device=input_batch.device)
+    if pool in ("last", "first"):
+        return torch.full((b,), num_tokens - 1 if pool == "last" else 0, device=input_batch.device)
     if pool == "flexible":
         return (real_lengths(input_batch, pad_token_id) - 1).clamp(min=0)
     return None
@@ -45,6 +37,5 @@ def take_positions(x, positions):
 
 
 def add_pool_option(parser):
-    parser.add_argument("--pool", default="last", choices=list(POOLS),
-                        help="which output the head reads: " + "; ".join(
-                            f"{k}: {v}" for k, v in POOLS.items()))
+    parser.add_argument("--pool", default="last", choices=list(POOLS), help="which output the "
+                        "head reads: " + "; ".join(map(": ".join, POOLS.items())))

@@ -6,11 +6,9 @@ import warnings
 
 
 class LossScaledOptimizer:
-    """The optimizer, stepped through torch.amp's GradScaler: float16's small
-    gradients underflow to 0 unless scaled up. The classifier multiplies the
-    gradient by the scale where it enters the model (its grad_scaler); step()
-    divides it out again, skips a step whose gradients overflowed and adjusts
-    the scale. Listing 6.10 calls zero_grad and step, as on the optimizer."""
+    """The optimizer as listing 6.10 calls it, stepped through a GradScaler: float16's small
+    gradients underflow to 0 unless scaled up (the classifier's grad_scaler); step() divides
+    the scale out, skips a step whose gradients overflowed and adjusts the scale."""
 
     def __init__(self, optimizer, scaler):
         self.optimizer, self.scaler = optimizer, scaler
@@ -25,12 +23,9 @@ class LossScaledOptimizer:
 
 def loss_scaled(optimizer, model, device):
     """The optimizer for --precision fp16, and the classifier's scaler set."""
-    classifier = getattr(model, "module", model)  # inside DistributedDataParallel
-    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
-        scaler = torch.amp.GradScaler(device.type)
-    else:
-        scaler = torch.cuda.amp.GradScaler()
-    classifier.grad_scaler = scaler
+    scaler = torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler") \
+        else torch.cuda.amp.GradScaler()  # before torch 2.3
+    getattr(model, "module", model).grad_scaler = scaler  # inside DistributedDataParallel
     return LossScaledOptimizer(optimizer, scaler)
 
 
@@ -39,18 +34,15 @@ PRECISIONS = {  # --precision: the dtype of the matrix products (None: the weigh
 
 
 def check_precision(precision, device):
-    """--precision on this device, or an error naming what the device can do.
-    bf16: cpu, cuda where the GPU has bfloat16 (Ampere or later), mps where this
-    torch autocasts it. fp16: cuda only (a CPU without float16 matrix units runs
-    it several times slower than fp32; mps is not verified)."""
+    """--precision on this device, or an error naming what it can run. fp16 is cuda only: a CPU
+    without float16 matrix units runs it several times slower than fp32; mps is unverified."""
     if precision == "fp32":
         return
     can = ["fp32"]
-    if device.type == "cpu" or (device.type == "mps" and autocasts(device, torch.bfloat16)):
+    if device.type == "cpu" or (device.type == "mps" and autocasts(device, torch.bfloat16)) \
+            or (device.type == "cuda" and cuda_has_bf16()):
         can.append("bf16")
     if device.type == "cuda":
-        if cuda_has_bf16():
-            can.append("bf16")
         can.append("fp16")
     if precision not in can:
         raise InputError(f"--precision {precision} does not run on --device {device.type} "
@@ -65,8 +57,7 @@ def cuda_has_bf16():
 
 
 def autocasts(device, dtype):
-    """Whether torch.autocast runs dtype on device (it warns and does nothing
-    where it cannot)."""
+    """Whether torch.autocast runs dtype on device; where it cannot, it warns and does nothing."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")

@@ -4,16 +4,13 @@ import random
 
 
 def sample(rows, n, seed):
-    """pandas' df.sample(n, random_state=seed) on a list: the same n rows in the
-    same order (not the book's: no pandas here)."""
+    """pandas' df.sample(n, random_state=seed) on a list: the same n rows in the same order."""
     return [rows[i] for i in sample_order(len(rows), seed)[:n]]
 
 
 def sample_order(n, seed):
-    """The row order of pandas' df.sample(frac=1, random_state=seed), which is
-    NumPy's RandomState(seed).permutation(n), so that balancing and splitting pick
-    the book's rows. NumPy runs the Mersenne Twister of Python's random module but
-    seeds it with init_genrand and shuffles with masked draws, done here by hand."""
+    """df.sample(frac=1, random_state=seed)'s order, NumPy's RandomState(seed).permutation(n):
+    Python's Mersenne Twister, but seeded with init_genrand and shuffled with masked draws."""
     state = [seed]
     for i in range(1, 624):
         state.append((1812433253 * (state[-1] ^ (state[-1] >> 30)) + i) & 0xFFFFFFFF)

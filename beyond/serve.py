@@ -12,7 +12,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from beyond.cli import InputError
+from beyond.cli import InputError, port_number
 from beyond.explain import MAX_EXPLAINED, explain_texts
 from beyond.stream import NonFiniteLogits, classify_texts, predicted_class, result_record
 
@@ -23,8 +23,6 @@ TIMEOUT = 10.0           # seconds a client may stay silent before its connectio
 MAX_CONNECTIONS = 128    # connections served at a time; more are answered 503
 REQUEST_DEADLINE = 30.0  # seconds a client has to send its whole request
 MAX_DRAIN = 16_000_000   # bytes of an unread body read and dropped after an error answer
-
-
 # The page at /: one text box, a button, a bar per class; inline, nothing to fetch.
 PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 
@@ -42,11 +40,8 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": f"default-src 'none'; script-src {inline_hashes(PAGE, 'script')}; "
                                f"style-src {inline_hashes(PAGE, 'style')}; connect-src 'self'; "
                                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
+    "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
 def names_this_server(host_header, names):
@@ -316,3 +311,28 @@ def serve(model, info, checkpoint, device, tokenizer, host, port):
         print("stopped.", file=sys.stderr)
     finally:
         server.server_close()
+
+
+def add_serve_options(parser):
+    parser.add_argument("--serve", action="store_true",
+                        help="instead of classifying TEXTs, serve a page to try the classifier "
+                             "in a browser (with a \"why?\" view per message), and POST "
+                             "/classify with {\"texts\": [...]} as Content-Type: "
+                             "application/json, and \"explain\": true for each token's share "
+                             f"(at most {MAX_EXPLAINED} texts then)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="with --serve: the address to listen on (IPv4 or IPv6: ::1); "
+                             "0.0.0.0 or :: opens it to other machines (default: %(default)s, "
+                             "this machine only)")
+    parser.add_argument("--port", type=port_number, default=8000,
+                        help="with --serve: the port; 0 lets the system pick a free one "
+                             "(default: %(default)s)")
+
+
+def check_serve_options(parser, args):
+    if args.serve and (args.texts or args.all or args.json or args.explain
+                       or args.threshold != "argmax"):
+        parser.error("--serve takes no TEXT, --all, --json, --explain or --threshold: the "
+                     "page shows every class's probability, and explains on request")
+    if not args.serve and (args.host != "127.0.0.1" or args.port != 8000):
+        parser.error("--host and --port go with --serve")

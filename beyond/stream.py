@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 from beyond.cli import InputError, progress
-from beyond.explain import explain_texts, padded_batch
+from beyond.explain import EXPLAIN_DEFAULT, explain_texts, padded_batch
 from beyond.tokens import PAD_TOKEN_ID, encode
 import torch
 
@@ -47,8 +47,6 @@ def classify_texts(texts, model, tokenizer, device, max_length, pad_token_id=PAD
 
 CHUNK = 1024  # at most this many lines of stdin classified and printed at a time
 BLANK = "empty or only whitespace: nothing to classify"
-
-
 # control characters as escapes (\n, \x1b): a label or a message can neither
 # break the one line printed per message nor send commands to the terminal
 CONTROL_ESCAPES = {c: chr(c).encode("unicode_escape").decode()
@@ -233,3 +231,58 @@ def explanation_lines(pieces, label, coloured, top=5):
     lines.append(f"  toward {label}: " + "  ".join(
         f"{piece['token']!r} {piece['score']:+.3f}" for piece in strongest))
     return lines
+
+
+def add_texts_argument(parser):
+    parser.add_argument("texts", nargs="*", metavar="TEXT",
+                        help="messages to classify; - reads one per line from stdin and "
+                             "prints one line per line read, in order, as soon as the input "
+                             f"pauses (at most {CHUNK:,} at a time). A blank line prints "
+                             f"'-<tab>{BLANK}' (--json: an object with \"error\"); a line "
+                             "that is not UTF-8 is classified with U+FFFD for its bad bytes, "
+                             "and a note on stderr names it. Control characters in what is "
+                             "printed (not --json) are escaped, as \\n or \\x1b. With "
+                             "--explain (not --json), each result line is followed by its "
+                             "explanation's lines, indented")
+
+
+def add_output_options(parser):
+    parser.add_argument("--all", action="store_true",
+                        help="print the probability of every class, not only the chosen one")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per message: text, label, probabilities "
+                             "(and with --explain: explanation, a list of {token, score} "
+                             "whose tokens join to the text as classified, after truncation)")
+    parser.add_argument("--threshold", default="argmax", choices=["argmax", "validated"],
+                        help="how the label is chosen: argmax, the most probable class (the "
+                             "chapter); validated, for two classes, class 1 (spam) where its "
+                             "probability is above the threshold finetune.py chose on the "
+                             "validation split for its --target-fpr (default: %(default)s)")
+
+
+def check_texts(parser, args):
+    """What classify.py needs before it loads a model to classify TEXTs."""
+    if args.explain_method != EXPLAIN_DEFAULT and not args.explain:
+        parser.error("--explain-method goes with --explain")
+    if not args.texts:
+        raise InputError("no message to classify: give texts as arguments, or - to read "
+                         "one per line from stdin.")
+    if any(not text.strip() for text in args.texts):
+        raise InputError("a message to classify is empty or only whitespace.")
+    if sys.stdout is None:  # started with >&-
+        raise InputError("stdout is closed: there is nowhere to print the results.")
+    if "-" in args.texts and sys.stdin is None:
+        raise InputError("stdin is closed: - has no line to read.")
+
+
+def classify_arguments(args, model, info, device, tokenizer):
+    """classify.py's TEXTs (and stdin's lines for -), classified and printed in order."""
+    threshold = validated_threshold(args.threshold, info, args.checkpoint)
+    texts = [argument_text(text, i) for i, text in enumerate(args.texts, 1)]
+    batches = text_batches(texts, sys.stdin.buffer if "-" in texts else None)
+    try:
+        done = classify_and_print(batches, model, tokenizer, device, info, args, threshold)
+    except NonFiniteLogits as e:
+        raise InputError(f"{args.checkpoint}: {e}") from None
+    if not done:
+        raise InputError("no message to classify: stdin was empty.")

@@ -59,8 +59,7 @@ def read_varint(raw, pos):
 
 
 def proto_fields(raw):
-    """Protobuf wire format -> {field number: [values]}: varints and fixed
-    numbers as ints, length-delimited fields (strings, messages) as bytes."""
+    """Protobuf wire format -> {field number: [values]}: numbers as ints, the rest bytes."""
     fields, pos = {}, 0
     while pos < len(raw):
         tag, pos = read_varint(raw, pos)
@@ -115,8 +114,7 @@ def block_handle(raw, pos=0):
 
 
 def read_table(raw):
-    """A LevelDB-format table (uncompressed) -> {key: value}: the footer points at
-    the index block, whose values point at the data blocks."""
+    """A LevelDB-format table -> {key: value}: footer -> index block -> data blocks."""
     if len(raw) < TABLE_FOOTER_BYTES or struct.unpack("<Q", raw[-8:])[0] != TABLE_MAGIC:
         raise DamagedFile("it does not end with a table footer (truncated?)")
     footer = raw[-TABLE_FOOTER_BYTES:]
@@ -155,8 +153,7 @@ def tf_data_file(prefix, shard, num_shards):
 
 
 def read_tf_index(index):
-    """model.ckpt.index -> ({variable name: (dtype, shape, shard, offset, size)},
-    number of data files), each checked against its dtype and shape."""
+    """model.ckpt.index -> ({name: (dtype, shape, shard, offset, size)}, data files)."""
     try:
         table = read_table(index.read_bytes())
         header = proto_fields(table.pop(b"", b""))  # BundleHeaderProto

@@ -5,14 +5,12 @@ PAD_TOKEN_ID = 50256  # "<|endoftext|>", GPT-2's padding in the chapter
 
 
 def encode(text, tokenizer, max_length=None):
-    """Token ids of one message, cut to max_length. disallowed_special=(): a
-    message containing "<|endoftext|>" is plain text, never the pad id."""
+    """A message's token ids, cut to max_length; "<|endoftext|>" in it is text, not the pad id."""
     return tokenizer.encode(text, disallowed_special=())[:max_length]
 
 
 def pad_ids(sequences, pad_token_id=PAD_TOKEN_ID, length=None):
-    """Token id lists or tensors -> (b, length), padded at the end; length
-    defaults to the longest sequence."""
+    """Token id lists or tensors -> (b, length), padded at the end; length: the longest's."""
     length = length or max(max((len(ids) for ids in sequences), default=0), 1)
     inputs = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
     for i, ids in enumerate(sequences):

@@ -1,6 +1,5 @@
-"""--trainable: which parts of the model train. The chapter trains the last block,
-final_norm and the new head; appendix B compares other choices, Exercise 6.2
-trains everything, and appendix E adds LoRA adapters instead."""
+"""--trainable: which parts of the model train: the chapter's last block, final_norm and
+head; appendix B's other choices, Exercise 6.2's everything, or appendix E's LoRA adapters."""
 from beyond.cli import positive_float, positive_int
 from beyond.lora import replace_linear_with_lora
 
@@ -14,8 +13,7 @@ TRAINABLE = {
 
 
 def choose_trainable(model, trainable, lora_rank, lora_alpha):
-    """The model as listing 6.7 left it (last block, final_norm and the head
-    train), changed to what `trainable` names."""
+    """The model as listing 6.7 left it (last block, final_norm, head), changed to `trainable`."""
     if trainable in ("last_layer", "lora"):
         for module in [model.trf_blocks[-1], model.final_norm]:
             module.requires_grad_(False)
@@ -30,8 +28,7 @@ def choose_trainable(model, trainable, lora_rank, lora_alpha):
 
 def add_trainable_options(parser):
     parser.add_argument("--trainable", default="last_block", choices=list(TRAINABLE),
-                        help="what trains: " + "; ".join(f"{k}: {v}"
-                                                         for k, v in TRAINABLE.items()))
+                        help="what trains: " + "; ".join(map(": ".join, TRAINABLE.items())))
     parser.add_argument("--lora-rank", type=positive_int, default=16,
                         help="rank r of the LoRA adapters (--trainable lora; appendix E)")
     parser.add_argument("--lora-alpha", type=positive_float, default=16,

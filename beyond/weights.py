@@ -268,3 +268,30 @@ def read_pth(path):
         raise InputError(f"{path} does not hold a state_dict (names -> tensors) as the "
                          f"book's torch.save(model.state_dict()) writes.")
     return state
+
+
+def checked_value(params, keys, transform, param, name, source):
+    """params[keys...] made into what the model's parameter `name` takes (transform:
+    transposed or split, as load_weights_into_gpt's table says), or one error: the
+    tensor missing, not floats, or of another shape."""
+    where = "params" + "".join(f"[{key!r}]" for key in keys)
+    tensor = params
+    try:
+        for key in keys:
+            if not isinstance(tensor, (dict, list)):  # a tensor where keys go on
+                raise KeyError(key)
+            tensor = tensor[key]
+    except (KeyError, IndexError, TypeError):
+        raise InputError(f"{source}: {where} is missing (the model's {name}): not a "
+                         f"complete GPT-2 checkpoint of this size.") from None
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise InputError(f"{source}: {where} holds "
+                         f"{getattr(tensor, 'dtype', type(tensor).__name__)}, not floats.")
+    same_dims = tensor.dim() == param.dim()  # split and transpose keep them
+    value = transform(tensor) if transform and same_dims else tensor
+    if not same_dims or value.shape != param.shape:
+        how = " (after splitting and transposing)" if transform else ""
+        raise InputError(f"{source}: {where} has shape {tuple(tensor.shape)}, but the "
+                         f"model needs {tuple(param.shape)} there{how}. Check that "
+                         f"--model matches the weights.")
+    return value
