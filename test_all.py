@@ -146,6 +146,12 @@ def tiny_classifier(num_classes=2, pool="last", trainable="last_block", seed=0, 
     return bfast.GPTClassifier(model, pool=pool)
 
 
+def fine_tune(data_file, out, *flags, weights=MINI_WEIGHTS):
+    """finetune.main on data_file from weights (the test model), writing to out."""
+    return finetune.main(["--data", str(data_file), "--weights", str(weights), "--out", str(out),
+                          *map(str, flags)])
+
+
 def mini_config():
     """The test model's config, read from its config.json in the Hub's naming."""
     return bweights.config_from_json(MINI / "config.json", gpt.BASE_CONFIG, "hub")
@@ -585,9 +591,8 @@ def test_a_fine_tune_starts_alike_from_each_form_and_its_lora_base_is_found(tmp_
     lines = {}
     for weights in (MINI_TF, MINI_BOOK):  # their weights equal the Hub copy's (above)
         out = tmp_path / weights.name
-        finetune.main(["--data", str(data), "--weights", str(weights), "--trainable", "lora",
-                       "--lora-rank", "2", "--epochs", "1", "--batch-size", "4",
-                       "--out", str(out), "--no-baseline"])
+        fine_tune(data, out, "--trainable", "lora", "--lora-rank", "2", "--epochs", "1",
+                  "--batch-size", "4", "--no-baseline", weights=weights)
         lines[weights] = chapter_lines(capsys.readouterr().out)
         lora = json.loads(bst.read_safetensors_header(out / CHECKPOINT)[1]["lora"])
         assert lora["path"] == str(bweights.weights_file(weights).resolve())
@@ -1055,8 +1060,7 @@ def test_any_cache_budget_prints_the_plain_runs_lines_bf16_its_own_and_a_rerun_t
                         ("no-cache", ["--cache-memory", "0"]), ("auto", []), ("again", []),
                         ("bf16", ["--precision", "bf16"]),
                         ("bf16-plain", ["--precision", "bf16", "--plain"])]:
-        result = finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
-                                "--epochs", "2", "--out", str(tmp_path / name), *flags])
+        result = fine_tune(sample_tsv, tmp_path / name, "--epochs", "2", *flags)
         printed = capsys.readouterr().out.replace(str(tmp_path / name), "OUT")
         runs[name] = (printed, result["prefix_cache"], chapter_lines(printed))
     assert len(runs["plain"][2]) > 15
@@ -1249,7 +1253,8 @@ def test_fp16_loss_scaling_skips_an_overflowing_step_then_trains(capsys):
     assert scaler.get_scale() < 2.0 ** 39
 
 
-def test_the_cache_keeps_its_messages_in_a_few_large_buffers():
+def test_the_cache_keeps_its_messages_in_a_few_large_buffers_and_completes_short_writes(
+        tmp_path, monkeypatch):
     cache = bfast.PrefixCache()
     hidden = [torch.randn(n, 16) for n in range(1, 200)]
     for i, h in enumerate(hidden):
@@ -1261,6 +1266,23 @@ def test_the_cache_keeps_its_messages_in_a_few_large_buffers():
     budgeted = bfast.PrefixCache(budget=1000)
     budgeted.put("a", hidden[3])
     assert budgeted.arena.numel() == 1000  # no more than the budget is reserved
+    cache = bfast.PrefixCache(budget=0, spill_dir=tmp_path)  # the rest in a file
+    hidden = torch.randn(5, 16)
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset:
+                        real_pwrite(fd, bytes(data)[:7], offset))  # 7 bytes at a time
+    cache.put("a", hidden)
+    cache.put("b", hidden * 2)
+    assert torch.equal(cache.get("a", "cpu"), hidden)
+    assert torch.equal(cache.get("b", "cpu"), hidden * 2)
+    disk_full_after(monkeypatch, "pwrite", 100)
+    with pytest.raises(InputError, match=re.escape(
+            f"cannot write the prefix cache's temporary file in {tmp_path} (No space left on "
+            f"device, after 640 bytes)")):
+        cache.put("c", hidden)
+    assert "c" not in cache and torch.equal(cache.get("b", "cpu"), hidden * 2)
+    cache.close()
+    assert cache.file is None and not list(tmp_path.iterdir())
 
 
 def test_flexible_pooling_reads_the_last_real_token_whatever_the_padding():
@@ -1661,9 +1683,7 @@ def test_own_labels_become_sorted_class_ids_and_one_class_or_too_few_messages_fa
 
 def test_three_class_fine_tune_then_classify_with_the_checkpoint(tmp_path, tokenizer, capsys):
     tsv = three_class_tsv(tmp_path / "topics.tsv")
-    result = finetune.main(["--data", str(tsv), "--weights", str(MINI_WEIGHTS),
-                            "--epochs", "3", "--batch-size", "4", "--lr", "1e-3",
-                            "--out", str(tmp_path / "run")])
+    result = fine_tune(tsv, tmp_path / "run", "--epochs", "3", "--batch-size", "4", "--lr", "1e-3")
     printed = capsys.readouterr().out
     assert "Confusion matrix" in printed and "Naive Bayes baseline" in printed
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -1682,16 +1702,13 @@ def test_three_class_fine_tune_then_classify_with_the_checkpoint(tmp_path, token
 CHECKPOINT = classify.CHECKPOINT_NAME
 
 
-def test_per_class_metrics_from_a_confusion_matrix():
+def test_per_class_metrics_and_naive_bayes_which_gets_285_of_the_chapters_300_test_messages():
     metrics = bmetrics.per_class_metrics([[8, 2], [1, 9]], ["not spam", "spam"])
     assert metrics["spam"]["precision"] == pytest.approx(9 / 11)
     assert metrics["spam"]["recall"] == pytest.approx(0.9)
     assert metrics["spam"]["f1"] == pytest.approx(2 * (9 / 11) * 0.9 / (9 / 11 + 0.9))
     assert metrics["not spam"]["support"] == 10
     assert bmetrics.per_class_metrics([[0, 0], [0, 3]], ["a", "b"])["a"]["f1"] == 0.0
-
-
-def test_naive_bayes_learns_word_counts_and_gets_285_of_the_chapters_300_test_messages():
     train = [(1, "WIN cash now"), (1, "free cash prize"), (0, "see you at lunch"),
              (0, "lunch at noon?")]
     model = bmetrics.fit_naive_bayes(train)
@@ -1732,9 +1749,9 @@ def test_a_lora_checkpoint_holds_only_adapters_and_finds_its_base_even_moved(tmp
     shutil.copy(MINI_WEIGHTS, base)
     shutil.copy(MINI / "config.json", base.parent / "config.json")
     checkpoint = tmp_path / "lora" / CHECKPOINT
-    finetune.main(["--data", str(three_class_tsv(tmp_path / "t.tsv")), "--weights", str(base),
-                   "--trainable", "lora", "--lora-rank", "4", "--lora-alpha", "8", "--epochs",
-                   "1", "--batch-size", "4", "--out", str(checkpoint.parent), "--no-baseline"])
+    fine_tune(three_class_tsv(tmp_path / "t.tsv"), checkpoint.parent, "--trainable", "lora",
+              "--lora-rank", "4", "--lora-alpha", "8", "--epochs", "1", "--batch-size", "4",
+              "--no-baseline", weights=base)
     assert "Naive Bayes" not in capsys.readouterr().out
     entries, metadata = bst.read_safetensors_header(checkpoint)
     assert entries and all(".lora." in n or n.startswith("out_head.") for n in entries)
@@ -1815,10 +1832,9 @@ def test_every_model_size_composes_with_every_trainable_choice(name):
 def test_pool_max_length_seed_plain_no_balance_and_trainable_flags_reach_the_run(
         tmp_path, capsys):
     out = tmp_path / "run"
-    finetune.main(["--data", str(three_class_tsv(tmp_path / "t.tsv")), "--weights",
-                   str(MINI_WEIGHTS), "--pool", "flexible", "--max-length", "6", "--seed", "7",
-                   "--plain", "--no-balance", "--trainable", "last_two_blocks", "--epochs", "1",
-                   "--batch-size", "4", "--out", str(out)])
+    fine_tune(three_class_tsv(tmp_path / "t.tsv"), out, "--pool", "flexible", "--max-length", 6,
+              "--seed", 7, "--plain", "--no-balance", "--trainable", "last_two_blocks",
+              "--epochs", 1, "--batch-size", 4)
     printed = capsys.readouterr().out
     assert "Caching" not in printed and "Balanced" not in printed
     assert "Longest training sequence (max_length): 6 tokens" in printed
@@ -1875,7 +1891,7 @@ def fetch(url, body=None, method=None, content_type="application/json"):
         return e.code, e.headers["Content-Type"], e.read()
 
 
-def test_served_page_and_info_describe_the_checkpoint(server):
+def test_served_page_and_info_describe_the_checkpoint_and_head_gets_no_body(server):
     url, checkpoint = server
     status, content_type, page = fetch(url + "/")
     assert status == 200 and content_type == "text/html; charset=utf-8"
@@ -1886,16 +1902,32 @@ def test_served_page_and_info_describe_the_checkpoint(server):
     assert status == 200 and json.loads(body) == {
         "checkpoint": checkpoint.name, "labels": ["not spam", "spam"], "model": "a custom size",
         "layers": 2, "emb_dim": 16, "max_length": 20, "pool": "last", "trainable": "last_block"}
+    port = int(url.rsplit(":", 1)[1])
+    for path, status in [("/", 200), ("/info", 200), ("/classify", 405)]:
+        answer = exchange(("127.0.0.1", port),
+                          f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        head, _, body = answer.partition(b"\r\n\r\n")  # the headers of GET, no body
+        assert head.startswith(f"HTTP/1.0 {status} ".encode()) and body == b"", answer
+        if path == "/":
+            assert f"Content-Length: {len(page)}".encode() in head
+        if path == "/classify":
+            assert b"Allow: POST" in head
 
 
-def test_served_classify_equals_the_command_lines_json(server):
+def test_served_classify_equals_the_command_lines_json_and_explains_on_request(server, cli):
     url, checkpoint = server
     texts = [SPAM_TEXT, "see you at lunch?", "😀 日本語", "long " * 300]
     status, _, body = fetch(url + "/classify", json.dumps({"texts": texts}))
     assert status == 200
-    code, stdout, stderr = run("classify.py", "--checkpoint", checkpoint, "--json", *texts)
+    code, stdout, stderr = cli("classify.py", "--checkpoint", checkpoint, "--json", *texts)
     assert code == 0, stderr
     assert json.loads(body)["results"] == [json.loads(line) for line in stdout.splitlines()]
+    status, _, body = fetch(url + "/classify", json.dumps({"texts": ["win a prize"],
+                                                            "explain": True}))
+    result = json.loads(body)["results"][0]
+    assert status == 200 and "".join(p["token"] for p in result["explanation"]) == "win a prize"
+    status, _, body = fetch(url + "/classify", json.dumps({"texts": ["x"] * 17}))
+    assert status == 200 and "explanation" not in json.loads(body)["results"][0]
 
 
 @pytest.mark.parametrize("path, method, body, status, error", [
@@ -2062,21 +2094,6 @@ def exchange(address, raw):
         while chunk := client.recv(65536):
             answer += chunk
     return answer
-
-
-def test_head_gets_the_headers_of_get_and_no_body(server):
-    url, _ = server
-    _, _, page = request(url, "GET", "/")
-    port = int(url.rsplit(":", 1)[1])
-    for path, status in [("/", 200), ("/info", 200), ("/classify", 405)]:
-        answer = exchange(("127.0.0.1", port),
-                          f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-        head, _, body = answer.partition(b"\r\n\r\n")
-        assert head.startswith(f"HTTP/1.0 {status} ".encode()) and body == b"", answer
-        if path == "/":
-            assert f"Content-Length: {len(page)}".encode() in head
-        if path == "/classify":
-            assert b"Allow: POST" in head
 
 
 def test_a_silent_client_is_dropped_after_the_timeout_while_others_are_served():
@@ -2389,26 +2406,6 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_keeps_the_old_on
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
 
 
-def test_short_spill_writes_are_completed_and_a_full_disk_is_one_error(tmp_path, monkeypatch):
-    cache = bfast.PrefixCache(budget=0, spill_dir=tmp_path)
-    hidden = torch.randn(5, 16)
-    real_pwrite = os.pwrite
-    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset:
-                        real_pwrite(fd, bytes(data)[:7], offset))  # 7 bytes at a time
-    cache.put("a", hidden)
-    cache.put("b", hidden * 2)
-    assert torch.equal(cache.get("a", "cpu"), hidden)
-    assert torch.equal(cache.get("b", "cpu"), hidden * 2)
-    disk_full_after(monkeypatch, "pwrite", 100)
-    with pytest.raises(InputError, match=re.escape(
-            f"cannot write the prefix cache's temporary file in {tmp_path} (No space left on "
-            f"device, after 640 bytes)")):
-        cache.put("c", hidden)
-    assert "c" not in cache and torch.equal(cache.get("b", "cpu"), hidden * 2)
-    cache.close()
-    assert cache.file is None and not list(tmp_path.iterdir())
-
-
 OUTPUT_NAMES = ["accuracy-plot.svg", "loss-plot.svg", "metrics.json",
                 "review_classifier.safetensors", "test.csv", "train.csv", "validation.csv"]
 
@@ -2423,9 +2420,7 @@ def test_a_run_that_fails_writing_its_checkpoint_leaves_the_earlier_outputs_as_t
     with pytest.raises(InputError, match=f"review_classifier.safetensors: No space left on "
                                          f"device; .*Nothing in {re.escape(str(out))} was "
                                          f"replaced"):
-        finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
-                       "--epochs", "1", "--trainable", "last_layer", "--no-baseline",
-                       "--out", str(out)])
+        fine_tune(sample_tsv, out, "--epochs", "1", "--trainable", "last_layer", "--no-baseline")
     assert sorted(p.name for p in out.iterdir()) == OUTPUT_NAMES  # no work folder left
     for name in OUTPUT_NAMES:
         assert (out / name).read_text() == f"the earlier {name}"
@@ -2450,8 +2445,7 @@ def test_an_unwritable_out_folder_is_one_error_naming_it_and_changes_nothing(
         monkeypatch.setattr(bfiles, "open", refused(open), raising=False)
     try:
         with pytest.raises(InputError, match=f"{re.escape(str(out))}.*: Permission denied"):
-            finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
-                           "--epochs", "1", "--out", str(out)])
+            fine_tune(sample_tsv, out, "--epochs", "1")
         assert [p.name for p in out.iterdir()] == ["train.csv"]
         assert (out / "train.csv").read_text() == "the earlier split"
     finally:
@@ -2758,16 +2752,6 @@ def test_classify_applies_the_checkpoints_temperature_and_validated_threshold(
         classify.main(["--checkpoint", str(three), "--threshold", "validated", "hello"])
 
 
-def test_the_api_explains_on_request_within_its_bound(server):
-    url, _ = server
-    status, _, body = fetch(url + "/classify", json.dumps({"texts": ["win a prize"],
-                                                            "explain": True}))
-    result = json.loads(body)["results"][0]
-    assert status == 200 and "".join(p["token"] for p in result["explanation"]) == "win a prize"
-    status, _, body = fetch(url + "/classify", json.dumps({"texts": ["x"] * 17}))
-    assert status == 200 and "explanation" not in json.loads(body)["results"][0]
-
-
 @pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
                     reason="needs a browser: Debian's chromium and chromium-driver")
 def test_a_real_browser_shows_why_with_highlighted_tokens_and_a_legend(browser):
@@ -2880,7 +2864,7 @@ def test_messages_seen_in_training_are_counted_and_left_out_of_the_unseen_accura
 def test_dedup_leaves_no_evaluation_message_in_training_and_the_default_split_as_it_was(
         tmp_path, capsys):
     finetune.main(["--data", str(SMS), "--weights", str(MINI_WEIGHTS), "--dedup",
-                   "--epochs", "1", "--no-baseline", "--out", str(tmp_path / "dedup")])
+                   "--epochs", "1", "--out", str(tmp_path / "dedup")])
     out = capsys.readouterr().out
     # 5,169 distinct texts; 11 more differ only in leading or trailing whitespace
     assert "Dropped 414 repeated messages (--dedup): 5158 left" in out
@@ -2893,3 +2877,7 @@ def test_dedup_leaves_no_evaluation_message_in_training_and_the_default_split_as
     assert metrics["test_seen_in_training"] == 0
     low, high = metrics["test_accuracy_interval95"]
     assert low < metrics["test_accuracy"] < high
+    baseline = metrics["naive_bayes"]  # the baseline gets the same figures
+    assert baseline["test_unseen"]["total"] == len(splits[2])
+    assert baseline["test_unseen"]["accuracy"] == baseline["test_accuracy"]
+    assert "Naive Bayes on the messages not seen in training: validation" in out

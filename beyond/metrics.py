@@ -5,6 +5,7 @@ import re
 from beyond.calibrate import calibrate
 from beyond.cli import fraction
 from beyond.files import out_left_as_it_was
+from beyond.overlap import interval_record, seen_in, shown, unseen_accuracy, wilson_interval
 import torch
 
 
@@ -94,14 +95,25 @@ def naive_bayes_accuracy(model, rows):
 
 
 def naive_bayes_baseline(label_ids, splits):
-    """The baseline's validation and test accuracy on the same split."""
+    """The baseline's validation and test accuracy on the same split, each with its
+    95% interval, and on the messages not seen in training (beyond/overlap.py)."""
     train, validation, test = ([(label_ids[label], text) for label, text in split]
                                for split in splits)
     baseline = fit_naive_bayes(train)
-    result = {"val_accuracy": naive_bayes_accuracy(baseline, validation),
-              "test_accuracy": naive_bayes_accuracy(baseline, test)}
+    result, unseen = {}, []
+    for name, rows, split in [("val", validation, splits[1]), ("test", test, splits[2])]:
+        predicted = [predict_naive_bayes(baseline, text) for _, text in rows]
+        labels = [label for label, _ in rows]
+        correct = sum(p == y for p, y in zip(predicted, labels))
+        result[f"{name}_accuracy"] = correct / len(rows)
+        result[f"{name}_accuracy_interval95"] = list(wilson_interval(correct, len(rows)))
+        counts = unseen_accuracy(labels, predicted, seen_in(splits[0], split))
+        result[f"{name}_unseen"] = interval_record(*counts)
+        unseen.append(shown(*counts))
     print(f"Naive Bayes baseline (word counts, same split): validation accuracy "
           f"{result['val_accuracy']*100:.2f}%, test accuracy {result['test_accuracy']*100:.2f}%")
+    print(f"Naive Bayes on the messages not seen in training: validation {unseen[0]}, "
+          f"test {unseen[1]}")
     return result
 
 
