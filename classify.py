@@ -17,7 +17,8 @@ from beyond.explain import add_explain_options
 from beyond.fast import GPTClassifier
 from beyond.lora import lora_base
 from beyond.precision import add_precision_option, check_precision
-from beyond.safetensors import check_floating, load_safetensors, read_safetensors_header, save_safetensors
+from beyond.safetensors import (check_floating, load_safetensors, read_safetensors_header,
+                                save_safetensors)
 from beyond.serve import add_serve_options, check_serve_options, serve
 from beyond.stream import add_output_options, add_texts_argument, check_texts, classify_arguments
 from beyond.tokens import PAD_TOKEN_ID, encode
@@ -93,7 +94,8 @@ def load_classifier(path, device="cpu", base_weights=None, precision="fp32"):
                              f"python finetune.py (it writes {CHECKPOINT_NAME}), or pass "
                              f"--checkpoint PATH.") from None
         raise
-    info = read_checkpoint_metadata(path, metadata, {name: model_config(name) for name in MODEL_NAMES})
+    known = {name: model_config(name) for name in MODEL_NAMES}
+    info = read_checkpoint_metadata(path, metadata, known)
     lora = info["lora"]
     if base_weights and not lora:
         raise InputError(f"{path} holds every weight of its model: --base-weights is only "

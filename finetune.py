@@ -12,20 +12,26 @@ import time
 from pathlib import Path
 
 from beyond.cli import InputError, positive_float, positive_int, run_cli, seed_number
-from beyond.distributed import join_process_group, on_every_rank, printing_rank, said_by_rank_0, torchrun_ranks, with_progress
+from beyond.distributed import (check_processes, join_process_group, on_every_rank, printing_rank,
+                                said_by_rank_0, torchrun_ranks, with_progress)
 from beyond.fast import GPTClassifier, add_fast_options, cache_frozen_prefix
 from beyond.files import out_left_as_it_was, publish_run, said_if_interrupted, work_folder
 from beyond.labels import balance_classes, class_ids, count_labels
 from beyond.lora import lora_description
-from beyond.metrics import add_metrics_options, baseline_and_calibration, metrics_beyond_accuracy, run_record
+from beyond.metrics import (add_metrics_options, baseline_and_calibration, metrics_beyond_accuracy,
+                            run_record)
 from beyond.overlap import add_dedup_option, drop_repeated, overlap_metrics
 from beyond.plot import plt
 from beyond.pooling import add_pool_option
 from beyond.precision import add_precision_option, check_precision, loss_scaled
 from beyond.trainable import add_trainable_options, check_trainable_options, choose_trainable
 import torch
-from classify import CHECKPOINT_NAME, add_device_option, classify_review, save_classifier, select_device
-from data import SEED, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_names, create_balanced_dataset, create_data_loaders, data_file_path, download_and_unzip_spam_data, extracted_path, load_messages, random_split, read_tsv, url, write_csv, zip_path
+from classify import (CHECKPOINT_NAME, add_device_option, classify_review, save_classifier,
+                      select_device)
+from data import (SEED, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_names,
+                  create_balanced_dataset, create_data_loaders, data_file_path,
+                  download_and_unzip_spam_data, extracted_path, load_messages, random_split,
+                  read_tsv, url, write_csv, zip_path)
 from gpt import add_model_options, build_gpt, get_tokenizer, weights_config
 
 
@@ -241,8 +247,7 @@ def main(argv=None):
 
 
 def load_rows(args):
-    """The messages as (label, text) rows: the book's pd.read_csv of the TSV that
-    listing 6.1 downloads, or --data's file."""
+    """(label, text) rows: the book's pd.read_csv of listing 6.1's TSV, or --data's."""
     if args.data:
         return load_messages(args.data)
     download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path)
@@ -250,8 +255,7 @@ def load_rows(args):
 
 
 def prepare_splits(args, df, out):
-    """Section 6.2's steps: balance, map the labels to ids, split, and write
-    train/validation/test.csv into `out`. Returns label -> id and the splits."""
+    """Section 6.2's steps into `out`: balanced, split, mapped to ids and written."""
     print(f"Dataset: {len(df)} messages, label counts {count_labels(df)}")
     label_ids = class_ids(df)  # the book's {"ham": 0, "spam": 1}; any labels: sorted
     if args.dedup:  # not the book's: no message both in training and in evaluation
@@ -271,8 +275,7 @@ def prepare_splits(args, df, out):
 
 
 def create_datasets(out, tokenizer, args, context_length, num_classes):
-    """Section 6.3's three SpamDatasets: validation and test cut to the training
-    set's max_length, which never exceeds the model's context."""
+    """Section 6.3's three SpamDatasets, cut to the training set's max_length."""
     # not the book's: --pool's other positions read real tokens, so pad per batch
     settings = {"pad": args.pool == "last", "num_classes": num_classes}
     train_dataset = SpamDataset(out / "train.csv", tokenizer, args.max_length, **settings)
@@ -325,8 +328,8 @@ def plot_curves(results, num_epochs, out):
 
 
 def final_metrics(model, loaders, device, names):
-    """The full training, validation and test accuracy (section 6.7), then (not
-    the chapter's) the test set's per-class metrics and confusion matrix."""
+    """Section 6.7's accuracies on whole sets, then (beyond/metrics.py) the test
+    set's per-class metrics and confusion matrix."""
     train_accuracy, val_accuracy, test_accuracy = (
         calc_accuracy_loader(loader, model, device) for loader in loaders)
     print(f"Training accuracy: {train_accuracy*100:.2f}%")
@@ -339,9 +342,8 @@ def final_metrics(model, loaders, device, names):
 
 def save_run(classifier, metrics, config, max_length, label_ids, splits, loaders, device,
              args, work, out):
-    """The chapter's torch.save(model.state_dict(), "review_classifier.pth"), and
-    (not the chapter's) the baseline, the calibration and metrics.json, all moved
-    into --out together."""
+    """The chapter's torch.save(model.state_dict(), "review_classifier.pth"), and the
+    baseline, calibration and metrics.json (beyond/), moved into --out together."""
     calibration = baseline_and_calibration(classifier, metrics, loaders, device, args,
                                            label_ids, splits, work, out)
     lora = lora_description(args) if args.trainable == "lora" else None
@@ -408,25 +410,18 @@ def build_parser():
 
 
 def parse_and_check(argv, world):
-    """The flags, checked before any data is read, by every rank under torchrun
-    (world processes): (args, the device select_device picks, the model config;
-    a --weights file's header is read here)."""
+    """(args, device, model config), every flag checked before any data is read (a
+    --weights file's header too), by every rank under torchrun (world processes)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     device = select_device(args.device)
-    if world > 1 and device.type == "mps":
-        parser.error("--device mps (which auto picks on a Mac) cannot run under "
-                     "torchrun: its gloo backend takes CPU tensors only; use "
-                     "--device cpu, or one process without torchrun")
+    check_processes(parser, args, device, world)  # torchrun: mps, --batch-size
     config = weights_config(args.model, args.weights)
     if args.max_length and args.max_length > config["context_length"]:
         parser.error(f"--max-length {args.max_length} is above the model's context "
                      f"length {config['context_length']}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a file; it takes a folder (made if missing)")
-    if args.batch_size % world:
-        parser.error(f"--batch-size {args.batch_size} does not divide among {world} "
-                     f"processes: each takes an equal share of every batch")
     check_trainable_options(parser, args)
     check_precision(args.precision, device)
     return args, device, config

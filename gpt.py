@@ -1,10 +1,7 @@
-"""The GPT-2 model of chapters 4-5 and the loading of OpenAI's weights (section 6.4).
+"""Chapter 4's GPT-2 model, then section 6.4's loading of its weights (listing 6.6).
 
 python gpt.py [--model gpt2-small] [--weights pretrained|PATH] "Every effort moves you"
-prints the greedy continuation, the chapter's check that the weights loaded.
-Chapter 4's model, then listing 6.6 and what reads GPT-2's weights; the file
-formats, downloads and command-line plumbing are in beyond/.
-"""
+prints the greedy continuation, the chapter's check that the weights loaded."""
 import argparse
 
 from beyond.cli import repository_tokenizer, run_cli
@@ -283,7 +280,7 @@ def matched_params(gpt, params, source):
     return pairs
 
 
-# ===== beyond the chapter: the tokenizer's files and the command line =====
+# ----------------------------------------------------- the tokenizer and the command line
 
 
 def get_tokenizer():
@@ -328,7 +325,6 @@ def main(argv=None):
         parser.error("--weights must be 'pretrained' or a path here")
     tokenizer = get_tokenizer()
     model, config = build_gpt(args.model, args.weights)
-    model.eval()
     token_ids = generate_text_simple(
         model=model, idx=text_to_token_ids(args.prompt, tokenizer),
         max_new_tokens=args.max_new_tokens, context_size=config["context_length"])

@@ -132,3 +132,14 @@ def printing_rank(rank):
     """Under torchrun, one writer: the other ranks print nothing but errors."""
     return contextlib.nullcontext() if rank == 0 else \
         contextlib.redirect_stdout(open(os.devnull, "w"))
+
+
+def check_processes(parser, args, device, world):
+    """What the flags must satisfy where torchrun starts `world` processes."""
+    if world > 1 and device.type == "mps":
+        parser.error("--device mps (which auto picks on a Mac) cannot run under "
+                     "torchrun: its gloo backend takes CPU tensors only; use "
+                     "--device cpu, or one process without torchrun")
+    if args.batch_size % world:
+        parser.error(f"--batch-size {args.batch_size} does not divide among {world} "
+                     f"processes: each takes an equal share of every batch")
