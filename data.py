@@ -1,9 +1,6 @@
-"""The dataset of sections 6.2-6.3: download, read, balance, split, tokenize, batch.
-
-Listings 6.1-6.5 come first, in the book's order, on lists of (label, text) rows
-where the book has pandas DataFrames; then the TSV and CSV reading and writing
-that stand in for pandas (the TSV read as pd.read_csv reads it, quotes and all).
-"""
+"""Sections 6.2-6.3: listings 6.1-6.5 in the book's order, on lists of (label, text)
+rows where the book has pandas DataFrames; then the TSV and CSV reading and writing
+that stand in for pandas."""
 import csv
 import io
 import os
@@ -170,9 +167,7 @@ def load_messages(path):
 
 
 def write_csv(rows, path, label_ids=SPAM_LABELS):
-    """Columns Label,Text with integer labels: the chapter's map({"ham": 0,
-    "spam": 1}) (label_ids) and to_csv(index=None); commas, quotes and newlines
-    inside texts are quoted by the csv module."""
+    """The chapter's map({"ham": 0, "spam": 1}) (label_ids) and to_csv(index=None)."""
     out = io.StringIO(newline="")
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["Label", "Text"])
@@ -182,8 +177,7 @@ def write_csv(rows, path, label_ids=SPAM_LABELS):
 
 
 def read_csv(path, num_classes=2):
-    """[(label_id, text)] from a split written by write_csv; a label that is not a
-    class id is an error naming the row."""
+    """[(label_id, text)] from a split write_csv wrote: the book's pd.read_csv."""
     rows = []
     for number, (label, text) in enumerate(read_labeled_csv(path), start=2):
         if not label.strip().isdigit() or not 0 <= int(label) < num_classes:
@@ -194,8 +188,7 @@ def read_csv(path, num_classes=2):
 
 
 def read_member(zip_file, member=ZIP_MEMBER):
-    """The bytes of the one expected member of zip_file; no other member, and no
-    path taken from the archive, is ever written anywhere."""
+    """The bytes of zip_file's one expected member; nothing else is read or written."""
     try:
         with zipfile.ZipFile(zip_file) as zip_ref:
             if member not in zip_ref.namelist():
@@ -207,14 +200,10 @@ def read_member(zip_file, member=ZIP_MEMBER):
 
 
 def read_tsv(path, labels=None):
-    """label<TAB>text per line -> [(label, text)], read as the chapter's
-    pd.read_csv(path, sep="\t", header=None) reads it: a text that opens with a
-    double quote is a quoted field ("" inside is one quote) and may run over
-    several lines. The SMS collection has one such text, which swallows the two
-    lines after it: 5,572 messages, as in the book (a note names it). A UTF-8 BOM,
-    CRLF endings and empty lines are tolerated; a line without a tab, an empty or
-    unknown label (when labels is given), an empty text or bytes that are not
-    UTF-8 are errors naming the file and the line."""
+    """[(label, text)] from label<TAB>text lines, read as the chapter's pd.read_csv(path,
+    sep="\\t", header=None) reads them: a text opening with a double quote is a quoted field
+    that may run over lines (the SMS data has one: 5,572 messages, as in the book); a line
+    without a tab, an unknown label, an empty text or bytes not UTF-8 are errors."""
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
