@@ -16,6 +16,7 @@ from beyond.distributed import (check_processes, join_process_group, on_every_ra
                                 said_by_rank_0, torchrun_ranks, with_progress)
 from beyond.fast import GPTClassifier, add_fast_options, cache_frozen_prefix
 from beyond.files import out_left_as_it_was, publish_run, said_if_interrupted, work_folder
+from beyond.finite import stops_if_diverged
 from beyond.labels import balance_classes, class_ids, count_labels
 from beyond.lora import lora_description
 from beyond.metrics import (add_metrics_options, baseline_and_calibration, metrics_beyond_accuracy,
@@ -307,6 +308,8 @@ def fine_tune(model, loaders, device, args, checkpoint):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     if args.precision == "fp16":  # not the chapter's: float16's gradients need scaling
         optimizer = loss_scaled(optimizer, model, device)
+    # not the chapter's: weights that stop being finite numbers end the run at that step
+    optimizer = stops_if_diverged(optimizer, model, len(loaders[0]), args)
     with said_if_interrupted(checkpoint):
         results = train_classifier_simple(model, loaders[0], loaders[1], optimizer, device,
                                           num_epochs=args.epochs, eval_freq=50, eval_iter=5)

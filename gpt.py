@@ -6,6 +6,7 @@ import argparse
 
 from beyond.cli import repository_tokenizer, run_cli
 from beyond.download import download_gpt2
+from beyond.finite import check_finite_weights
 from beyond.weights import check_gpt2_size, checked_value, find_weights, read_params, settings_for
 import torch
 import torch.nn as nn
@@ -238,6 +239,7 @@ def load_weights_into_gpt(gpt, params, source="the weights"):
     with torch.no_grad():
         for param, value in matched_params(gpt, params, source):
             param.copy_(value)
+    check_finite_weights(gpt, source)  # not the book's: NaN in a file is an error
 
 
 def params_targets(gpt, params):

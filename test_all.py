@@ -2260,7 +2260,7 @@ def test_two_torchrun_processes_or_nodes_split_the_cache_fill_and_print_what_one
         one_process_run, tmp_path):
     before = set(Path(tempfile.gettempdir()).glob("finetune-rank*"))
     process = torchrun(*one_process_run[0], "--out", tmp_path / "two")
-    stdout, stderr = process.communicate(timeout=170)
+    stdout, stderr = process.communicate(timeout=400)
     assert process.returncode == 0, stderr
     assert_same_run(one_process_run, tmp_path / "two", stdout)
     assert stdout.count("Dataset: ") == 1  # one writer
@@ -2274,7 +2274,7 @@ def test_two_torchrun_processes_or_nodes_split_the_cache_fill_and_print_what_one
     port = free_port()  # two nodes of one process each, on this machine
     nodes = [torchrun(*one_process_run[0], "--out", tmp_path / f"node{rank}",
                       nodes=(rank, 2, port)) for rank in (0, 1)]
-    (stdout, stderr), (other_stdout, other_stderr) = [n.communicate(timeout=170) for n in nodes]
+    (stdout, stderr), (other_stdout, other_stderr) = [n.communicate(timeout=400) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], stderr + other_stderr
     assert_same_run(one_process_run, tmp_path / "node0", stdout)
     assert other_stdout == "" and not (tmp_path / "node1").exists()
@@ -2287,7 +2287,7 @@ def test_two_torchrun_processes_in_bf16_print_what_one_process_does(tmp_path, sa
     code, one_stdout, stderr = run("finetune.py", *flags, "--out", tmp_path / "one",
                                    env={"OMP_NUM_THREADS": "1"})
     assert code == 0, stderr
-    stdout, stderr = process.communicate(timeout=170)
+    stdout, stderr = process.communicate(timeout=400)
     assert process.returncode == 0, stderr
     assert len(chapter_lines(stdout)) > 10
     assert chapter_lines(stdout) == chapter_lines(one_stdout)
@@ -2296,7 +2296,7 @@ def test_two_torchrun_processes_in_bf16_print_what_one_process_does(tmp_path, sa
 def test_bad_data_under_torchrun_is_one_error_and_writes_nothing(tmp_path, sample_tsv):
     out = tmp_path / "out"
     process = torchrun("--data", "no-such-file.tsv", "--weights", MINI_WEIGHTS, "--out", out)
-    stdout, stderr = process.communicate(timeout=170)
+    stdout, stderr = process.communicate(timeout=400)
     assert process.returncode != 0 and stdout == ""
     ours = [line for line in stderr.splitlines() if "error: " in line]
     assert len(ours) == 1 and "data file no-such-file.tsv does not exist" in ours[0]
@@ -2882,3 +2882,27 @@ def test_bench_seeds_fine_tunes_once_per_seed_and_reports_the_spread(tmp_path, m
         assert (args["seed"], args["epochs"], args["trainable"]) == (seed, 1, "all")
     assert (runs[0] / "test.csv").read_text() != (runs[1] / "test.csv").read_text()
     assert "seed        124: test accuracy" in stdout and "2 seeds: mean" in stdout
+
+
+def test_a_diverging_run_stops_naming_its_step_and_publishes_nothing(sample_tsv, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "review_classifier.safetensors").write_bytes(b"the earlier run's")
+    with pytest.raises(InputError, match=r"training diverged in epoch 1, at step \d{6}: .*"
+                                         r"Lower --lr \(now 1e\+30\)"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
+                           "--lr", "1e30", "--epochs", "1", "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["review_classifier.safetensors"]
+    assert (out / "review_classifier.safetensors").read_bytes() == b"the earlier run's"
+
+
+def test_weights_holding_nan_are_refused_when_they_load(tmp_path):
+    tensors, _ = bst.load_safetensors(MINI_WEIGHTS)
+    tensors = {name: t.float().clone() for name, t in tensors.items()}
+    tensors["h.1.mlp.c_fc.weight"][0, 0] = float("nan")
+    path = tmp_path / "model.safetensors"
+    bst.save_safetensors(tensors, path)
+    (tmp_path / "config.json").write_bytes((MINI / "config.json").read_bytes())
+    with pytest.raises(InputError, match=r"trf_blocks\.1\.ff\.layers\.0\.weight holds NaN"):
+        gpt.build_gpt(weights=str(path))

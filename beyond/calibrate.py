@@ -21,38 +21,23 @@ def collect_logits(data_loader, model, device):
     return torch.cat(logits), torch.cat(targets)
 
 
-def scaled_probas(logits, temperature):
-    # as classify.py computes them, so that a threshold means the same there
-    return torch.softmax(logits.float() / temperature, dim=-1)
-
-
 def nll(logits, targets, temperature=1.0):
-    """Mean negative log-likelihood of softmax(logits / temperature), in float64."""
-    if len(targets) == 0:
-        return float("nan")
+    """Mean negative log-likelihood of softmax(logits / temperature), in float64 (NaN
+    without targets)."""
     return torch.nn.functional.cross_entropy(logits.double() / temperature, targets).item()
 
 
 def fit_temperature(logits, targets, lowest=TEMPERATURE_RANGE[0], highest=TEMPERATURE_RANGE[1],
                     steps=80):
     """Temperature scaling (Guo et al. 2017): the T minimizing the NLL of softmax(logits / T),
-    convex in 1/T, by golden-section search over log T; 1 where no T does better."""
-    def cost(u):
-        return nll(logits, targets, math.exp(u))
-
-    ratio = (math.sqrt(5) - 1) / 2
+    convex in 1/T so with one minimum, by ternary search over log T; 1 where no T does better."""
     a, b = math.log(lowest), math.log(highest)
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    cost_c, cost_d = cost(c), cost(d)
     for _ in range(steps):
-        if cost_c < cost_d:
-            b, d, cost_d = d, c, cost_c
-            c = b - ratio * (b - a)
-            cost_c = cost(c)
+        c, d = a + (b - a) / 3, b - (b - a) / 3
+        if nll(logits, targets, math.exp(c)) < nll(logits, targets, math.exp(d)):
+            b = d
         else:
-            a, c, cost_c = c, d, cost_d
-            d = a + ratio * (b - a)
-            cost_d = cost(d)
+            a = c
     temperature = math.exp((a + b) / 2)
     return temperature if nll(logits, targets, temperature) < nll(logits, targets) else 1.0
 
@@ -141,14 +126,14 @@ def calibrate(model, loaders, device, names, target_fpr, out):
     val_logits, val_targets = collect_logits(loaders[1], model, device)
     test_logits, test_targets = collect_logits(loaders[2], model, device)
     temperature = fit_temperature(val_logits, val_targets)
-    before, after = (scaled_probas(test_logits, t) for t in (1.0, temperature))
+    # the probabilities as classify.py computes them, so that a threshold means the same there
+    before, after = (torch.softmax(test_logits / t, dim=-1) for t in (1.0, temperature))
     result = {"temperature": temperature, "val_nll_before": nll(val_logits, val_targets),
               "val_nll_after": nll(val_logits, val_targets, temperature), "ece_bins": ECE_BINS}
-    if len(test_targets):
-        result.update(test_ece_before=expected_calibration_error(before, test_targets),
-                      test_ece_after=expected_calibration_error(after, test_targets))
-        plot_reliability(reliability_bins(before, test_targets),
-                         reliability_bins(after, test_targets), temperature, out)
+    result.update(test_ece_before=expected_calibration_error(before, test_targets),
+                  test_ece_after=expected_calibration_error(after, test_targets))
+    plot_reliability(reliability_bins(before, test_targets),
+                     reliability_bins(after, test_targets), temperature, out)
     print(f"Temperature scaling (fitted on the validation split): T = {temperature:.3f}, "
           f"validation NLL {result['val_nll_before']:.3f} -> {result['val_nll_after']:.3f}")
     if temperature > 0.99 * TEMPERATURE_RANGE[1] or temperature < 1.01 * TEMPERATURE_RANGE[0]:
@@ -156,11 +141,10 @@ def calibrate(model, loaders, device, names, target_fpr, out):
         print(f"note: T is at the end of the range searched {TEMPERATURE_RANGE}: the model's "
               f"probabilities carry little information about its errors (a model near "
               f"chance, or one that is wrong where it is sure)")
-    if "test_ece_before" in result:
-        print(f"Test ECE ({ECE_BINS} bins): {result['test_ece_before']:.3f} before, "
-              f"{result['test_ece_after']:.3f} after temperature scaling")
+    print(f"Test ECE ({ECE_BINS} bins): {result['test_ece_before']:.3f} before, "
+          f"{result['test_ece_after']:.3f} after temperature scaling")
     if len(names) == 2:
-        val_scores = scaled_probas(val_logits, temperature)[:, 1].tolist()
+        val_scores = torch.softmax(val_logits / temperature, dim=-1)[:, 1].tolist()
         result.update(operating_point(val_scores, val_targets.tolist(), after[:, 1].tolist(),
                                       test_targets.tolist(), names, target_fpr, out))
     kept = {"temperature": temperature, "threshold": result.get("threshold"),
@@ -182,7 +166,7 @@ def operating_point(val_scores, val_targets, test_scores, test_targets, names, t
     if roc_auc is not None:
         print(f"Test ROC AUC {roc_auc:.3f}, PR AUC (average precision) {pr_auc:.3f}, "
               f"{names[1]} as the positive class")
-    if threshold is not None and test_fpr is not None and test_recall is not None:
+    if None not in (threshold, test_fpr, test_recall):
         print(f"Threshold P({names[1]}) > {threshold:.4f} for a validation false-positive "
               f"rate <= {target_fpr:.1%} (there: {val_fpr:.1%}); on the test split: "
               f"false-positive rate {test_fpr:.1%}, recall {test_recall:.1%}")

@@ -72,20 +72,15 @@ def repository_tokenizer(error):
     """tiktoken's gpt2 encoding from the repository's copy of its files (tiktoken checks
     their sha256); else an InputError naming `error`, why the first try failed."""
     import tiktoken
-    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(TOKENIZER_FILES)
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception:
-        raise InputError(
-            f"cannot load tiktoken's gpt2 encoding ({type(error).__name__}: {error}). "
-            f"tiktoken downloads it on first use; without network, set TIKTOKEN_CACHE_DIR "
-            f"to a folder holding its cached files.") from None
-    finally:
-        if saved is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = saved
+    import unittest.mock  # patch.dict: TIKTOKEN_CACHE_DIR as it was afterwards
+    with unittest.mock.patch.dict(os.environ, TIKTOKEN_CACHE_DIR=str(TOKENIZER_FILES)):
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception:
+            raise InputError(
+                f"cannot load tiktoken's gpt2 encoding ({type(error).__name__}: {error}). "
+                f"tiktoken downloads it on first use; without network, set "
+                f"TIKTOKEN_CACHE_DIR to a folder holding its cached files.") from None
 
 
 def terminate(signum, frame):
@@ -118,44 +113,29 @@ def interrupted_status(e):
     return 143 if isinstance(e, Terminated) else 130
 
 
-def parsed(text, kind):
-    """text as an int or a float (kind), or an error argparse shows."""
-    try:
-        return kind(text)
-    except ValueError:
-        what = "an integer" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+def number_type(kind, valid, problem):
+    """An argparse type: text as kind (int or float) where valid(value), else an error
+    argparse shows (problem, formatted with the value and the text)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(problem.format(value=value, text=text))
+        return value
+    return parse
 
 
-def positive_int(text):
-    value = parsed(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def seed_number(text):
-    """0 to 2**32 - 1: the seeds pandas' sampler (NumPy's RandomState) accepts."""
-    value = parsed(text, int)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 4294967295, got {value}")
-    return value
-
-
-def positive_float(text):
-    value = parsed(text, float)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def fraction(text):
-    """--target-fpr: a rate between 0 and 1."""
-    value = parsed(text, float)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a rate from 0 up to (not including) 1, "
-                                         f"such as 0.01, got {text}")
-    return value
+positive_int = number_type(int, lambda value: value >= 1, "must be at least 1, got {value}")
+# 0 to 2**32 - 1: the seeds pandas' sampler (NumPy's RandomState) accepts
+seed_number = number_type(int, lambda value: 0 <= value < 2**32,
+                          "must be between 0 and 4294967295, got {value}")
+positive_float = number_type(float, lambda value: value > 0 and math.isfinite(value),
+                             "must be a positive number, got {text}")
+fraction = number_type(float, lambda value: 0 <= value < 1,  # --target-fpr: a rate
+                       "must be a rate from 0 up to (not including) 1, such as 0.01, got {text}")
 
 
 def torch_version():

@@ -50,8 +50,7 @@ def download_file(url, destination, what, hint):
         raise InputError(f"could not download {what} from {url} ({reason}). "
                          f"Nothing was saved at {destination}; {hint}.") from None
     finally:
-        if part.exists():
-            part.unlink()
+        part.unlink(missing_ok=True)
         if not destination.exists():
             for folder in created:  # innermost first
                 if folder.is_dir() and not any(folder.iterdir()):

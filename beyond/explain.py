@@ -21,8 +21,7 @@ EXPLAIN_DEFAULT = "integrated"
 
 def padded_batch(sequences, model, max_length, pad_token_id):
     """Token id lists -> (b, T), to max_length where the pooling reads it ("last")."""
-    width = max_length if model.pool == "last" else None
-    return pad_ids(sequences, pad_token_id, length=width)
+    return pad_ids(sequences, pad_token_id, length=max_length if model.pool == "last" else None)
 
 
 def class_logits(model, sequences, max_length, pad_token_id):
@@ -97,18 +96,15 @@ def token_pieces(ids, scores, tokenizer):
     """[{"token", "score"}] whose tokens join to the decoded message: tokens that
     split one character's UTF-8 bytes are merged, their scores summed."""
     pieces, pending, total = [], b"", 0.0
-    for token, score in zip(ids, scores):
+    for i, (token, score) in enumerate(zip(ids, scores), 1):
         pending += tokenizer.decode_single_token_bytes(token)
         total += score
-        try:
-            text = pending.decode("utf-8")
+        try:  # the last token's cut character (truncation) decoded as tokenizer.decode does
+            text = pending.decode("utf-8", errors="replace" if i == len(ids) else "strict")
         except UnicodeDecodeError:  # a character continues in the next token
             continue
         pieces.append({"token": text, "score": round(total, 6)})
         pending, total = b"", 0.0
-    if pending:  # truncation cut a character: decoded as tokenizer.decode does
-        pieces.append({"token": pending.decode("utf-8", errors="replace"),
-                       "score": round(total, 6)})
     return pieces
 
 

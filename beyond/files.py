@@ -60,7 +60,12 @@ def publish_run(metrics, work, checkpoint, names):
     into the checkpoint's folder over the last run's, and the line that says what is there."""
     out = checkpoint.parent
     with out_left_as_it_was(out):
-        write_atomically(work / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        try:  # NaN is not JSON: a metric that is no number is an error, never written
+            text = json.dumps(metrics, indent=2, allow_nan=False)
+        except ValueError:
+            raise InputError("a metric of this run is not a finite number (NaN or infinity): "
+                             "nothing is saved.") from None
+        write_atomically(work / "metrics.json", text + "\n")
     # renames within one file system, each file whole, old or new; the checkpoint goes
     # last: if a rename fails, it is still the earlier run's
     moved = []

@@ -20,12 +20,13 @@ SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100_000_000  # the Hub's own readers refuse larger headers too
 
 
+class DamagedFile(Exception):
+    """A problem inside a file, safetensors or TensorFlow's; the caller names the file."""
+
+
 def read_safetensors_header(path):
     """({name: (dtype, shape, start, end)}, offsets from the file's start; __metadata__),
     all checked before any tensor is read: a crafted or truncated file fails here."""
-    def bad(problem):
-        return InputError(f"{path} is not a valid safetensors file: {problem}.")
-
     if os.path.isdir(path):
         raise InputError(f"{path} is a folder, not a safetensors file.")
     try:
@@ -33,82 +34,75 @@ def read_safetensors_header(path):
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise bad(f"it has {len(prefix)} bytes, fewer than the 8-byte header length")
+                raise DamagedFile(f"it has {len(prefix)} bytes, fewer than the 8-byte header "
+                                  f"length")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES:
-                raise bad(f"its header claims {header_len:,} bytes (more than 100 MB)")
+                raise DamagedFile(f"its header claims {header_len:,} bytes (more than 100 MB)")
             if 8 + header_len > file_size:
-                raise bad(f"its header claims {header_len:,} bytes but the file "
-                          f"has {file_size:,} (truncated?)")
+                raise DamagedFile(f"its header claims {header_len:,} bytes but the file "
+                                  f"has {file_size:,} (truncated?)")
             raw_header = f.read(header_len)
+        try:
+            header = json.loads(raw_header.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise DamagedFile(f"its header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise DamagedFile("its header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise DamagedFile("__metadata__ is not a map of strings to strings")
+        entries = {name: header_entry(name, info, 8 + header_len, file_size)
+                   for name, info in header.items()}
+        check_tiling(entries, 8 + header_len, file_size)
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror or e}.") from None
-    try:
-        header = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise bad(f"its header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise bad("its header is not a JSON object")
-
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise bad("__metadata__ is not a map of strings to strings")
-
-    data_start = 8 + header_len
-    entries = {}
-    for name, info in header.items():
-        problem = entry_problem(info, file_size - data_start)
-        if problem:
-            raise bad(f"tensor {name!r} {problem}")
-        start, end = info["data_offsets"]
-        entries[name] = (info["dtype"], tuple(info["shape"]), data_start + start, data_start + end)
-
-    problem = tiling_problem(entries, data_start, file_size)
-    if problem:
-        raise bad(problem)
+    except DamagedFile as e:
+        raise InputError(f"{path} is not a valid safetensors file: {e}.") from None
     return entries, metadata
 
 
-def tiling_problem(entries, data_start, file_size):
-    """What is wrong, or None: the tensors must tile the data area exactly, or the
-    header's length or an offset is wrong and every tensor read would be shifted."""
+def check_tiling(entries, data_start, file_size):
+    """The tensors must tile the data area exactly, or the header's length or an
+    offset is wrong and every tensor read would be shifted."""
     spans = sorted((start, end, name) for name, (_, _, start, end) in entries.items())
     position, previous = data_start, None
     for start, end, name in spans:
         if start < position:
-            return f"tensors {previous!r} and {name!r} overlap"
+            raise DamagedFile(f"tensors {previous!r} and {name!r} overlap")
         if start > position:
             after = f"after tensor {previous!r}" if previous else "before the first tensor"
-            return f"{start - position:,} bytes of the data area {after} belong to no tensor"
+            raise DamagedFile(f"{start - position:,} bytes of the data area {after} belong to "
+                              f"no tensor")
         position, previous = end, name
     if position != file_size:
-        return (f"the file has {file_size - position:,} bytes after the last tensor "
-                f"(a wrong header length?)")
-    return None
+        raise DamagedFile(f"the file has {file_size - position:,} bytes after the last tensor "
+                          f"(a wrong header length?)")
 
 
-def entry_problem(info, data_size):
-    """What is wrong with one tensor's header entry, or None."""
+def header_entry(name, info, data_start, file_size):
+    """One tensor's header entry -> (dtype, shape, start, end), checked."""
     if not isinstance(info, dict):
-        return "has no description"
+        raise DamagedFile(f"tensor {name!r} has no description")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:  # a list is unhashable
-        return f"has unknown dtype {dtype!r}"
+        raise DamagedFile(f"tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(
             isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-        return f"has an invalid shape {shape!r}"
+        raise DamagedFile(f"tensor {name!r} has an invalid shape {shape!r}")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
-        return f"has invalid data_offsets {offsets!r}"
-    if offsets[1] > data_size:
-        return (f"ends at byte {offsets[1]:,} of the data area, which has {data_size:,} "
-                f"bytes (truncated?)")
+        raise DamagedFile(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    if offsets[1] > file_size - data_start:
+        raise DamagedFile(f"tensor {name!r} ends at byte {offsets[1]:,} of the data area, "
+                          f"which has {file_size - data_start:,} bytes (truncated?)")
     expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
     if offsets[1] - offsets[0] != expected:
-        return f"has {offsets[1] - offsets[0]:,} bytes but {dtype} x {shape} needs {expected:,}"
-    return None
+        raise DamagedFile(f"tensor {name!r} has {offsets[1] - offsets[0]:,} bytes but {dtype} "
+                          f"x {shape} needs {expected:,}")
+    return dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1]
 
 
 def check_floating(entries, names, source):
@@ -184,8 +178,7 @@ def save_safetensors(tensors, path, metadata=None):
     except OSError as e:
         raise InputError(f"cannot write {path}: {e.strerror or e}; {write_kept(path)}.") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def write_kept(path):

@@ -25,20 +25,15 @@ REQUEST_DEADLINE = 30.0  # seconds a client has to send its whole request
 MAX_DRAIN = 16_000_000   # bytes of an unread body read and dropped after an error answer
 # The page at /: one text box, a button, a bar per class; inline, nothing to fetch.
 PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
-
-
-def inline_hashes(page, tag):
-    """The CSP sources of the page's inline <tag>s (their sha256): nothing else can run."""
-    return " ".join(
-        f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
-        for text in re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S))
-
-
+# the CSP sources of the page's inline <script> and <style> (their sha256): nothing else runs
+INLINE = {tag: " ".join(
+    f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
+    for text in re.findall(rf"<{tag}>(.*?)</{tag}>", PAGE, re.S)) for tag in ("script", "style")}
 # Sent with every answer: the page runs only its own inline script and style,
 # talks only to this server, and no other site may frame it or sniff a type.
 SECURITY_HEADERS = {
-    "Content-Security-Policy": f"default-src 'none'; script-src {inline_hashes(PAGE, 'script')}; "
-                               f"style-src {inline_hashes(PAGE, 'style')}; connect-src 'self'; "
+    "Content-Security-Policy": f"default-src 'none'; script-src {INLINE['script']}; "
+                               f"style-src {INLINE['style']}; connect-src 'self'; "
                                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
@@ -53,19 +48,13 @@ def names_this_server(host_header, names):
     if not match:
         return False
     name = (match[1] or match[2]).lower().rstrip(".")
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return name in names
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(name) is not None  # an IP address: ValueError if not
+    return name in names
 
 
 class RequestError(Exception):
-    """A request not answered 200: this HTTP status and a JSON error."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
+    """A request not answered 200: RequestError(HTTP status, the JSON error's message)."""
 
 
 def parse_request(body):
@@ -93,121 +82,111 @@ def parse_request(body):
     return texts, explain
 
 
-def make_handler(classify, description, timeout=TIMEOUT, deadline=REQUEST_DEADLINE):
-    """The request handler: classify(texts, explain) -> results; description: /info."""
+class Handler(http.server.BaseHTTPRequestHandler):
+    """One connection's request (HTTP/1.0: one a connection): the page, /info, /classify."""
+    routes = {"/": "GET", "/info": "GET", "/classify": "POST"}
+    busy = False  # True: the server is at its connection cap; answer 503
+    body_read = False
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        routes = {"/": "GET", "/info": "GET", "/classify": "POST"}
-        busy = False  # True: the server is at its connection cap; answer 503
-        body_read = False
+    def answer(self, status, body):  # body: the page, or what is sent as JSON
+        kind = "text/html" if isinstance(body, str) else "application/json"
+        data = (body if kind == "text/html" else json.dumps(body, allow_nan=False)).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", f"{kind}; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, value)
+        if status == 405:
+            self.send_header("Allow", "GET, HEAD" if self.routes[self.path] == "GET"
+                             else self.routes[self.path])
+        self.end_headers()
+        if self.command != "HEAD":  # HEAD: GET's headers, no body
+            self.wfile.write(data)
 
-        def answer(self, status, body, content_type="application/json"):
-            data = (body if isinstance(body, str) else json.dumps(body, allow_nan=False)).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", f"{content_type}; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in SECURITY_HEADERS.items():
-                self.send_header(name, value)
-            if status == 405:
-                self.send_header("Allow", "GET, HEAD" if self.routes[self.path] == "GET"
-                                 else self.routes[self.path])
-            self.end_headers()
-            if self.command != "HEAD":  # HEAD: GET's headers, no body
-                self.wfile.write(data)
+    def setup(self):
+        self.timeout = self.server.client_timeout  # set on the socket: a silent client is dropped
+        super().setup()
+        # the timeout bounds each read; a client trickling a byte at a time
+        # would still hold its connection, and a slot, for ever without this
+        self.request_timer = threading.Timer(self.server.deadline, self.cut)
+        self.request_timer.daemon = True
+        self.request_timer.start()
 
-        def setup(self):
-            super().setup()
-            # the timeout bounds each read; a client trickling a byte at a time
-            # would still hold its connection, and a slot, for ever without this
-            self.request_timer = threading.Timer(deadline, self.cut)
-            self.request_timer.daemon = True
-            self.request_timer.start()
+    def cut(self):
+        with contextlib.suppress(OSError):  # already closed
+            self.connection.shutdown(socket.SHUT_RDWR)
 
-        def cut(self):
-            with contextlib.suppress(OSError):  # already closed
-                self.connection.shutdown(socket.SHUT_RDWR)
+    def finish(self):
+        self.request_timer.cancel()
+        super().finish()
 
-        def finish(self):
-            self.request_timer.cancel()
-            super().finish()
+    def route(self, method):
+        self.path = self.path.split("?", 1)[0]  # the page may be opened as /?anything
+        try:
+            self.check(method)
+            body = self.read_body() if method == "POST" else None
+            self.request_timer.cancel()  # the request is in: the answer may take its time
+            if self.path == "/classify":
+                self.answer(200, {"results": self.server.classify(*parse_request(body))})
+            else:
+                self.answer(200, PAGE if self.path == "/" else self.server.description)
+        except RequestError as e:
+            self.answer(e.args[0], {"error": e.args[1]})
+            self.linger()
 
-        def route(self, method):
-            self.path = self.path.split("?", 1)[0]  # the page may be opened as /?anything
-            try:
-                self.check(method)
-                body = self.read_body() if method == "POST" else None
-                self.request_timer.cancel()  # the request is in: the answer may take its time
-                if self.path == "/":
-                    return self.answer(200, PAGE, "text/html")
-                if self.path == "/info":
-                    return self.answer(200, description)
-                texts, explain = parse_request(body)
-                self.answer(200, {"results": classify(texts, explain)})
-            except RequestError as e:
-                self.answer(e.status, {"error": str(e)})
-                self.linger()
+    def check(self, method):
+        """RequestError unless this server takes this request from this client."""
+        if self.busy:
+            raise RequestError(503, "the server is answering as many connections as it "
+                                    "takes at a time; try again in a moment")
+        host = self.headers.get("Host")
+        if not names_this_server(host, self.server.host_names):
+            raise RequestError(403, f"the Host header {host!r} does not name this server")
+        if self.path not in self.routes:
+            raise RequestError(404, f"no such page: {self.path}")
+        if self.routes[self.path] != method:
+            raise RequestError(405, f"{self.path} takes {self.routes[self.path]}")
+        if method == "POST":  # what another site's page could make a browser send
+            origin = self.headers.get("Origin")
+            if origin is not None and origin.lower() != f"http://{host}".lower():
+                raise RequestError(403, f"a page of {origin} may not use this server")
+            if self.headers.get_content_type() != "application/json":
+                raise RequestError(415, "the body must be sent as Content-Type: application/json")
 
-        def check(self, method):
-            """RequestError unless this server takes this request from this client."""
-            if self.busy:
-                raise RequestError(503, "the server is answering as many connections as it "
-                                        "takes at a time; try again in a moment")
-            host = self.headers.get("Host")
-            if not names_this_server(host, self.server.host_names):
-                raise RequestError(403, f"the Host header {host!r} does not name this server")
-            if self.path not in self.routes:
-                raise RequestError(404, f"no such page: {self.path}")
-            if self.routes[self.path] != method:
-                raise RequestError(405, f"{self.path} takes {self.routes[self.path]}")
-            if method == "POST":  # what another site's page could make a browser send
-                origin = self.headers.get("Origin")
-                if origin is not None and origin.lower() != f"http://{host}".lower():
-                    raise RequestError(403, f"a page of {origin} may not use this server")
-                if self.headers.get_content_type() != "application/json":
-                    raise RequestError(415, "the body must be sent as Content-Type: "
-                                            "application/json")
+    def read_body(self):
+        if "Transfer-Encoding" in self.headers:  # chunked: not read here
+            raise RequestError(411, "send the body with a Content-Length, not a Transfer-Encoding")
+        lengths = set(self.headers.get_all("Content-Length") or [])
+        if len(lengths) != 1 or not re.fullmatch(r"[0-9]+", next(iter(lengths)).strip()):
+            raise RequestError(400, "the request has no valid Content-Length")
+        length = int(next(iter(lengths)))
+        if length > MAX_BODY:
+            raise RequestError(413, f"the body has {length:,} bytes; at most {MAX_BODY:,}")
+        self.body_read = True
+        return self.rfile.read(length)
 
-        def read_body(self):
-            if "Transfer-Encoding" in self.headers:  # chunked: not read here
-                raise RequestError(411, "send the body with a Content-Length, not a "
-                                        "Transfer-Encoding")
-            lengths = set(self.headers.get_all("Content-Length") or [])
-            if len(lengths) != 1 or not re.fullmatch(r"[0-9]+", next(iter(lengths)).strip()):
-                raise RequestError(400, "the request has no valid Content-Length")
-            length = int(next(iter(lengths)))
-            if length > MAX_BODY:
-                raise RequestError(413, f"the body has {length:,} bytes; at most {MAX_BODY:,}")
-            body = self.rfile.read(length)
-            self.body_read = True
-            return body
+    def linger(self):
+        """Drops the unread body after an error answer: closing with unread data
+        resets the connection, and a client still sending would never see the answer."""
+        if self.body_read or (self.headers.get("Content-Length", "0") == "0"
+                              and "Transfer-Encoding" not in self.headers):
+            return
+        self.connection.shutdown(socket.SHUT_WR)  # the answer is complete
+        left = MAX_DRAIN
+        while left > 0 and (chunk := self.rfile.read1(min(left, 65536))):
+            left -= len(chunk)
 
-        def linger(self):
-            """Drops the unread body after an error answer: closing with unread data
-            resets the connection, and a client still sending would never see the answer."""
-            if self.body_read or (self.headers.get("Content-Length", "0") == "0"
-                                  and "Transfer-Encoding" not in self.headers):
-                return
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_WR)  # the answer is complete
-            left = MAX_DRAIN
-            while left > 0 and (chunk := self.rfile.read1(min(left, 65536))):
-                left -= len(chunk)
+    def send_error(self, code, message=None, explain=None):
+        # http.server's own errors (a malformed request line, an unknown method), in JSON
+        self.answer(code, {"error": message or http.HTTPStatus(code).phrase})
 
-        def send_error(self, code, message=None, explain=None):
-            # http.server's own errors (a malformed request line, an unknown method), in JSON
-            self.close_connection = True
-            self.answer(code, {"error": message or http.HTTPStatus(code).phrase})
+    def do_GET(self):  # HEAD: as GET; other methods: 405 where the page exists
+        self.route("GET" if self.command == "HEAD" else self.command)
 
-        def do_GET(self):  # HEAD: as GET; other methods: 405 where the page exists
-            self.route("GET" if self.command == "HEAD" else self.command)
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
-        do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
-
-        def log_message(self, *args):  # the terminal shows the address, not every request
-            pass
-
-    Handler.timeout = timeout  # socketserver sets it on the socket: a silent client is dropped
-    return Handler
+    def log_message(self, *args):  # the terminal shows the address, not every request
+        pass
 
 
 class ClassifierServer(http.server.HTTPServer):
@@ -215,11 +194,13 @@ class ClassifierServer(http.server.HTTPServer):
     (the others are answered 503), and no traceback when a client goes away."""
     request_queue_size = 128  # socketserver's 5 resets connections in a burst
 
-    def __init__(self, address, family, handler, max_connections):
+    def __init__(self, address, family, settings, max_connections):
         self.address_family = family
+        # classify(texts, explain) -> results; description: /info; timeout, deadline: seconds
+        self.classify, self.description, self.client_timeout, self.deadline = settings
         self.connections = threading.BoundedSemaphore(max_connections)
-        self.busy_handler = type("BusyHandler", (handler,), {"busy": True})
-        super().__init__(address, handler)
+        self.busy_handler = type("BusyHandler", (Handler,), {"busy": True})
+        super().__init__(address, Handler)
         # the names, besides IP addresses, that a Host header may give this server
         names = {"localhost", address[0], self.server_name}
         if address[0] in ("0.0.0.0", "::"):  # every interface: the machine's own name too
@@ -257,9 +238,9 @@ def make_server(host, port, classify, description, timeout=TIMEOUT, deadline=REQ
     except socket.gaierror as e:
         raise InputError(f"cannot listen on {host}: {e.strerror}. --host takes an address "
                          f"or name of this machine: 127.0.0.1, ::1, 0.0.0.0 or ::.") from None
-    handler = make_handler(classify, description, timeout, deadline)
     try:
-        return ClassifierServer((host, port), family, handler, max_connections)
+        return ClassifierServer((host, port), family, (classify, description, timeout, deadline),
+                                max_connections)
     except OSError as e:
         if e.errno in (errno.EADDRINUSE, errno.EACCES):
             raise InputError(f"cannot listen on {host} port {port}: {e.strerror or e}. Choose "

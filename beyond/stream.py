@@ -53,42 +53,30 @@ CONTROL_ESCAPES = {c: chr(c).encode("unicode_escape").decode()
                    for c in [*range(0x20), *range(0x7f, 0xa0)]}
 
 
-def read_lines(stream, pending):
-    """Puts the lines of a stream on `pending` as they arrive, a list per read; then
-    None, or the OSError that ended it."""
-    parts = []  # of a line not yet complete
-    try:
-        while data := stream.read1(65536):  # what has arrived, without waiting for more
-            *lines, last = data.split(b"\n")
-            if lines:
-                lines[0] = b"".join(parts) + lines[0]
-                parts = []
-                pending.put(lines)
-            parts.append(last)
-        if b"".join(parts):
-            pending.put([b"".join(parts)])
-        pending.put(None)
-    except OSError as e:
-        pending.put(e)
-
-
 def line_batches(stream, size):
     """The lines of a binary stream in lists of at most `size`, one as soon as every
     line that has arrived is in one: a pause in the input shows the answers so far."""
-    pending = queue.Queue(maxsize=16)  # bounded: memory stays flat however long the input
-    threading.Thread(target=read_lines, args=(stream, pending), daemon=True).start()
-    lines, ended = [], False
-    while True:
-        while not ended and (not lines or (len(lines) < size and not pending.empty())):
-            item = pending.get()
-            if isinstance(item, OSError):
-                raise InputError(f"cannot read stdin: {item.strerror or item}.")
-            ended = item is None
-            lines += item or []
-        if not lines:
-            return
-        yield lines[:size]
-        del lines[:size]
+    pending = queue.Queue(maxsize=size)  # bounded: memory stays flat however long the input
+
+    def read():  # each line as it arrives; then None, or the OSError that ended it
+        try:
+            for line in stream:
+                pending.put(line.removesuffix(b"\n"))
+            pending.put(None)
+        except OSError as e:
+            pending.put(e)
+
+    threading.Thread(target=read, daemon=True).start()
+    lines = []
+    while (line := pending.get()) is not None:
+        if isinstance(line, OSError):
+            raise InputError(f"cannot read stdin: {line.strerror or line}.")
+        lines.append(line)
+        if len(lines) == size or pending.empty():
+            yield lines
+            lines = []
+    if lines:
+        yield lines
 
 
 def utf8_text(raw, what):
@@ -99,12 +87,6 @@ def utf8_text(raw, what):
         print(f"note: {what} is not UTF-8: its undecodable bytes are classified as U+FFFD.",
               file=sys.stderr)
         return raw.decode("utf-8", errors="replace")
-
-
-def argument_text(text, number):
-    """A TEXT argument's bytes that are not UTF-8 (Python keeps them as lone surrogates,
-    which no JSON reader takes) become U+FFFD, as on stdin."""
-    return utf8_text(text.encode("utf-8", errors="surrogateescape"), f"TEXT {number}")
 
 
 def text_batches(args_texts, stdin, size=CHUNK):
@@ -154,11 +136,10 @@ def classify_and_print(batches, model, tokenizer, device, info, args, threshold)
         messages = [text for text in texts if text.strip()]
         probabilities = classify_texts(messages, model, tokenizer, device, info["max_length"],
                                        info["pad_token_id"], temperature=info["temperature"])
-        explanations = [None] * len(messages)
-        if args.explain:
-            targets = [predicted_class(p, threshold) for p in probabilities]
-            explanations = explain_texts(messages, targets, model, tokenizer, info["max_length"],
-                                         info["pad_token_id"], args.explain_method)
+        targets = [predicted_class(p, threshold) for p in probabilities]
+        explanations = (explain_texts(messages, targets, model, tokenizer, info["max_length"],
+                                      info["pad_token_id"], args.explain_method)
+                        if args.explain else [None] * len(messages))
         answers = zip(probabilities, explanations)
         try:
             for text in texts:
@@ -179,25 +160,9 @@ def classify_and_print(batches, model, tokenizer, device, info, args, threshold)
     return done
 
 
-def validated_threshold(choice, info, checkpoint):
-    """The threshold --threshold validated asks for; None for the argmax."""
-    if choice == "argmax":
-        return None
-    if info["num_classes"] != 2:
-        raise InputError(f"{checkpoint} has {info['num_classes']} classes: --threshold "
-                         f"validated is for two (a threshold on P(class 1)); leave it out.")
-    if info["threshold"] is None:
-        raise InputError(f"{checkpoint} has no validated threshold: it was saved before "
-                         f"finetune.py chose one. Fine-tune again, or leave out --threshold "
-                         f"validated.")
-    return info["threshold"]
-
-
 def predicted_class(probas, threshold=None):
     """The chapter's argmax, or class 1 where its probability is above threshold."""
-    if threshold is not None:
-        return int(probas[1] > threshold)
-    return max(range(len(probas)), key=lambda i: probas[i])
+    return probas.index(max(probas)) if threshold is None else int(probas[1] > threshold)
 
 
 def result_record(text, probas, labels, threshold=None, explanation=None):
@@ -209,24 +174,19 @@ def result_record(text, probas, labels, threshold=None, explanation=None):
     return record
 
 
-def ansi_colour(score, largest):
-    """A background from white to red (toward the class) or blue (against it)."""
-    strength = min(abs(score) / largest, 1.0) if largest > 0 else 0.0
-    fade = round(255 * (1 - 0.75 * strength))
-    red, blue = (255, fade) if score > 0 else (fade, 255)
-    return f"\x1b[30;48;2;{red};{fade};{blue}m"
-
-
 def explanation_lines(pieces, label, coloured, top=5):
-    """Under a result: the message coloured by token (on a terminal), then the top tokens."""
+    """Under a result: the message coloured by token (on a terminal: a background from
+    white to red toward the class, to blue against it), then the top tokens."""
     lines = []
     if coloured:
-        largest = max(abs(piece["score"]) for piece in pieces)
-        lines.append("  why: " + "".join(
-            ansi_colour(piece["score"], largest) + printable(piece["token"]) + "\x1b[0m"
-            for piece in pieces)
-            + f"   (\x1b[30;48;2;255;64;64m toward {label} \x1b[0m "
-              f"\x1b[30;48;2;64;64;255m against \x1b[0m)")
+        largest, why = max(abs(piece["score"]) for piece in pieces), ""
+        for piece in pieces:
+            strength = min(abs(piece["score"]) / largest, 1.0) if largest > 0 else 0.0
+            fade = round(255 * (1 - 0.75 * strength))
+            red, blue = (255, fade) if piece["score"] > 0 else (fade, 255)
+            why += f"\x1b[30;48;2;{red};{fade};{blue}m{printable(piece['token'])}\x1b[0m"
+        lines.append(f"  why: {why}   (\x1b[30;48;2;255;64;64m toward {label} \x1b[0m "
+                     f"\x1b[30;48;2;64;64;255m against \x1b[0m)")
     strongest = sorted(pieces, key=lambda piece: -piece["score"])[:top]
     lines.append(f"  toward {label}: " + "  ".join(
         f"{piece['token']!r} {piece['score']:+.3f}" for piece in strongest))
@@ -277,12 +237,24 @@ def check_texts(parser, args):
 
 def classify_arguments(args, model, info, device, tokenizer):
     """classify.py's TEXTs (and stdin's lines for -), classified and printed in order."""
-    threshold = validated_threshold(args.threshold, info, args.checkpoint)
-    texts = [argument_text(text, i) for i, text in enumerate(args.texts, 1)]
+    checkpoint = args.checkpoint
+    validated = args.threshold == "validated"  # else the chapter's argmax: no threshold
+    if validated and info["num_classes"] != 2:
+        raise InputError(f"{checkpoint} has {info['num_classes']} classes: --threshold "
+                         f"validated is for two (a threshold on P(class 1)); leave it out.")
+    if validated and info["threshold"] is None:
+        raise InputError(f"{checkpoint} has no validated threshold: it was saved before "
+                         f"finetune.py chose one. Fine-tune again, or leave out --threshold "
+                         f"validated.")
+    threshold = info["threshold"] if validated else None
+    # a TEXT's bytes that are not UTF-8 (Python keeps them as lone surrogates, which no
+    # JSON reader takes) become U+FFFD, as on stdin
+    texts = [utf8_text(text.encode("utf-8", errors="surrogateescape"), f"TEXT {i}")
+             for i, text in enumerate(args.texts, 1)]
     batches = text_batches(texts, sys.stdin.buffer if "-" in texts else None)
     try:
         done = classify_and_print(batches, model, tokenizer, device, info, args, threshold)
     except NonFiniteLogits as e:
-        raise InputError(f"{args.checkpoint}: {e}") from None
+        raise InputError(f"{checkpoint}: {e}") from None
     if not done:
         raise InputError("no message to classify: stdin was empty.")

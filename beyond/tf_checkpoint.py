@@ -4,7 +4,7 @@ import math
 import struct
 from pathlib import Path
 from beyond.cli import InputError
-from beyond.safetensors import buffer_tensor, map_file
+from beyond.safetensors import DamagedFile, buffer_tensor, map_file
 import torch
 
 
@@ -19,19 +19,12 @@ TF_DTYPE_NAMES = {1: "DT_FLOAT", 2: "DT_DOUBLE", 3: "DT_INT32", 4: "DT_UINT8",
                   14: "DT_BFLOAT16", 19: "DT_HALF"}
 
 
-def crc32c_entry(n):
-    for _ in range(8):
-        n = (n >> 1) ^ (0x82F63B78 if n & 1 else 0)  # the Castagnoli polynomial, reflected
-    return n
-
-
-CRC32C_TABLE = [crc32c_entry(n) for n in range(256)]
-
-
 def crc32c(data):
     crc = 0xFFFFFFFF
-    for byte in data:
-        crc = CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    for byte in data:  # bit by bit: an index is a few kilobytes
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli's polynomial, reflected
     return crc ^ 0xFFFFFFFF
 
 
@@ -39,10 +32,6 @@ def masked_crc32c(data):
     """The form LevelDB stores a block's checksum in (rotated, plus a constant)."""
     crc = crc32c(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-class DamagedFile(Exception):
-    """A problem inside a checkpoint file; the caller names the file."""
 
 
 def read_varint(raw, pos):

@@ -62,18 +62,18 @@ def find_weights(weights, flag="--weights"):
     path = Path(weights)
     if path.name in ("checkpoint", "hparams.json") and path.is_file():
         path = path.parent  # a file of OpenAI's release that names no weights: its folder
+    prefix = tf_prefix(path)
     if path.is_dir():
         if (path / "model.safetensors").is_file():
             return "safetensors", path / "model.safetensors"
-        prefix = path / checkpoint_prefix_name(path)
-        if Path(f"{prefix}.index").is_file():
-            return "tf", tf_data_file_of(prefix)
-        raise InputError(f"weights folder {path} has neither a model.safetensors nor "
-                         f"OpenAI's checkpoint (hparams.json, model.ckpt.index, "
-                         f"model.ckpt.data-...).")
-    prefix = tf_prefix(path)
-    if prefix is not None:
-        return "tf", tf_data_file_of(prefix)
+        prefix = path / "model.ckpt"  # as OpenAI's release and chapter 5 name it
+        if not Path(f"{prefix}.index").is_file():
+            raise InputError(f"weights folder {path} has neither a model.safetensors nor "
+                             f"OpenAI's checkpoint (hparams.json, model.ckpt.index, "
+                             f"model.ckpt.data-...).")
+    if prefix is not None:  # its first data file (OpenAI's have one)
+        files = sorted(prefix.parent.glob(f"{prefix.name}.data-00000-of-*"))
+        return "tf", files[0] if files else tf_data_file(prefix, 0, 1)
     if not path.is_file():
         raise InputError(f"weights file {path} does not exist ({flag} takes a "
                          f"model.safetensors, the book's .pth, OpenAI's model.ckpt or a "
@@ -83,31 +83,12 @@ def find_weights(weights, flag="--weights"):
     return ("pth" if is_zip or path.suffix in (".pth", ".pt") else "safetensors"), path
 
 
-def checkpoint_prefix_name(folder):
-    """The checkpoint a folder's "checkpoint" file names (as TensorFlow reads it)."""
-    try:
-        text = (folder / "checkpoint").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return "model.ckpt"
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model_checkpoint_path":
-            return Path(value.strip().strip('"')).name or "model.ckpt"
-    return "model.ckpt"
-
-
 def tf_prefix(path):
     """The checkpoint prefix of model.ckpt, model.ckpt.index, .meta or .data-*, or None."""
     match = re.fullmatch(r"(.+)(\.index|\.meta|\.data-.*)", path.name, re.S)
     if match:
         return path.with_name(match[1])
     return path if not path.exists() and Path(f"{path}.index").is_file() else None
-
-
-def tf_data_file_of(prefix):
-    """A checkpoint's first data file (OpenAI's have one)."""
-    files = sorted(Path(prefix).parent.glob(f"{Path(prefix).name}.data-00000-of-*"))
-    return files[0] if files else tf_data_file(prefix, 0, 1)
 
 
 def weights_file(weights, model_name="gpt2-small", models_dir="gpt2", flag="--weights"):
@@ -169,16 +150,14 @@ def params_from_tf(variables, n_layers, source):
     -> params["blocks"][0]["attn"]["c_attn"]["w"], squeezed ([1, in, out] -> (in, out))."""
     params = {"blocks": [{} for _ in range(n_layers)]}
     for name, tensor in variables.items():
-        parts = name.split("/")[1:]  # without the "model/" prefix
-        if not name.startswith("model/") or not parts:
+        if not name.startswith("model/"):
             continue
-        target = params
-        if parts[0][:1] == "h" and parts[0][1:].isdigit():
-            if int(parts[0][1:]) >= n_layers:
-                raise InputError(f"{source} has a layer {parts[0]}, but the model config "
-                                 f"has {n_layers} layers.")
-            target = params["blocks"][int(parts[0][1:])]
-        nested(target, parts[1:-1])[parts[-1]] = tensor.squeeze()
+        parts = name.split("/")[1:]  # without the "model/" prefix
+        layer = int(parts[0][1:]) if parts[0][:1] == "h" and parts[0][1:].isdecimal() else None
+        if layer is not None and layer >= n_layers:
+            raise InputError(f"{source} has a layer {parts[0]}, but the model config "
+                             f"has {n_layers} layers.")
+        nested(params, parts[1:-1], layer)[parts[-1]] = tensor.squeeze()
     return params
 
 
@@ -202,7 +181,7 @@ def params_from_hub(tensors):
             params[parts[0]] = tensor
         elif parts[0] == "ln_f" and len(parts) == 2:
             params[{"weight": "g", "bias": "b"}.get(parts[1], parts[1])] = tensor
-        elif parts[0] == "h" and len(parts) in (4, 5) and parts[1].isdigit() and \
+        elif parts[0] == "h" and len(parts) in (4, 5) and parts[1].isdecimal() and \
                 parts[-1] in ("weight", "bias") and parts[2:4] != ["attn", "bias"]:
             target = nested(params, parts[2:-1], int(parts[1]))
             layer_norm = parts[2].startswith("ln_")
@@ -210,41 +189,34 @@ def params_from_hub(tensors):
     return params
 
 
-# the book's GPTModel names inside a block -> where the tensor goes in params
+# the book's GPTModel names -> where the tensor goes in params (in a block: blocks[N])
+BOOK_NAMES = {"tok_emb.weight": "wte", "pos_emb.weight": "wpe", "final_norm.scale": "g",
+              "final_norm.shift": "b", "out_head.weight": "out_head"}
 BOOK_BLOCK_NAMES = {
-    "att.out_proj": ("attn", "c_proj"), "ff.layers.0": ("mlp", "c_fc"),
-    "ff.layers.2": ("mlp", "c_proj"), "norm1": ("ln_1",), "norm2": ("ln_2",)}
+    "att.c_attn": ("attn", "c_attn"), "att.out_proj": ("attn", "c_proj"),
+    "ff.layers.0": ("mlp", "c_fc"), "ff.layers.2": ("mlp", "c_proj"), "norm1": ("ln_1",),
+    "norm2": ("ln_2",)}
 
 
 def params_from_book(state):
     """The book's state_dict (.pth) -> nested params: Linear weights back to (in, out),
     W_query/W_key/W_value fused into c_attn, out_head kept (the book ties it to wte
     only when loading OpenAI's weights)."""
+    state = dict(state)
+    for name in [name for name in state if ".att.W_query." in name]:
+        qkv = [state.get(name.replace("W_query", m)) for m in ("W_query", "W_key", "W_value")]
+        if all(t is not None for t in qkv):  # a missing one is reported as missing
+            # (3 * out, in), transposed below: the one copy this format needs
+            state[name.replace("W_query", "c_attn")] = torch.cat(qkv)
     params = {"blocks": []}
-    top = {"tok_emb.weight": "wte", "pos_emb.weight": "wpe", "final_norm.scale": "g",
-           "final_norm.shift": "b", "out_head.weight": "out_head"}
-    fused = {}  # block -> {"W_query.weight": tensor, ...}
     for name, tensor in state.items():
-        if name in top:
-            params[top[name]] = tensor
-            continue
-        parts = name.split(".")
-        if parts[0] != "trf_blocks" or not parts[1].isdigit():
-            continue
-        layer, module, leaf = int(parts[1]), ".".join(parts[2:-1]), parts[-1]
-        target = nested(params, BOOK_BLOCK_NAMES.get(module, ()), layer)
-        if module in ("att.W_query", "att.W_key", "att.W_value"):
-            fused.setdefault(layer, {})[f"{module[4:]}.{leaf}"] = tensor
-        elif module in BOOK_BLOCK_NAMES:
-            key = {"scale": "g", "shift": "b", "weight": "w", "bias": "b"}.get(leaf, leaf)
-            target[key] = tensor.T if leaf == "weight" else tensor
-    for layer, parts in fused.items():
-        c_attn = nested(params, ("attn", "c_attn"), layer)
-        for leaf, key in (("weight", "w"), ("bias", "b")):
-            qkv = [parts.get(f"{m}.{leaf}") for m in ("W_query", "W_key", "W_value")]
-            if all(t is not None for t in qkv):  # a missing one is reported as missing
-                # (in, 3 * out): the one copy this format needs, a quarter of a block
-                c_attn[key] = torch.cat([t.T if leaf == "weight" else t for t in qkv], dim=-1)
+        block = re.fullmatch(r"trf_blocks\.([0-9]+)\.(.+)\.([^.]+)", name)
+        if name in BOOK_NAMES:
+            params[BOOK_NAMES[name]] = tensor
+        elif block and block[2] in BOOK_BLOCK_NAMES:
+            target = nested(params, BOOK_BLOCK_NAMES[block[2]], int(block[1]))
+            key = {"scale": "g", "shift": "b", "weight": "w", "bias": "b"}.get(block[3], block[3])
+            target[key] = tensor.T if block[3] == "weight" else tensor
     return params
 
 
@@ -278,10 +250,8 @@ def checked_value(params, keys, transform, param, name, source):
     tensor = params
     try:
         for key in keys:
-            if not isinstance(tensor, (dict, list)):  # a tensor where keys go on
-                raise KeyError(key)
             tensor = tensor[key]
-    except (KeyError, IndexError, TypeError):
+    except (KeyError, IndexError, TypeError):  # IndexError: a tensor where keys go on
         raise InputError(f"{source}: {where} is missing (the model's {name}): not a "
                          f"complete GPT-2 checkpoint of this size.") from None
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
