@@ -32,6 +32,7 @@ CHECKPOINT_NAME = "review_classifier.safetensors"
 # Listing 6.12 Using the model to classify new texts
 def classify_review(text, model, tokenizer, device, max_length=None,
                     pad_token_id=PAD_TOKEN_ID, class_names=SPAM_CLASS_NAMES):
+    # PAD_TOKEN_ID: the book's 50256; class_names: see the last line
     model.eval()
 
     # Prepare inputs to the model; encode is tokenizer.encode(text) with a text's

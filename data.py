@@ -91,12 +91,13 @@ def random_split(df, train_frac, validation_frac, seed=SEED):  # seed: 123, or -
 class SpamDataset(Dataset):
 
     # not the book's: num_classes checks the labels read; pad=False (--pool) leaves the
-    # padding to each batch
+    # padding to each batch; PAD_TOKEN_ID is the book's 50256, "<|endoftext|>"
     def __init__(self, csv_file, tokenizer, max_length=None, pad_token_id=PAD_TOKEN_ID,
                  num_classes=2, pad=True):
         self.data = read_csv(csv_file, num_classes)  # pd.read_csv: (label, text) rows
 
-        # Pre-tokenize texts; encode keeps a text's "<|endoftext|>" as text
+        # Pre-tokenize texts: encode is the book's tokenizer.encode, which would refuse a
+        # message holding "<|endoftext|>"; encode reads it as text
         self.encoded_texts = [encode(text, tokenizer) for _, text in self.data]
 
         if max_length is None:
@@ -132,10 +133,11 @@ class SpamDataset(Dataset):
         return max_length
 
 
-# Listing 6.5 Creating PyTorch data loaders. A function, for --batch-size; the book's
-# torch.manual_seed(123) before it is the one finetune.py's main sets before 6.6, which
-# is when the shuffled loader first draws. collate_fn: pad_batch stacks padded messages
-# as the default does, and pads the others (pad=False) per batch
+# Listing 6.5 Creating PyTorch data loaders. A function, for --batch-size. The book's
+# torch.manual_seed(123) before it is left out: a loader draws its shuffle only when
+# iterated, and the first to iterate it (section 6.6's accuracies) seeds first, so the
+# batches are the book's. collate_fn: pad_batch stacks padded messages as the default
+# does, and pads the others (pad=False) per batch
 def create_data_loaders(train_dataset, val_dataset, test_dataset, batch_size=8,
                         num_workers=0):
     train_loader = DataLoader(dataset=train_dataset, batch_size=batch_size, shuffle=True,

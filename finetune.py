@@ -41,7 +41,8 @@ from gpt import add_model_options, build_gpt, get_tokenizer, weights_config
 # Listing 6.7 Adding a classification layer
 def prepare_for_classification(model, num_classes, trainable="last_block", seed=SEED,
                                lora_rank=16, lora_alpha=16):
-    # not the book's script statements: a function, for the tests and the flags
+    # not the book's script statements: a function, for the tests and the flags; its
+    # num_classes = 2 is a parameter (your own labels), its 123 the seed (--seed)
     for param in model.parameters():
         param.requires_grad = False
 

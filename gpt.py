@@ -194,8 +194,9 @@ def build_gpt(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
 
 
 def download_and_load_gpt2(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
-    """The book's gpt_download.py function: (config, params), params its nested
-    dict, from gpt2/<size>/ (downloaded once) or from the file or folder `weights`."""
+    """The book's gpt_download.py step, by model name: (config, params), params its
+    nested dict, from gpt2/<size>/ (the Hub's model.safetensors downloaded once, else
+    OpenAI's files as the book fetches them) or from the file or folder `weights`."""
     path = download_gpt2(model_name, models_dir) if weights == "pretrained" else weights
     return load_gpt2(path, model_name)
 
