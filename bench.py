@@ -1,23 +1,26 @@
 """Times the chapter's fine-tune three ways in one run, and classification;
-with --beyond, the same beyond the chapter's size.
+with --beyond, the same beyond the chapter's size; with --seeds, how far one
+fine-tune's test accuracy moves from seed to seed.
 
 python bench.py --json bench.json                  # the SMS data of testdata/, gpt2-small
 python bench.py --beyond --json bench-beyond.json  # long texts, a cache budget, all data
 python bench.py --explain runs/a/review_classifier.safetensors  # how faithful --explain is
 python bench.py --precision fp32,bf16 --json bench-precision.json  # each mode in each
 python bench.py --device cuda --precision fp32,bf16,fp16           # a GPU, in minutes
+python bench.py --seeds 123,124,125 -- --dedup   # test accuracy over seeds: its spread
 
 Each of MODES is the chapter's whole schedule with random weights (speed does not depend
 on them) in a finetune.py process of its own; its losses are compared with the fp32 run's.
 """
 import argparse
-import csv
 import json
 import math
 import os
 import platform
 import random
 import re
+import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,10 +28,10 @@ import time
 from pathlib import Path
 
 from gpt import MODEL_NAMES, GPTModel, get_tokenizer, model_config
-from data import load_messages, read_csv
+from data import load_messages, read_csv, write_csv
 from classify import classify_review, load_classifier, save_classifier, select_device
-from finetune import prepare_for_classification
-from beyond.cli import InputError, positive_int, run_cli
+from finetune import build_parser, prepare_for_classification
+from beyond.cli import InputError, positive_int, run_cli, seed_number
 from beyond.explain import EXPLAIN_METHODS, class_logits, explain_ids, without
 from beyond.fast import GPTClassifier
 from beyond.files import write_atomically
@@ -39,25 +42,23 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 MODES = {"plain": ["--plain"], "cache": [], "flexible": ["--pool", "flexible"]}
+RANDOM = ["--weights", "random"]  # every timing's: speed does not depend on the weights
+SET_PER_SEED = ("data", "epochs", "device", "seed", "out")  # bench.py sets these
+AS_WORDS = {"ham": "ham", "spam": "spam"}  # CSV labels finetune.py reads as the SMS data's
 TEXT = "You are a winner you have been specially selected to receive $1000 cash or a $2000 award."
 TRAINED = re.compile(r"Training completed in ([\d.]+) minutes")
 LOSS = re.compile(r"(?:loss:? )(\d+\.\d+)")  # every loss finetune.py prints
 
 
-def printed_losses(log):
-    """Every loss a finetune.py log printed, in order."""
-    return [float(x) for x in LOSS.findall(log)]
-
-
-def run_finetune(flags, out_dir, training_only=False):
-    """python finetune.py --weights random with flags: its wall-clock, peak RSS and
+def run_finetune(flags, out_dir, training_only=False, launcher=(), env=None):
+    """python [launcher] finetune.py with flags: its wall-clock, peak RSS, printed losses and
     metrics.json; training_only: stopped after training, only its time per epoch."""
     out_dir.mkdir(parents=True, exist_ok=True)
     log, start = out_dir / "log.txt", time.time()
     with open(log, "w") as f:
-        process = subprocess.Popen([sys.executable, "finetune.py", "--weights", "random",
-                                    "--out", str(out_dir), *flags],
-                                   stdout=f, stderr=subprocess.STDOUT, cwd=HERE)
+        process = subprocess.Popen([sys.executable, *launcher, "finetune.py", "--out",
+                                    str(out_dir), *flags],
+                                   stdout=f, stderr=subprocess.STDOUT, cwd=HERE, env=env)
         while training_only and process.poll() is None and not TRAINED.search(log.read_text()):
             time.sleep(1)
         if training_only and process.poll() is None:
@@ -74,8 +75,9 @@ def run_finetune(flags, out_dir, training_only=False):
     metrics = json.loads((out_dir / "metrics.json").read_text())
     return {"seconds": round(seconds, 1),
             "seconds_per_epoch": round(metrics["train_seconds"] / metrics["args"]["epochs"], 1),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024), "test_accuracy": metrics["test_accuracy"],
-            "prefix_cache": metrics["prefix_cache"], "losses": printed_losses(log.read_text()),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024),
+            "test_accuracy": metrics["test_accuracy"], "prefix_cache": metrics["prefix_cache"],
+            "losses": [float(x) for x in LOSS.findall(log.read_text())],
             "checkpoint": str(out_dir / "review_classifier.safetensors")}
 
 
@@ -89,11 +91,12 @@ def loss_differences(runs):
     return runs
 
 
-def classify_throughput(checkpoint, test_csv, device, precision="fp32"):
-    """Messages per second: classify_review one at a time (the chapter's) vs batched."""
+def classify_throughput(checkpoint, device, precision="fp32"):
+    """Messages per second on the test.csv beside checkpoint: classify_review one at a
+    time (the chapter's) vs batched."""
     model, info = load_classifier(checkpoint, device, precision=precision)
     tokenizer = get_tokenizer()
-    texts = [text for _, text in read_csv(test_csv)]
+    texts = [text for _, text in read_csv(Path(checkpoint).parent / "test.csv")]
     model.fast, start = False, time.time()  # the chapter's forward pass
     for text in texts:
         classify_review(text, model, tokenizer, device, max_length=info["max_length"])
@@ -122,17 +125,12 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
-def write_csv(path, rows):
-    with open(path, "w", encoding="utf-8", newline="") as f:  # csv quotes what TSV can't hold
-        csv.writer(f).writerows([("Label", "Text"), *rows])
-    return str(path)
-
-
 def quick_sample(data, path):
     """40 ham and 40 spam messages: a few training steps per mode."""
     rows = load_messages(data)
-    return write_csv(path, [r for r in rows if r[0] == "ham"][:40]
-                     + [r for r in rows if r[0] == "spam"][:40])
+    write_csv([r for r in rows if r[0] == "ham"][:40] + [r for r in rows if r[0] == "spam"][:40],
+              path, AS_WORDS)
+    return str(path)
 
 
 def measure_classify(runs, device, precisions):
@@ -143,11 +141,9 @@ def measure_classify(runs, device, precisions):
     throughput = {}
     for precision in precisions:
         print(f"classifying in {precision} ...", flush=True)
-        throughput[precision] = classify_throughput(
-            checkpoint, Path(checkpoint).parent / "test.csv", device, precision)
+        throughput[precision] = classify_throughput(checkpoint, device, precision)
         if "cache" in by_mode:
-            last_pool = classify_throughput(by_mode["cache"], Path(by_mode["cache"]).parent
-                                            / "test.csv", device, precision)
+            last_pool = classify_throughput(by_mode["cache"], device, precision)
             throughput[precision].update({f"last_pool_{k}": v for k, v in last_pool.items()})
     import_seconds = best_wall_clock(
         [sys.executable, "-c", "import torch, tiktoken; tiktoken.get_encoding('gpt2')"])
@@ -200,7 +196,8 @@ def long_texts(data, path, count=2000, tokens=250):
                 parts.append(messages[i])
                 length += lengths[i]
             texts.append((label, " ".join(parts)))
-    return write_csv(path, texts)
+    write_csv(texts, path, AS_WORDS)
+    return str(path)
 
 
 def message_lines(data, path, count):
@@ -242,7 +239,7 @@ def beyond(args, work, save):
     all data (--no-balance); classify.py - on 3,000 and 100,000 lines. save(report) after each."""
     report = {"machine": machine(), "torch": torch.__version__, "model": args.model,
               "date": time.strftime("%Y-%m-%d"), "runs": {}}
-    common = ["--model", args.model, "--device", args.device]
+    common = [*RANDOM, "--model", args.model, "--device", args.device]
     long = ["--data", long_texts(args.data, work / "long.csv"), "--max-length", "256"]
     everything = ["--data", args.data, "--no-balance"]
 
@@ -287,33 +284,82 @@ def beyond(args, work, save):
 def fill_under_torchrun(args, work):
     """The default mode for 1 epoch under torchrun, 1 then 2 processes of one thread:
     the cache fill's seconds (rank 0's), the whole run's, and its printed losses."""
-    precision = args.precision.split(",")[0]
-    report = {"machine": machine(), "model": args.model, "precision": precision,
+    report = {"machine": machine(), "model": args.model, "precision": args.precision,
               "date": time.strftime("%Y-%m-%d"), "runs": []}
     for processes in (1, 2):
         print(f"running torchrun --nproc_per_node={processes} ...", flush=True)
-        out = work / f"torchrun-{processes}"
-        start = time.time()
-        done = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone",
-             f"--nproc_per_node={processes}", "finetune.py", "--weights", "random", "--model",
-             args.model, "--data", args.data, "--epochs", "1", "--device", args.device,
-             "--precision", precision, "--out", str(out)],
-            cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"torchrun --nproc_per_node={processes} failed:\n{done.stderr[-2000:]}")
-        metrics = json.loads((out / "metrics.json").read_text())
-        cache = metrics["prefix_cache"]
+        run = run_finetune(
+            [*RANDOM, "--model", args.model, "--data", args.data, "--epochs", "1", "--device",
+             args.device, "--precision", args.precision], work / f"torchrun-{processes}",
+            launcher=["-m", "torch.distributed.run", "--standalone",
+                      f"--nproc_per_node={processes}"],
+            env=dict(os.environ, OMP_NUM_THREADS="1"))
         report["runs"].append({
-            "processes": processes, "seconds": round(time.time() - start, 1),
-            "fill_seconds": cache["fill_seconds"],
-            "fill_batches_computed_by_rank_0": cache["fill_batches_computed_here"],
-            "test_accuracy": metrics["test_accuracy"], "losses": printed_losses(done.stdout)})
+            "processes": processes, "seconds": run["seconds"],
+            "fill_seconds": run["prefix_cache"]["fill_seconds"],
+            "fill_batches_computed_by_rank_0": run["prefix_cache"]["fill_batches_computed_here"],
+            "test_accuracy": run["test_accuracy"], "losses": run["losses"]})
         print(f"  {report['runs'][-1]}", flush=True)
     one, two = report["runs"]
     print(f"cache fill: {one['fill_seconds']} s with 1 process, {two['fill_seconds']} s with 2 "
           f"({one['fill_seconds'] / two['fill_seconds']:.2f}x); printed losses "
           f"{'the same' if one['losses'] == two['losses'] else 'DIFFERENT'}")
+    return report
+
+
+# ------------------------------------- --seeds: how much of a difference is noise
+
+def seed_list(text):
+    """--seeds: two or more different seeds of finetune.py --seed, comma-separated."""
+    seeds = [seed_number(part) for part in text.split(",")]
+    if len(set(seeds)) < max(2, len(seeds)):
+        raise argparse.ArgumentTypeError(f"give two or more different seeds, such as "
+                                         f"123,124,125, not {text}")
+    return seeds
+
+
+def spread(accuracies):
+    """The mean, sample standard deviation (n - 1) and range of two or more accuracies."""
+    return {"mean": statistics.mean(accuracies), "stdev": statistics.stdev(accuracies),
+            "min": min(accuracies), "max": max(accuracies)}
+
+
+def check_finetune_flags(parser, flags):
+    """The flags after --, parsed by finetune.py's own parser before any run starts;
+    those bench.py sets for each run are refused there."""
+    finetune_parser = build_parser()
+    finetune_parser.error = lambda message: parser.error(f"after --: {message}")
+    finetune_parser.set_defaults(**dict.fromkeys(SET_PER_SEED))
+    given = vars(finetune_parser.parse_args(flags))
+    for name in SET_PER_SEED:
+        if given[name] is not None:
+            parser.error(f"after --: bench.py sets each run's --{name} itself (from its own "
+                         f"--seeds, --data, --epochs and --device; a temporary --out)")
+
+
+def repeat_over_seeds(args, work):
+    """One fine-tune per --seeds, each in a finetune.py process of its own: every seed's
+    test accuracy, their mean and spread."""
+    flags = ["--data", args.data, "--epochs", str(args.epochs), "--device", args.device,
+             *args.finetune_flags]
+    report = {"machine": machine(), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"),
+              "command": shlex.join(["python", "finetune.py", *flags, "--seed", "SEED"]),
+              "runs": []}
+    for seed in args.seeds:
+        print(f"running seed {seed} ...", flush=True)
+        run = run_finetune([*flags, "--seed", str(seed)], work / f"seed-{seed}")
+        report["runs"].append({"seed": seed, "test_accuracy": run["test_accuracy"],
+                               "seconds": run["seconds"]})
+        print(f"  {report['runs'][-1]}", flush=True)
+    report["test_accuracy"] = spread([r["test_accuracy"] for r in report["runs"]])
+    print(f"\n{report['machine']}, torch {report['torch']}, {report['date']}\n"
+          f"{report['command']}")
+    for r in report["runs"]:
+        print(f"seed {r['seed']:>10}: test accuracy {r['test_accuracy'] * 100:6.2f}%")
+    s = report["test_accuracy"]
+    print(f"{len(args.seeds)} seeds: mean {s['mean'] * 100:.2f}%, sample standard deviation "
+          f"{s['stdev'] * 100:.2f} points, min-max {s['min'] * 100:.2f}-{s['max'] * 100:.2f}%")
     return report
 
 
@@ -397,33 +443,37 @@ def main():
                         help="GPT-2 size, with random weights")
     parser.add_argument("--data", help="the SMS Spam Collection TSV (or UCI zip)",
                         default=str(HERE / "testdata/sms_spam_collection/SMSSpamCollection"))
-    parser.add_argument("--epochs", type=positive_int, default=5, help="epochs per mode")
+    parser.add_argument("--epochs", type=positive_int, default=5, help="epochs per run")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"],
-                        help="where every mode and the classification run")
+                        help="where every run and the classification run")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 80 messages and 1 epoch per mode")
+                        help="smoke run: 80 messages and 1 epoch per run")
     parser.add_argument("--modes", default="plain,cache,flexible",
                         help="comma-separated modes to run (with --beyond: the long-text "
                              "runs to make, and only those)")
     parser.add_argument("--precision", default="fp32",
-                        help="comma-separated precisions (finetune.py --precision: fp32, "
-                             "bf16, fp16) to run each mode in; the loss columns compare "
-                             "each run with the fp32 run of its mode, and classification "
-                             "is timed in each (on the first's checkpoints)")
+                        help="comma-separated finetune.py --precision values (fp32, bf16, "
+                             "fp16) to run each mode in; losses are compared with the mode's "
+                             "fp32 run, classification is timed in each (first's checkpoints)")
     parser.add_argument("--torchrun", action="store_true",
-                        help="measure the cache fill under torchrun instead: the default "
-                             "mode, 1 epoch, in the first --precision, with 1 and then 2 "
-                             "processes of one thread each (OMP_NUM_THREADS=1)")
+                        help="measure the cache fill under torchrun instead: the default mode in "
+                             "one --precision, 1 epoch, 1 then 2 processes of one thread each")
     parser.add_argument("--beyond", action="store_true",
-                        help="measure beyond the chapter's size instead (about 100 minutes "
-                             "on 2 CPU cores): long texts, a cache budget, all data, "
-                             "streaming classification")
+                        help="measure beyond the chapter's size instead (about 100 minutes on "
+                             "2 CPU cores): long texts, a cache budget, all data, streaming")
     parser.add_argument("--explain", metavar="CHECKPOINT",
-                        help="measure classify.py --explain's methods instead: ERASER "
-                             "comprehensiveness and sufficiency (AOPC) against a random "
-                             "ranking, and the time per message, on the test.csv beside "
-                             "CHECKPOINT")
+                        help="measure classify.py --explain's methods instead: ERASER's AOPC "
+                             "against a random ranking, and the time per message, on the "
+                             "test.csv beside CHECKPOINT")
+    parser.add_argument("--seeds", type=seed_list, metavar="SEED,SEED,...",
+                        help="fine-tune once per seed instead (finetune.py --seed N; its "
+                             "other flags after --): each test accuracy, their mean, sample "
+                             "standard deviation and min-max, to tell a difference from noise")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    parser.add_argument("finetune_flags", nargs="*", metavar="-- FINETUNE_FLAG",
+                        help="with --seeds: finetune.py's flags for every run (its defaults "
+                             "otherwise: pretrained weights), e.g. -- --weights testdata/"
+                             "gpt2-mini-hf/model.safetensors --trainable all --lr 1e-3 --dedup")
     args = parser.parse_args()
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json: no folder {Path(args.json).parent} to write {args.json} in")
@@ -433,6 +483,13 @@ def main():
     if args.torchrun and (args.beyond or args.explain or args.modes != ",".join(MODES)):
         parser.error("--torchrun measures the default mode's cache fill only: it takes no "
                      "--beyond, --explain or --modes")
+    changed = [flag for flag in ("beyond", "explain", "torchrun", "precision", "modes", "model")
+               if getattr(args, flag) != parser.get_default(flag)]
+    if args.seeds and changed:
+        parser.error(f"--seeds repeats one fine-tune, with finetune.py's flags after --: it "
+                     f"takes no --{changed[0]}")
+    if args.finetune_flags and not args.seeds:
+        parser.error(f"finetune.py flags such as {args.finetune_flags[0]} go with --seeds")
     for flag, known in (("modes", MODES), ("precision", PRECISIONS)):
         unknown = [value for value in getattr(args, flag).split(",") if value not in known]
         if unknown:
@@ -453,6 +510,8 @@ def main():
     if not Path(args.data).is_file():
         parser.error(f"--data: no file at {args.data}; pass the SMS Spam Collection's TSV "
                      f"(or the UCI zip)")
+    if args.seeds:
+        check_finetune_flags(parser, args.finetune_flags)
 
     def save(report):
         if args.json:
@@ -471,12 +530,15 @@ def main():
         return beyond(args, work, save)
     if args.quick:
         args.data, args.epochs = quick_sample(args.data, work / "sample.csv"), 1
+    if args.seeds:
+        return save(repeat_over_seeds(args, work))
     runs = []
     for mode in args.modes.split(","):
         for precision in args.precision.split(","):
             print(f"running {mode} {precision} ...", flush=True)
-            flags = ["--model", args.model, "--data", args.data, "--epochs", str(args.epochs),
-                     "--device", args.device, "--precision", precision, *MODES[mode]]
+            flags = [*RANDOM, "--model", args.model, "--data", args.data, "--epochs",
+                     str(args.epochs), "--device", args.device, "--precision", precision,
+                     *MODES[mode]]
             runs.append(dict(mode=mode, precision=precision,
                              **run_finetune(flags, work / f"{mode}-{precision}")))
             print(f"  {runs[-1]}", flush=True)

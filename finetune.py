@@ -259,9 +259,9 @@ def load_rows(args):
 def prepare_splits(args, df, out):
     """Section 6.2's steps into `out`: balanced, split, mapped to ids and written."""
     print(f"Dataset: {len(df)} messages, label counts {count_labels(df)}")
-    label_ids = class_ids(df)  # the book's {"ham": 0, "spam": 1}; any labels: sorted
     if args.dedup:  # not the book's: no message both in training and in evaluation
         df = drop_repeated(df)
+    label_ids = class_ids(df)  # the book's {"ham": 0, "spam": 1}; any labels: sorted
     if not args.no_balance:
         # listing 6.2 for ham and spam; any other labels: beyond/labels.py, alike
         balance = create_balanced_dataset if label_ids == SPAM_LABELS else balance_classes

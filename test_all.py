@@ -2906,3 +2906,16 @@ def test_weights_holding_nan_are_refused_when_they_load(tmp_path):
     (tmp_path / "config.json").write_bytes((MINI / "config.json").read_bytes())
     with pytest.raises(InputError, match=r"trf_blocks\.1\.ff\.layers\.0\.weight holds NaN"):
         gpt.build_gpt(weights=str(path))
+
+
+def test_dedup_that_leaves_one_class_is_the_single_class_error(tmp_path):
+    tsv = tmp_path / "same.tsv"
+    tsv.write_text("".join(f"{label}\tmessage {i}\n" for i in range(20)
+                           for label in ("ham", "spam")), encoding="utf-8")
+    with pytest.raises(InputError, match="single class"):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            finetune.main(["--data", str(tsv), "--weights", str(MINI_WEIGHTS), "--dedup",
+                           "--no-balance", "--out", str(tmp_path / "out")])
+    assert "Dropped 20 repeated messages (--dedup) (20 of them labelled unlike the first)" \
+        in out.getvalue()
+    assert not (tmp_path / "out").exists()

@@ -30,13 +30,17 @@ def add_dedup_option(parser):
 
 
 def drop_repeated(rows):
-    """rows without the texts seen before in them; prints how many were dropped."""
-    seen, kept = set(), []
+    """rows without the texts seen before in them; prints how many were dropped, and
+    how many of those had another label than the text's first."""
+    first, kept = {}, []
     for label, text in rows:
-        if text.strip() not in seen:
-            seen.add(text.strip())
+        if text.strip() not in first:
+            first[text.strip()] = label
             kept.append((label, text))
-    print(f"Dropped {len(rows) - len(kept)} repeated messages (--dedup): {len(kept)} left")
+    relabelled = sum(first[text.strip()] != label for label, text in rows)
+    other = f" ({relabelled} of them labelled unlike the first)" if relabelled else ""
+    print(f"Dropped {len(rows) - len(kept)} repeated messages (--dedup){other}: "
+          f"{len(kept)} left")
     return kept
 
 
@@ -64,9 +68,8 @@ def unseen_accuracy(labels, predicted, seen):
 
 
 def interval_record(correct, total):
-    low, high = wilson_interval(correct, total)
     return {"accuracy": correct / total if total else None, "correct": correct,
-            "total": total, "interval95": [low, high]}
+            "total": total, "interval95": list(wilson_interval(correct, total)) if total else None}
 
 
 def overlap_metrics(model, loaders, splits, label_ids, device, train_accuracy,

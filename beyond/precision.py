@@ -75,8 +75,8 @@ def add_precision_option(parser):
                              "avx512_bf16, measured: fine-tuning 1.4-1.8x faster, classify.py "
                              "1.7-2.1x the messages/s; slower where a CPU lacks bfloat16 "
                              "units; probabilities within about 0.02 of fp32's, so a message "
-                             "near 0.5 may change label; weights, AdamW's state and the "
-                             "checkpoint stay float32, the frozen layers' cached output is "
-                             "kept in bfloat16, half the bytes); fp16, float16 mixed "
-                             "precision with loss scaling (CUDA only: GPUs without bfloat16, "
-                             "such as the T4); any checkpoint runs in any of them")
+                             "near 0.5 may change label; the weights, and a fine-tune's "
+                             "optimizer state and checkpoint, stay float32); fp16, float16 "
+                             "(CUDA only: GPUs without bfloat16, such as the T4; fine-tuning "
+                             "scales the loss); any checkpoint runs in any of them "
+                             "(default: %(default)s)")
