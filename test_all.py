@@ -2919,3 +2919,16 @@ def test_dedup_that_leaves_one_class_is_the_single_class_error(tmp_path):
     assert "Dropped 20 repeated messages (--dedup) (20 of them labelled unlike the first)" \
         in out.getvalue()
     assert not (tmp_path / "out").exists()
+
+
+def test_the_default_splits_are_byte_for_byte_those_written_before_dedup_existed(tmp_path):
+    """sha256 of the CSVs finetune.py wrote at commit 2b3c524 on the SMS data."""
+    args = finetune.build_parser().parse_args(["--data", str(SMS)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        finetune.prepare_splits(args, data.load_messages(SMS), tmp_path)
+    digests = {name: hashlib.sha256((tmp_path / f"{name}.csv").read_bytes()).hexdigest()
+               for name in ("train", "validation", "test")}
+    assert digests == {
+        "train": "c89a1156b8476e6f4c0bfa4bc944f3d934e3db2942c5dc2a1456a65a795afcde",
+        "validation": "0ac7a07215729476975e070029ced8452a3d4e49fcdd8b17c167a317150b5439",
+        "test": "a5764d4eed041dada859601e1715bc68885aa5e74713e127968ead8ddf6a9e04"}
