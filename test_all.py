@@ -2685,17 +2685,18 @@ def test_classify_applies_the_checkpoints_temperature_and_validated_threshold(
     model = tiny_classifier().eval()
     old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
     save_tiny(old, model=model)
-    save_tiny(new, model=model, calibration={"temperature": 0.01, "threshold": 0.0,
+    save_tiny(new, model=model, calibration={"temperature": 0.05, "threshold": 0.0,
                                              "target_fpr": 0.01})
     _, info = classify.load_classifier(old)
     assert (info["temperature"], info["threshold"]) == (1.0, None)  # still loads
     loaded, info = classify.load_classifier(new)
-    assert (info["temperature"], info["threshold"]) == (0.01, 0.0)
-    ids = torch.tensor([tokenizer.encode("hello")])
+    assert (info["temperature"], info["threshold"]) == (0.05, 0.0)
+    ids = tokenizer.encode("hello")
+    ids = torch.tensor([ids + [50256] * (20 - len(ids))])  # padded, as classify pads
     with torch.no_grad():
-        expected = torch.softmax(model(ids)[:, -1, :] / 0.01, dim=-1)[0].tolist()
+        expected = torch.softmax(model(ids)[:, -1, :] / 0.05, dim=-1)[0].tolist()
     assert bstream.classify_texts(["hello"], loaded, tokenizer, "cpu", 20, 50256,
-                                   temperature=0.01)[0] == pytest.approx(expected, abs=1e-5)
+                                   temperature=0.05)[0] == pytest.approx(expected, abs=1e-5)
     classify.main(["--checkpoint", str(new), "--json", "--threshold", "validated", "hello"])
     assert json.loads(capsys.readouterr().out)["label"] == "spam"  # any P(spam) > 0
     with pytest.raises(InputError, match="has no validated threshold"):
@@ -2932,3 +2933,33 @@ def test_the_default_splits_are_byte_for_byte_those_written_before_dedup_existed
         "train": "c89a1156b8476e6f4c0bfa4bc944f3d934e3db2942c5dc2a1456a65a795afcde",
         "validation": "0ac7a07215729476975e070029ced8452a3d4e49fcdd8b17c167a317150b5439",
         "test": "a5764d4eed041dada859601e1715bc68885aa5e74713e127968ead8ddf6a9e04"}
+
+
+def test_a_transposed_weight_names_both_shapes_and_two_alike_labels_are_refused(tmp_path):
+    tensors, _ = bst.load_safetensors(MINI_WEIGHTS)
+    tensors = {name: t.float().clone() for name, t in tensors.items()}
+    tensors["h.0.mlp.c_fc.weight"] = tensors["h.0.mlp.c_fc.weight"].T.contiguous()
+    path = tmp_path / "model.safetensors"
+    bst.save_safetensors(tensors, path)
+    (tmp_path / "config.json").write_bytes((MINI / "config.json").read_bytes())
+    with pytest.raises(InputError, match=r"has shape \(64, 16\) \(\(16, 64\) once split or "
+                                         r"transposed\), but the model needs \(64, 16\)"):
+        gpt.build_gpt(weights=str(path))
+    checkpoint = save_tiny(tmp_path / "c.safetensors", labels=("spam", "spam"))
+    with pytest.raises(InputError, match="its labels do not name each class once"):
+        classify.load_classifier(checkpoint)
+
+
+def test_temperatures_out_of_range_are_refused_and_none_is_fitted_on_a_few_messages(
+        tmp_path, capsys):
+    for temperature in (1e-300, 0.01, 21, float("inf")):
+        path = save_tiny(tmp_path / "t.safetensors", calibration={
+            "temperature": temperature, "threshold": None, "target_fpr": None})
+        with pytest.raises(InputError, match="is outside 0.05..20.0"):
+            classify.load_classifier(path)
+    model = tiny_classifier().eval()
+    batches = random_batches(3, batch_size=6, seed=2)  # 6 validation messages
+    result, kept = bcalibrate.calibrate(model, [batches, batches[:1], batches[1:]], "cpu",
+                                        ["not spam", "spam"], 0.05, tmp_path)
+    assert result["temperature"] == kept["temperature"] == 1.0
+    assert "fewer than 20: no temperature is fitted (T = 1)" in capsys.readouterr().out

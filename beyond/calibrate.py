@@ -7,6 +7,7 @@ import torch
 
 
 ECE_BINS = 15
+MIN_PER_CLASS = 20  # validation messages of each class a temperature is fitted on
 TEMPERATURE_RANGE = (0.05, 20.0)  # beyond it the probabilities are all 0/1 or all equal
 
 
@@ -125,7 +126,12 @@ def calibrate(model, loaders, device, names, target_fpr, out):
     classes ROC, PR and the threshold for target_fpr: (metrics.json's, the checkpoint's)."""
     val_logits, val_targets = collect_logits(loaders[1], model, device)
     test_logits, test_targets = collect_logits(loaders[2], model, device)
-    temperature = fit_temperature(val_logits, val_targets)
+    fewest = min(int((val_targets == c).sum()) for c in range(len(names)))
+    # a temperature fitted on a few messages says more about them than about the model
+    temperature = fit_temperature(val_logits, val_targets) if fewest >= MIN_PER_CLASS else 1.0
+    if fewest < MIN_PER_CLASS:
+        print(f"note: the validation split has {fewest} messages of a class, fewer than "
+              f"{MIN_PER_CLASS}: no temperature is fitted (T = 1)")
     # the probabilities as classify.py computes them, so that a threshold means the same there
     before, after = (torch.softmax(test_logits / t, dim=-1) for t in (1.0, temperature))
     result = {"temperature": temperature, "val_nll_before": nll(val_logits, val_targets),

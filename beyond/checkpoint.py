@@ -1,7 +1,7 @@
 """The checkpoint's metadata: what save_classifier writes beside the tensors,
 and its checks when classify.py reads it back, before anything large is allocated."""
 import json
-import math
+from beyond.calibrate import TEMPERATURE_RANGE
 from beyond.cli import InputError
 from beyond.pooling import POOLS
 from beyond.weights import check_config
@@ -52,7 +52,8 @@ def read_checkpoint_metadata(path, metadata, sizes):
     if not 2 <= info["num_classes"] <= 100_000:
         raise bad(f"num_classes is {info['num_classes']}")
     if (not isinstance(labels, list) or len(labels) != info["num_classes"]
-            or not all(isinstance(label, str) for label in labels)):
+            or not all(isinstance(label, str) for label in labels)
+            or len(set(labels)) != len(labels)):  # two alike: --json would lose a class
         raise bad("its labels do not name each class once")
     if not 1 <= info["max_length"] <= config["context_length"]:
         raise bad(f"max_length {info['max_length']} is outside 1..{config['context_length']}")
@@ -83,8 +84,10 @@ def read_calibration(text, info, bad):
         temperature, threshold = calibration["temperature"], calibration["threshold"]
     except (ValueError, KeyError, TypeError):
         raise bad("its calibration is malformed") from None
-    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
-        raise bad(f"its temperature {temperature!r} is not a positive number")
+    lowest, highest = TEMPERATURE_RANGE  # what finetune.py fits in; beyond, no answer means much
+    if not (isinstance(temperature, (int, float)) and lowest <= temperature <= highest):
+        raise bad(f"its temperature {temperature!r} is outside {lowest}..{highest}, the range "
+                  f"finetune.py fits it in")
     if threshold is not None and not (isinstance(threshold, (int, float))
                                       and info["num_classes"] == 2 and 0 <= threshold <= 1):
         raise bad(f"its threshold {threshold!r} is not a probability of a two-class model")

@@ -260,8 +260,8 @@ def checked_value(params, keys, transform, param, name, source):
     same_dims = tensor.dim() == param.dim()  # split and transpose keep them
     value = transform(tensor) if transform and same_dims else tensor
     if not same_dims or value.shape != param.shape:
-        how = " (after splitting and transposing)" if transform else ""
-        raise InputError(f"{source}: {where} has shape {tuple(tensor.shape)}, but the "
-                         f"model needs {tuple(param.shape)} there{how}. Check that "
+        how = f" ({tuple(value.shape)} once split or transposed)" if value is not tensor else ""
+        raise InputError(f"{source}: {where} has shape {tuple(tensor.shape)}{how}, but the "
+                         f"model needs {tuple(param.shape)} there. Check that "
                          f"--model matches the weights.")
     return value
