@@ -2963,3 +2963,17 @@ def test_temperatures_out_of_range_are_refused_and_none_is_fitted_on_a_few_messa
                                         ["not spam", "spam"], 0.05, tmp_path)
     assert result["temperature"] == kept["temperature"] == 1.0
     assert "fewer than 20: no temperature is fitted (T = 1)" in capsys.readouterr().out
+
+
+def test_a_huge_message_is_cut_before_it_is_tokenized_with_the_same_tokens(tokenizer):
+    text = "Win cash now! " * 1_000_000  # 14 MB: tokenized whole, it took seconds
+    read = []
+
+    class Recording:
+        def encode(self, text, **kwargs):
+            read.append(len(text))
+            return tokenizer.encode(text, **kwargs)
+
+    ids = btokens.encode(text, Recording(), 120)
+    assert read == [256 * 121]
+    assert ids == tokenizer.encode("Win cash now! " * 200)[:120]

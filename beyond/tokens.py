@@ -6,6 +6,8 @@ PAD_TOKEN_ID = 50256  # "<|endoftext|>", GPT-2's padding in the chapter
 
 def encode(text, tokenizer, max_length=None):
     """A message's token ids, cut to max_length; "<|endoftext|>" in it is text, not the pad id."""
+    if max_length is not None:  # a GPT-2 token is at most 128 bytes: the rest is never read,
+        text = text[:256 * (max_length + 1)]  # so a 10 MB line is not tokenized whole
     return tokenizer.encode(text, disallowed_special=())[:max_length]
 
 
