@@ -11,14 +11,13 @@ python classify.py --checkpoint runs/a/review_classifier.safetensors - < message
 import argparse
 import os
 
-from beyond.checkpoint import checkpoint_metadata, read_checkpoint_metadata
+from beyond.checkpoint import check_tensors, checkpoint_metadata, read_checkpoint_metadata
 from beyond.cli import InputError, run_cli, torch_version
 from beyond.explain import add_explain_options
 from beyond.fast import GPTClassifier
-from beyond.lora import lora_base
+from beyond.lora import add_base_weights_option, lora_base
 from beyond.precision import add_precision_option, check_precision
-from beyond.safetensors import (check_floating, load_safetensors, read_safetensors_header,
-                                save_safetensors)
+from beyond.safetensors import load_safetensors, read_safetensors_header, save_safetensors
 from beyond.serve import add_serve_options, check_serve_options, serve
 from beyond.stream import add_output_options, add_texts_argument, check_texts, classify_arguments
 from beyond.tokens import PAD_TOKEN_ID, encode
@@ -108,14 +107,7 @@ def load_classifier(path, device="cpu", base_weights=None, precision="fp32"):
     else:
         gpt = empty_gpt(info["config"], info["num_classes"])
         expected = {name: tuple(t.shape) for name, t in gpt.state_dict().items()}
-    found = {name: entry[1] for name, entry in entries.items()}
-    for name, shape in expected.items():
-        if name not in found:
-            raise InputError(f"{path} lacks tensor {name}: not a complete checkpoint.")
-        if found[name] != shape:
-            raise InputError(f"{path}: tensor {name} has shape {found[name]}, but its own "
-                             f"config needs {shape}.")
-    check_floating(entries, expected, path)
+    check_tensors(entries, expected, path)  # every one there, of its shape, floats
     tensors, _ = load_safetensors(path)
     state = {name: tensors[name].float() for name in expected}
     gpt.load_state_dict(state, assign=True, strict=not lora)
@@ -177,17 +169,10 @@ def build_parser():
     add_texts_argument(parser)
     parser.add_argument("--checkpoint", default=CHECKPOINT_NAME,
                         help="the classifier finetune.py saved (default: %(default)s)")
-    parser.add_argument("--base-weights", metavar="PATH",
-                        help="for a checkpoint of finetune.py --trainable lora: the base "
-                             "weights its adapters sit on, where they are no longer where "
-                             "finetune.py read them: a model.safetensors, the book's .pth or "
-                             "OpenAI's model.ckpt (its prefix or any of its files), or a "
-                             "folder holding a model.safetensors or OpenAI's checkpoint; "
-                             "checked by size and sha256 (of OpenAI's data file)")
     add_device_option(parser, "cpu", "where to run the model")
     # not the chapter's: each of these modules adds the flags of what it does
-    for add_options in (add_precision_option, add_output_options, add_explain_options,
-                        add_serve_options):
+    for add_options in (add_base_weights_option, add_precision_option, add_output_options,
+                        add_explain_options, add_serve_options):
         add_options(parser)
     return parser
 

@@ -26,6 +26,7 @@ from beyond.plot import plt
 from beyond.pooling import add_pool_option
 from beyond.precision import add_precision_option, check_precision, loss_scaled
 from beyond.trainable import add_trainable_options, check_trainable_options, choose_trainable
+from beyond.weights import add_weights_options
 import torch
 from classify import (CHECKPOINT_NAME, add_device_option, classify_review, save_classifier,
                       select_device)
@@ -33,7 +34,7 @@ from data import (SEED, SPAM_CLASS_NAMES, SPAM_LABELS, SpamDataset, class_names,
                   create_balanced_dataset, create_data_loaders, data_file_path,
                   download_and_unzip_spam_data, extracted_path, load_messages, random_split,
                   read_tsv, url, write_csv, zip_path)
-from gpt import add_model_options, build_gpt, get_tokenizer, weights_config
+from gpt import MODEL_NAMES, build_gpt, get_tokenizer, weights_config
 
 
 # ---------------------------------------------------- 6.5 Adding a classification head
@@ -380,8 +381,8 @@ def build_parser():
                     "classes, roc-plot.svg, pr-plot.svg and a threshold for --target-fpr.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_device_option(parser, "auto", "where to train (section 6.6's device)")
-    add_model_options(parser, random="'random' (untrained: appendix B's random-weights "
-                                     "experiment, and timing), ")
+    add_weights_options(parser, MODEL_NAMES, random="'random' (untrained: appendix B's "
+                                                    "random-weights experiment, and timing), ")
     parser.add_argument("--data", metavar="PATH",
                         help="a local SMSSpamCollection TSV or the UCI zip, instead of "
                              "downloading it into sms_spam_collection/ (listing 6.1); or "

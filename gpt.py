@@ -7,7 +7,8 @@ import argparse
 from beyond.cli import repository_tokenizer, run_cli
 from beyond.download import download_gpt2
 from beyond.finite import check_finite_weights
-from beyond.weights import check_gpt2_size, checked_value, find_weights, read_params, settings_for
+from beyond.weights import (add_weights_options, check_gpt2_size, checked_value, find_weights,
+                            read_params, settings_for)
 import torch
 import torch.nn as nn
 
@@ -295,30 +296,13 @@ def get_tokenizer():
         return repository_tokenizer(e)
 
 
-def add_model_options(parser, random=""):
-    """--model and --weights, for gpt.py and finetune.py (random: what --weights
-    random does there, or nothing where it is not taken)."""
-    parser.add_argument("--model", choices=list(MODEL_NAMES), default="gpt2-small",
-                        help="GPT-2 size (section 6.4's CHOOSE_MODEL; default: %(default)s); "
-                             "a config.json (or OpenAI's hparams.json) beside --weights PATH "
-                             "overrides it")
-    parser.add_argument("--weights", default="pretrained",
-                        help="'pretrained' (section 6.4: gpt2/<size>/ as chapter 5 left it "
-                             "with OpenAI's checkpoint, else the Hub's model.safetensors "
-                             f"downloaded there once, else OpenAI's files), {random}or a local "
-                             "file: a model.safetensors (Hub layout), the book's .pth, or "
-                             "OpenAI's model.ckpt (its prefix or any of its files); or a "
-                             "folder holding a model.safetensors (+ config.json) or OpenAI's "
-                             "checkpoint (hparams.json, model.ckpt.*) (default: %(default)s)")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Load GPT-2 and print the greedy continuation of a prompt "
                     "(the chapter's check that the weights loaded correctly).")
     parser.add_argument("prompt", nargs="?", default="Every effort moves you",
                         help="text to continue (default: %(default)r)")
-    add_model_options(parser)
+    add_weights_options(parser, MODEL_NAMES)
     parser.add_argument("--max-new-tokens", type=int, default=15,
                         help="number of tokens to generate (default: %(default)s)")
     args = parser.parse_args(argv)

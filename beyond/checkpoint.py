@@ -4,6 +4,7 @@ import json
 from beyond.calibrate import TEMPERATURE_RANGE
 from beyond.cli import InputError
 from beyond.pooling import POOLS
+from beyond.safetensors import check_floating
 from beyond.weights import check_config
 
 
@@ -109,3 +110,14 @@ def valid_lora(lora, config, sizes):
         return False
 
 
+def check_tensors(entries, expected, path):
+    """The checkpoint's tensors (its header's entries) against what its own config
+    needs (name -> shape), before any is read."""
+    found = {name: entry[1] for name, entry in entries.items()}
+    for name, shape in expected.items():
+        if name not in found:
+            raise InputError(f"{path} lacks tensor {name}: not a complete checkpoint.")
+        if found[name] != shape:
+            raise InputError(f"{path}: tensor {name} has shape {found[name]}, but its own "
+                             f"config needs {shape}.")
+    check_floating(entries, expected, path)

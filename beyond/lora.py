@@ -100,3 +100,13 @@ def lora_base(info, checkpoint, base_weights, GPTModel, load_gpt2_file):
         gpt.out_head = torch.nn.Linear(config["emb_dim"], info["num_classes"])
         replace_linear_with_lora(gpt.trf_blocks, lora["rank"], lora["alpha"])
     return gpt
+
+
+def add_base_weights_option(parser):
+    parser.add_argument("--base-weights", metavar="PATH",
+                        help="for a checkpoint of finetune.py --trainable lora: the base "
+                             "weights its adapters sit on, where they are no longer where "
+                             "finetune.py read them: a model.safetensors, the book's .pth or "
+                             "OpenAI's model.ckpt (its prefix or any of its files), or a "
+                             "folder holding a model.safetensors or OpenAI's checkpoint; "
+                             "checked by size and sha256 (of OpenAI's data file)")

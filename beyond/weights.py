@@ -265,3 +265,20 @@ def checked_value(params, keys, transform, param, name, source):
                          f"model needs {tuple(param.shape)} there. Check that "
                          f"--model matches the weights.")
     return value
+
+
+def add_weights_options(parser, model_names, random=""):
+    """--model (one of model_names, gpt.py's) and --weights, for gpt.py and
+    finetune.py (random: what --weights random does there, or nothing)."""
+    parser.add_argument("--model", choices=list(model_names), default="gpt2-small",
+                        help="GPT-2 size (section 6.4's CHOOSE_MODEL; default: %(default)s); "
+                             "a config.json (or OpenAI's hparams.json) beside --weights PATH "
+                             "overrides it")
+    parser.add_argument("--weights", default="pretrained",
+                        help="'pretrained' (section 6.4: gpt2/<size>/ as chapter 5 left it "
+                             "with OpenAI's checkpoint, else the Hub's model.safetensors "
+                             f"downloaded there once, else OpenAI's files), {random}or a local "
+                             "file: a model.safetensors (Hub layout), the book's .pth, or "
+                             "OpenAI's model.ckpt (its prefix or any of its files); or a "
+                             "folder holding a model.safetensors (+ config.json) or OpenAI's "
+                             "checkpoint (hparams.json, model.ckpt.*) (default: %(default)s)")
