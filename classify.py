@@ -65,10 +65,8 @@ def classify_review(text, model, tokenizer, device, max_length=None,
 
 def save_classifier(classifier, path, config, max_length, class_names, lora=None,
                     trainable="last_block", calibration=None):
-    """The chapter's torch.save(model.state_dict(), "review_classifier.pth"),
-    without pickle: a safetensors file whose metadata (checkpoint_metadata)
-    describes the model, so classify.py needs nothing else. Written atomically.
-    With lora, only the adapters and the head are saved."""
+    """The chapter's torch.save(model.state_dict(), "review_classifier.pth"), without
+    pickle: safetensors, with metadata that describes the model (beyond/checkpoint.py)."""
     metadata = checkpoint_metadata(classifier, config, max_length, class_names, lora,
                                    trainable, calibration)
     tensors = classifier.gpt.state_dict()
@@ -79,13 +77,9 @@ def save_classifier(classifier, path, config, max_length, class_names, lora=None
 
 
 def load_classifier(path, device="cpu", base_weights=None, precision="fp32"):
-    """A GPTClassifier and its metadata from a checkpoint written by finetune.py.
-    The tensors' names and shapes are checked against the config on an empty
-    ("meta") model first; then the model takes the memory-mapped tensors as its
-    parameters, without copying them on the CPU. base_weights: the file under a
-    LoRA checkpoint's adapters, where it is not where finetune.py read it.
-    precision: --precision, the dtype of the matrix products (the weights stay
-    float32 whatever precision trained them)."""
+    """The chapter's model.load_state_dict(torch.load(...)) of a checkpoint finetune.py
+    wrote: (GPTClassifier, metadata), every tensor checked against an empty ("meta")
+    model first, then taken memory-mapped, not copied. base_weights: under LoRA adapters."""
     try:
         entries, metadata = read_safetensors_header(path)
     except InputError:
@@ -138,10 +132,8 @@ def add_device_option(parser, default, what):
 
 
 def select_device(name):
-    """The chapter's torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-    with the mps of its note and a --device flag. auto: cuda, then mps (only from
-    torch 2.9: earlier versions were reported to compute differently there), then
-    cpu. An unavailable device is an error."""
+    """The chapter's torch.device("cuda" if torch.cuda.is_available() else "cpu"), and
+    its note's mps (from torch 2.9: earlier ones computed differently there), by --device."""
     available = ["cpu"]
     if torch.cuda.is_available():
         available.append("cuda")

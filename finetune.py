@@ -15,7 +15,8 @@ from beyond.cli import InputError, positive_float, positive_int, run_cli, seed_n
 from beyond.distributed import (check_processes, join_process_group, on_every_rank, printing_rank,
                                 said_by_rank_0, torchrun_ranks, with_progress)
 from beyond.fast import GPTClassifier, add_fast_options, cache_frozen_prefix
-from beyond.files import out_left_as_it_was, publish_run, said_if_interrupted, work_folder
+from beyond.files import (add_out_option, out_left_as_it_was, publish_run, said_if_interrupted,
+                          work_folder)
 from beyond.finite import stops_if_diverged
 from beyond.labels import balance_classes, class_ids, count_labels
 from beyond.lora import lora_description
@@ -187,10 +188,9 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, label="los
 # ------------------------------------------------ the chapter's script, in its order
 
 def main(argv=None):
-    """What `python finetune.py` runs: the chapter's script, section by section.
-    Not the book's: under torchrun (beyond/distributed.py) every process runs it
-    and only rank 0 prints and saves; what a run writes goes to a work folder,
-    moved into --out once the run has succeeded (beyond/files.py)."""
+    """The chapter's script, section by section. Not the book's: under torchrun every
+    process runs it and rank 0 prints and saves (beyond/distributed.py); the outputs
+    go to a work folder, moved into --out once the run has succeeded (beyond/files.py)."""
     rank, world, local_rank = torchrun_ranks()
     with printing_rank(rank), contextlib.ExitStack() as cleanup:
         with said_by_rank_0(rank):  # every rank meets a bad flag or bad data; one says so
@@ -388,10 +388,6 @@ def build_parser():
                              "downloading it into sms_spam_collection/ (listing 6.1); or "
                              "your own data: a label<TAB>text TSV or a CSV with Label,Text "
                              "columns, whose distinct labels (2 or more) are the classes")
-    parser.add_argument("--out", default=".", metavar="DIR",
-                        help="where the CSV splits, plots, metrics.json and the checkpoint "
-                             "are written (the chapter: the current directory); they replace "
-                             "the earlier run's only once this run has succeeded")
     parser.add_argument("--epochs", type=positive_int, default=5,
                         help="training epochs (section 6.7: num_epochs)")
     parser.add_argument("--batch-size", type=positive_int, default=8,
@@ -408,8 +404,9 @@ def build_parser():
                         help="keep the data as it is instead of undersampling every class "
                              "to the smallest (listing 6.2)")
     # not the chapter's: each of these modules adds the flags of what it does
-    for add_options in (add_dedup_option, add_trainable_options, add_pool_option,
-                        add_metrics_options, add_fast_options, add_precision_option):
+    for add_options in (add_out_option, add_dedup_option, add_trainable_options,
+                        add_pool_option, add_metrics_options, add_fast_options,
+                        add_precision_option):
         add_options(parser)
     return parser
 

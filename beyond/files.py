@@ -94,3 +94,10 @@ def said_if_interrupted(checkpoint):
             print(f"\ninterrupted during training: nothing of this run was saved, "
                   f"{checkpoint.parent} is as it was; {kept}.", file=sys.stderr)
         sys.exit(interrupted_status(e))
+
+
+def add_out_option(parser):
+    parser.add_argument("--out", default=".", metavar="DIR",
+                        help="where the CSV splits, plots, metrics.json and the checkpoint "
+                             "are written (the chapter: the current directory); they replace "
+                             "the earlier run's only once this run has succeeded")
