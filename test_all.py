@@ -234,7 +234,7 @@ def test_fused_gelu_layer_norm_and_attention_equal_the_chapters_formulas():
     assert torch.allclose(att(x), expected, atol=1e-5)
 
 
-def test_the_plain_path_is_the_chapters_last_output_token_and_the_fast_path_equals_it():
+def test_plain_path_is_the_chapters_last_token_the_fast_one_equals_it_and_flexible_skips_pads():
     model = tiny_classifier(pool="last")
     model.fast = False
     ids = torch.randint(0, 50000, (3, 11), generator=torch.Generator().manual_seed(4))
@@ -251,6 +251,18 @@ def test_the_plain_path_is_the_chapters_last_output_token_and_the_fast_path_equa
     one = bfast.last_block_at(block, x, positions)
     assert one.shape == (4, 1, 16)
     assert torch.allclose(one[:, 0], block(x)[torch.arange(4), positions], atol=1e-5)
+
+    model = tiny_classifier(pool="flexible").eval()  # the last real token, whatever the padding
+    ids = torch.tensor([[5, 6, 7, 50256, 50256], [8, 9, 10, 11, 12]])
+    positions = bpooling.pool_positions(ids, "flexible", 50256)
+    assert positions.tolist() == [2, 4]
+    more_padding = torch.cat([ids, torch.full((2, 6), 50256)], dim=1)
+    with torch.no_grad():
+        alone = model(ids[:1, :3])[:, -1, :]
+        assert torch.allclose(model(ids)[0, -1], alone[0], atol=1e-5)
+        assert torch.allclose(model(more_padding)[:, -1, :], model(ids)[:, -1, :], atol=1e-5)
+        model.fast = False  # the same through the full forward pass
+        assert torch.allclose(model(more_padding)[:, -1, :], model(ids)[:, -1, :], atol=1e-5)
 
 
 def test_loader_takes_a_transformer_prefix_extra_keys_and_models_without_qkv_biases():
@@ -766,9 +778,7 @@ def test_real_tsv_reads_balances_and_splits_row_for_row_as_the_chapters_pandas(c
     assert test[0][1] == "85233 FREE>Ringtone!Reply REAL"
     assert test[-1][1].startswith("Your unique user ID is 1172. For removal send STOP to 87239")
 
-
-def test_sample_order_is_numpys_random_state_permutation():
-    # np.random.RandomState(seed).permutation(n), as printed by NumPy 2.4.6
+    # the sample order: np.random.RandomState(seed).permutation(n), as printed by NumPy 2.4.6
     assert bsampling.sample_order(10, 123) == [4, 0, 7, 5, 8, 3, 1, 6, 9, 2]
     assert bsampling.sample_order(8, 0) == [6, 2, 1, 7, 3, 0, 5, 4]
     assert bsampling.sample_order(8, 2**32 - 1) == [1, 7, 6, 0, 5, 4, 2, 3]
@@ -816,7 +826,7 @@ def test_tsv_tolerates_bom_crlf_and_blank_lines_and_quotes_like_pandas_read_csv(
     assert "lines 3-4 hold one quoted text" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("content, problem", [
+@pytest.mark.parametrize("name, content, problem", [("bad.tsv", c, p) for c, p in [
     (b"ham\tok\nthis line has no tab\n", "line 2: no tab"),
     (b"ham\tok\n\nspma\ttypo\n", "line 3: unknown label 'spma'"),
     (b"ham\tok\nspam\t\xff\xfe bad\n", "line 2: not UTF-8"),
@@ -827,10 +837,20 @@ def test_tsv_tolerates_bom_crlf_and_blank_lines_and_quotes_like_pandas_read_csv(
     (b"ham\tok\nspam\t\nham\tfine\n", "line 2: the message is empty"),
     (b"ham\tok\n\nham\t  \t \n", "line 3: the message is empty (or only whitespace)"),
     (b'ham\tok\nspam\t""\n', "line 2: the message is empty"),
-])
-def test_bad_tsv_lines_name_the_file_and_line(tmp_path, content, problem):
-    assert_error_names_file(lambda path: data.read_tsv(path, data.SPAM_LABELS),
-                            tmp_path / "bad.tsv", content, problem)
+]] + [("bad.csv", c.encode(), p) for c, p in [
+    ("Lab,Text\n0,hi\n", "no 'Label' column"),
+    ("Label,Body\n0,hi\n", "no 'Text' column"),
+    ("Label,Text\n0,hi\nspam,hello\n", "row 3: label 'spam'"),
+    ("Label,Text\n0,hi\n7,hello\n", "row 3: label '7'"),
+    ("Label,Text\n0,hi\n1,\n", "row 3: the message is empty"),
+    ("Label,Text\n0,hi\n1\n", "row 3: the message is empty"),
+    ('Label,Text\n0,hi\n1," "\n', "row 3: the message is empty"),
+]])
+def test_bad_tsv_lines_and_csv_split_rows_name_the_file_and_where(
+        tmp_path, name, content, problem):
+    read = {"bad.tsv": lambda path: data.read_tsv(path, data.SPAM_LABELS),
+            "bad.csv": data.read_csv}[name]
+    assert_error_names_file(read, tmp_path / name, content, problem)
 
 
 def test_fuzzed_tsv_bytes_parse_or_raise_the_projects_error(tmp_path):
@@ -858,29 +878,14 @@ def test_fuzzed_tsv_bytes_parse_or_raise_the_projects_error(tmp_path):
     assert 0 < len(spam) < parsed and refused > 0
 
 
-def test_tricky_texts_round_trip_through_csv(tmp_path):
+def test_tricky_texts_round_trip_through_csv_and_the_dataset_pads_truncates_and_reads_eot(
+        tmp_path, tokenizer):
     rows = [("ham", 'He said "hi", then left'), ("spam", "line one\nline two"),
             ("ham", "comma, comma,, \"\"quotes\"\""), ("spam", " leading and trailing "),
             ("ham", "emoji 😀 and 日本語"), ("spam", "carriage\r\nreturn")]
     data.write_csv(rows, tmp_path / "t.csv")
     assert data.read_csv(tmp_path / "t.csv") == [(data.SPAM_LABELS[l], t) for l, t in rows]
 
-
-@pytest.mark.parametrize("content, problem", [
-    ("Lab,Text\n0,hi\n", "no 'Label' column"),
-    ("Label,Body\n0,hi\n", "no 'Text' column"),
-    ("Label,Text\n0,hi\nspam,hello\n", "row 3: label 'spam'"),
-    ("Label,Text\n0,hi\n7,hello\n", "row 3: label '7'"),
-    ("Label,Text\n0,hi\n1,\n", "row 3: the message is empty"),
-    ("Label,Text\n0,hi\n1\n", "row 3: the message is empty"),
-    ('Label,Text\n0,hi\n1," "\n', "row 3: the message is empty"),
-])
-def test_bad_csv_splits_name_the_file_and_row(tmp_path, content, problem):
-    assert_error_names_file(data.read_csv, tmp_path / "bad.csv", content.encode(), problem)
-
-
-def test_dataset_pads_with_50256_truncates_and_reads_end_of_text_as_plain_text(
-        tmp_path, tokenizer):
     data.write_csv([("ham", "Hi"), ("spam", "This is a longer message, really")],
                    tmp_path / "t.csv")
     longest = len(tokenizer.encode("This is a longer message, really"))
@@ -1036,7 +1041,7 @@ def chapter_lines(printed):
 
 
 def test_any_cache_budget_prints_the_plain_runs_lines_bf16_its_own_and_a_rerun_the_same(
-        tmp_path, sample_tsv, capsys, monkeypatch):
+        tmp_path, sample_tsv, capsys, monkeypatch, cli):
     monkeypatch.setattr(bmemory, "available_memory", lambda device: (4 * 10**9, "RAM"))
     runs = {}
     for name, flags in [("plain", ["--plain"]),
@@ -1071,6 +1076,23 @@ def test_any_cache_budget_prints_the_plain_runs_lines_bf16_its_own_and_a_rerun_t
     # the checkpoint keeps float32 weights, whatever precision trained them
     tensors, _ = bst.load_safetensors(tmp_path / "bf16" / CHECKPOINT)
     assert {t.dtype for t in tensors.values()} == {torch.float32}
+    # it classifies in fp32 and bf16 alike, and explains in bf16
+    probabilities = {}
+    for precision in ("fp32", "bf16"):
+        code, stdout, stderr = cli("classify.py", "--checkpoint", tmp_path / "bf16" / CHECKPOINT,
+                                   "--precision", precision, "--json", SPAM_TEXT, "Hi there")
+        assert code == 0, stderr
+        probabilities[precision] = [json.loads(line)["probabilities"]
+                                    for line in stdout.splitlines()]
+    for fp32, bf16 in zip(probabilities["fp32"], probabilities["bf16"]):
+        for name in fp32:
+            assert bf16[name] == pytest.approx(fp32[name], abs=0.01)
+    code, stdout, stderr = cli("classify.py", "--checkpoint", tmp_path / "bf16" / CHECKPOINT,
+                               "--precision", "bf16", "--explain", "--json", SPAM_TEXT)
+    assert code == 0, stderr
+    explanation = json.loads(stdout)["explanation"]
+    assert "".join(t["token"] for t in explanation) == SPAM_TEXT
+    assert all(math.isfinite(t["score"]) for t in explanation)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -1172,28 +1194,6 @@ def test_in_bf16_the_fast_path_rounds_where_the_plain_pass_does(trainable, budge
         assert not torch.equal(fast(batches[0][0]), plain(batches[0][0]))
 
 
-def test_a_bf16_trained_checkpoint_classifies_in_fp32_and_bf16(tmp_path, sample_tsv, cli):
-    code, _, stderr = cli("finetune.py", "--data", sample_tsv, "--weights", MINI_WEIGHTS,
-                          "--epochs", "1", "--precision", "bf16", "--out", tmp_path)
-    assert code == 0, stderr
-    probabilities = {}
-    for precision in ("fp32", "bf16"):
-        code, stdout, stderr = cli("classify.py", "--checkpoint", tmp_path / CHECKPOINT,
-                                   "--precision", precision, "--json", SPAM_TEXT, "Hi there")
-        assert code == 0, stderr
-        probabilities[precision] = [json.loads(line)["probabilities"]
-                                    for line in stdout.splitlines()]
-    for fp32, bf16 in zip(probabilities["fp32"], probabilities["bf16"]):
-        for name in fp32:
-            assert bf16[name] == pytest.approx(fp32[name], abs=0.01)
-    code, stdout, stderr = cli("classify.py", "--checkpoint", tmp_path / CHECKPOINT,
-                               "--precision", "bf16", "--explain", "--json", SPAM_TEXT)
-    assert code == 0, stderr
-    explanation = json.loads(stdout)["explanation"]
-    assert "".join(t["token"] for t in explanation) == SPAM_TEXT
-    assert all(math.isfinite(t["score"]) for t in explanation)
-
-
 @pytest.mark.parametrize("script, flags, message", [
     ("finetune.py", ["--precision", "fp16", "--device", "cpu"],
      "error: --precision fp16 does not run on --device cpu here; it can run fp32 or bf16."),
@@ -1269,20 +1269,6 @@ def test_the_cache_keeps_its_messages_in_a_few_large_buffers_and_completes_short
     assert cache.file is None and not list(tmp_path.iterdir())
 
 
-def test_flexible_pooling_reads_the_last_real_token_whatever_the_padding():
-    model = tiny_classifier(pool="flexible").eval()
-    ids = torch.tensor([[5, 6, 7, 50256, 50256], [8, 9, 10, 11, 12]])
-    positions = bpooling.pool_positions(ids, "flexible", 50256)
-    assert positions.tolist() == [2, 4]
-    more_padding = torch.cat([ids, torch.full((2, 6), 50256)], dim=1)
-    with torch.no_grad():
-        alone = model(ids[:1, :3])[:, -1, :]
-        assert torch.allclose(model(ids)[0, -1], alone[0], atol=1e-5)
-        assert torch.allclose(model(more_padding)[:, -1, :], model(ids)[:, -1, :], atol=1e-5)
-        model.fast = False  # the same through the full forward pass
-        assert torch.allclose(model(more_padding)[:, -1, :], model(ids)[:, -1, :], atol=1e-5)
-
-
 def test_plot_values_writes_a_well_formed_svg_with_both_axes(tmp_path):
     path = finetune.plot_values([0, 1.25, 2.5, 3.75, 5], [0, 1300, 2600, 3900, 5200],
                                 [0.7, 0.5, 0.4, 0.2, 0.1], [0.75, 0.6, 0.4, 0.3, float("nan")],
@@ -1295,7 +1281,7 @@ def test_plot_values_writes_a_well_formed_svg_with_both_axes(tmp_path):
     assert len(lines[1].attrib["points"].split()) == 4  # the NaN point is left out
 
 
-def test_a_saved_checkpoint_loads_with_the_same_logits_and_classifies_in_batches(
+def test_a_saved_checkpoint_loads_with_the_same_logits_classifies_in_batches_or_is_named_cut(
         tmp_path, tokenizer):
     model = tiny_classifier().eval()
     path = save_tiny(tmp_path / "c.safetensors", model=model)
@@ -1322,6 +1308,12 @@ def test_a_saved_checkpoint_loads_with_the_same_logits_and_classifies_in_batches
                 expected = torch.softmax(model(torch.tensor([ids]))[:, -1, :], dim=-1)[0]
             assert torch.allclose(torch.tensor(probas), expected, atol=1e-5)
 
+    with pytest.raises(InputError, match="Fine-tune one first"):  # missing, then truncated
+        classify.load_classifier(tmp_path / "nothing.safetensors")
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(InputError, match="truncated"):
+        classify.load_classifier(path)
+
 
 def checkpoint_with(tmp_path, **changes):
     path = save_tiny(tmp_path / "c.safetensors")
@@ -1339,24 +1331,17 @@ def checkpoint_with(tmp_path, **changes):
     ({"config": json.dumps(dict(TINY_CONFIG, emb_dim=32))}, "has shape"),
     ({"max_length": "1000"}, "max_length 1000"),
     ({"labels": json.dumps(["spam"])}, "labels"),
+    ({"labels": json.dumps(["spam", "spam"])}, "its labels do not name each class once"),
     ({"pool": "middle"}, "unknown pooling"),
     ({"num_classes": "two"}, "malformed"),
     ({"calibration": "{}"}, "its calibration is malformed"),
     ({"calibration": json.dumps({"temperature": -1, "threshold": None})}, "temperature -1"),
     ({"calibration": json.dumps({"temperature": 1, "threshold": 2})}, "threshold 2"),
-])
+] + [({"calibration": json.dumps({"temperature": t, "threshold": None, "target_fpr": None})},
+      "is outside 0.05..20.0") for t in (1e-300, 0.01, 21, float("inf"))])
 def test_bad_checkpoints_fail_before_allocating(tmp_path, changes, problem):
     path = checkpoint_with(tmp_path, **changes)
     with pytest.raises(InputError, match=re.escape(problem)):
-        classify.load_classifier(path)
-
-
-def test_missing_and_truncated_checkpoints_are_clear_errors(tmp_path):
-    with pytest.raises(InputError, match="Fine-tune one first"):
-        classify.load_classifier(tmp_path / "nothing.safetensors")
-    path = checkpoint_with(tmp_path)
-    path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(InputError, match="truncated"):
         classify.load_classifier(path)
 
 
@@ -1398,7 +1383,11 @@ def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokeni
         assert code == 1 and "empty or only whitespace" in stderr
 
 
-@pytest.mark.parametrize("flags, message", [
+def flag_cases(script, cases):
+    return [(script, flags, message) for flags, message in cases]
+
+
+@pytest.mark.parametrize("script, flags, message", flag_cases("finetune.py", [
     (["--batch-size", "0"], "--batch-size: must be at least 1"),
     (["--epochs", "0"], "--epochs: must be at least 1"),
     (["--lr=-1e-5"], "--lr: must be a positive number"),
@@ -1413,14 +1402,7 @@ def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokeni
     (["--target-fpr", "1"], "--target-fpr: must be a rate from 0 up to (not including) 1"),
     (["--target-fpr=-0.1"], "--target-fpr: must be a rate from 0 up to (not including) 1"),
     (["--target-fpr", "often"], "--target-fpr: "),
-])
-def test_bad_flags_are_argparse_errors(tmp_path, sample_tsv, flags, message, cli):
-    code, _, stderr = cli("finetune.py", "--data", sample_tsv, "--weights", "random",
-                          "--out", tmp_path, *flags)
-    assert code == 2 and message in stderr and "Traceback" not in stderr
-
-
-@pytest.mark.parametrize("flags, message", [
+]) + flag_cases("bench.py", [
     (["--epochs", "0"], "--epochs: must be at least 1"),
     (["--modes", "plain,fast"], "--modes: unknown mode 'fast'"),
     (["--model", "gpt3"], "invalid choice: 'gpt3'"),
@@ -1432,11 +1414,31 @@ def test_bad_flags_are_argparse_errors(tmp_path, sample_tsv, flags, message, cli
     (["--beyond", "--precision", "bf16"], "--beyond with every mode also makes its budget"),
     (["--torchrun", "--beyond"], "--torchrun measures the default mode's cache fill only"),
     (["--torchrun", "--precision", "fp32,bf16"], "--torchrun measures one precision"),
-])
-def test_bench_rejects_bad_flags_before_running_anything(flags, message, cli):
-    code, stdout, stderr = cli("bench.py", *flags)
+    (["--seeds", ""], "argument --seeds: '' is not an integer"),
+    (["--seeds", "123,abc"], "argument --seeds: 'abc' is not an integer"),
+    (["--seeds", "123,124,123"], "argument --seeds: give two or more different seeds"),
+    (["--seeds", "123"], "argument --seeds: give two or more different seeds"),
+    (["--seeds=-1,123"], "argument --seeds: must be between 0 and 4294967295, got -1"),
+    (["--seeds", "123,4294967296"], "argument --seeds: must be between 0 and 4294967295"),
+    (["--seeds", "123,124", "--modes", "plain"], "--seeds repeats one fine-tune"),
+    (["--", "--lr", "1e-3"], "finetune.py flags such as --lr go with --seeds"),
+    (["--seeds", "123,124", "--", "--lr", "fast"], "after --: argument --lr: 'fast' is not"),
+    (["--seeds", "123,124", "--", "--seed", "5"], "after --: bench.py sets each run's --seed"),
+]) + flag_cases("classify.py", [
+    (["--serve", "hello"], "--serve takes no TEXT"),
+    (["--serve", "--explain"], "--serve takes no"),
+    (["--port", "70000", "hello"], "'70000' is not a port"),
+    (["--explain-method", "gradient", "hi"], "--explain-method goes with --explain"),
+    (["--explain-method", "shap", "hi"], "invalid choice: 'shap'"),
+]))
+def test_bad_flags_are_one_argparse_error_before_anything_runs(
+        script, flags, message, tmp_path, sample_tsv, cli):
+    before = {"finetune.py": ["--data", sample_tsv, "--weights", "random", "--out",
+                              tmp_path / "out"],
+              "classify.py": ["--checkpoint", tmp_path / "none"], "bench.py": []}[script]
+    code, stdout, stderr = cli(script, *before, *flags)
     assert code == 2 and message in stderr and "Traceback" not in stderr
-    assert "running" not in stdout
+    assert stderr.count("error:") == 1 and stdout == "" and not (tmp_path / "out").exists()
 
 
 def test_finetune_without_network_or_local_files_names_what_is_missing(
@@ -1498,7 +1500,8 @@ def test_bad_paths_and_files_are_one_line_errors_found_before_anything_is_writte
         assert code == 1 and message in stderr and "Traceback" not in stderr
 
 
-def test_progress_shows_on_a_terminal_and_never_in_piped_output(tmp_path):
+def test_progress_shows_on_a_terminal_never_in_a_pipe_and_a_pipe_closed_early_is_no_error(
+        tmp_path):
     checkpoint = save_tiny(tmp_path / "c.safetensors")
     stdin = "".join(f"message {i}\n" for i in range(300))
     (tmp_path / "messages.txt").write_text(stdin)  # a file: all 300 lines arrive at once
@@ -1519,10 +1522,7 @@ def test_progress_shows_on_a_terminal_and_never_in_piped_output(tmp_path):
     code, stdout, stderr = run(*command[1:], stdin=stdin)
     assert code == 0 and "classifying" not in stderr + stdout and "\r" not in stderr + stdout
 
-
-def test_classify_into_a_pipe_closed_early_ends_without_a_traceback(tmp_path):
-    checkpoint = save_tiny(tmp_path / "c.safetensors")
-    messages = tmp_path / "many.txt"
+    messages = tmp_path / "many.txt"  # into a pipe closed early: no traceback
     messages.write_text("".join(f"message number {i} about a prize\n" for i in range(4000)))
     done = subprocess.run(
         f'"{sys.executable}" classify.py --checkpoint "{checkpoint}" - < "{messages}" | head -1',
@@ -1638,8 +1638,10 @@ def three_class_tsv(path, per_class=30):
     return path
 
 
-def test_own_labels_become_sorted_class_ids_and_one_class_or_too_few_messages_fail(tmp_path):
-    rows = data.load_messages(three_class_tsv(tmp_path / "topics.tsv"))
+def test_own_labels_become_sorted_class_ids_a_three_class_fine_tune_and_its_classify(
+        tmp_path, tokenizer, capsys):
+    tsv = three_class_tsv(tmp_path / "topics.tsv")
+    rows = data.load_messages(tsv)
     assert blabels.class_ids(rows) == {"politics": 0, "sports": 1, "tech": 2}
     assert data.class_names(blabels.class_ids(rows)) == ["politics", "sports", "tech"]
     assert blabels.count_labels(blabels.balance_classes(rows, 123)) == {
@@ -1653,9 +1655,6 @@ def test_own_labels_become_sorted_class_ids_and_one_class_or_too_few_messages_fa
     with pytest.raises(InputError, match="too few"):
         data.random_split([("ham", "a"), ("spam", "b"), ("ham", "c"), ("spam", "d")], 0.7, 0.1)
 
-
-def test_three_class_fine_tune_then_classify_with_the_checkpoint(tmp_path, tokenizer, capsys):
-    tsv = three_class_tsv(tmp_path / "topics.tsv")
     result = fine_tune(tsv, tmp_path / "run", "--epochs", "3", "--batch-size", "4", "--lr", "1e-3")
     printed = capsys.readouterr().out
     assert "Confusion matrix" in printed and "Naive Bayes baseline" in printed
@@ -1865,7 +1864,7 @@ def request(url, method, path, body=None, headers=None):
         connection.close()
 
 
-def test_served_page_and_info_describe_the_checkpoint_and_head_gets_no_body(server):
+def test_served_page_info_head_and_classify_match_the_checkpoint_and_command_line(server, cli):
     url, checkpoint = server
     status, headers, page = request(url, "GET", "/")
     assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
@@ -1887,9 +1886,6 @@ def test_served_page_and_info_describe_the_checkpoint_and_head_gets_no_body(serv
         if path == "/classify":
             assert b"Allow: POST" in head
 
-
-def test_served_classify_equals_the_command_lines_json_and_explains_on_request(server, cli):
-    url, checkpoint = server
     texts = [SPAM_TEXT, "see you at lunch?", "😀 日本語", "long " * 300]
     status, _, body = request(url, "POST", "/classify", json.dumps({"texts": texts}))
     assert status == 200
@@ -1935,7 +1931,7 @@ def test_a_bad_request_gets_its_status_and_the_server_keeps_serving(
     assert got == 200 and json.loads(answer)["results"][0]["text"] == "still here"
 
 
-def test_a_hundred_concurrent_requests_all_succeed(server):
+def test_a_hundred_concurrent_requests_succeed_and_each_oversized_body_gets_413(server):
     url, _ = server
 
     def ask(i):
@@ -1946,16 +1942,13 @@ def test_a_hundred_concurrent_requests_all_succeed(server):
         answers = list(pool.map(ask, range(100)))
     assert answers == [(200, f"m {i}") for i in range(100)]
 
-
-def test_a_body_over_the_limit_gets_its_413_every_time(server):
-    url, _ = server
     for size in [1_100_000] * 10 + [12_000_000]:  # 12 MB: more than the sockets buffer
         body = json.dumps({"texts": ["z" * size]})
         assert request(url, "POST", "/classify", body)[::2] == (
             413, f'{{"error": "the body has {len(body):,} bytes; at most 1,000,000"}}'.encode())
 
 
-def test_a_burst_of_connections_waits_in_the_listen_queue():
+def test_a_burst_of_connections_waits_in_the_listen_queue_and_one_over_the_cap_gets_503():
     server = bserve.make_server("127.0.0.1", 0, echo, {})
     # connected before the server accepts any: each waits in the kernel's queue
     clients = [socket.create_connection(server.server_address, timeout=60) for _ in range(100)]
@@ -1965,6 +1958,13 @@ def test_a_burst_of_connections_waits_in_the_listen_queue():
         for client in clients:
             with client:
                 assert client.makefile("rb").readline() == b"HTTP/1.0 200 OK\r\n"
+
+    # over the cap of connections: a 503
+    server = bserve.make_server("127.0.0.1", 0, echo, {}, timeout=60, max_connections=1)
+    with serving(server) as url, socket.create_connection(server.server_address,
+                                                          timeout=60):
+        status, headers, body = request(url, "GET", "/info")  # behind the silent one
+        assert status == 503 and "try again" in json.loads(body)["error"]
 
 
 def test_serve_stops_on_ctrl_c_and_a_port_in_use_is_one_error(tmp_path, cli):
@@ -1983,18 +1983,6 @@ def test_serve_stops_on_ctrl_c_and_a_port_in_use_is_one_error(tmp_path, cli):
                               checkpoint)
     assert code == 1 and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
     assert f"error: cannot listen on 127.0.0.1 port {port}" in stderr and "--port" in stderr
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--serve", "hello"], "--serve takes no TEXT"),
-    (["--serve", "--explain"], "--serve takes no"),
-    (["--port", "70000", "hello"], "'70000' is not a port"),
-    (["--explain-method", "gradient", "hi"], "--explain-method goes with --explain"),
-    (["--explain-method", "shap", "hi"], "invalid choice: 'shap'"),
-])
-def test_classify_rejects_bad_flags_before_loading_anything(flags, message, tmp_path, cli):
-    code, stdout, stderr = cli("classify.py", "--checkpoint", tmp_path / "none", *flags)
-    assert code == 2 and message in stderr and "Traceback" not in stderr and stdout == ""
 
 
 @contextlib.contextmanager
@@ -2100,14 +2088,6 @@ def test_a_body_length_is_plain_digits_and_chunked_bodies_are_refused(headers, s
             f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"{head}\r\n").encode() + b'{"texts": ["a m"]}     ')  # 23 bytes
     assert answer.split(b" ", 2)[1] == str(status).encode()
-
-
-def test_connections_over_the_cap_are_answered_503():
-    server = bserve.make_server("127.0.0.1", 0, echo, {}, timeout=60, max_connections=1)
-    with serving(server) as url, socket.create_connection(server.server_address,
-                                                          timeout=60):
-        status, headers, body = request(url, "GET", "/info")  # behind the silent one
-        assert status == 503 and "try again" in json.loads(body)["error"]
 
 
 def test_the_server_listens_on_ipv6_and_a_wrong_host_is_named_not_the_port():
@@ -2289,11 +2269,11 @@ def test_two_torchrun_processes_in_bf16_print_what_one_process_does(tmp_path, sa
     assert code == 0, stderr
     stdout, stderr = process.communicate(timeout=400)
     assert process.returncode == 0, stderr
-    assert len(chapter_lines(stdout)) > 10
-    assert chapter_lines(stdout) == chapter_lines(one_stdout)
+    assert len(chapter_lines(stdout)) > 10 and chapter_lines(stdout) == chapter_lines(one_stdout)
 
 
-def test_bad_data_under_torchrun_is_one_error_and_writes_nothing(tmp_path, sample_tsv):
+def test_bad_data_a_batch_size_processes_cannot_share_or_mps_under_torchrun_are_one_error(
+        tmp_path, sample_tsv, cli, monkeypatch):
     out = tmp_path / "out"
     process = torchrun("--data", "no-such-file.tsv", "--weights", MINI_WEIGHTS, "--out", out)
     stdout, stderr = process.communicate(timeout=400)
@@ -2303,25 +2283,22 @@ def test_bad_data_under_torchrun_is_one_error_and_writes_nothing(tmp_path, sampl
     assert 'finetune.py", line' not in stderr  # no traceback of ours (torchrun adds its own)
     assert not out.exists()
 
-
-def test_under_torchrun_a_batch_size_the_processes_cannot_share_or_mps_is_one_error(
-        tmp_path, sample_tsv, cli, monkeypatch):
     # what torchrun sets; the flags are refused before any process group starts
     said = {}
     for rank in ("0", "1"):
         env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
         said[rank] = cli("finetune.py", "--data", sample_tsv, "--weights", MINI_WEIGHTS,
-                         "--out", tmp_path / "out", "--batch-size", "7", env=env)
+                         "--out", out, "--batch-size", "7", env=env)
     code, stdout, stderr = said["0"]
     assert code == 2 and stdout == ""
     assert "--batch-size 7 does not divide among 2 processes" in stderr
     assert said["1"] == (2, "", "")
     monkeypatch.setattr(finetune, "select_device", lambda name: torch.device("mps"))
     code, _, stderr = cli("finetune.py", "--data", sample_tsv, "--weights", MINI_WEIGHTS,
-                          "--out", tmp_path / "out", env={"RANK": "0", "LOCAL_RANK": "0"})
+                          "--out", out, env={"RANK": "0", "LOCAL_RANK": "0"})
     assert code == 2
     assert "--device mps (which auto picks on a Mac) cannot run under torchrun" in stderr
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()
 
 
 # ------------------------------- writes: full disks, read-only folders, SIGTERM, formats
@@ -2461,7 +2438,8 @@ def test_a_header_length_lowered_into_its_padding_or_a_weight_relabelled_is_refu
         gpt.load_gpt2_file(base, mini_config())
 
 
-def test_devices_unavailable_are_named_and_each_one_is_asked_for_its_memory(monkeypatch):
+def test_devices_unavailable_are_named_each_is_asked_its_memory_and_torchrun_shares_ram(
+        monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InputError, match="--device cuda is not available.*available: cpu"):
         classify.select_device("cuda")
@@ -2483,9 +2461,7 @@ def test_devices_unavailable_are_named_and_each_one_is_asked_for_its_memory(monk
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 2 * 10**9)
     assert bmemory.available_memory(torch.device("mps")) == (
         8 * 10**9, "memory Metal recommends for this process")
-
-
-def test_auto_cache_memory_shares_the_ram_among_torchruns_processes(monkeypatch):
+    # --cache-memory auto shares the RAM among torchrun's processes
     monkeypatch.setattr(bmemory, "available_memory", lambda device: (8 * 10**9, "RAM"))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert bmemory.cache_budget("auto", torch.device("cpu")) == (
@@ -2546,7 +2522,7 @@ def rule_model():
     return classifier.eval(), rule_messages(60, seed=2)
 
 
-def test_the_rule_word_gets_the_top_score_in_nine_of_ten_spam_messages(rule_model):
+def test_the_rule_word_tops_nine_in_ten_spam_and_occlusion_is_the_fall_in_log_odds(rule_model):
     model, messages = rule_model
     tops = []
     with one_thread():
@@ -2556,6 +2532,17 @@ def test_the_rule_word_gets_the_top_score_in_nine_of_ten_spam_messages(rule_mode
                 tops.append(ids[max(range(len(ids)), key=lambda i: scores[i])] == RULE_WORD)
     assert len(tops) >= 25  # the model learnt the rule: most of the 30 spam found
     assert sum(tops) >= 0.9 * len(tops)
+
+    ids = messages[0][0]  # occlusion: the fall in log-odds without each token
+    target, scores = bexplain.explain_ids(model, ids, 12, RULE_PAD, "occlusion")
+    with torch.no_grad():
+        def log_odds(sequence):  # log p / (1 - p) with two classes
+            logits = model(btokens.pad_ids([sequence], RULE_PAD, length=12))[0, -1]
+            return (logits[target] - logits[1 - target]).item()
+        expected = [log_odds(ids) - log_odds(ids[:i] + ids[i + 1:]) for i in range(len(ids))]
+    assert scores == pytest.approx(expected, abs=1e-5)
+    for method in ("gradient", "integrated"):
+        assert len(bexplain.explain_ids(model, ids, 12, RULE_PAD, method)[1]) == len(ids)
 
 
 def test_the_default_method_beats_a_random_ranking_on_erasers_faithfulness(rule_model):
@@ -2569,20 +2556,6 @@ def test_the_default_method_beats_a_random_ranking_on_erasers_faithfulness(rule_
                             RULE_PAD)
     assert shipped[0] > chance[0] + 0.1  # comprehensiveness: removing the top tokens hurts
     assert shipped[1] < chance[1]  # sufficiency: the top tokens alone keep the decision
-
-
-def test_occlusion_scores_are_the_fall_in_log_odds_without_each_token(rule_model):
-    model, (message, *_) = rule_model
-    ids = message[0]
-    target, scores = bexplain.explain_ids(model, ids, 12, RULE_PAD, "occlusion")
-    with torch.no_grad():
-        def log_odds(sequence):  # log p / (1 - p) with two classes
-            logits = model(btokens.pad_ids([sequence], RULE_PAD, length=12))[0, -1]
-            return (logits[target] - logits[1 - target]).item()
-        expected = [log_odds(ids) - log_odds(ids[:i] + ids[i + 1:]) for i in range(len(ids))]
-    assert scores == pytest.approx(expected, abs=1e-5)
-    for method in ("gradient", "integrated"):
-        assert len(bexplain.explain_ids(model, ids, 12, RULE_PAD, method)[1]) == len(ids)
 
 
 def test_explanation_tokens_join_to_the_classified_text_and_print_as_json_or_text(
@@ -2661,8 +2634,8 @@ def test_ece_equals_a_hand_computation():
     assert [i for i, row in enumerate(bins) if row] == [7, 9, 10, 13, 14]
 
 
-def test_calibration_writes_metrics_svgs_and_what_the_checkpoint_keeps(rule_model, tmp_path,
-                                                                     capsys):
+def test_calibration_writes_metrics_svgs_what_the_checkpoint_keeps_and_no_t_for_few_messages(
+        rule_model, tmp_path, capsys):
     model, messages = rule_model
     batches = rule_batches(messages, 20)
     result, kept = bcalibrate.calibrate(model, [batches, batches[:2], batches[2:]], "cpu",
@@ -2678,6 +2651,13 @@ def test_calibration_writes_metrics_svgs_and_what_the_checkpoint_keeps(rule_mode
         assert root.findall(".//{http://www.w3.org/2000/svg}polyline")
     bcalibrate.plot_roc_pr([], None, [], None, "<b>&", tmp_path)  # one class only: still XML
     ET.parse(tmp_path / "roc-plot.svg")
+
+    model = tiny_classifier().eval()  # on a few messages no temperature is fitted
+    batches = random_batches(3, batch_size=6, seed=2)  # 6 validation messages
+    result, kept = bcalibrate.calibrate(model, [batches, batches[:1], batches[1:]], "cpu",
+                                        ["not spam", "spam"], 0.05, tmp_path)
+    assert result["temperature"] == kept["temperature"] == 1.0
+    assert "fewer than 20: no temperature is fitted (T = 1)" in capsys.readouterr().out
 
 
 def test_classify_applies_the_checkpoints_temperature_and_validated_threshold(
@@ -2817,10 +2797,9 @@ def test_messages_seen_in_training_are_counted_and_left_out_of_the_unseen_accura
     assert boverlap.shown(1, 2) == "50.00% (95% interval 9.5-90.5%)"
 
 
-def test_dedup_leaves_no_evaluation_message_in_training_and_the_default_split_as_it_was(
+def test_dedup_leaves_no_evaluation_message_in_training_and_refuses_to_leave_one_class(
         tmp_path, capsys):
-    finetune.main(["--data", str(SMS), "--weights", str(MINI_WEIGHTS), "--dedup",
-                   "--epochs", "1", "--out", str(tmp_path / "dedup")])
+    fine_tune(SMS, tmp_path / "dedup", "--dedup", "--epochs", "1")
     out = capsys.readouterr().out
     # 5,169 distinct texts; 11 more differ only in leading or trailing whitespace
     assert "Dropped 414 repeated messages (--dedup): 5158 left" in out
@@ -2838,36 +2817,24 @@ def test_dedup_leaves_no_evaluation_message_in_training_and_the_default_split_as
     assert baseline["test_unseen"]["accuracy"] == baseline["test_accuracy"]
     assert "Naive Bayes on the messages not seen in training: validation" in out
 
-
-@pytest.mark.parametrize("flags, message", [
-    (["--seeds", ""], "argument --seeds: '' is not an integer"),
-    (["--seeds", "123,abc"], "argument --seeds: 'abc' is not an integer"),
-    (["--seeds", "123,124,123"], "argument --seeds: give two or more different seeds"),
-    (["--seeds", "123"], "argument --seeds: give two or more different seeds"),
-    (["--seeds=-1,123"], "argument --seeds: must be between 0 and 4294967295, got -1"),
-    (["--seeds", "123,4294967296"], "argument --seeds: must be between 0 and 4294967295"),
-    (["--seeds", "123,124", "--modes", "plain"], "--seeds repeats one fine-tune"),
-    (["--", "--lr", "1e-3"], "finetune.py flags such as --lr go with --seeds"),
-    (["--seeds", "123,124", "--", "--lr", "fast"], "after --: argument --lr: 'fast' is not"),
-    (["--seeds", "123,124", "--", "--seed", "5"], "after --: bench.py sets each run's --seed"),
-])
-def test_bench_refuses_bad_seeds_with_one_argparse_error(flags, message, cli):
-    code, stdout, stderr = cli("bench.py", *flags)
-    assert code == 2 and message in stderr and "Traceback" not in stderr
-    assert stderr.count("error:") == 1 and "running" not in stdout
+    tsv = tmp_path / "same.tsv"  # dedup that leaves one class: the single class error
+    tsv.write_text("".join(f"{label}\tmessage {i}\n" for i in range(20)
+                           for label in ("ham", "spam")), encoding="utf-8")
+    with pytest.raises(InputError, match="single class"):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            fine_tune(tsv, tmp_path / "out", "--dedup", "--no-balance")
+    assert "Dropped 20 repeated messages (--dedup) (20 of them labelled unlike the first)" \
+        in out.getvalue()
+    assert not (tmp_path / "out").exists()
 
 
-def test_bench_spread_is_the_mean_the_sample_standard_deviation_and_the_range():
+def test_bench_seeds_fine_tunes_once_per_seed_and_reports_the_mean_stdev_and_range(
+        tmp_path, monkeypatch, cli):
     import bench
     # deviations from the mean 0.93: -0.03, -0.01, 0.04; squares summed 0.0026, over n - 1
     assert bench.spread([0.90, 0.92, 0.97]) == pytest.approx(
         {"mean": 0.93, "stdev": math.sqrt(0.0026 / 2), "min": 0.90, "max": 0.97})
     assert bench.spread([0.95, 0.96])["stdev"] == pytest.approx(0.01 / math.sqrt(2))
-
-
-def test_bench_seeds_fine_tunes_once_per_seed_and_reports_the_spread(tmp_path, monkeypatch,
-                                                                     cli):
-    import bench
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # bench.py's work folder
     code, stdout, stderr = cli("bench.py", "--seeds", "123,124", "--quick", "--json",
                                tmp_path / "seeds.json", "--", "--weights", MINI_WEIGHTS,
@@ -2892,34 +2859,9 @@ def test_a_diverging_run_stops_naming_its_step_and_publishes_nothing(sample_tsv,
     with pytest.raises(InputError, match=r"training diverged in epoch 1, at step \d{6}: .*"
                                          r"Lower --lr \(now 1e\+30\)"):
         with contextlib.redirect_stdout(io.StringIO()):
-            finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS),
-                           "--lr", "1e30", "--epochs", "1", "--out", str(out)])
+            fine_tune(sample_tsv, out, "--lr", "1e30", "--epochs", "1")
     assert sorted(p.name for p in out.iterdir()) == ["review_classifier.safetensors"]
     assert (out / "review_classifier.safetensors").read_bytes() == b"the earlier run's"
-
-
-def test_weights_holding_nan_are_refused_when_they_load(tmp_path):
-    tensors, _ = bst.load_safetensors(MINI_WEIGHTS)
-    tensors = {name: t.float().clone() for name, t in tensors.items()}
-    tensors["h.1.mlp.c_fc.weight"][0, 0] = float("nan")
-    path = tmp_path / "model.safetensors"
-    bst.save_safetensors(tensors, path)
-    (tmp_path / "config.json").write_bytes((MINI / "config.json").read_bytes())
-    with pytest.raises(InputError, match=r"trf_blocks\.1\.ff\.layers\.0\.weight holds NaN"):
-        gpt.build_gpt(weights=str(path))
-
-
-def test_dedup_that_leaves_one_class_is_the_single_class_error(tmp_path):
-    tsv = tmp_path / "same.tsv"
-    tsv.write_text("".join(f"{label}\tmessage {i}\n" for i in range(20)
-                           for label in ("ham", "spam")), encoding="utf-8")
-    with pytest.raises(InputError, match="single class"):
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            finetune.main(["--data", str(tsv), "--weights", str(MINI_WEIGHTS), "--dedup",
-                           "--no-balance", "--out", str(tmp_path / "out")])
-    assert "Dropped 20 repeated messages (--dedup) (20 of them labelled unlike the first)" \
-        in out.getvalue()
-    assert not (tmp_path / "out").exists()
 
 
 def test_the_default_splits_are_byte_for_byte_those_written_before_dedup_existed(tmp_path):
@@ -2935,34 +2877,21 @@ def test_the_default_splits_are_byte_for_byte_those_written_before_dedup_existed
         "test": "a5764d4eed041dada859601e1715bc68885aa5e74713e127968ead8ddf6a9e04"}
 
 
-def test_a_transposed_weight_names_both_shapes_and_two_alike_labels_are_refused(tmp_path):
+@pytest.mark.parametrize("name, change, problem", [
+    ("h.1.mlp.c_fc.weight", lambda t: t.index_fill(0, torch.tensor([0]), float("nan")),
+     r"trf_blocks\.1\.ff\.layers\.0\.weight holds NaN"),
+    ("h.0.mlp.c_fc.weight", lambda t: t.T.contiguous(), r"has shape \(64, 16\) \(\(16, 64\) "
+     r"once split or transposed\), but the model needs \(64, 16\)"),
+])
+def test_weights_holding_nan_or_a_transposed_tensor_are_refused_when_they_load(
+        tmp_path, name, change, problem):
     tensors, _ = bst.load_safetensors(MINI_WEIGHTS)
-    tensors = {name: t.float().clone() for name, t in tensors.items()}
-    tensors["h.0.mlp.c_fc.weight"] = tensors["h.0.mlp.c_fc.weight"].T.contiguous()
-    path = tmp_path / "model.safetensors"
-    bst.save_safetensors(tensors, path)
-    (tmp_path / "config.json").write_bytes((MINI / "config.json").read_bytes())
-    with pytest.raises(InputError, match=r"has shape \(64, 16\) \(\(16, 64\) once split or "
-                                         r"transposed\), but the model needs \(64, 16\)"):
-        gpt.build_gpt(weights=str(path))
-    checkpoint = save_tiny(tmp_path / "c.safetensors", labels=("spam", "spam"))
-    with pytest.raises(InputError, match="its labels do not name each class once"):
-        classify.load_classifier(checkpoint)
-
-
-def test_temperatures_out_of_range_are_refused_and_none_is_fitted_on_a_few_messages(
-        tmp_path, capsys):
-    for temperature in (1e-300, 0.01, 21, float("inf")):
-        path = save_tiny(tmp_path / "t.safetensors", calibration={
-            "temperature": temperature, "threshold": None, "target_fpr": None})
-        with pytest.raises(InputError, match="is outside 0.05..20.0"):
-            classify.load_classifier(path)
-    model = tiny_classifier().eval()
-    batches = random_batches(3, batch_size=6, seed=2)  # 6 validation messages
-    result, kept = bcalibrate.calibrate(model, [batches, batches[:1], batches[1:]], "cpu",
-                                        ["not spam", "spam"], 0.05, tmp_path)
-    assert result["temperature"] == kept["temperature"] == 1.0
-    assert "fewer than 20: no temperature is fitted (T = 1)" in capsys.readouterr().out
+    tensors = {n: t.float().clone() for n, t in tensors.items()}
+    tensors[name] = change(tensors[name])
+    bst.save_safetensors(tensors, tmp_path / "model.safetensors")
+    shutil.copy(MINI / "config.json", tmp_path / "config.json")
+    with pytest.raises(InputError, match=problem):
+        gpt.build_gpt(weights=str(tmp_path / "model.safetensors"))
 
 
 def test_a_huge_message_is_cut_before_it_is_tokenized_with_the_same_tokens(tokenizer):
