@@ -22,7 +22,7 @@ from beyond.labels import balance_classes, class_ids, count_labels
 from beyond.lora import lora_description
 from beyond.metrics import (add_metrics_options, baseline_and_calibration, metrics_beyond_accuracy,
                             run_record)
-from beyond.overlap import add_dedup_option, drop_repeated, overlap_metrics
+from beyond.overlap import add_dedup_option, drop_repeated
 from beyond.plot import plt
 from beyond.pooling import add_pool_option
 from beyond.precision import add_precision_option, check_precision, loss_scaled
@@ -233,10 +233,7 @@ def main(argv=None):
         if rank == 0:
             with out_left_as_it_was(out):
                 plot_curves(results, args.epochs, work)
-        metrics = final_metrics(model, loaders, device, class_names(label_ids))
-        # not the book's: the messages also seen in training, and how sure each accuracy is
-        metrics.update(overlap_metrics(model, loaders, splits, label_ids, device,
-                                       metrics["train_accuracy"]))
+        metrics = final_metrics(model, loaders, splits, label_ids, device)
         metrics.update(run_record(args, train_seconds, classifier, cache))
 
         # 6.8 Using the LLM as a spam classifier: saved first (the book classifies its two
@@ -332,9 +329,9 @@ def plot_curves(results, num_epochs, out):
                     label=label, out_dir=out)
 
 
-def final_metrics(model, loaders, device, names):
-    """Section 6.7's accuracies on whole sets, then (beyond/metrics.py) the test
-    set's per-class metrics and confusion matrix."""
+def final_metrics(model, loaders, splits, label_ids, device):
+    """Section 6.7's accuracies on whole sets, then (beyond/metrics.py) the test set's
+    per-class metrics, the messages also seen in training and each accuracy's interval."""
     train_accuracy, val_accuracy, test_accuracy = (
         calc_accuracy_loader(loader, model, device) for loader in loaders)
     print(f"Training accuracy: {train_accuracy*100:.2f}%")
@@ -342,7 +339,8 @@ def final_metrics(model, loaders, device, names):
     print(f"Test accuracy: {test_accuracy*100:.2f}%")
     return {"train_accuracy": train_accuracy, "val_accuracy": val_accuracy,
             "test_accuracy": test_accuracy,
-            **metrics_beyond_accuracy(model, loaders[2], device, names)}
+            **metrics_beyond_accuracy(model, loaders, splits, label_ids, device,
+                                      class_names(label_ids), train_accuracy)}
 
 
 def save_run(classifier, metrics, config, max_length, label_ids, splits, loaders, device,

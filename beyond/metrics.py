@@ -5,22 +5,23 @@ import re
 from beyond.calibrate import calibrate
 from beyond.cli import fraction
 from beyond.files import out_left_as_it_was
-from beyond.overlap import interval_record, seen_in, shown, unseen_accuracy, wilson_interval
-import torch
+from beyond.overlap import held_out_figures, overlap_metrics, predictions, shown
 
 
-def metrics_beyond_accuracy(model, test_loader, device, names):
-    """The test set's per-class precision, recall, F1 and confusion matrix, printed and kept."""
-    model.eval()
+def metrics_beyond_accuracy(model, loaders, splits, label_ids, device, names,
+                            train_accuracy):
+    """The test set's per-class precision, recall, F1 and confusion matrix, then the
+    messages seen in training and every accuracy's interval (beyond/overlap.py),
+    printed and kept; the validation and test sets are classified once for both."""
+    predicted = [predictions(model, loader, device) for loader in loaders[1:]]
+    labels = [[label_ids[label] for label, _ in split] for split in splits[1:]]
     counts = [[0] * len(names) for _ in names]  # counts[true class][predicted class]
-    with torch.inference_mode():
-        for input_batch, target_batch in test_loader:
-            predicted = torch.argmax(model(input_batch.to(device))[:, -1, :], dim=-1)
-            for true, guess in zip(target_batch.tolist(), predicted.tolist()):
-                counts[true][guess] += 1
+    for true, guess in zip(labels[1], predicted[1]):
+        counts[true][guess] += 1
     per_class = per_class_metrics(counts, names)
     print_test_metrics(per_class, counts, names)
-    return {"labels": names, "test_per_class": per_class, "test_confusion_matrix": counts}
+    return {"labels": names, "test_per_class": per_class, "test_confusion_matrix": counts,
+            **overlap_metrics(splits, labels, predicted, loaders[0], train_accuracy)}
 
 
 def run_record(args, train_seconds, classifier, cache):
@@ -95,26 +96,20 @@ def naive_bayes_accuracy(model, rows):
 
 
 def naive_bayes_baseline(label_ids, splits):
-    """The baseline's validation and test accuracy on the same split, each with its
-    95% interval, and on the messages not seen in training (beyond/overlap.py)."""
-    train, validation, test = ([(label_ids[label], text) for label, text in split]
-                               for split in splits)
-    baseline = fit_naive_bayes(train)
-    result, unseen = {}, []
-    for name, rows, split in [("val", validation, splits[1]), ("test", test, splits[2])]:
-        predicted = [predict_naive_bayes(baseline, text) for _, text in rows]
-        labels = [label for label, _ in rows]
-        correct = sum(p == y for p, y in zip(predicted, labels))
-        result[f"{name}_accuracy"] = correct / len(rows)
-        result[f"{name}_accuracy_interval95"] = list(wilson_interval(correct, len(rows)))
-        counts = unseen_accuracy(labels, predicted, seen_in(splits[0], split))
-        result[f"{name}_unseen"] = interval_record(*counts)
-        unseen.append(shown(*counts))
+    """The baseline's validation and test accuracy on the same split, with the same
+    figures as the GPT's (beyond/overlap.py): intervals, and the unseen messages'."""
+    baseline = fit_naive_bayes([(label_ids[label], text) for label, text in splits[0]])
+    labels = [[label_ids[label] for label, _ in split] for split in splits[1:]]
+    predicted = [[predict_naive_bayes(baseline, text) for _, text in split]
+                 for split in splits[1:]]
+    result = {f"{name}_accuracy": sum(p == y for p, y in zip(guess, truth)) / len(truth)
+              for name, truth, guess in zip(("val", "test"), labels, predicted)}
+    figures, unseen = held_out_figures(splits, labels, predicted)
     print(f"Naive Bayes baseline (word counts, same split): validation accuracy "
           f"{result['val_accuracy']*100:.2f}%, test accuracy {result['test_accuracy']*100:.2f}%")
-    print(f"Naive Bayes on the messages not seen in training: validation {unseen[0]}, "
-          f"test {unseen[1]}")
-    return result
+    print(f"Naive Bayes on the messages not seen in training: validation "
+          f"{shown(*unseen[0])}, test {shown(*unseen[1])}")
+    return dict(result, **figures)
 
 
 def add_metrics_options(parser):

@@ -72,32 +72,38 @@ def interval_record(correct, total):
             "total": total, "interval95": list(wilson_interval(correct, total)) if total else None}
 
 
-def overlap_metrics(model, loaders, splits, label_ids, device, train_accuracy,
-                    names=("val", "test")):
+def held_out_figures(splits, labels, predicted):
+    """For validation and test, predictions against labels: each accuracy's interval and
+    the accuracy on the messages not seen in training (a record for metrics.json), and
+    those messages' (correct, total)."""
+    record, unseen = {}, []
+    for name, split, truth, guess in zip(("val", "test"), splits[1:], labels, predicted):
+        correct = sum(p == y for p, y in zip(guess, truth))
+        counts = unseen_accuracy(truth, guess, seen_in(splits[0], split))
+        record[f"{name}_accuracy_interval95"] = list(wilson_interval(correct, len(truth)))
+        record[f"{name}_unseen"] = interval_record(*counts)
+        unseen.append(counts)
+    return record, unseen
+
+
+def overlap_metrics(splits, labels, predicted, train_loader, train_accuracy):
     """After the chapter's final accuracies: how many validation and test messages
     were seen in training, the accuracy on the others and every interval, printed
-    and returned for metrics.json."""
-    train, *held_out = splits
-    seen = [seen_in(train, split) for split in held_out]
-    # the training loader drops its last, incomplete batch: every batch counted is full
-    counted = len(loaders[0]) * loaders[0].data_loader.batch_size
-    record = {"train_accuracy_interval95": list(
-        wilson_interval(round(train_accuracy * counted), counted))}
-    print(f"Seen in training: {sum(seen[0])} of the {len(seen[0])} validation messages "
-          f"and {sum(seen[1])} of the {len(seen[1])} test messages (the same text, "
+    and returned for metrics.json. labels, predicted: validation's and test's."""
+    seen = [sum(seen_in(splits[0], split)) for split in splits[1:]]
+    print(f"Seen in training: {seen[0]} of the {len(splits[1])} validation messages "
+          f"and {seen[1]} of the {len(splits[2])} test messages (the same text, "
           f"leading and trailing whitespace aside)")
-    for name, title, loader, split, was_seen in zip(names, ["Validation", "Test"],
-                                                    loaders[1:], held_out, seen):
-        labels = [label_ids[label] for label, _ in split]
-        predicted = predictions(model, loader, device)
-        correct = sum(p == y for p, y in zip(predicted, labels))
-        unseen = unseen_accuracy(labels, predicted, was_seen)
-        record[f"{name}_seen_in_training"] = sum(was_seen)
-        record[f"{name}_accuracy_interval95"] = list(wilson_interval(correct, len(labels)))
-        record[f"{name}_unseen"] = interval_record(*unseen)
-        print(f"{title} accuracy on the {unseen[1]} messages not seen in training: "
-              + shown(*unseen))
-    return record
+    # the training loader drops its last, incomplete batch: every batch counted is full
+    counted = len(train_loader) * train_loader.data_loader.batch_size
+    record = {"train_accuracy_interval95": list(
+        wilson_interval(round(train_accuracy * counted), counted)),
+        "val_seen_in_training": seen[0], "test_seen_in_training": seen[1]}
+    figures, unseen = held_out_figures(splits, labels, predicted)
+    for title, counts in zip(["Validation", "Test"], unseen):
+        print(f"{title} accuracy on the {counts[1]} messages not seen in training: "
+              + shown(*counts))
+    return dict(record, **figures)
 
 
 def shown(correct, total):
