@@ -2,10 +2,10 @@
 from collections import Counter
 import math
 import re
-from beyond.calibrate import calibrate
+from beyond.calibrate import calibrate, collect_logits
 from beyond.cli import fraction
 from beyond.files import out_left_as_it_was
-from beyond.overlap import held_out_figures, overlap_metrics, predictions, shown
+from beyond.overlap import held_out_figures, overlap_metrics, shown
 
 
 def metrics_beyond_accuracy(model, loaders, splits, label_ids, device, names,
@@ -13,7 +13,8 @@ def metrics_beyond_accuracy(model, loaders, splits, label_ids, device, names,
     """The test set's per-class precision, recall, F1 and confusion matrix, then the
     messages seen in training and every accuracy's interval (beyond/overlap.py),
     printed and kept; the validation and test sets are classified once for both."""
-    predicted = [predictions(model, loader, device) for loader in loaders[1:]]
+    predicted = [collect_logits(loader, model, device)[0].argmax(dim=-1).tolist()
+                 for loader in loaders[1:]]
     labels = [[label_ids[label] for label, _ in split] for split in splits[1:]]
     counts = [[0] * len(names) for _ in names]  # counts[true class][predicted class]
     for true, guess in zip(labels[1], predicted[1]):

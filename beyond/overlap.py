@@ -5,8 +5,6 @@ whitespace is stripped counts as seen; letter case makes another message). Each
 accuracy gets its 95% Wilson score interval; --dedup drops repeated texts first."""
 import math
 
-import torch
-
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a 95% interval
 
 
@@ -48,17 +46,6 @@ def seen_in(train, rows):
     """For each of rows, whether its text (stripped) is also a text of train."""
     texts = {text.strip() for _, text in train}
     return [text.strip() in texts for _, text in rows]
-
-
-def predictions(model, data_loader, device):
-    """The class each message of a loader is given, in the loader's order."""
-    model.eval()
-    predicted = []
-    with torch.no_grad():
-        for input_batch, _ in data_loader:
-            logits = model(input_batch.to(device))[:, -1, :]
-            predicted += torch.argmax(logits, dim=-1).tolist()
-    return predicted
 
 
 def unseen_accuracy(labels, predicted, seen):
