@@ -2,6 +2,7 @@
 statuses for Ctrl-C and SIGTERM, argument types, progress lines, and the
 repository's copy of tiktoken's gpt2 files for a machine without network."""
 import argparse
+import json
 import math
 import os
 import signal
@@ -81,6 +82,45 @@ def repository_tokenizer(error):
                 f"cannot load tiktoken's gpt2 encoding ({type(error).__name__}: {error}). "
                 f"tiktoken downloads it on first use; without network, set "
                 f"TIKTOKEN_CACHE_DIR to a folder holding its cached files.") from None
+
+
+MAX_JSON_DEPTH = 32    # nesting: no file or request of ours needs more than a few levels
+MAX_JSON_NUMBER = 40   # characters of one number: an int of 5,000 digits costs time to read
+
+
+def parse_json(text):
+    """json.loads with bounded nesting and number size, and no NaN or infinity: every
+    failure is one ValueError saying what is wrong (the caller names the file)."""
+    def number(kind):
+        def parse(digits):
+            if len(digits) > MAX_JSON_NUMBER:
+                raise ValueError(f"a number of {len(digits):,} characters")
+            value = kind(digits)
+            if not math.isfinite(value):
+                raise ValueError(f"the number {digits} is out of range")
+            return value
+        return parse
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not a JSON number")
+
+    deep = ValueError(f"it is nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        value = json.loads(text, parse_int=number(int), parse_float=number(float),
+                           parse_constant=refuse)
+    except RecursionError:  # json's parser stops at Python's recursion limit
+        raise deep from None
+    if nesting(value) > MAX_JSON_DEPTH:
+        raise deep
+    return value
+
+
+def nesting(value, depth=0):
+    """How deep lists and objects nest in value (at most MAX_JSON_DEPTH + 1 is looked at)."""
+    if depth > MAX_JSON_DEPTH or not isinstance(value, (list, dict)):
+        return depth
+    items = value.values() if isinstance(value, dict) else value
+    return max((nesting(item, depth + 1) for item in items), default=depth + 1)
 
 
 def terminate(signum, frame):
