@@ -133,11 +133,10 @@ class SpamDataset(Dataset):
         return max_length
 
 
-# Listing 6.5 Creating PyTorch data loaders. A function, for --batch-size. The book's
-# torch.manual_seed(123) before it is left out: a loader draws its shuffle only when
-# iterated, and the first to iterate it (section 6.6's accuracies) seeds first, so the
-# batches are the book's. collate_fn: pad_batch stacks padded messages as the default
-# does, and pads the others (pad=False) per batch
+# Listing 6.5 Creating PyTorch data loaders, a function for --batch-size. The book's
+# torch.manual_seed(123) before it is left out: a loader draws its shuffle when iterated,
+# and the first to iterate it (section 6.6's accuracies) seeds first: the book's batches.
+# collate_fn: pad_batch stacks padded messages as the default does, pads others per batch
 def create_data_loaders(train_dataset, val_dataset, test_dataset, batch_size=8,
                         num_workers=0):
     train_loader = DataLoader(dataset=train_dataset, batch_size=batch_size, shuffle=True,
@@ -159,7 +158,7 @@ def load_messages(path):
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise InputError(f"data file {path} {what}.")
     if zipfile.is_zipfile(path):  # parsed in memory: the zip's folder may be read-only
-        return parse_tsv(read_member(path), f"{path}:{ZIP_MEMBER}", labels=SPAM_LABELS)
+        return read_tsv(f"{path}:{ZIP_MEMBER}", SPAM_LABELS, raw=read_member(path))
     if path.suffix.lower() == ".csv":
         rows = read_labeled_csv(path)
         if not rows:
@@ -189,32 +188,28 @@ def read_csv(path, num_classes=2):
     return rows
 
 
-def read_member(zip_file, member=ZIP_MEMBER):
+def read_member(zip_file):
     """The bytes of zip_file's one expected member; nothing else is read or written."""
     try:
         with zipfile.ZipFile(zip_file) as zip_ref:
-            if member not in zip_ref.namelist():
-                raise InputError(f"{zip_file} has no member {member!r} "
+            if ZIP_MEMBER not in zip_ref.namelist():
+                raise InputError(f"{zip_file} has no member {ZIP_MEMBER!r} "
                                  f"(it has: {', '.join(zip_ref.namelist()[:5]) or 'nothing'}).")
-            return zip_ref.read(member)
+            return zip_ref.read(ZIP_MEMBER)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
         raise InputError(f"{zip_file} is not a readable zip file ({e}).") from None
 
 
-def read_tsv(path, labels=None):
+def read_tsv(path, labels=None, raw=None):
     """[(label, text)] from label<TAB>text lines, read as the chapter's pd.read_csv(path,
     sep="\\t", header=None) reads them: a text opening with a double quote is a quoted field
     that may run over lines (the SMS data has one: 5,572 messages, as in the book); a line
-    without a tab, an unknown label, an empty text or bytes not UTF-8 are errors."""
+    without a tab, an unknown label, an empty text or bytes not UTF-8 are errors. raw: the
+    bytes, already read (path then only names them in errors, as zip:member)."""
     try:
-        raw = Path(path).read_bytes()
+        raw = Path(path).read_bytes() if raw is None else raw
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror or e}.") from None
-    return parse_tsv(raw, path, labels)
-
-
-def parse_tsv(raw, path, labels=None):
-    """read_tsv on bytes; path names them in errors (a file, or zip:member)."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

@@ -50,8 +50,7 @@ def with_progress(loaders):
 
 
 def on_every_rank(classifier, device):
-    """Under torchrun, the classifier inside DDP (which averages the gradients over the
-    ranks) inside WholeBatches (which shares each batch's rows among the ranks)."""
+    """Under torchrun, the classifier inside DDP inside WholeBatches; else itself."""
     if ranks()[1] == 1:
         return classifier
     return WholeBatches(DistributedDataParallel(

@@ -18,10 +18,9 @@ import torch
 
 
 def cache_frozen_prefix(classifier, args, datasets, device, work, cleanup):
-    """Where it applies (not --plain, --cache-memory not 0): the frozen prefix's
-    output of every message, computed up front, within the budget in memory and
-    the rest in a file in the folder `work` (freed by `cleanup`). Returns what
-    the cache was allowed and needed, and how its fill went."""
+    """Where it applies (not --plain, --cache-memory not 0): the frozen prefix's output of
+    every message, computed up front, within the budget in memory and the rest in a file in
+    `work` (freed by `cleanup`). Returns what the cache was allowed, needed, and its fill."""
     cleanup.callback(lambda: classifier.prefix_cache.close())  # frees the spill file
     classifier.round_frozen_prefix()  # bf16/fp16: where the cache stores, in both modes
     budget, source = cache_budget(args.cache_memory, device)
@@ -30,22 +29,21 @@ def cache_frozen_prefix(classifier, args, datasets, device, work, cleanup):
         blocks = "block" if classifier.n_cached == 1 else "blocks"
         print(f"Caching the output of the frozen embeddings and first {classifier.n_cached} "
               f"{blocks} (--plain recomputes them on every batch, as the chapter does)")
-        needed = cache_size(datasets, classifier.gpt.tok_emb.weight.shape[1],
-                            classifier.cache_dtype())
+        # every distinct message, padded where the datasets pad (pool "last" reads padding)
+        lengths = {tuple(ids.tolist()): len(ids) for dataset in datasets for ids, _ in dataset}
+        needed = (sum(lengths.values()) * classifier.gpt.tok_emb.weight.shape[1]
+                  * classifier.cache_dtype().itemsize)
         print(cache_plan(needed, budget, source, work.parent))  # --out
-        # torchrun: each rank fills its share, and all end with every message
-        filled = classifier.fill_prefix_cache(datasets, rank=ranks()[0], world=ranks()[1])
+        filled = classifier.fill_prefix_cache(datasets, *ranks())  # torchrun: a share each
     return {"needed_bytes": needed, "budget_bytes": budget if classifier.n_cached else 0,
             **filled}
 
 
 class GPTClassifier(torch.nn.Module):
-    """GPT-2 with its new head, as the listings call it: model(input_batch)[:, -1, :]
-    is the class logits (b, num_classes) read at the `pool` position. forward
-    returns every position where the chapter's pass computes them (--plain, pool
-    "last"), else only the pooled one: (b, 1, num_classes). fast=True computes the
-    same with less work: the frozen prefix's output (embeddings and frozen blocks)
-    cached per message, and the last block at the pooled position only."""
+    """GPT-2 with its new head, as the listings call it: model(input_batch)[:, -1, :] is the
+    class logits (b, num_classes) read at the `pool` position. forward returns every position
+    where the chapter's pass computes them (--plain, pool "last", fp32), else only the pooled
+    one: (b, 1, num_classes). fast=True: the same with less work (the module's docstring)."""
 
     def __init__(self, gpt, pool="last", pad_token_id=PAD_TOKEN_ID, fast=True,
                  precision="fp32"):
@@ -65,14 +63,24 @@ class GPTClassifier(torch.nn.Module):
         return self.gpt.pos_emb
 
     def forward(self, input_batch):
-        if self.precision != "fp32":  # --precision's speed, outside the chapter's pass
-            return self.mixed_precision_forward(input_batch)
-        if self.fast:
-            return self.fast_forward(input_batch)[:, None, :]
-        outputs = self.gpt(input_batch)  # (b, num_tokens, num_classes)
-        if self.pool == "last":
-            return outputs  # the chapter's GPTModel, whose [:, -1, :] the listings read
-        return self.pool_outputs(outputs, input_batch)[:, None, :]  # --pool's position
+        if self.precision == "fp32" and not self.fast and self.pool == "last":
+            return self.gpt(input_batch)  # the chapter's GPTModel, whose [:, -1, :] is read
+        # --precision bf16/fp16: the autocast opens and closes with each pass; one left open
+        # across optimizer steps keeps reusing its first low-precision copy of the weights,
+        # so training never sees its own updates
+        with self.autocast(input_batch):
+            if self.fast:
+                logits = self.fast_forward(input_batch)
+            else:  # the plain pass, then --pool's position
+                logits = self.pool_outputs(self.gpt(input_batch), input_batch)
+        if self.precision != "fp32":
+            logits = logits.float()  # the logits in float32
+        logits = logits[:, None, :]  # (b, 1, num_classes)
+        if self.grad_scaler is not None and logits.requires_grad:
+            # fp16's loss scaling, applied to the gradient where it enters the
+            # model: the same as the book's loss.backward() on a scaled loss
+            logits.register_hook(self.grad_scaler.scale)
+        return logits
 
     def pool_outputs(self, outputs, input_batch):
         # (b, T, n) -> (b, n): the chapter's outputs[:, -1, :] and its variants
@@ -80,25 +88,6 @@ class GPTClassifier(torch.nn.Module):
         if positions is None:
             return mean_over_real_tokens(outputs, input_batch, self.pad_token_id)
         return take_positions(outputs, positions)[:, 0, :]
-
-    # ------------------------------------ --precision bf16 and fp16
-
-    def mixed_precision_forward(self, input_batch):
-        """forward's result with the matrix products in bfloat16 or float16, logits
-        in float32. The autocast opens and closes with each pass: one left open
-        across optimizer steps keeps reusing its first low-precision copy of the
-        weights, so training never sees its own updates."""
-        with self.autocast(input_batch):
-            if self.fast:
-                logits = self.fast_forward(input_batch)
-            else:  # the plain pass, as forward's ("last": outputs[:, -1, :])
-                logits = self.pool_outputs(self.gpt(input_batch), input_batch)
-        logits = logits.float()[:, None, :]  # (b, 1, num_classes)
-        if self.grad_scaler is not None and logits.requires_grad:
-            # fp16's loss scaling, applied to the gradient where it enters the
-            # model: the same as the book's loss.backward() on a scaled loss
-            logits.register_hook(self.grad_scaler.scale)
-        return logits
 
     def round_frozen_prefix(self):
         """Under bf16/fp16 the cache keeps the frozen prefix's output in that dtype;
@@ -115,8 +104,14 @@ class GPTClassifier(torch.nn.Module):
             lambda block, inputs, output: output.to(dtype).to(output.dtype))
 
     def cache_dtype(self):
-        """The dtype the prefix cache stores: the compute precision's."""
         return PRECISIONS[self.precision] or self.gpt.tok_emb.weight.dtype
+
+    def autocast(self, input_batch):
+        """--precision bf16/fp16's autocast on the batch's device (fp32: none)."""
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(input_batch.device.type, dtype=dtype)
 
     # ------------------------------------ the same result with less work
 
@@ -146,14 +141,12 @@ class GPTClassifier(torch.nn.Module):
             x = x.to(PRECISIONS[self.precision]).to(x.dtype)
         return self.gpt.out_head(self.gpt.final_norm(x[:, 0, :]))
 
-    def fill_prefix_cache(self, datasets, batch_size=32, rank=0, world=1):
+    def fill_prefix_cache(self, datasets, rank=0, world=1, batch_size=32):
         """The frozen prefix of every message, once, up front, in batches of similar
         length (the shortest first, so a budget keeps as many as it can). Under
         torchrun each process computes every world-th batch and broadcasts it.
         Returns the seconds it took, the batches, and how many were computed here."""
         start_time = time.time()
-        if self.n_cached is None:
-            return {"fill_seconds": 0.0, "fill_batches": 0, "fill_batches_computed_here": 0}
         # each distinct message once: the SMS data repeats some texts word for word
         distinct = {tuple(ids.tolist()): ids for dataset in datasets for ids, _ in dataset}
         messages = sorted(distinct.values(), key=len)
@@ -170,7 +163,9 @@ class GPTClassifier(torch.nn.Module):
                     hidden[owner] = broadcast_from(owner, hidden.get(owner), (
                         *batch.shape, self.gpt.tok_emb.weight.shape[1]), self.cache_dtype(),
                         device)
-                self.store(batch, hidden[owner])
+                keys, keep = self.prefix_keys(batch)
+                for row, key in enumerate(keys):
+                    self.prefix_cache.put(key, hidden[owner][row, :keep[row]])
             done = min(starts[first + len(batches) - 1] + batch_size, len(messages))
             progress("caching the frozen layers' output, messages", done, len(messages),
                      start_time)
@@ -196,18 +191,6 @@ class GPTClassifier(torch.nn.Module):
             hidden = self.gpt.trf_blocks[:self.n_cached](hidden)
         return hidden.to(self.cache_dtype())
 
-    def autocast(self, input_batch):
-        """--precision bf16/fp16's autocast on the batch's device (fp32: none)."""
-        dtype = PRECISIONS[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(input_batch.device.type, dtype=dtype)
-
-    def store(self, input_batch, hidden):
-        keys, keep = self.prefix_keys(input_batch)
-        for row, key in enumerate(keys):
-            self.prefix_cache.put(key, hidden[row, :keep[row]])
-
     def frozen_prefix(self, input_batch):
         """Output of the embeddings and the first n_cached blocks, (b, T, emb_dim),
         each message computed once (keyed as prefix_keys says)."""
@@ -222,10 +205,9 @@ class GPTClassifier(torch.nn.Module):
                 rows[i] = hidden[row, :keep[i]]
                 self.prefix_cache.put(keys[i], rows[i])
         weight = self.gpt.tok_emb.weight
-        b, num_tokens = input_batch.shape
         # in the weights' dtype (float32 under --precision bf16/fp16): the residual
         # stream's, which holds the cache's values exactly
-        x = torch.zeros(b, num_tokens, weight.shape[1], dtype=weight.dtype,
+        x = torch.zeros(*input_batch.shape, weight.shape[1], dtype=weight.dtype,
                         device=input_batch.device)
         for i, key in enumerate(keys):
             x[i, :keep[i]] = rows[i] if i in rows else self.prefix_cache.get(key, x.device)
@@ -241,9 +223,8 @@ def embed(gpt, in_idx):
 def frozen_prefix_length(gpt):
     """How many leading blocks (after the embeddings) never change, or None when
     their output cannot be cached: trainable embeddings or dropout."""
-    if any(p.requires_grad for p in [gpt.tok_emb.weight, gpt.pos_emb.weight]):
-        return None
-    if any(m.p > 0 for m in gpt.modules() if isinstance(m, torch.nn.Dropout)):
+    if (any(p.requires_grad for p in [gpt.tok_emb.weight, gpt.pos_emb.weight])
+            or any(m.p > 0 for m in gpt.modules() if isinstance(m, torch.nn.Dropout))):
         return None
     n = 0
     while n < len(gpt.trf_blocks) and not any(
@@ -252,31 +233,26 @@ def frozen_prefix_length(gpt):
     return n or None
 
 
-def attention_at(att, normed, positions):
-    """A block's MultiHeadAttention `att` asked for some positions only: a function of
-    those rows' inputs (b, 1, d_in) whose keys and values come from every position
-    of `normed` (b, T, d_in), the block's norm1 output, up to each row's position."""
-    def attention(x):
+def last_block_at(block, x, positions):
+    """block(x)[i, positions[i]] for each row, (b, T, d) -> (b, 1, d): the chapter's
+    TransformerBlock.forward itself, run on the pooled rows, on a view of the block
+    whose attention still reads every position. A view, not the block changed for
+    the call: threads may share the model."""
+    att, normed = block.att, block.norm1(x)  # normed: (b, T, d), for the keys and values
+
+    def attention(rows):  # (b, 1, d): each row's query, up to the row's own position
         keys = att.split_heads(att.W_key(normed))
         values = att.split_heads(att.W_value(normed))
-        queries = att.split_heads(att.W_query(x))
+        queries = att.split_heads(att.W_query(rows))
         key_pos = torch.arange(normed.shape[1], device=x.device)
         mask = key_pos <= positions[:, None]  # (b, T): causal for that query
         context = torch.nn.functional.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask[:, None, None, :],
             dropout_p=att.dropout.p if att.training else 0.0)
         return att.out_proj(context.transpose(1, 2).reshape(x.shape[0], 1, att.d_out))
-    return attention
 
-
-def last_block_at(block, x, positions):
-    """block(x)[i, positions[i]] for each row, (b, T, d) -> (b, 1, d): the chapter's
-    TransformerBlock.forward itself, run on the pooled rows, on a view of the block
-    whose attention (attention_at) still reads every position. A view, not the block
-    changed for the call: threads may share the model."""
-    view = SimpleNamespace(norm1=block.norm1, att=attention_at(block.att, block.norm1(x),
-                                                                positions),
-                           drop_resid=block.drop_resid, norm2=block.norm2, ff=block.ff)
+    view = SimpleNamespace(norm1=block.norm1, att=attention, drop_resid=block.drop_resid,
+                           norm2=block.norm2, ff=block.ff)
     return type(block).forward(view, take_positions(x, positions))
 
 
@@ -284,15 +260,12 @@ ARENA_BYTES = 64 * 2**20  # the prefix cache's buffers: large enough to be few
 
 
 class PrefixCache:
-    """The frozen prefix's hidden states, one (tokens, emb_dim) tensor per
-    message, in the compute dtype: kept on the device up to `budget` bytes, the
-    rest appended to a spill file in `spill_dir` and read back per message (no
-    file: recomputed when needed). In memory, the messages are views into a few
-    large buffers (ARENA_BYTES each), not a tensor each: thousands of small
-    allocations of many lengths, between the fill's large temporaries, left
-    the allocator holding gigabytes more than the cache. The file is a
-    tempfile.TemporaryFile, which has no name on disk, so nothing is left there,
-    whatever ends the run; close() frees its space."""
+    """The frozen prefix's hidden states, one (tokens, emb_dim) tensor per message: on the
+    device up to `budget` bytes, the rest appended to a spill file in `spill_dir` and read
+    back per message (no file: recomputed). In memory, views into a few large buffers: a
+    tensor each, thousands of small allocations between the fill's large temporaries, left
+    the allocator holding gigabytes more than the cache. The file has no name on disk
+    (tempfile.TemporaryFile): nothing is left there, whatever ends the run."""
 
     def __init__(self, budget=None, spill_dir=None):
         self.budget, self.spill_dir = budget, spill_dir
@@ -320,19 +293,15 @@ class PrefixCache:
     def place(self, hidden, nbytes):
         """A copy of hidden in the current arena (a new one when it is full)."""
         size = (nbytes + 7) // 8 * 8  # a view's offset: a multiple of its element size
-        arena = self.arena
-        if (arena is None or arena.device != hidden.device
-                or self.arena_used + size > arena.numel()):
+        if (self.arena is None or self.arena.device != hidden.device
+                or self.arena_used + size > self.arena.numel()):
             room = ARENA_BYTES if self.budget is None else min(
                 ARENA_BYTES, self.budget - self.memory_bytes)
-            arena = self.arena = torch.empty(max(room, size), dtype=torch.uint8,
-                                             device=hidden.device)
+            self.arena = torch.empty(max(room, size), dtype=torch.uint8, device=hidden.device)
             self.arena_used = 0
-        raw = arena[self.arena_used:self.arena_used + nbytes]
+        copy = self.arena[self.arena_used:self.arena_used + nbytes].view(hidden.dtype)
         self.arena_used += size
-        copy = raw.view(hidden.dtype).view(hidden.shape)
-        copy.copy_(hidden)
-        return copy
+        return copy.view(hidden.shape).copy_(hidden)
 
     def spill(self, key, hidden, nbytes):
         try:
@@ -362,13 +331,6 @@ class PrefixCache:
         if self.file is not None:
             self.file.close()
             self.file = None
-
-
-def cache_size(datasets, emb_dim, dtype):
-    """Bytes the prefix cache needs for every distinct message of the datasets
-    (padded where the datasets pad: pool "last" reads a padding position)."""
-    lengths = {tuple(ids.tolist()): len(ids) for dataset in datasets for ids, _ in dataset}
-    return sum(lengths.values()) * emb_dim * dtype.itemsize
 
 
 def add_fast_options(parser):

@@ -20,9 +20,8 @@ def lora_description(args):
 
 
 def lora_base_file(lora, checkpoint, base_weights=None):
-    """A LoRA checkpoint's base weights file and the hint an error about it gives:
-    --base-weights, else where finetune.py read it, else the Hub's pretrained file. Its
-    size is checked here, its sha256 by lora_base."""
+    """A LoRA checkpoint's base weights file, checked by size and sha256: --base-weights,
+    else where finetune.py read it, else the Hub's pretrained file."""
     if base_weights:
         # a folder or OpenAI's prefix names a file: the one fingerprinted
         weights = weights_file(base_weights, flag="--base-weights")
@@ -36,14 +35,12 @@ def lora_base_file(lora, checkpoint, base_weights=None):
         what = "is a folder" if weights.is_dir() else "does not exist"
         raise InputError(f"{checkpoint} holds LoRA adapters for the base weights {weights}, "
                          f"which {what}: {hint}.")
-    if os.path.getsize(weights) != lora["bytes"]:
-        raise not_the_base(weights, checkpoint, hint)
-    return weights, hint
-
-
-def not_the_base(weights, checkpoint, hint):
-    return InputError(f"{weights} is not the base {checkpoint} was fine-tuned on (its "
-                      f"size or sha256 differs, so its predictions would too): {hint}.")
+    # the size first: the sha256 is one pass over the whole file
+    if (os.path.getsize(weights) != lora["bytes"]
+            or file_fingerprint(weights)[1] != lora["sha256"]):
+        raise InputError(f"{weights} is not the base {checkpoint} was fine-tuned on (its "
+                         f"size or sha256 differs, so its predictions would too): {hint}.")
+    return weights
 
 
 class LoRALayer(torch.nn.Module):
@@ -92,10 +89,7 @@ def lora_base(info, checkpoint, base_weights, GPTModel, load_gpt2_file):
         torch.manual_seed(lora["seed"])  # finetune.py seeds the same way
         gpt = GPTModel(config)
     else:
-        weights, hint = lora_base_file(lora, checkpoint, base_weights)
-        if file_fingerprint(weights)[1] != lora["sha256"]:  # the one pass over the file
-            raise not_the_base(weights, checkpoint, hint)
-        gpt = load_gpt2_file(weights, config)
+        gpt = load_gpt2_file(lora_base_file(lora, checkpoint, base_weights), config)
     with torch.device("meta"):
         gpt.out_head = torch.nn.Linear(config["emb_dim"], info["num_classes"])
         replace_linear_with_lora(gpt.trf_blocks, lora["rank"], lora["alpha"])

@@ -3,7 +3,6 @@ import argparse
 import contextlib
 import os
 import re
-
 import torch
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

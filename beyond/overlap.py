@@ -54,11 +54,6 @@ def unseen_accuracy(labels, predicted, seen):
     return sum(p == y for p, y in pairs), len(pairs)
 
 
-def interval_record(correct, total):
-    return {"accuracy": correct / total if total else None, "correct": correct,
-            "total": total, "interval95": list(wilson_interval(correct, total)) if total else None}
-
-
 def held_out_figures(splits, labels, predicted):
     """For validation and test, predictions against labels: each accuracy's interval and
     the accuracy on the messages not seen in training (a record for metrics.json), and
@@ -66,10 +61,12 @@ def held_out_figures(splits, labels, predicted):
     record, unseen = {}, []
     for name, split, truth, guess in zip(("val", "test"), splits[1:], labels, predicted):
         correct = sum(p == y for p, y in zip(guess, truth))
-        counts = unseen_accuracy(truth, guess, seen_in(splits[0], split))
         record[f"{name}_accuracy_interval95"] = list(wilson_interval(correct, len(truth)))
-        record[f"{name}_unseen"] = interval_record(*counts)
-        unseen.append(counts)
+        right, total = unseen_accuracy(truth, guess, seen_in(splits[0], split))
+        record[f"{name}_unseen"] = {
+            "accuracy": right / total if total else None, "correct": right, "total": total,
+            "interval95": list(wilson_interval(right, total)) if total else None}
+        unseen.append((right, total))
     return record, unseen
 
 

@@ -4,7 +4,6 @@ import random
 
 
 def sample(rows, n, seed):
-    """pandas' df.sample(n, random_state=seed) on a list: the same n rows in the same order."""
     return [rows[i] for i in sample_order(len(rows), seed)[:n]]
 
 

@@ -53,32 +53,6 @@ CONTROL_ESCAPES = {c: chr(c).encode("unicode_escape").decode()
                    for c in [*range(0x20), *range(0x7f, 0xa0)]}
 
 
-def line_batches(stream, size):
-    """The lines of a binary stream in lists of at most `size`, one as soon as every
-    line that has arrived is in one: a pause in the input shows the answers so far."""
-    pending = queue.Queue(maxsize=size)  # bounded: memory stays flat however long the input
-
-    def read():  # each line as it arrives; then None, or the OSError that ended it
-        try:
-            for line in stream:
-                pending.put(line.removesuffix(b"\n"))
-            pending.put(None)
-        except OSError as e:
-            pending.put(e)
-
-    threading.Thread(target=read, daemon=True).start()
-    lines = []
-    while (line := pending.get()) is not None:
-        if isinstance(line, OSError):
-            raise InputError(f"cannot read stdin: {line.strerror or line}.")
-        lines.append(line)
-        if len(lines) == size or pending.empty():
-            yield lines
-            lines = []
-    if lines:
-        yield lines
-
-
 def utf8_text(raw, what):
     """Bytes as text: those that are not UTF-8 become U+FFFD, and a note names `what`."""
     try:
@@ -89,9 +63,36 @@ def utf8_text(raw, what):
         return raw.decode("utf-8", errors="replace")
 
 
-def text_batches(args_texts, stdin, size=CHUNK):
-    """The texts to classify in lists: the TEXTs, and for "-" each line of stdin."""
+def stdin_batches(stream):
+    """The lines of a binary stream as texts, in lists of at most CHUNK, one as soon as every
+    line that has arrived is in one: a pause in the input shows the answers so far."""
+    pending = queue.Queue(maxsize=CHUNK)  # bounded: memory stays flat however long the input
+
+    def read():  # each line as it arrives; then None, or the OSError that ended it
+        try:
+            for line in stream:
+                pending.put(line.removesuffix(b"\n"))
+            pending.put(None)
+        except OSError as e:
+            pending.put(e)
+
+    threading.Thread(target=read, daemon=True).start()
     texts, number = [], 0
+    while (line := pending.get()) is not None:
+        if isinstance(line, OSError):
+            raise InputError(f"cannot read stdin: {line.strerror or line}.")
+        number += 1
+        texts.append(utf8_text(line.removesuffix(b"\r"), f"line {number} of stdin"))
+        if len(texts) == CHUNK or pending.empty():
+            yield texts
+            texts = []
+    if texts:
+        yield texts
+
+
+def text_batches(args_texts, stdin):
+    """The texts to classify in lists: the TEXTs, and for "-" each line of stdin."""
+    texts = []
     for text in args_texts:
         if text != "-":
             texts.append(text)
@@ -99,10 +100,7 @@ def text_batches(args_texts, stdin, size=CHUNK):
         if texts:
             yield texts
             texts = []
-        for lines in line_batches(stdin, size):
-            yield [utf8_text(line.removesuffix(b"\r"), f"line {number + i} of stdin")
-                   for i, line in enumerate(lines, 1)]
-            number += len(lines)
+        yield from stdin_batches(stdin)
     if texts:
         yield texts
 
@@ -111,14 +109,14 @@ def printable(text):
     return text.translate(CONTROL_ESCAPES)
 
 
-def print_result(text, probas, labels, as_json, show_all, threshold=None, explanation=None):
-    if as_json:
+def print_result(text, probas, explanation, labels, args, threshold):
+    if args.json:
         print(json.dumps(result_record(text, probas, labels, threshold, explanation),
                          allow_nan=False))
         return
     best = predicted_class(probas, threshold)
     names = [printable(name) for name in labels]
-    if show_all:
+    if args.all:
         shown = "  ".join(f"P({name})={p:.3f}" for name, p in zip(names, probas))
     elif len(labels) == 2 and labels[1] == "spam":
         shown = f"P(spam)={probas[1]:.3f}"  # the one number a spam filter thresholds
@@ -145,8 +143,7 @@ def classify_and_print(batches, model, tokenizer, device, info, args, threshold)
             for text in texts:
                 if text.strip():
                     probas, explanation = next(answers)
-                    print_result(text, probas, info["labels"], args.json, args.all, threshold,
-                                 explanation)
+                    print_result(text, probas, explanation, info["labels"], args, threshold)
                 else:  # a blank line gets a line too: output line N answers input line N
                     print(json.dumps({"text": text, "error": BLANK}) if args.json
                           else f"-\t{BLANK}\t{printable(text)}")
@@ -237,13 +234,12 @@ def check_texts(parser, args):
 
 def classify_arguments(args, model, info, device, tokenizer):
     """classify.py's TEXTs (and stdin's lines for -), classified and printed in order."""
-    checkpoint = args.checkpoint
     validated = args.threshold == "validated"  # else the chapter's argmax: no threshold
     if validated and info["num_classes"] != 2:
-        raise InputError(f"{checkpoint} has {info['num_classes']} classes: --threshold "
+        raise InputError(f"{args.checkpoint} has {info['num_classes']} classes: --threshold "
                          f"validated is for two (a threshold on P(class 1)); leave it out.")
     if validated and info["threshold"] is None:
-        raise InputError(f"{checkpoint} has no validated threshold: it was saved before "
+        raise InputError(f"{args.checkpoint} has no validated threshold: it was saved before "
                          f"finetune.py chose one. Fine-tune again, or leave out --threshold "
                          f"validated.")
     threshold = info["threshold"] if validated else None
@@ -255,6 +251,6 @@ def classify_arguments(args, model, info, device, tokenizer):
     try:
         done = classify_and_print(batches, model, tokenizer, device, info, args, threshold)
     except NonFiniteLogits as e:
-        raise InputError(f"{checkpoint}: {e}") from None
+        raise InputError(f"{args.checkpoint}: {e}") from None
     if not done:
         raise InputError("no message to classify: stdin was empty.")
