@@ -302,8 +302,10 @@ def fill_under_torchrun(args, work):
             "fill_batches_computed_by_rank_0": run["prefix_cache"]["fill_batches_computed_here"],
             "test_accuracy": run["test_accuracy"], "losses": run["losses"]})
     one, two = report["runs"]
+    ratio = f"{one['fill_seconds'] / two['fill_seconds']:.2f}x" if two["fill_seconds"] \
+        else "too short to compare"  # seconds are rounded: a tiny model's fill reads 0.0
     print(f"cache fill: {one['fill_seconds']} s with 1 process, {two['fill_seconds']} s with 2 "
-          f"({one['fill_seconds'] / two['fill_seconds']:.2f}x); printed losses "
+          f"({ratio}); printed losses "
           f"{'the same' if one['losses'] == two['losses'] else 'DIFFERENT'}")
     return report
 

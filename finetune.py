@@ -20,8 +20,8 @@ from beyond.files import (add_out_option, out_left_as_it_was, publish_run, said_
 from beyond.finite import stops_if_diverged
 from beyond.labels import balance_classes, class_ids, count_labels
 from beyond.lora import lora_description
-from beyond.metrics import (add_metrics_options, baseline_and_calibration, metrics_beyond_accuracy,
-                            run_record)
+from beyond.metrics import (add_metrics_options, baseline_and_calibration, check_target_fpr,
+                            metrics_beyond_accuracy, run_record)
 from beyond.overlap import add_dedup_option, drop_repeated
 from beyond.plot import plt
 from beyond.pooling import add_pool_option
@@ -260,6 +260,7 @@ def prepare_splits(args, df, out):
     if args.dedup:  # not the book's: no message both in training and in evaluation
         df = drop_repeated(df)
     label_ids = class_ids(df)  # the book's {"ham": 0, "spam": 1}; any labels: sorted
+    check_target_fpr(args.target_fpr, label_ids)  # not the book's: a two-class flag
     if not args.no_balance:
         # listing 6.2 for ham and spam; any other labels: beyond/labels.py, alike
         balance = create_balanced_dataset if label_ids == SPAM_LABELS else balance_classes
@@ -307,9 +308,8 @@ def fine_tune(model, loaders, device, args, checkpoint):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     if args.precision == "fp16":  # not the chapter's: float16's gradients need scaling
         optimizer = loss_scaled(optimizer, model, device)
-    # not the chapter's: weights that stop being finite numbers end the run at that step
-    optimizer = stops_if_diverged(optimizer, model, len(loaders[0]), args)
-    with said_if_interrupted(checkpoint):
+    # not the chapter's: outputs that stop being finite numbers end the run at that step
+    with said_if_interrupted(checkpoint), stops_if_diverged(model, len(loaders[0]), args):
         results = train_classifier_simple(model, loaders[0], loaders[1], optimizer, device,
                                           num_epochs=args.epochs, eval_freq=50, eval_iter=5)
     end_time = time.time()

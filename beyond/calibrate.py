@@ -140,7 +140,8 @@ def calibrate(model, loaders, device, names, target_fpr, out):
                   test_ece_after=expected_calibration_error(after, test_targets))
     plot_reliability(reliability_bins(before, test_targets),
                      reliability_bins(after, test_targets), temperature, out)
-    print(f"Temperature scaling (fitted on the validation split): T = {temperature:.3f}, "
+    fitted = "fitted on the validation split" if fewest >= MIN_PER_CLASS else "none fitted"
+    print(f"Temperature scaling ({fitted}): T = {temperature:.3f}, "
           f"validation NLL {result['val_nll_before']:.3f} -> {result['val_nll_after']:.3f}")
     if temperature > 0.99 * TEMPERATURE_RANGE[1] or temperature < 1.01 * TEMPERATURE_RANGE[0]:
         result["temperature_at_bound"] = True
@@ -172,7 +173,11 @@ def operating_point(val_scores, val_targets, test_scores, test_targets, names, t
     if roc_auc is not None:
         print(f"Test ROC AUC {roc_auc:.3f}, PR AUC (average precision) {pr_auc:.3f}, "
               f"{names[1]} as the positive class")
-    if None not in (threshold, test_fpr, test_recall):
+    if threshold is None:
+        print(f"note: the validation split has no {names[0]} message, so no threshold for "
+              f"--target-fpr is chosen: classify.py --threshold validated will refuse this "
+              f"checkpoint")
+    elif None not in (test_fpr, test_recall):
         print(f"Threshold P({names[1]}) > {threshold:.4f} for a validation false-positive "
               f"rate <= {target_fpr:.1%} (there: {val_fpr:.1%}); on the test split: "
               f"false-positive rate {test_fpr:.1%}, recall {test_recall:.1%}")

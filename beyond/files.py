@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 import contextlib
 import json
+import signal
 import sys
 import tempfile
 from beyond.cli import InputError, interrupted_status
@@ -66,21 +67,51 @@ def publish_run(metrics, work, checkpoint, names):
             raise InputError("a metric of this run is not a finite number (NaN or infinity): "
                              "nothing is saved.") from None
         write_atomically(work / "metrics.json", text + "\n")
-    # renames within one file system, each file whole, old or new; the checkpoint goes
-    # last: if a rename fails, it is still the earlier run's
-    moved = []
-    for path in sorted(work.iterdir(), key=lambda p: p.suffix == ".safetensors"):
-        try:
-            os.replace(path, out / path.name)
-        except OSError as e:
-            raise InputError(
-                f"cannot move {path.name} into {out}: {e.strerror or e}. Replaced by this "
-                f"run's: {', '.join(moved) or 'none'}; the other files in {out} are the "
-                f"earlier run's.") from None
-        moved.append(path.name)
+    with signals_held():  # Ctrl-C or SIGTERM now: the moves finish first, then it stops
+        replace_all(work, out)
     plots = "reliability-plot.svg" + (", roc-plot.svg, pr-plot.svg" if len(names) == 2 else "")
     print(f"Saved {checkpoint}, metrics.json, loss-plot.svg, accuracy-plot.svg, "
           f"{plots} and the CSV splits in {out}")
+
+
+def replace_all(work, out):
+    """Every file of work moved into out over the earlier run's: renames within one file
+    system, each file whole. The earlier files are set aside first; if a move fails,
+    they are put back and this run's removed, so out is the one run's or the other's."""
+    # the checkpoint last: should the process be killed, out keeps the earlier model
+    paths = sorted(work.iterdir(), key=lambda path: (path.suffix == ".safetensors", path.name))
+    earlier = work / ".earlier"
+    earlier.mkdir()
+    moved = []
+    try:
+        for path in paths:
+            if (out / path.name).exists():
+                os.replace(out / path.name, earlier / path.name)
+            moved.append(path.name)
+            os.replace(path, out / path.name)
+    except OSError as e:
+        for name in reversed(moved):
+            with contextlib.suppress(OSError):
+                os.replace(out / name, work / name)
+            with contextlib.suppress(OSError):
+                os.replace(earlier / name, out / name)
+        raise InputError(f"cannot move {path.name} into {out}: {e.strerror or e}. Nothing in "
+                         f"{out} was replaced.") from None
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM wait until the block is done, then act as they would have."""
+    caught = []
+    held = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
+            for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in caught[:1]:
+            signal.raise_signal(signum)
 
 
 @contextlib.contextmanager

@@ -1,9 +1,9 @@
 """Non-finite is an error: weights that hold NaN or infinity are refused when they
-load, and a fine-tune whose weights stop being finite numbers (a learning rate too
+load, and a fine-tune whose outputs stop being finite numbers (a learning rate too
 high, a precision too low) stops at that step with one error, publishing nothing."""
+import contextlib
 from beyond.cli import InputError
 import torch
-
 
 
 def all_finite(tensors):
@@ -18,32 +18,35 @@ def check_finite_weights(model, source):
                              f"are damaged.")
 
 
-class StopsIfDiverged:
-    """The optimizer as listing 6.10 calls it (zero_grad, step); after each step the
-    trained weights are checked, and weights that stopped being finite end the run
-    with an error naming the epoch and step, before anything is evaluated or saved."""
-
-    def __init__(self, optimizer, params, steps_per_epoch, hint):
-        self.optimizer, self.params = optimizer, params
-        self.steps_per_epoch, self.hint, self.global_step = steps_per_epoch, hint, 0
-
-    def zero_grad(self):
-        self.optimizer.zero_grad()
-
-    def step(self):
-        self.optimizer.step()
-        if not all_finite(self.params):
-            epoch, step = self.global_step // self.steps_per_epoch + 1, self.global_step
-            raise InputError(f"training diverged in epoch {epoch}, at step {step:06d}: the "
-                             f"weights are no longer finite numbers (NaN or infinity), so "
-                             f"nothing of this run is saved. {self.hint}")
-        self.global_step += 1
+def refuse_non_finite_outputs(model, source):
+    """gpt.py's continuation: logits that are not finite numbers are an error, not text."""
+    def check(module, inputs, output):
+        if not all_finite([output]):
+            raise InputError(f"{source}: the model's logits are not all finite numbers (NaN "
+                             f"or infinity): the weights are damaged or out of range.")
+    model.register_forward_hook(check)
 
 
-def stops_if_diverged(optimizer, model, steps_per_epoch, args):
-    """The optimizer for listing 6.10, wrapped so that a diverging run stops."""
-    hint = (f"Lower --lr (now {args.lr:g})"
-            + (", or train in --precision fp32" if args.precision != "fp32" else "")
-            + ", and check that the weights are the ones meant.")
-    params = [p for p in model.parameters() if p.requires_grad]
-    return StopsIfDiverged(optimizer, params, steps_per_epoch, hint)
+@contextlib.contextmanager
+def stops_if_diverged(model, steps_per_epoch, args):
+    """While listing 6.10 trains: a forward pass of the model whose outputs are no longer
+    finite numbers (a loss about to be NaN, in training or in its evaluation) ends the run
+    with an error naming the epoch and step, before that loss is printed or stepped on."""
+    trained = [-1]  # the step being trained: one training forward pass each
+
+    def check(module, inputs, output):
+        trained[0] += module.training  # an evaluation is named after the step it follows
+        step = trained[0]
+        if not all_finite([output]):
+            raise InputError(
+                f"training diverged in epoch {step // steps_per_epoch + 1}, at step "
+                f"{step:06d}: the model's outputs are no longer finite numbers (NaN or "
+                f"infinity), so nothing of this run is saved. Lower --lr (now {args.lr:g})"
+                + (", or train in --precision fp32" if args.precision != "fp32" else "")
+                + ", and check that the weights are the ones meant.")
+
+    hook = model.register_forward_hook(check)
+    try:
+        yield
+    finally:
+        hook.remove()

@@ -3,9 +3,12 @@ from collections import Counter
 import math
 import re
 from beyond.calibrate import calibrate, collect_logits
-from beyond.cli import fraction
+from beyond.cli import InputError, fraction
 from beyond.files import out_left_as_it_was
 from beyond.overlap import held_out_figures, overlap_metrics, shown
+
+
+TARGET_FPR = 0.01  # --target-fpr: one real message in a hundred flagged
 
 
 def metrics_beyond_accuracy(model, loaders, splits, label_ids, device, names,
@@ -27,7 +30,10 @@ def metrics_beyond_accuracy(model, loaders, splits, label_ids, device, names,
 
 def run_record(args, train_seconds, classifier, cache):
     """What metrics.json keeps of the run: training time, flags, the prefix cache's use."""
-    return {"train_seconds": round(train_seconds, 1), "args": vars(args),
+    gpt = classifier.gpt  # a --weights file's own config makes it no --model size
+    size = f"{len(gpt.trf_blocks)} layers, emb_dim {gpt.tok_emb.embedding_dim}"
+    model = args.model if args.weights in ("pretrained", "random") else f"{args.weights} ({size})"
+    return {"model": model, "train_seconds": round(train_seconds, 1), "args": vars(args),
             "prefix_cache": dict(cache, memory_bytes=classifier.prefix_cache.memory_bytes,
                                  file_bytes=classifier.prefix_cache.file_bytes)}
 
@@ -113,8 +119,15 @@ def naive_bayes_baseline(label_ids, splits):
     return dict(result, **figures)
 
 
+def check_target_fpr(target_fpr, label_ids):
+    """Before training: --target-fpr sets a threshold on P(class 1), a two-class decision."""
+    if len(label_ids) > 2 and target_fpr != TARGET_FPR:
+        raise InputError(f"--target-fpr is for two classes (a threshold on P(class 1)); the "
+                         f"data has {len(label_ids)}: leave it out.")
+
+
 def add_metrics_options(parser):
-    parser.add_argument("--target-fpr", type=fraction, default=0.01, metavar="RATE",
+    parser.add_argument("--target-fpr", type=fraction, default=TARGET_FPR, metavar="RATE",
                         help="after the test metrics (two classes): choose the threshold on "
                              "P(spam) whose false-positive rate on the validation split, the "
                              "share of real messages flagged as spam, is at most RATE; saved "

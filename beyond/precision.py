@@ -25,7 +25,9 @@ def loss_scaled(optimizer, model, device):
     """The optimizer for --precision fp16, and the classifier's scaler set."""
     scaler = torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler") \
         else torch.cuda.amp.GradScaler()  # before torch 2.3
-    getattr(model, "module", model).grad_scaler = scaler  # inside DistributedDataParallel
+    while hasattr(model, "module"):  # torchrun: inside WholeBatches(DistributedDataParallel)
+        model = model.module
+    model.grad_scaler = scaler
     return LossScaledOptimizer(optimizer, scaler)
 
 
