@@ -6,7 +6,7 @@ import argparse
 
 from beyond.cli import repository_tokenizer, run_cli
 from beyond.download import download_gpt2
-from beyond.finite import check_finite_weights
+from beyond.finite import check_finite_weights, refuse_non_finite_outputs
 from beyond.weights import (add_weights_options, check_gpt2_size, checked_value, find_weights,
                             read_params, settings_for)
 import torch
@@ -210,7 +210,7 @@ def load_gpt2(weights, model_name="gpt2-small", config=None):
     if config is None:
         config, config_file = settings_for(form, path, model_config(model_name),
                                            BASE_CONFIG)
-    params = read_params(form, path, config["n_layers"])
+    params = read_params(form, path)
     source = f"{path.parent} (OpenAI's checkpoint)" if form == "tf" else str(path)
     known = {name: model_config(name) for name in MODEL_NAMES}
     check_gpt2_size(params, config, source, known, config_file)
@@ -312,6 +312,7 @@ def main(argv=None):
         parser.error("--weights must be 'pretrained' or a path here")
     tokenizer = get_tokenizer()
     model, config = build_gpt(args.model, args.weights)
+    refuse_non_finite_outputs(model, args.weights)  # not the chapter's: as classify.py does
     token_ids = generate_text_simple(
         model=model, idx=text_to_token_ids(args.prompt, tokenizer),
         max_new_tokens=args.max_new_tokens, context_size=config["context_length"])

@@ -2,7 +2,7 @@
 and its checks when classify.py reads it back, before anything large is allocated."""
 import json
 from beyond.calibrate import TEMPERATURE_RANGE
-from beyond.cli import InputError
+from beyond.cli import InputError, parse_json
 from beyond.pooling import POOLS
 from beyond.safetensors import check_floating
 from beyond.weights import check_config
@@ -41,8 +41,8 @@ def read_checkpoint_metadata(path, metadata, sizes):
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise bad(f"its format is {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     try:
-        config = json.loads(metadata["config"])
-        labels = json.loads(metadata["labels"])
+        config = parse_json(metadata["config"])  # bounded: a crafted file is read in no time
+        labels = parse_json(metadata["labels"])
         info = {key: int(metadata[key]) for key in ("num_classes", "max_length", "pad_token_id")}
         pool = metadata["pool"]
     except (KeyError, ValueError, TypeError) as e:
@@ -63,7 +63,7 @@ def read_checkpoint_metadata(path, metadata, sizes):
     if pool not in POOLS:
         raise bad(f"unknown pooling {pool!r}")
     try:
-        lora = json.loads(metadata["lora"]) if "lora" in metadata else None
+        lora = parse_json(metadata["lora"]) if "lora" in metadata else None
     except ValueError:
         lora = "not JSON"
     if lora is not None and not valid_lora(lora, config, sizes):
@@ -81,7 +81,7 @@ def read_calibration(text, info, bad):
     if text is None:
         return 1.0, None
     try:
-        calibration = json.loads(text)
+        calibration = parse_json(text)
         temperature, threshold = calibration["temperature"], calibration["threshold"]
     except (ValueError, KeyError, TypeError):
         raise bad("its calibration is malformed") from None

@@ -8,7 +8,7 @@ import mmap
 import os
 import struct
 from pathlib import Path
-from beyond.cli import InputError
+from beyond.cli import InputError, parse_json
 import torch
 
 
@@ -44,8 +44,8 @@ def read_safetensors_header(path):
                                   f"has {file_size:,} (truncated?)")
             raw_header = f.read(header_len)
         try:
-            header = json.loads(raw_header.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            header = parse_json(raw_header.decode("utf-8"))
+        except ValueError as e:  # not UTF-8, not JSON, too deep or too long a number
             raise DamagedFile(f"its header is not JSON ({e})") from None
         if not isinstance(header, dict):
             raise DamagedFile("its header is not a JSON object")

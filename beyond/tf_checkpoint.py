@@ -109,9 +109,14 @@ def read_table(raw):
     footer = raw[-TABLE_FOOTER_BYTES:]
     _, pos = block_handle(footer)  # the metaindex block: TensorFlow leaves it empty
     index_handle, _ = block_handle(footer, pos)
-    table = {}
+    table, end = {}, 0
     for _, handle in block_entries(raw, index_handle):
-        table.update(block_entries(raw, block_handle(handle)[0]))
+        (offset, size), _ = block_handle(handle)
+        if offset < end:  # the blocks follow one another: each checksum is computed once
+            raise DamagedFile(f"the index names a block at byte {offset:,}, inside one it "
+                              f"named before")
+        table.update(block_entries(raw, (offset, size)))
+        end = offset + size + 5  # the block, its type and its crc32c
     return table
 
 

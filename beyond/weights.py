@@ -1,24 +1,29 @@
 """GPT-2's weights in the three forms --weights takes (the Hub's safetensors,
 the book's .pth, OpenAI's TensorFlow checkpoint) as the book's nested params."""
-import json
+import pickle
 import re
+import zipfile
 from pathlib import Path
-from beyond.cli import InputError
+from beyond.cli import InputError, parse_json
 from beyond.download import gpt2_weights_path
-from beyond.safetensors import load_safetensors
+from beyond.safetensors import DamagedFile, load_safetensors
 from beyond.tf_checkpoint import read_tf_checkpoint, tf_data_file
 import torch
 
 
-def read_params(form, path, n_layers):
+def read_params(form, path):
     """The book's nested params from one file, every tensor a view of the file
     mapped into memory (a .pth's fused c_attn aside): nothing read yet."""
-    if form == "safetensors":
-        return params_from_hub(load_safetensors(path)[0])
-    if form == "pth":
-        return params_from_book(read_pth(path))
-    prefix = tf_prefix(path)
-    return params_from_tf(read_tf_checkpoint(prefix), n_layers, f"{prefix}.index")
+    source = f"{tf_prefix(path)}.index" if form == "tf" else path
+    try:
+        if form == "safetensors":
+            return params_from_hub(load_safetensors(path)[0])
+        if form == "pth":
+            return params_from_book(read_pth(path))
+        return params_from_tf(read_tf_checkpoint(tf_prefix(path)))
+    except DamagedFile as e:
+        raise InputError(f"{source} cannot be GPT-2's weights: {e}. Download or save them "
+                         f"again.") from None
 
 
 def settings_for(form, path, config, base):
@@ -40,7 +45,7 @@ def check_gpt2_size(params, config, source, known, config_file=None):
         raise InputError(f"{source} has no token or position embedding (wte, wpe): "
                          f"not GPT-2 weights.")
     wte, wpe = tuple(params["wte"].shape), tuple(params["wpe"].shape)
-    layers = sum(1 for block in params["blocks"] if block)
+    layers = len(params["blocks"])
     needs = "the model needs" if config_file is None else f"{config_file} says"
     if wte != (config["vocab_size"], config["emb_dim"]) or layers != config["n_layers"]:
         fits = [name for name, size in known.items()
@@ -114,8 +119,8 @@ def config_from_json(path, base, naming=None):
     """Our config from a JSON file of hyper-parameters in one of CONFIG_NAMES'
     namings; naming None: the Hub's where the file has n_embd, else the book's."""
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = parse_json(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8 or not JSON
         raise InputError(f"cannot read the model config {path}: {e}.") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: the model config is not a JSON object.")
@@ -145,47 +150,57 @@ def check_config(config, source):
     return config
 
 
-def params_from_tf(variables, n_layers, source):
+def params_from_tf(variables):
     """The book's load_gpt2_params_from_tf_ckpt without TensorFlow: "model/h0/attn/c_attn/w"
-    -> params["blocks"][0]["attn"]["c_attn"]["w"], squeezed ([1, in, out] -> (in, out))."""
-    params = {"blocks": [{} for _ in range(n_layers)]}
+    -> params["blocks"][0]["attn"]["c_attn"]["w"], squeezed ([1, in, out] -> (in, out));
+    "model/ln_f/g" -> params["g"]."""
+    params = {"blocks": {}}
     for name, tensor in variables.items():
         if not name.startswith("model/"):
             continue
         parts = name.split("/")[1:]  # without the "model/" prefix
-        layer = int(parts[0][1:]) if parts[0][:1] == "h" and parts[0][1:].isdecimal() else None
-        if layer is not None and layer >= n_layers:
-            raise InputError(f"{source} has a layer {parts[0]}, but the model config "
-                             f"has {n_layers} layers.")
-        nested(params, parts[1:-1], layer)[parts[-1]] = tensor.squeeze()
+        keys = ["blocks", layer_number(parts[0][1:], name), *parts[1:]] \
+            if parts[0][:1] == "h" else parts[-1:]
+        place(params, keys, tensor.squeeze(), name)
     return params
 
 
-def nested(target, keys, layer=None):
-    """target[keys[0]][keys[1]]..., made as needed; with layer, in that block of params."""
-    if layer is not None:
-        target["blocks"].extend({} for _ in range(layer + 1 - len(target["blocks"])))
-        target = target["blocks"][layer]
-    for key in keys:
-        target = target.setdefault(key, {})
-    return target
+def layer_number(text, name):
+    """The block a tensor's name puts it in: 0 to 999 (check_config's limit) in ASCII
+    digits; int() would read "١" or "01" as 1, taking another tensor's place."""
+    if not re.fullmatch("0|[1-9][0-9]{0,2}", text):
+        raise DamagedFile(f"tensor {name} has the layer number {text!r}, not one of 0 to 999")
+    return int(text)
+
+
+def place(params, keys, tensor, name):
+    """params[keys[0]][keys[1]]... = tensor, the dicts made as needed. params["blocks"]
+    is {layer: block}, indexed as the book's list: a layer number allocates nothing."""
+    target = params
+    for key in keys[:-1]:  # not a dict: a tensor, which another name goes on inside
+        target = target.setdefault(key, {}) if isinstance(target, dict) else None
+    if not isinstance(target, dict) or isinstance(target.get(keys[-1]), dict):
+        raise DamagedFile(f"the name of tensor {name} puts it inside another tensor, or "
+                          f"another inside it")
+    target[keys[-1]] = tensor
 
 
 def params_from_hub(tensors):
     """The Hub's names ("h.0.attn.c_attn.weight", Conv1D weights already (in, out))
     -> the book's nested params; the h.N.attn.bias mask buffers are left out."""
-    params = {"blocks": []}
+    params = {"blocks": {}}
     for name, tensor in tensors.items():
         parts = name.removeprefix("transformer.").split(".")
         if parts[:1] in (["wte"], ["wpe"]) and parts[1:] == ["weight"]:
-            params[parts[0]] = tensor
+            place(params, parts[:1], tensor, name)
         elif parts[0] == "ln_f" and len(parts) == 2:
-            params[{"weight": "g", "bias": "b"}.get(parts[1], parts[1])] = tensor
-        elif parts[0] == "h" and len(parts) in (4, 5) and parts[1].isdecimal() and \
-                parts[-1] in ("weight", "bias") and parts[2:4] != ["attn", "bias"]:
-            target = nested(params, parts[2:-1], int(parts[1]))
+            place(params, [{"weight": "g", "bias": "b"}.get(parts[1], parts[1])], tensor, name)
+        elif parts[0] == "h" and len(parts) in (4, 5) and parts[-1] in ("weight", "bias") \
+                and parts[2:4] != ["attn", "bias"]:
             layer_norm = parts[2].startswith("ln_")
-            target[{"weight": "g" if layer_norm else "w", "bias": "b"}[parts[-1]]] = tensor
+            key = {"weight": "g" if layer_norm else "w", "bias": "b"}[parts[-1]]
+            place(params, ["blocks", layer_number(parts[1], name), *parts[2:-1], key], tensor,
+                  name)
     return params
 
 
@@ -206,17 +221,24 @@ def params_from_book(state):
     for name in [name for name in state if ".att.W_query." in name]:
         qkv = [state.get(name.replace("W_query", m)) for m in ("W_query", "W_key", "W_value")]
         if all(t is not None for t in qkv):  # a missing one is reported as missing
+            # checked first: torch.cat would turn an integer or a bool W_query into floats
+            if len({(t.dtype, t.shape) for t in qkv}) > 1 or not qkv[0].is_floating_point() \
+                    or qkv[0].dim() != (2 if name.endswith(".weight") else 1):
+                found = ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in qkv)
+                raise DamagedFile(f"{name} and its W_key and W_value are {found}, not floats "
+                                  f"of one shape, matrices (vectors for biases)")
             # (3 * out, in), transposed below: the one copy this format needs
             state[name.replace("W_query", "c_attn")] = torch.cat(qkv)
-    params = {"blocks": []}
+    params = {"blocks": {}}
     for name, tensor in state.items():
-        block = re.fullmatch(r"trf_blocks\.([0-9]+)\.(.+)\.([^.]+)", name)
+        block = re.fullmatch(r"trf_blocks\.([^.]+)\.(.+)\.([^.]+)", name)
         if name in BOOK_NAMES:
-            params[BOOK_NAMES[name]] = tensor
+            place(params, [BOOK_NAMES[name]], tensor, name)
         elif block and block[2] in BOOK_BLOCK_NAMES:
-            target = nested(params, BOOK_BLOCK_NAMES[block[2]], int(block[1]))
             key = {"scale": "g", "shift": "b", "weight": "w", "bias": "b"}.get(block[3], block[3])
-            target[key] = tensor.T if block[3] == "weight" else tensor
+            transpose = block[3] == "weight" and tensor.dim() == 2  # else the shape check names it
+            place(params, ["blocks", layer_number(block[1], name), *BOOK_BLOCK_NAMES[block[2]],
+                           key], tensor.T if transpose else tensor, name)
     return params
 
 
@@ -224,6 +246,7 @@ def read_pth(path):
     """The book's .pth, memory-mapped: torch.load(weights_only=True) runs no code."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        short = short_pth_record(path)
     except Exception as e:  # torch raises several kinds for a damaged or unsafe file
         if "Weights only load failed" in str(e):
             # torch names the class it refused: "Unsupported global: GLOBAL m.C"
@@ -233,13 +256,52 @@ def read_pth(path):
             raise InputError(f"{path} was refused by torch.load(weights_only=True): it refers "
                              f"to {what}, not only to tensors (nothing in it was run).") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
-        raise InputError(f"{path} could not be read by torch.load(weights_only=True): "
+        raise InputError(f"{path} could not be read as torch.save writes a .pth: "
                          f"{first.rstrip('.')}.") from None
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise InputError(f"{path} does not hold a state_dict (names -> tensors) as the "
                          f"book's torch.save(model.state_dict()) writes.")
+    if short:
+        raise InputError(f"{path} is damaged: its record {short}; save it again with "
+                         f"torch.save(model.state_dict(), PATH).")
     return state
+
+
+# bytes per element of the storage classes torch.save names (any other: at least 1)
+STORAGE_ITEMSIZES = {"DoubleStorage": 8, "LongStorage": 8, "FloatStorage": 4, "IntStorage": 4,
+                     "HalfStorage": 2, "BFloat16Storage": 2, "ShortStorage": 2}
+
+
+def short_pth_record(path):
+    """'NAME has N bytes, its tensors need M' for a .pth's first record shorter than its
+    pickle says, else None: torch.load(mmap=True) does not check (without mmap it reads
+    every byte), and a short record's tensor would take the bytes after it. The pickle is
+    read again with a stand-in for every class: nothing is imported or run."""
+    class StandIn(dict):  # built from any arguments, holding what the pickle puts in it
+        def __init__(self, *args):
+            pass
+
+    class Reader(pickle.Unpickler):
+        def find_class(self, module, name):  # a storage class's name, or a stand-in
+            return name if name.endswith("Storage") else StandIn
+
+        def persistent_load(self, saved_id):  # ("storage", its class, key, where, numel)
+            _, storage, key, _, numel = saved_id
+            needs[key] = max(needs.get(key, 0), numel * STORAGE_ITEMSIZES.get(storage, 1))
+            return StandIn()
+
+    needs = {}
+    with zipfile.ZipFile(path) as archive:
+        pickled = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+        with archive.open(pickled) as f:
+            Reader(f).load()
+        for key, size in needs.items():
+            record = archive.getinfo(pickled.removesuffix("data.pkl") + f"data/{key}")
+            if record.file_size < size:
+                return f"{record.filename} has {record.file_size:,} bytes, its tensors need " \
+                       f"{size:,}"
+    return None
 
 
 def checked_value(params, keys, transform, param, name, source):
