@@ -1,9 +1,6 @@
-"""What a fine-tuned classifier is, and section 6.8: using it.
-
-Listing 6.12, then the checkpoint: review_classifier.safetensors, saved and
-loaded, and the choice of device. finetune.py trains and saves with this file;
-this file never imports finetune.py. Pooling, the prefix cache, LoRA, the
-server, explanations and reading many texts are in beyond/.
+"""Section 6.8: listing 6.12 classifies a text; then the checkpoint finetune.py saves
+(review_classifier.safetensors) and loads, and the choice of device. Pooling, the
+prefix cache, LoRA, the server, explanations and many texts are in beyond/.
 
 python classify.py "You are a winner you have been specially selected ..."
 python classify.py --checkpoint runs/a/review_classifier.safetensors - < messages.txt
@@ -11,7 +8,8 @@ python classify.py --checkpoint runs/a/review_classifier.safetensors - < message
 import argparse
 import os
 
-from beyond.checkpoint import check_tensors, checkpoint_metadata, read_checkpoint_metadata
+from beyond.checkpoint import (check_tensors, checkpoint_metadata, empty_gpt,
+                               read_checkpoint_metadata)
 from beyond.cli import InputError, run_cli, torch_version
 from beyond.explain import add_explain_options
 from beyond.fast import GPTClassifier
@@ -80,14 +78,10 @@ def load_classifier(path, device="cpu", base_weights=None, precision="fp32"):
     """The chapter's model.load_state_dict(torch.load(...)) of a checkpoint finetune.py
     wrote: (GPTClassifier, metadata), every tensor checked against an empty ("meta")
     model first, then taken memory-mapped, not copied. base_weights: under LoRA adapters."""
-    try:
-        entries, metadata = read_safetensors_header(path)
-    except InputError:
-        if not os.path.exists(path):
-            raise InputError(f"no checkpoint at {path}. Fine-tune one first with "
-                             f"python finetune.py (it writes {CHECKPOINT_NAME}), or pass "
-                             f"--checkpoint PATH.") from None
-        raise
+    if not os.path.exists(path):
+        raise InputError(f"no checkpoint at {path}. Fine-tune one first with python "
+                         f"finetune.py (it writes {CHECKPOINT_NAME}), or pass --checkpoint PATH.")
+    entries, metadata = read_safetensors_header(path)
     known = {name: model_config(name) for name in MODEL_NAMES}
     info = read_checkpoint_metadata(path, metadata, known)
     lora = info["lora"]
@@ -99,7 +93,7 @@ def load_classifier(path, device="cpu", base_weights=None, precision="fp32"):
         expected = {name: tuple(t.shape) for name, t in gpt.state_dict().items()
                     if ".lora." in name or name.startswith("out_head.")}
     else:
-        gpt = empty_gpt(info["config"], info["num_classes"])
+        gpt = empty_gpt(GPTModel, info["config"], info["num_classes"])
         expected = {name: tuple(t.shape) for name, t in gpt.state_dict().items()}
     check_tensors(entries, expected, path)  # every one there, of its shape, floats
     tensors, _ = load_safetensors(path)
@@ -108,21 +102,6 @@ def load_classifier(path, device="cpu", base_weights=None, precision="fp32"):
     model = GPTClassifier(gpt, pool=info["pool"], pad_token_id=info["pad_token_id"],
                           precision=precision)
     return model.to(device).eval(), info
-
-
-def empty_gpt(config, num_classes):
-    """A GPTModel with a num_classes head whose parameters take no memory and no
-    time: "meta" tensors, to be replaced by a checkpoint's."""
-    reset = torch.nn.Embedding.reset_parameters
-    # normal_ on meta tensors imports torch._dynamo, a second of start-up
-    torch.nn.Embedding.reset_parameters = lambda self: None
-    try:
-        with torch.device("meta"):
-            gpt = GPTModel(config)
-            gpt.out_head = torch.nn.Linear(config["emb_dim"], num_classes)
-    finally:
-        torch.nn.Embedding.reset_parameters = reset
-    return gpt
 
 
 def add_device_option(parser, default, what):

@@ -160,10 +160,7 @@ def load_messages(path):
     if zipfile.is_zipfile(path):  # parsed in memory: the zip's folder may be read-only
         return read_tsv(f"{path}:{ZIP_MEMBER}", SPAM_LABELS, raw=read_member(path))
     if path.suffix.lower() == ".csv":
-        rows = read_labeled_csv(path)
-        if not rows:
-            raise InputError(f"{path} holds no messages.")
-        return rows
+        return read_labeled_csv(path)
     return read_tsv(path, labels=SPAM_LABELS if path.name.startswith(ZIP_MEMBER) else None)
 
 
@@ -277,6 +274,8 @@ def read_labeled_csv(path):
         raise InputError(f"cannot read {path}: {e.strerror or e}.") from None
     except (UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"{path} is not a readable UTF-8 CSV file ({e}).") from None
+    if not rows:
+        raise InputError(f"{path} holds no messages.")
     return rows
 
 

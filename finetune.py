@@ -188,9 +188,8 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, label="los
 # ------------------------------------------------ the chapter's script, in its order
 
 def main(argv=None):
-    """The chapter's script, section by section. Not the book's: under torchrun every
-    process runs it and rank 0 prints and saves (beyond/distributed.py); the outputs
-    go to a work folder, moved into --out once the run has succeeded (beyond/files.py)."""
+    """The chapter's script, section by section. Not the book's: under torchrun every rank
+    runs it and rank 0 prints and saves, into a work folder moved into --out at the end."""
     rank, world, local_rank = torchrun_ranks()
     with printing_rank(rank), contextlib.ExitStack() as cleanup:
         with said_by_rank_0(rank):  # every rank meets a bad flag or bad data; one says so
@@ -371,12 +370,10 @@ def classify_examples(model, tokenizer, device, max_length):
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Fine-tune GPT-2 to classify SMS messages as spam or not spam, as chapter "
-                    "6 does. With no flags it runs the whole chapter: downloads the data and "
-                    "the gpt2-small weights, fine-tunes for 5 epochs, writes train/validation/"
-                    "test.csv, loss-plot.svg, accuracy-plot.svg and review_classifier."
-                    "safetensors. After the chapter's metrics: a temperature fitted on "
-                    "validation, expected calibration error, reliability-plot.svg and, for two "
-                    "classes, roc-plot.svg, pr-plot.svg and a threshold for --target-fpr.",
+                    "6 does. With no flags it runs the whole chapter (downloads, 5 epochs) and "
+                    "writes train/validation/test.csv, loss-plot.svg, accuracy-plot.svg and "
+                    "review_classifier.safetensors; beyond it, metrics.json, a calibration "
+                    "(reliability-plot.svg; for two classes roc-plot.svg, pr-plot.svg).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_device_option(parser, "auto", "where to train (section 6.6's device)")
     add_weights_options(parser, MODEL_NAMES, random="'random' (untrained: appendix B's "
@@ -420,8 +417,6 @@ def parse_and_check(argv, world):
     if args.max_length and args.max_length > config["context_length"]:
         parser.error(f"--max-length {args.max_length} is above the model's context "
                      f"length {config['context_length']}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out} is a file; it takes a folder (made if missing)")
     check_trainable_options(parser, args)
     check_precision(args.precision, device)
     return args, device, config

@@ -249,9 +249,6 @@ def params_targets(gpt, params):
     lines as one table. OpenAI's Conv1D weights are (in, out), Linear's (out, in):
     transposed; c_attn holds query, key and value side by side: split in three.
     out_head is tied to wte as in the book, unless params has its own (a .pth)."""
-    def transposed(t):
-        return t.T
-
     targets = [(gpt.pos_emb.weight, ["wpe"], None), (gpt.tok_emb.weight, ["wte"], None),
                (gpt.final_norm.scale, ["g"], None), (gpt.final_norm.shift, ["b"], None),
                (gpt.out_head.weight, ["out_head" if "out_head" in params else "wte"], None)]
@@ -264,7 +261,7 @@ def params_targets(gpt, params):
                          lambda t, i=i: t.chunk(3, dim=-1)[i])]
         for linear, keys in [(att.out_proj, ["attn", "c_proj"]),
                              (ff.layers[0], ["mlp", "c_fc"]), (ff.layers[2], ["mlp", "c_proj"])]:
-            targets += [(linear.weight, ["blocks", b, *keys, "w"], transposed),
+            targets += [(linear.weight, ["blocks", b, *keys, "w"], lambda t: t.T),
                         (linear.bias, ["blocks", b, *keys, "b"], None)]
         for norm, key in [(block.norm1, "ln_1"), (block.norm2, "ln_2")]:
             targets += [(norm.scale, ["blocks", b, key, "g"], None),
@@ -285,7 +282,6 @@ def matched_params(gpt, params, source):
 
 
 # ----------------------------------------------------- the tokenizer and the command line
-
 
 def get_tokenizer():
     """The chapter's tiktoken.get_encoding("gpt2"); offline, the repository's copy."""

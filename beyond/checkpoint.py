@@ -6,6 +6,7 @@ from beyond.cli import InputError, parse_json
 from beyond.pooling import POOLS
 from beyond.safetensors import check_floating
 from beyond.weights import check_config
+import torch
 
 
 CHECKPOINT_FORMAT = "gpt2-classifier/1"
@@ -121,3 +122,18 @@ def check_tensors(entries, expected, path):
             raise InputError(f"{path}: tensor {name} has shape {found[name]}, but its own "
                              f"config needs {shape}.")
     check_floating(entries, expected, path)
+
+
+def empty_gpt(GPTModel, config, num_classes):
+    """A GPTModel (gpt.py's class) with a num_classes head whose parameters take no
+    memory and no time: "meta" tensors, to be replaced by a checkpoint's."""
+    reset = torch.nn.Embedding.reset_parameters
+    # normal_ on meta tensors imports torch._dynamo, a second of start-up
+    torch.nn.Embedding.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            gpt = GPTModel(config)
+            gpt.out_head = torch.nn.Linear(config["emb_dim"], num_classes)
+    finally:
+        torch.nn.Embedding.reset_parameters = reset
+    return gpt

@@ -1,12 +1,13 @@
 """The --out folder written whole or not at all: atomic writes, a work folder,
 and the move into --out once a run has succeeded."""
-import os
-from pathlib import Path
+import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import tempfile
+from pathlib import Path
 from beyond.cli import InputError, interrupted_status
 from beyond.distributed import ranks
 from beyond.safetensors import write_kept
@@ -127,8 +128,14 @@ def said_if_interrupted(checkpoint):
         sys.exit(interrupted_status(e))
 
 
+def out_folder(text):
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; it takes a folder (made if missing)")
+    return text
+
+
 def add_out_option(parser):
-    parser.add_argument("--out", default=".", metavar="DIR",
+    parser.add_argument("--out", type=out_folder, default=".", metavar="DIR",
                         help="where the CSV splits, plots, metrics.json and the checkpoint "
                              "are written (the chapter: the current directory); they replace "
                              "the earlier run's only once this run has succeeded")
