@@ -42,8 +42,8 @@ def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
     download_file(url, zip_path, "the SMS Spam Collection",
                   "pass a local copy of SMSSpamCollection (or the UCI zip) with --data PATH")
 
-    # Unzipping the file and adding the .tsv: not extractall and os.rename, which would
-    # write any path the archive names (such as ../x); the one member, written whole
+    # Unzipping the file and adding the .tsv: not extractall and os.rename; the one member
+    # read and written whole, so that ranks unzipping at once never read half a file
     try:
         write_atomically(data_file_path, read_member(zip_path))
     finally:

@@ -164,7 +164,7 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter):
 # Listing 6.11 Plotting the classification loss (out_dir: --out's work folder)
 def plot_values(epochs_seen, examples_seen, train_values, val_values, label="loss",
                 out_dir="."):
-    # plt is beyond/plot.py's stand-in for matplotlib.pyplot: it draws an SVG by hand
+    # plt: beyond/plot.py's stand-in for matplotlib.pyplot (not a dependency), an SVG
     fig, ax1 = plt.subplots(figsize=(5, 3))
 
     # Plot training and validation loss against epochs
@@ -276,10 +276,10 @@ def prepare_splits(args, df, out):
 
 def create_datasets(out, tokenizer, args, context_length, num_classes):
     """Section 6.3's three SpamDatasets, cut to the training set's max_length."""
-    # not the book's: --pool's other positions read real tokens, so pad per batch
+    # not the book's: --pool's other positions read only real tokens: pad per batch, less work
     settings = {"pad": args.pool == "last", "num_classes": num_classes}
     train_dataset = SpamDataset(out / "train.csv", tokenizer, args.max_length, **settings)
-    if train_dataset.max_length > context_length:  # the book asserts this; here it cuts
+    if train_dataset.max_length > context_length:  # rasbt's notebook asserts; here it cuts
         train_dataset = SpamDataset(out / "train.csv", tokenizer, context_length, **settings)
     max_length = train_dataset.max_length
     val_dataset = SpamDataset(out / "validation.csv", tokenizer, max_length, **settings)

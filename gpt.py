@@ -184,9 +184,9 @@ def build_gpt(model_name="gpt2-small", weights="pretrained", models_dir="gpt2"):
     if weights == "random":
         config = model_config(model_name)
         return GPTModel(config).eval(), config
-    # the book's BASE_CONFIG.update(model_configs[CHOOSE_MODEL]) and model_size line are
-    # in download_and_load_gpt2, whose settings are that config (or the one beside a
-    # local file) in BASE_CONFIG's keys, where the book's are OpenAI's hparams
+    # the book's BASE_CONFIG.update(model_configs[CHOOSE_MODEL]) is model_config, its
+    # model_size beyond/download.py's RELEASES; settings: that config (or the one beside a
+    # local file) in BASE_CONFIG's keys, where the book's settings are OpenAI's hparams
     settings, params = download_and_load_gpt2(model_name, weights, models_dir)
     model = GPTModel(settings)
     load_weights_into_gpt(model, params)

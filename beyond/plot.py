@@ -6,8 +6,11 @@ from beyond.files import write_atomically
 
 WIDTH, HEIGHT = 500, 300
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 48, 44  # the margins around the axes
-TRAIN_STYLE = 'stroke="#1f77b4"'  # solid, as in the chapter
-VALIDATION_STYLE = 'stroke="#ff7f0e" stroke-dasharray="7 4"'  # dashed
+COLORS = ["#1f77b4", "#ff7f0e"]  # Matplotlib's first two
+DASHES = {"-": "", "--": ' stroke-dasharray="7 4"', "-.": ' stroke-dasharray="7 3 2 3"',
+          ":": ' stroke-dasharray="2 3"'}  # Matplotlib's line styles
+TRAIN_STYLE = f'stroke="{COLORS[0]}"'
+VALIDATION_STYLE = f'stroke="{COLORS[1]}"{DASHES["--"]}'
 CHANCE_STYLE = 'stroke="#999" stroke-dasharray="3 3"'
 
 
@@ -32,10 +35,10 @@ def scales(x_ticks, y_ticks):
             / (y_ticks[-1] - y_ticks[0]))
 
 
-def svg_figure(epochs_seen, examples_seen, train_values, val_values, label):
-    """plot_values' figure as SVG text: training (solid) and validation (dashed) values
-    against epochs, examples seen on the top axis (the book's ax1.twiny()), a legend."""
-    values = [v for v in train_values + val_values if math.isfinite(v)]  # Axes.plot's lists
+def svg_figure(epochs_seen, examples_seen, curves, x_label, y_label, top_label):
+    """plot_values' figure as SVG text: curves [(values, name, style)] against epochs,
+    examples seen on the top axis (the book's ax1.twiny()), a legend."""
+    values = [v for curve, _, _ in curves for v in curve if math.isfinite(v)]
     y_ticks = nice_ticks(min(values, default=0.0), max(values, default=1.0))
     x_ticks = nice_ticks(0.0, epochs_seen[-1] if epochs_seen[-1] > 0 else 1.0)
     sx, sy = scales(x_ticks, y_ticks)
@@ -43,19 +46,19 @@ def svg_figure(epochs_seen, examples_seen, train_values, val_values, label):
     per_epoch = examples_seen[-1] / epochs_seen[-1] if epochs_seen[-1] else 0
     top_ticks = [(sx(n / per_epoch), n) for n in nice_ticks(0.0, max(per_epoch * x_ticks[-1], 1))
                  if n <= per_epoch * x_ticks[-1] + 1e-9] if per_epoch else []
-    ends = [v[-1] for v in (train_values, val_values) if len(v) and math.isfinite(v[-1])]
+    ends = [v[-1] for v, _, _ in curves if len(v) and math.isfinite(v[-1])]
     curves_end_high = bool(ends) and sum(ends) / len(ends) > (y_ticks[0] + y_ticks[-1]) / 2
-    svg = svg_axes(label, [(sx(x), x) for x in x_ticks], top_ticks, [(sy(y), y) for y in y_ticks])
-    for curve, style in [(train_values, TRAIN_STYLE), (val_values, VALIDATION_STYLE)]:
+    svg = svg_axes(escape(y_label), [(sx(x), x) for x in x_ticks], top_ticks,
+                   [(sy(y), y) for y in y_ticks], escape(x_label), escape(top_label))
+    for curve, _, style in curves:
         svg.append(svg_curve([(sx(x), sy(y)) for x, y in zip(epochs_seen, curve)
                               if math.isfinite(y)], style))
-    svg += svg_key([(f"Training {label}", TRAIN_STYLE), (f"Validation {label}", VALIDATION_STYLE)],
+    svg += svg_key([(escape(name), style) for _, name, style in curves],
                    "bottom right" if curves_end_high else "top right", first_row=13)
     return "\n".join(svg + ["</svg>"]) + "\n"
 
 
-def svg_axes(label, bottom_ticks, top_ticks, left_ticks, x_label="Epochs",
-             top_label="Examples seen"):
+def svg_axes(y_label, bottom_ticks, top_ticks, left_ticks, x_label, top_label):
     """The frame, ticks and axis labels; ticks are (position, value) pairs."""
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
            f'viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="11">',
@@ -74,7 +77,7 @@ def svg_axes(label, bottom_ticks, top_ticks, left_ticks, x_label="Epochs",
         f'<text x="{middle}" y="{HEIGHT - 8}" text-anchor="middle">{x_label}</text>',
         f'<text x="{middle}" y="14" text-anchor="middle">{top_label}</text>',
         f'<text transform="translate(16 {(TOP + HEIGHT - BOTTOM) / 2}) rotate(-90)" '
-        f'text-anchor="middle">{label.capitalize()}</text>']
+        f'text-anchor="middle">{y_label}</text>']
 
 
 def svg_curve(points, style):
@@ -88,8 +91,8 @@ def plot_unit_square(path, title, x_label, y_label, curves, key_corner="bottom r
     """Curves [(name, points, style)] on axes from 0 to 1, as an SVG in the loss plot's style."""
     ticks = nice_ticks(0.0, 1.0)
     sx, sy = scales(ticks, ticks)
-    svg = svg_axes(y_label, [(sx(t), t) for t in ticks], [], [(sy(t), t) for t in ticks],
-                   x_label=x_label, top_label=escape(title))
+    svg = svg_axes(y_label.capitalize(), [(sx(t), t) for t in ticks], [],
+                   [(sy(t), t) for t in ticks], x_label, escape(title))
     svg += [svg_curve([(sx(x), sy(y)) for x, y in points], style)
             for _, points, style in curves if points]
     svg += svg_key([(escape(name), style) for name, _, style in curves], key_corner)
@@ -113,20 +116,25 @@ def svg_key(entries, corner, first_row=12):
 
 
 class Axes:
-    """The curves one set of axes was given (Matplotlib's Axes)."""
+    """What listing 6.11 gives one set of axes (Matplotlib's Axes): curves and labels."""
 
     def __init__(self, figure):
-        self.figure, self.lines = figure, []
+        self.figure, self.lines, self.labels = figure, [], {}
         figure.axes.append(self)
 
     def plot(self, x, y, label=None, linestyle="-", alpha=1.0):
-        # the styles are the chapter's own: solid training, dashed validation
-        self.lines.append(([float(v) for v in x], [float(v) for v in y], label))
+        # alpha=0, the listing's invisible curve, is not drawn: it only places the top axis
+        style = f'stroke="{COLORS[len(self.lines) % 2]}"{DASHES[linestyle]}'
+        self.lines.append(([float(v) for v in x], [float(v) for v in y], label, style))
 
-    def legend(self, *text):
-        pass  # svg_figure draws the chapter's axis labels and legend
+    def set_xlabel(self, text):
+        self.labels["x"] = text
 
-    set_xlabel = set_ylabel = legend
+    def set_ylabel(self, text):
+        self.labels["y"] = text
+
+    def legend(self):
+        pass  # svg_figure draws a legend of the labelled curves
 
     def twiny(self):
         return Axes(self.figure)
@@ -143,10 +151,11 @@ class PyPlot:
         pass  # the SVG's margins are fixed
 
     def savefig(self, path):
-        # two curves against epochs (the first axes), examples seen on the top axis (the second)
-        (epochs, train_values, train_label), (_, val_values, _) = self.axes[0].lines[:2]
-        write_atomically(path, svg_figure(epochs, self.axes[1].lines[0][0], train_values,
-                                          val_values, train_label.removeprefix("Training ")))
+        # the curves against epochs (the first axes), examples seen on the top axis (the second)
+        first, top = self.axes
+        write_atomically(path, svg_figure(first.lines[0][0], top.lines[0][0],
+                                          [line[1:] for line in first.lines], first.labels["x"],
+                                          first.labels["y"], top.labels["x"]))
 
 
 plt = PyPlot()
