@@ -113,11 +113,8 @@ def add_device_option(parser, default, what):
 def select_device(name):
     """The chapter's torch.device("cuda" if torch.cuda.is_available() else "cpu"), and
     its note's mps (from torch 2.9: earlier ones computed differently there), by --device."""
-    available = ["cpu"]
-    if torch.cuda.is_available():
-        available.append("cuda")
-    if torch.backends.mps.is_available():
-        available.append("mps")
+    available = [name for name, here in [("cpu", True), ("cuda", torch.cuda.is_available()),
+                                         ("mps", torch.backends.mps.is_available())] if here]
     if name == "auto":
         mps = "mps" in available and torch_version() >= (2, 9)
         return torch.device("cuda" if "cuda" in available else "mps" if mps else "cpu")
@@ -158,8 +155,7 @@ def main(argv=None):
     check_precision(args.precision, device)
     model, info = load_classifier(args.checkpoint, device, args.base_weights, args.precision)
     if args.serve:  # not the chapter's: a page and an API (beyond/serve.py)
-        return serve(model, info, args.checkpoint, device, get_tokenizer(), args.host,
-                     args.port)
+        return serve(model, info, args, device, get_tokenizer())
     # classify_review's steps for many texts at once, printed (beyond/stream.py)
     classify_arguments(args, model, info, device, get_tokenizer())
 

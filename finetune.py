@@ -417,6 +417,8 @@ def parse_and_check(argv, world):
     if args.max_length and args.max_length > config["context_length"]:
         parser.error(f"--max-length {args.max_length} is above the model's context "
                      f"length {config['context_length']}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; it takes a folder (made if missing)")
     check_trainable_options(parser, args)
     check_precision(args.precision, device)
     return args, device, config

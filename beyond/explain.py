@@ -8,6 +8,9 @@ import torch
 IG_STEPS = 20  # integrated gradients: points on the path from a zero embedding
 MAX_EXPLAINED = 16  # texts one /classify request may explain: each costs IG_STEPS passes
 OCCLUSION_BATCH = 64
+# token positions in one gradient pass (at least one step's): bounds its memory, and how
+# long the server's between() waits there (a classification, a stop)
+GRADIENT_BATCH = 2048
 EXPLAIN_METHODS = {
     "occlusion": "leave one token out: how far the label's log-odds fall without it "
                  "(one forward pass per token, batched)",
@@ -24,12 +27,13 @@ def padded_batch(sequences, model, max_length, pad_token_id):
     return pad_ids(sequences, pad_token_id, length=max_length if model.pool == "last" else None)
 
 
-def class_logits(model, sequences, max_length, pad_token_id):
+def class_logits(model, sequences, max_length, pad_token_id, between=lambda: None):
     """The logits of token id lists, (b, num_classes), batched, on the CPU."""
     device = model.gpt.tok_emb.weight.device
     rows = []
     with torch.inference_mode():
         for start in range(0, len(sequences), OCCLUSION_BATCH):
+            between()
             inputs = padded_batch(sequences[start:start + OCCLUSION_BATCH], model, max_length,
                                   pad_token_id).to(device)
             rows.append(model(inputs)[:, -1, :].float().cpu())
@@ -50,31 +54,39 @@ def without(ids, drop, pad_token_id):
     return kept or [pad_token_id]
 
 
-def occlusion_scores(model, ids, target, max_length, pad_token_id):
+def occlusion_scores(model, ids, target, max_length, pad_token_id, between=lambda: None):
     """The log-odds of target for ids less those without token i, for each i."""
     variants = [ids] + [without(ids, {i}, pad_token_id) for i in range(len(ids))]
-    odds = log_odds(class_logits(model, variants, max_length, pad_token_id), target)
+    odds = log_odds(class_logits(model, variants, max_length, pad_token_id, between), target)
     return (odds[0] - odds[1:]).tolist()
 
 
-def gradient_scores(model, ids, target, max_length, pad_token_id, scales=(1.0,)):
+def gradient_scores(model, ids, target, max_length, pad_token_id, scales=(1.0,),
+                    between=lambda: None):
     """Gradient x input: each token's embedding times the mean over `scales` of the
-    gradient of target's log-odds at the embeddings scaled (the padding's unscaled)."""
+    gradient of target's log-odds at the embeddings scaled (the padding's unscaled),
+    in passes of at most GRADIENT_BATCH positions."""
     gpt, n = model.gpt, len(ids)
-    inputs = padded_batch([ids], model, max_length, pad_token_id)
-    inputs = inputs.to(gpt.tok_emb.weight.device).expand(len(scales), -1)
-    with torch.inference_mode(False), torch.enable_grad():
-        positions = torch.arange(inputs.shape[1], device=inputs.device)
-        embeddings = gpt.tok_emb(inputs).detach()  # (steps, T, emb_dim)
-        scale = torch.ones(inputs.shape, device=inputs.device)
-        scale[:, :n] = torch.tensor(scales, device=inputs.device)[:, None]
-        scaled = (embeddings * scale[..., None]).requires_grad_()
-        # the forward pass from the embeddings, so that gradients reach them
-        with model.autocast(inputs):  # --precision, as the classification's
-            x = gpt.final_norm(gpt.trf_blocks(gpt.drop_emb(scaled + gpt.pos_emb(positions))))
-            logits = gpt.out_head(model.pool_outputs(x, inputs))  # x: (steps, T, emb_dim)
-        (gradient,) = torch.autograd.grad(log_odds(logits.float(), target).sum(), scaled)
-    return (gradient[:, :n].mean(dim=0) * embeddings[0, :n]).sum(dim=-1).tolist()
+    inputs = padded_batch([ids], model, max_length, pad_token_id).to(gpt.tok_emb.weight.device)
+    positions = torch.arange(inputs.shape[1], device=inputs.device)
+    per_pass = max(1, GRADIENT_BATCH // inputs.shape[1])
+    gradient = 0
+    for start in range(0, len(scales), per_pass):
+        between()
+        steps = torch.tensor(scales[start:start + per_pass], device=inputs.device)
+        batch = inputs.expand(len(steps), -1)
+        with torch.inference_mode(False), torch.enable_grad():
+            embeddings = gpt.tok_emb(inputs).detach()  # (1, T, emb_dim)
+            scale = torch.ones(batch.shape, device=inputs.device)
+            scale[:, :n] = steps[:, None]
+            scaled = (embeddings * scale[..., None]).requires_grad_()  # (steps, T, emb_dim)
+            # the forward pass from the embeddings, so that gradients reach them
+            with model.autocast(batch):  # --precision, as the classification's
+                x = gpt.final_norm(gpt.trf_blocks(gpt.drop_emb(scaled + gpt.pos_emb(positions))))
+                logits = gpt.out_head(model.pool_outputs(x, batch))
+            (step_gradients,) = torch.autograd.grad(log_odds(logits.float(), target).sum(), scaled)
+        gradient = gradient + step_gradients[:, :n].sum(dim=0)
+    return (gradient / len(scales) * embeddings[0, :n]).sum(dim=-1).tolist()
 
 
 # integrated gradients: the midpoint rule on the straight path from a zero embedding
@@ -84,12 +96,14 @@ SCORERS = {"occlusion": occlusion_scores, "gradient": gradient_scores,
 
 
 def explain_ids(model, ids, max_length, pad_token_id=PAD_TOKEN_ID, method=EXPLAIN_DEFAULT,
-                target=None):
-    """(class explained (default: the predicted one), a signed score per token toward it)."""
+                target=None, between=lambda: None):
+    """(class explained (default: the predicted one), a signed score per token toward it);
+    between() runs before each batch of passes: the server's pause, or its stop."""
     model.eval()
     if target is None:
         target = int(class_logits(model, [ids], max_length, pad_token_id)[0].argmax())
-    return target, SCORERS[method](model, ids, target, max_length, pad_token_id)
+    return target, SCORERS[method](model, ids, target, max_length, pad_token_id,
+                                   between=between)
 
 
 def token_pieces(ids, scores, tokenizer):
@@ -109,13 +123,13 @@ def token_pieces(ids, scores, tokenizer):
 
 
 def explain_texts(texts, targets, model, tokenizer, max_length, pad_token_id=PAD_TOKEN_ID,
-                  method=EXPLAIN_DEFAULT):
+                  method=EXPLAIN_DEFAULT, between=lambda: None):
     """Each text's token pieces with their scores toward its class in targets."""
     max_length = min(max_length, model.gpt.pos_emb.weight.shape[0])
     explanations = []
     for text, target in zip(texts, targets):
         ids = encode(text, tokenizer, max_length)
-        _, scores = explain_ids(model, ids, max_length, pad_token_id, method, target)
+        _, scores = explain_ids(model, ids, max_length, pad_token_id, method, target, between)
         explanations.append(token_pieces(ids, scores, tokenizer))
     return explanations
 

@@ -1,6 +1,5 @@
 """The --out folder written whole or not at all: atomic writes, a work folder,
 and the move into --out once a run has succeeded."""
-import argparse
 import contextlib
 import json
 import os
@@ -128,14 +127,8 @@ def said_if_interrupted(checkpoint):
         sys.exit(interrupted_status(e))
 
 
-def out_folder(text):
-    if Path(text).exists() and not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file; it takes a folder (made if missing)")
-    return text
-
-
 def add_out_option(parser):
-    parser.add_argument("--out", type=out_folder, default=".", metavar="DIR",
+    parser.add_argument("--out", default=".", metavar="DIR",
                         help="where the CSV splits, plots, metrics.json and the checkpoint "
                              "are written (the chapter: the current directory); they replace "
                              "the earlier run's only once this run has succeeded")

@@ -1,28 +1,41 @@
 """classify.py --serve: a page to try the classifier (page.html) and a small
-JSON API, on the standard library's http.server."""
+JSON API. One asyncio loop reads every connection (an idle one costs a socket, not a
+thread); one thread runs the model on complete requests, classifications first."""
+import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
-import http.server
+import http.client
+import io
 import ipaddress
 import json
+import os
 import re
+import resource
 import socket
 import sys
 import threading
+import time
+import traceback
+import types
 from pathlib import Path
-from beyond.cli import InputError, port_number
+from beyond.cli import InputError, parse_json, port_number
 from beyond.explain import MAX_EXPLAINED, explain_texts
 from beyond.stream import NonFiniteLogits, classify_texts, predicted_class, result_record
 
 
 MAX_BODY = 1_000_000     # bytes of one /classify request
+MAX_HEAD = 65_536        # bytes of a request's line and headers
 MAX_TEXTS = 1_000        # messages in one /classify request
-TIMEOUT = 10.0           # seconds a client may stay silent before its connection is dropped
-MAX_CONNECTIONS = 128    # connections served at a time; more are answered 503
+TIMEOUT = 10.0           # seconds a client may take for a line of its head, or for its body
+MAX_CONNECTIONS = 4_096  # connections read at a time (a socket each, no thread); more get 503
+BACKLOG = 1_024          # connections the kernel holds until the server accepts them
 REQUEST_DEADLINE = 30.0  # seconds a client has to send its whole request
 MAX_DRAIN = 16_000_000   # bytes of an unread body read and dropped after an error answer
+EXPLAIN_SECONDS = 30.0   # of the model thread for a request with explanations; more: 413
+MAX_EXPLAINS_WAITING = 4  # requests with "explain" waiting for the model; more get 503
 # The page at /: one text box, a button, a bar per class; inline, nothing to fetch.
 PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 # the CSP sources of the page's inline <script> and <style> (their sha256): nothing else runs
@@ -60,9 +73,9 @@ class RequestError(Exception):
 def parse_request(body):
     """(texts, explain) of a /classify body {"texts": [...], "explain": false}."""
     try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
-        raise RequestError(400, "the body is not JSON") from None
+        request = parse_json(body)
+    except ValueError as e:  # UnicodeDecodeError too
+        raise RequestError(400, f"the body is not JSON this server reads: {e}") from None
     texts = request.get("texts") if isinstance(request, dict) else None
     if not isinstance(texts, list) or not texts:
         raise RequestError(400, 'expected {"texts": ["a message", ...]} with at least one text')
@@ -82,63 +95,68 @@ def parse_request(body):
     return texts, explain
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """One connection's request (HTTP/1.0: one a connection): the page, /info, /classify."""
+class Connection:
+    """One connection's one request (HTTP/1.0): the page, /info, /classify."""
     routes = {"/": "GET", "/info": "GET", "/classify": "POST"}
-    busy = False  # True: the server is at its connection cap; answer 503
-    body_read = False
 
-    def answer(self, status, body):  # body: the page, or what is sent as JSON
-        kind = "text/html" if isinstance(body, str) else "application/json"
-        data = (body if kind == "text/html" else json.dumps(body, allow_nan=False)).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", f"{kind}; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in SECURITY_HEADERS.items():
-            self.send_header(name, value)
-        if status == 405:
-            self.send_header("Allow", "GET, HEAD" if self.routes[self.path] == "GET"
-                             else self.routes[self.path])
-        self.end_headers()
-        if self.command != "HEAD":  # HEAD: GET's headers, no body
-            self.wfile.write(data)
+    def __init__(self, server, reader, writer):
+        self.server, self.reader, self.writer = server, reader, writer
+        self.method, self.path, self.headers, self.body_read = "GET", "/", {}, False
 
-    def setup(self):
-        self.timeout = self.server.client_timeout  # set on the socket: a silent client is dropped
-        super().setup()
-        # the timeout bounds each read; a client trickling a byte at a time
-        # would still hold its connection, and a slot, for ever without this
-        self.request_timer = threading.Timer(self.server.deadline, self.cut)
-        self.request_timer.daemon = True
-        self.request_timer.start()
-
-    def cut(self):
-        with contextlib.suppress(OSError):  # already closed
-            self.connection.shutdown(socket.SHUT_RDWR)
-
-    def finish(self):
-        self.request_timer.cancel()
-        super().finish()
-
-    def route(self, method):
-        self.path = self.path.split("?", 1)[0]  # the page may be opened as /?anything
+    async def handle(self):
+        self.server.open += 1
         try:
-            self.check(method)
-            body = self.read_body() if method == "POST" else None
-            self.request_timer.cancel()  # the request is in: the answer may take its time
-            if self.path == "/classify":
-                self.answer(200, {"results": self.server.classify(*parse_request(body))})
-            else:
-                self.answer(200, PAGE if self.path == "/" else self.server.description)
-        except RequestError as e:
-            self.answer(e.args[0], {"error": e.args[1]})
-            self.linger()
+            async with asyncio.timeout(self.server.deadline) as self.deadline:
+                try:  # over the cap: answered 503
+                    await self.route(self.server.open > self.server.max_connections)
+                except RequestError as e:
+                    await self.answer(e.args[0], {"error": e.args[1]})
+                    await self.linger()
+        except Exception as e:  # a bug: its traceback (a client gone, silent or slow: none)
+            if not isinstance(e, (ConnectionError, TimeoutError, EOFError)):
+                traceback.print_exc()
+        finally:
+            self.server.open -= 1
+            self.writer.close()
 
-    def check(self, method):
+    async def in_time(self, waiting):  # TimeoutError if the client takes too long
+        return await asyncio.wait_for(waiting, self.server.client_timeout)
+
+    async def route(self, busy):
+        await self.read_head()
+        self.check(busy)
+        body = await self.read_body() if self.method == "POST" else None
+        self.deadline.reschedule(None)  # the request is in: the answer may take its time
+        if self.path == "/classify":
+            results = await self.server.results(*parse_request(body), self.reader)
+            await self.answer(200, {"results": results})
+        else:
+            await self.answer(200, PAGE if self.path == "/" else self.server.description)
+
+    async def read_head(self):
+        """The request line and headers: self.method, self.path, self.headers."""
+        head = bytearray()
+        try:
+            while not head.endswith((b"\n\n", b"\n\r\n")):  # EOFError if the client closes
+                head += await self.in_time(self.reader.readuntil(b"\n"))
+                if len(head) > MAX_HEAD:  # asyncio's limit is for one line
+                    raise ValueError()
+            request_line, _, headers = bytes(head).partition(b"\n")
+            self.headers = http.client.parse_headers(io.BytesIO(headers))  # at most 100
+        except (ValueError, asyncio.LimitOverrunError, http.client.HTTPException):
+            raise RequestError(431, f"the request line and headers are over {MAX_HEAD:,} "
+                                    f"bytes or 100 headers") from None
+        words = request_line.decode("latin-1").split()
+        if len(words) != 3 or not words[2].startswith("HTTP/1."):
+            raise RequestError(400, "the request line is not METHOD /path HTTP/1.x")
+        self.method, self.path = words[0], words[1].split("?", 1)[0]  # the page: /?anything
+
+    def check(self, busy):
         """RequestError unless this server takes this request from this client."""
-        if self.busy:
+        if busy:
             raise RequestError(503, "the server is answering as many connections as it "
                                     "takes at a time; try again in a moment")
+        method = "GET" if self.method == "HEAD" else self.method  # HEAD: GET's headers
         host = self.headers.get("Host")
         if not names_this_server(host, self.server.host_names):
             raise RequestError(403, f"the Host header {host!r} does not name this server")
@@ -153,84 +171,140 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.headers.get_content_type() != "application/json":
                 raise RequestError(415, "the body must be sent as Content-Type: application/json")
 
-    def read_body(self):
+    async def read_body(self):
         if "Transfer-Encoding" in self.headers:  # chunked: not read here
             raise RequestError(411, "send the body with a Content-Length, not a Transfer-Encoding")
-        lengths = set(self.headers.get_all("Content-Length") or [])
-        if len(lengths) != 1 or not re.fullmatch(r"[0-9]+", next(iter(lengths)).strip()):
+        lengths = {value.strip() for value in self.headers.get_all("Content-Length") or []}
+        # plain digits, and not so many that int() refuses them (it does 5,000)
+        if len(lengths) != 1 or not re.fullmatch(r"0*[0-9]{1,15}", digits := lengths.pop()):
             raise RequestError(400, "the request has no valid Content-Length")
-        length = int(next(iter(lengths)))
-        if length > MAX_BODY:
+        if (length := int(digits)) > MAX_BODY:
             raise RequestError(413, f"the body has {length:,} bytes; at most {MAX_BODY:,}")
         self.body_read = True
-        return self.rfile.read(length)
+        return await self.in_time(self.reader.readexactly(length))  # EOFError if cut short
 
-    def linger(self):
+    async def answer(self, status, body):  # body: the page, or what is sent as JSON
+        kind = "text/html" if isinstance(body, str) else "application/json"
+        data = (body if kind == "text/html" else json.dumps(body, allow_nan=False)).encode()
+        headers = {"Content-Type": f"{kind}; charset=utf-8", "Content-Length": len(data),
+                   **SECURITY_HEADERS}
+        if status == 405:
+            headers["Allow"] = self.routes[self.path].replace("GET", "GET, HEAD")
+        head = f"HTTP/1.0 {status} {http.HTTPStatus(status).phrase}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+        self.writer.write(head.encode() + (b"" if self.method == "HEAD" else data))
+        await self.in_time(self.writer.drain())  # a client that reads nothing is dropped
+
+    async def linger(self):
         """Drops the unread body after an error answer: closing with unread data
         resets the connection, and a client still sending would never see the answer."""
         if self.body_read or (self.headers.get("Content-Length", "0") == "0"
                               and "Transfer-Encoding" not in self.headers):
             return
-        self.connection.shutdown(socket.SHUT_WR)  # the answer is complete
+        self.writer.write_eof()  # the answer is complete
         left = MAX_DRAIN
-        while left > 0 and (chunk := self.rfile.read1(min(left, 65536))):
+        while left > 0 and (chunk := await self.in_time(self.reader.read(min(left, 65536)))):
             left -= len(chunk)
 
-    def send_error(self, code, message=None, explain=None):
-        # http.server's own errors (a malformed request line, an unknown method), in JSON
-        self.answer(code, {"error": message or http.HTTPStatus(code).phrase})
 
-    def do_GET(self):  # HEAD: as GET; other methods: 405 where the page exists
-        self.route("GET" if self.command == "HEAD" else self.command)
+class ClassifierServer:
+    """An asyncio loop (serve_forever's) for the connections, a thread for the model: the
+    classifications waiting go first, and between an explanation's batches of passes."""
 
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+    def __init__(self, listener, host_names, classify, description, limits):
+        self.listener, self.host_names = listener, host_names
+        self.server_address = listener.getsockname()
+        self.server_port = self.server_address[1]
+        # classify(texts, explain, between) -> results; description: what /info answers
+        self.classify, self.description = classify, description
+        self.client_timeout, self.deadline, wanted, self.explain_seconds = limits
+        # a file descriptor a connection and 64 for the rest: the soft limit raised toward
+        # the hard one as needed, the cap lowered to what it allows
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted + 64:
+            soft = wanted + 64 if hard == resource.RLIM_INFINITY else min(hard, wanted + 64)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        self.max_connections = min(wanted, soft - 64) if soft != resource.RLIM_INFINITY \
+            else wanted
+        self.open = 0  # connections, counted on the loop's thread
+        self.waiting = {False: [], True: []}  # by explain: appended here, popped there
+        self.job_added = threading.Semaphore(0)
+        self.stopping = threading.Event()
+        self.model_thread = threading.Thread(target=self.work, daemon=True)
+        self.model_thread.start()
 
-    def log_message(self, *args):  # the terminal shows the address, not every request
-        pass
+    def serve_forever(self):
+        """Answers connections until server_close() or Ctrl-C (KeyboardInterrupt)."""
+        asyncio.run(self.listen())  # Ctrl-C: the connections' tasks cancelled, then raised
 
+    async def listen(self):
+        listening = await asyncio.start_server(
+            lambda reader, writer: Connection(self, reader, writer).handle(),
+            sock=self.listener, limit=MAX_HEAD, backlog=BACKLOG)
+        while not self.stopping.is_set():  # server_close() sets it, on another thread
+            await asyncio.sleep(0.05)
+        listening.close()  # and its socket
 
-class ClassifierServer(http.server.HTTPServer):
-    """http.server with a thread per connection, at most max_connections at a time
-    (the others are answered 503), and no traceback when a client goes away."""
-    request_queue_size = 128  # socketserver's 5 resets connections in a burst
+    def server_close(self):
+        """Stops serving and ends the model thread, after its request or batch: left to
+        drop the model as Python exits, it would abort Python."""
+        self.stopping.set()
+        self.job_added.release()
+        self.model_thread.join()
 
-    def __init__(self, address, family, settings, max_connections):
-        self.address_family = family
-        # classify(texts, explain) -> results; description: /info; timeout, deadline: seconds
-        self.classify, self.description, self.client_timeout, self.deadline = settings
-        self.connections = threading.BoundedSemaphore(max_connections)
-        self.busy_handler = type("BusyHandler", (Handler,), {"busy": True})
-        super().__init__(address, Handler)
-        # the names, besides IP addresses, that a Host header may give this server
-        names = {"localhost", address[0], self.server_name}
-        if address[0] in ("0.0.0.0", "::"):  # every interface: the machine's own name too
-            names.add(socket.gethostname())
-        self.host_names = {name.lower().rstrip(".") for name in names}
+    async def results(self, texts, explain, reader):
+        """The model thread's results for texts; its work stops if the client leaves."""
+        if explain and len(self.waiting[True]) >= MAX_EXPLAINS_WAITING:
+            raise RequestError(503, f"{MAX_EXPLAINS_WAITING} requests with \"explain\" are "
+                                    f"waiting already; try again in a moment")
+        job = types.SimpleNamespace(texts=texts, explain=explain, gone=False,
+                                    future=concurrent.futures.Future())
+        self.waiting[explain].append(job)
+        self.job_added.release()
 
-    def process_request(self, request, client_address):
-        # counted here, in the order the connections arrived
-        handler = self.RequestHandlerClass if self.connections.acquire(blocking=False) \
-            else self.busy_handler
-        threading.Thread(target=self.process_connection, daemon=True,
-                         args=(request, client_address, handler)).start()
-
-    def process_connection(self, request, client_address, handler):
+        # a client that leaves (an HTTP/1.0 client waits with its connection open) stops
+        # its explanation at the next batch; what it sends meanwhile is dropped
+        async def until_closed():
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(65536):
+                    pass
+            job.gone = True
+        watching = asyncio.ensure_future(until_closed())
         try:
-            handler(request, client_address, self)
-        except Exception:
-            self.handle_error(request, client_address)
+            return await asyncio.wrap_future(job.future)
         finally:
-            if handler is self.RequestHandlerClass:
-                self.connections.release()
-            self.shutdown_request(request)
+            watching.cancel()
 
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout)):
-            super().handle_error(request, client_address)  # a bug: its traceback
+    def work(self):
+        while self.job_added.acquire() and not self.stopping.is_set():
+            if self.waiting[False] or self.waiting[True]:  # empty: taken by between()
+                self.run((self.waiting[False] or self.waiting[True]).pop(0))
+
+    def run(self, job):
+        if not job.future.set_running_or_notify_cancel():
+            return  # the server stops
+        job.started = time.monotonic()
+        try:
+            job.future.set_result(self.classify(job.texts, job.explain,
+                                                lambda: self.between(job)))
+        except Exception as e:  # a RequestError, a stop or a bug: the connection's to handle
+            job.future.set_exception(e)
+
+    def between(self, job):
+        """Runs between batches of job's explanation: the classifications waiting, then
+        job stops if its client has left or it has had its share of the model thread."""
+        while self.waiting[False]:
+            self.run(self.waiting[False].pop(0))
+        if job.gone or self.stopping.is_set():
+            raise ConnectionAbortedError("the client has left, or the server stops")
+        if time.monotonic() - job.started > self.explain_seconds:
+            raise RequestError(413, f"explaining these texts takes more than the "
+                                    f"{self.explain_seconds:g} s of the model thread a request "
+                                    f"may have; explain fewer or shorter texts")
 
 
 def make_server(host, port, classify, description, timeout=TIMEOUT, deadline=REQUEST_DEADLINE,
-                max_connections=MAX_CONNECTIONS):
+                max_connections=MAX_CONNECTIONS, explain_seconds=EXPLAIN_SECONDS):
     """The server of --serve on host and port (IPv4 or IPv6, as the host's address is)."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
@@ -238,41 +312,47 @@ def make_server(host, port, classify, description, timeout=TIMEOUT, deadline=REQ
     except socket.gaierror as e:
         raise InputError(f"cannot listen on {host}: {e.strerror}. --host takes an address "
                          f"or name of this machine: 127.0.0.1, ::1, 0.0.0.0 or ::.") from None
-    try:
-        return ClassifierServer((host, port), family, (classify, description, timeout, deadline),
-                                max_connections)
+    try:  # a burst waits in the backlog until the loop runs; "::" takes IPv4 too
+        listener = socket.create_server((host, port), family=family, backlog=BACKLOG,
+                                        dualstack_ipv6=host == "::")
     except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else e  # without create_server's address
         if e.errno in (errno.EADDRINUSE, errno.EACCES):
-            raise InputError(f"cannot listen on {host} port {port}: {e.strerror or e}. Choose "
-                             f"another with --port (0 lets the system pick a free one).") \
-                from None
-        raise InputError(f"cannot listen on {host}: {e.strerror or e}. --host takes an "
+            raise InputError(f"cannot listen on {host} port {port}: {reason}. Choose another "
+                             f"with --port (0 lets the system pick a free one).") from None
+        raise InputError(f"cannot listen on {host}: {reason}. --host takes an "
                          f"address of this machine: 127.0.0.1, ::1, 0.0.0.0 or ::.") from None
+    # the names, besides IP addresses, that a Host header may give this server
+    names = {"localhost", host, socket.getfqdn(host)}
+    if host in ("0.0.0.0", "::"):  # every interface: the machine's own name too
+        names.add(socket.gethostname())
+    return ClassifierServer(listener, {name.lower().rstrip(".") for name in names}, classify,
+                            description, (timeout, deadline, max_connections, explain_seconds))
 
 
 def classifier(model, info, device, checkpoint, tokenizer):
-    """classify(texts, explain) -> result records; one request at a time uses the model."""
-    lock = threading.Lock()
-
-    def classify(texts, explain):
-        with lock:
-            try:
-                probabilities = classify_texts(texts, model, tokenizer, device,
-                                               info["max_length"], info["pad_token_id"],
-                                               temperature=info["temperature"])
-            except NonFiniteLogits as e:  # the name only: a client is not told paths
-                raise RequestError(500, f"{Path(checkpoint).name}: {e}") from None
-            targets = [predicted_class(p) for p in probabilities]
-            explanations = explain_texts(texts, targets, model, tokenizer, info["max_length"],
-                                         info["pad_token_id"]) if explain else [None] * len(texts)
+    """classify(texts, explain, between) -> result records, on the server's model thread;
+    between() runs between an explanation's batches of passes."""
+    def classify(texts, explain, between):
+        try:
+            probabilities = classify_texts(texts, model, tokenizer, device,
+                                           info["max_length"], info["pad_token_id"],
+                                           temperature=info["temperature"])
+        except NonFiniteLogits as e:  # the name only: a client is not told paths
+            raise RequestError(500, f"{Path(checkpoint).name}: {e}") from None
+        targets = [predicted_class(p) for p in probabilities]
+        explanations = explain_texts(texts, targets, model, tokenizer, info["max_length"],
+                                     info["pad_token_id"], between=between) \
+            if explain else [None] * len(texts)
         return [result_record(t, p, info["labels"], explanation=e)
                 for t, p, e in zip(texts, probabilities, explanations)]
 
     return classify
 
 
-def serve(model, info, checkpoint, device, tokenizer, host, port):
+def serve(model, info, args, device, tokenizer):
     """Serves the page, /info and /classify until Ctrl-C; the model is loaded once."""
+    checkpoint, host, port = args.checkpoint, args.host, args.port
     config = info["config"]  # what /info answers and the page shows above the text box
     description = {"checkpoint": Path(checkpoint).name, "labels": info["labels"],
                    "model": info["model"], "layers": config["n_layers"],
@@ -300,7 +380,8 @@ def add_serve_options(parser):
                              "in a browser (with a \"why?\" view per message), and POST "
                              "/classify with {\"texts\": [...]} as Content-Type: "
                              "application/json, and \"explain\": true for each token's share "
-                             f"(at most {MAX_EXPLAINED} texts then)")
+                             f"(at most {MAX_EXPLAINED} texts and {EXPLAIN_SECONDS:g} s of the "
+                             f"model's time then)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="with --serve: the address to listen on (IPv4 or IPv6: ::1); "
                              "0.0.0.0 or :: opens it to other machines (default: %(default)s, "
