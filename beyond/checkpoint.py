@@ -4,7 +4,7 @@ import json
 from beyond.calibrate import TEMPERATURE_RANGE
 from beyond.cli import InputError, parse_json
 from beyond.pooling import POOLS
-from beyond.safetensors import check_floating
+from beyond.safetensors import SAFETENSORS_DTYPES
 from beyond.weights import check_config
 import torch
 
@@ -16,16 +16,11 @@ def checkpoint_metadata(classifier, config, max_length, class_names, lora, train
                         calibration):
     """What save_classifier writes beside the tensors, in this order. lora: what
     identifies the adapters' base weights; calibration: the temperature and threshold."""
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "config": json.dumps(config),
-        "num_classes": str(classifier.gpt.out_head.out_features),
-        "max_length": str(max_length),
-        "pad_token_id": str(classifier.pad_token_id),
-        "labels": json.dumps(class_names),
-        "pool": classifier.pool,
-        "trainable": trainable,  # finetune.py's --trainable, to describe the model
-    }
+    metadata = {"format": CHECKPOINT_FORMAT, "config": json.dumps(config),
+                "num_classes": str(classifier.gpt.out_head.out_features),
+                "max_length": str(max_length), "pad_token_id": str(classifier.pad_token_id),
+                "labels": json.dumps(class_names), "pool": classifier.pool,
+                "trainable": trainable}  # finetune.py's --trainable, to describe the model
     if calibration:
         metadata["calibration"] = json.dumps(calibration)
     if lora:
@@ -113,15 +108,18 @@ def valid_lora(lora, config, sizes):
 
 def check_tensors(entries, expected, path):
     """The checkpoint's tensors (its header's entries) against what its own config
-    needs (name -> shape), before any is read."""
-    found = {name: entry[1] for name, entry in entries.items()}
+    needs (name -> shape), before any is read. Floats too: an F32 tensor relabelled
+    I32 has the same size, passes every other check and would load as nonsense."""
     for name, shape in expected.items():
-        if name not in found:
+        if name not in entries:
             raise InputError(f"{path} lacks tensor {name}: not a complete checkpoint.")
-        if found[name] != shape:
-            raise InputError(f"{path}: tensor {name} has shape {found[name]}, but its own "
+        if entries[name][1] != shape:
+            raise InputError(f"{path}: tensor {name} has shape {entries[name][1]}, but its own "
                              f"config needs {shape}.")
-    check_floating(entries, expected, path)
+    for name in expected:
+        if not SAFETENSORS_DTYPES[entries[name][0]].is_floating_point:
+            raise InputError(f"{path}: tensor {name} has dtype {entries[name][0]}, but weights "
+                             f"are floating point (F16, BF16, F32 or F64).")
 
 
 def empty_gpt(GPTModel, config, num_classes):

@@ -18,8 +18,7 @@ HUB_URL = "https://huggingface.co/openai-community/{}/resolve/main/model.safeten
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models/{size}/{file}"
 # the files of that release read here, the data file last (the release also
 # holds model.ckpt.meta, encoder.json and vocab.bpe: tiktoken has the last two)
-OPENAI_FILES = ["checkpoint", "hparams.json", "model.ckpt.index",
-                "model.ckpt.data-00000-of-00001"]
+OPENAI_FILES = ["checkpoint", "hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001"]
 
 
 def download_file(url, destination, what, hint):
@@ -51,10 +50,9 @@ def download_file(url, destination, what, hint):
                          f"Nothing was saved at {destination}; {hint}.") from None
     finally:
         part.unlink(missing_ok=True)
-        if not destination.exists():
-            for folder in created:  # innermost first
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
+        for folder in created:  # innermost first; none is empty once destination is there
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
     return destination
 
 

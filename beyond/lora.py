@@ -76,10 +76,9 @@ def replace_linear_with_lora(module, rank, alpha):
 
 
 def lora_base(info, checkpoint, base_weights, GPTModel, load_gpt2_file):
-    """The base GPT-2 under a LoRA checkpoint's adapters (random with the seed
-    finetune.py used, or the checked file), with an empty ("meta") head and
-    adapters for the checkpoint's tensors to fill. GPTModel and load_gpt2_file: gpt.py's,
-    passed in (beyond/ never imports the chapter's files)."""
+    """The base GPT-2 under a LoRA checkpoint's adapters (random with finetune.py's seed, or
+    the checked file), with an empty ("meta") head and adapters for the checkpoint to fill.
+    GPTModel and load_gpt2_file: gpt.py's (beyond/ never imports the chapter's files)."""
     lora, config = info["lora"], info["config"]
     if lora["weights"] == "random":
         if base_weights:

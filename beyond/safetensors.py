@@ -17,7 +17,6 @@ SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool}
-MAX_HEADER_BYTES = 100_000_000  # the Hub's own readers refuse larger headers too
 
 
 class DamagedFile(Exception):
@@ -31,13 +30,11 @@ def read_safetensors_header(path):
         raise InputError(f"{path} is a folder, not a safetensors file.")
     try:
         file_size = os.path.getsize(path)
+        if file_size < 8:
+            raise DamagedFile(f"it has {file_size} bytes, fewer than the 8-byte header length")
         with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise DamagedFile(f"it has {len(prefix)} bytes, fewer than the 8-byte header "
-                                  f"length")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > 100_000_000:  # the Hub's own readers refuse larger headers too
                 raise DamagedFile(f"its header claims {header_len:,} bytes (more than 100 MB)")
             if 8 + header_len > file_size:
                 raise DamagedFile(f"its header claims {header_len:,} bytes but the file "
@@ -105,16 +102,6 @@ def header_entry(name, info, data_start, file_size):
     return dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1]
 
 
-def check_floating(entries, names, source):
-    """Weights must have a floating dtype: an F32 tensor relabelled I32 has the
-    same size, passes every other check and would load as nonsense."""
-    for name in names:
-        dtype = entries[name][0]
-        if not SAFETENSORS_DTYPES[dtype].is_floating_point:
-            raise InputError(f"{source}: tensor {name} has dtype {dtype}, but weights are "
-                             f"floating point (F16, BF16, F32 or F64).")
-
-
 def map_file(path):
     """A copy-on-write memory map of a whole file (b"" when empty)."""
     try:
@@ -127,7 +114,7 @@ def map_file(path):
 
 def buffer_tensor(buffer, dtype, shape, start, end):
     """A tensor viewing buffer[start:end]: nothing is copied until used."""
-    if end == start:
+    if end == start:  # torch.frombuffer refuses to view no bytes
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(buffer, dtype=dtype, count=(end - start) // dtype.itemsize,
                             offset=start).view(shape)

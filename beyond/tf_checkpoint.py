@@ -1,5 +1,5 @@
-"""OpenAI's TensorFlow checkpoint read by hand (the index is a LevelDB table of
-BundleEntryProto messages): no TensorFlow, no protobuf."""
+"""OpenAI's TensorFlow checkpoint read by hand, no TensorFlow, no protobuf: its .index is a
+LevelDB table of BundleEntryProtos, each saying where in the data file a variable's bytes are."""
 import math
 import struct
 from pathlib import Path
@@ -8,8 +8,6 @@ from beyond.safetensors import DamagedFile, buffer_tensor, map_file
 import torch
 
 
-# The .index file (TensorFlow's tensor_bundle) maps each variable name, sorted,
-# to a BundleEntryProto saying where in the data file its bytes are.
 TABLE_MAGIC = 0xDB4775248B80FB57
 TABLE_FOOTER_BYTES = 48  # two block handles, padding, the magic
 # TensorFlow's DataType numbers: the floats a GPT-2 can be stored in

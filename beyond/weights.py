@@ -27,12 +27,10 @@ def read_params(form, path):
 
 
 def settings_for(form, path, config, base):
-    """(config, the file it came from or None): hparams.json beside OpenAI's
-    checkpoint, a config.json (the Hub's naming or the book's) beside a
-    model.safetensors or a .pth, else `config`, --model's."""
+    """(config, the file it came from or None): hparams.json beside OpenAI's checkpoint, a
+    config.json (either naming) beside a model.safetensors or a .pth, else `config`."""
     beside = path.parent / ("hparams.json" if form == "tf" else "config.json")
     if beside.is_file():
-        # None: the naming the file itself shows (the Hub's or the book's)
         return config_from_json(beside, base, "openai" if form == "tf" else None), beside
     return config, None
 
@@ -90,8 +88,7 @@ def find_weights(weights, flag="--weights"):
 
 def tf_prefix(path):
     """The checkpoint prefix of model.ckpt, model.ckpt.index, .meta or .data-*, or None."""
-    match = re.fullmatch(r"(.+)(\.index|\.meta|\.data-.*)", path.name, re.S)
-    if match:
+    if match := re.fullmatch(r"(.+)(\.index|\.meta|\.data-.*)", path.name, re.S):
         return path.with_name(match[1])
     return path if not path.exists() and Path(f"{path}.index").is_file() else None
 
@@ -105,14 +102,10 @@ def weights_file(weights, model_name="gpt2-small", models_dir="gpt2", flag="--we
 
 # our config key -> its name in a Hub config.json, OpenAI's hparams.json and the
 # book's config dict (as beside a .pth)
-CONFIG_NAMES = {
-    "hub": {"vocab_size": "vocab_size", "context_length": "n_positions",
-            "emb_dim": "n_embd", "n_layers": "n_layer", "n_heads": "n_head"},
-    "openai": {"vocab_size": "n_vocab", "context_length": "n_ctx",
-               "emb_dim": "n_embd", "n_layers": "n_layer", "n_heads": "n_head"},
-    "book": {"vocab_size": "vocab_size", "context_length": "context_length",
-             "emb_dim": "emb_dim", "n_layers": "n_layers", "n_heads": "n_heads"},
-}
+HUB_NAMES = {"vocab_size": "vocab_size", "context_length": "n_positions", "emb_dim": "n_embd",
+             "n_layers": "n_layer", "n_heads": "n_head"}
+CONFIG_NAMES = {"hub": HUB_NAMES, "book": {ours: ours for ours in HUB_NAMES},
+                "openai": dict(HUB_NAMES, vocab_size="n_vocab", context_length="n_ctx")}
 
 
 def config_from_json(path, base, naming=None):
@@ -125,10 +118,8 @@ def config_from_json(path, base, naming=None):
     if not isinstance(raw, dict):
         raise InputError(f"{path}: the model config is not a JSON object.")
     names = CONFIG_NAMES[naming or ("hub" if "n_embd" in raw else "book")]
-    config = dict(base)
-    for ours, theirs in names.items():
-        config[ours] = raw.get(theirs, config.get(ours))
-    return check_config(config, path)
+    config = {ours: raw.get(theirs, base.get(ours)) for ours, theirs in names.items()}
+    return check_config({**base, **config}, path)
 
 
 def check_config(config, source):
@@ -197,10 +188,8 @@ def params_from_hub(tensors):
             place(params, [{"weight": "g", "bias": "b"}.get(parts[1], parts[1])], tensor, name)
         elif parts[0] == "h" and len(parts) in (4, 5) and parts[-1] in ("weight", "bias") \
                 and parts[2:4] != ["attn", "bias"]:
-            layer_norm = parts[2].startswith("ln_")
-            key = {"weight": "g" if layer_norm else "w", "bias": "b"}[parts[-1]]
-            place(params, ["blocks", layer_number(parts[1], name), *parts[2:-1], key], tensor,
-                  name)
+            key = "b" if parts[-1] == "bias" else "g" if parts[2].startswith("ln_") else "w"
+            place(params, ["blocks", layer_number(parts[1], name), *parts[2:-1], key], tensor, name)
     return params
 
 
@@ -249,8 +238,7 @@ def read_pth(path):
         short = short_pth_record(path)
     except Exception as e:  # torch raises several kinds for a damaged or unsafe file
         if "Weights only load failed" in str(e):
-            # torch names the class it refused: "Unsupported global: GLOBAL m.C"
-            # (torch 2.4+) or "Unsupported class m.C" (earlier)
+            # the class refused: "Unsupported global: GLOBAL m.C" or (torch < 2.4) "class m.C"
             found = re.search(r"Unsupported (?:global: GLOBAL |class )(\S+)", str(e))
             what = found.group(1).rstrip(".") if found else "other objects"
             raise InputError(f"{path} was refused by torch.load(weights_only=True): it refers "
