@@ -23,17 +23,15 @@ def collect_logits(data_loader, model, device):
 
 
 def nll(logits, targets, temperature=1.0):
-    """Mean negative log-likelihood of softmax(logits / temperature), in float64 (NaN
-    without targets)."""
+    """Mean NLL of softmax(logits / temperature), in float64 (NaN without targets)."""
     return torch.nn.functional.cross_entropy(logits.double() / temperature, targets).item()
 
 
-def fit_temperature(logits, targets, lowest=TEMPERATURE_RANGE[0], highest=TEMPERATURE_RANGE[1],
-                    steps=80):
+def fit_temperature(logits, targets):
     """Temperature scaling (Guo et al. 2017): the T minimizing the NLL of softmax(logits / T),
     convex in 1/T so with one minimum, by ternary search over log T; 1 where no T does better."""
-    a, b = math.log(lowest), math.log(highest)
-    for _ in range(steps):
+    a, b = map(math.log, TEMPERATURE_RANGE)
+    for _ in range(80):
         c, d = a + (b - a) / 3, b - (b - a) / 3
         if nll(logits, targets, math.exp(c)) < nll(logits, targets, math.exp(d)):
             b = d
@@ -43,24 +41,20 @@ def fit_temperature(logits, targets, lowest=TEMPERATURE_RANGE[0], highest=TEMPER
     return temperature if nll(logits, targets, temperature) < nll(logits, targets) else 1.0
 
 
-def reliability_bins(probas, targets, bins=ECE_BINS):
+def reliability_bins(probas, targets):
     """Per bin (i/n, (i+1)/n] of confidence, 0 in the first: (count, mean confidence,
     accuracy); None where empty."""
     confidence, predicted = probas.max(dim=1)
     correct = (predicted == targets).double()
-    index = (confidence.double() * bins).ceil().long().clamp(1, bins) - 1
-    rows = []
-    for i in range(bins):
-        in_bin = index == i
-        count = int(in_bin.sum())
-        rows.append((count, confidence[in_bin].double().mean().item(),
-                     correct[in_bin].mean().item()) if count else None)
-    return rows
+    index = (confidence.double() * ECE_BINS).ceil().long().clamp(1, ECE_BINS) - 1
+    return [(int(in_bin.sum()), confidence[in_bin].double().mean().item(),
+             correct[in_bin].mean().item()) if in_bin.any() else None
+            for in_bin in (index == i for i in range(ECE_BINS))]
 
 
-def expected_calibration_error(probas, targets, bins=ECE_BINS):
+def expected_calibration_error(probas, targets):
     """ECE: the bins' |accuracy - confidence|, weighted by their share of messages."""
-    rows = [row for row in reliability_bins(probas, targets, bins) if row]
+    rows = [row for row in reliability_bins(probas, targets) if row]
     total = sum(count for count, _, _ in rows)
     return sum(count / total * abs(accuracy - confidence) for count, confidence, accuracy in rows)
 
@@ -114,11 +108,9 @@ def rates_at(threshold, scores, positives):
     None for a rate without messages of its class, or without a threshold."""
     if threshold is None:
         return None, None
-    flagged = [score > threshold for score in scores]
-    negatives = [f for f, p in zip(flagged, positives) if not p]
-    hits = [f for f, p in zip(flagged, positives) if p]
-    return (sum(negatives) / len(negatives) if negatives else None,
-            sum(hits) / len(hits) if hits else None)
+    flagged = [[score > threshold for score, p in zip(scores, positives) if bool(p) == positive]
+               for positive in (False, True)]  # the negatives', then the positives'
+    return tuple(sum(flags) / len(flags) if flags else None for flags in flagged)
 
 
 def calibrate(model, loaders, device, names, target_fpr, out):
@@ -128,8 +120,9 @@ def calibrate(model, loaders, device, names, target_fpr, out):
     test_logits, test_targets = collect_logits(loaders[2], model, device)
     fewest = min(int((val_targets == c).sum()) for c in range(len(names)))
     # a temperature fitted on a few messages says more about them than about the model
-    temperature = fit_temperature(val_logits, val_targets) if fewest >= MIN_PER_CLASS else 1.0
-    if fewest < MIN_PER_CLASS:
+    fitted = fewest >= MIN_PER_CLASS
+    temperature = fit_temperature(val_logits, val_targets) if fitted else 1.0
+    if not fitted:
         print(f"note: the validation split has {fewest} messages of a class, fewer than "
               f"{MIN_PER_CLASS}: no temperature is fitted (T = 1)")
     # the probabilities as classify.py computes them, so that a threshold means the same there
@@ -138,11 +131,10 @@ def calibrate(model, loaders, device, names, target_fpr, out):
               "val_nll_after": nll(val_logits, val_targets, temperature), "ece_bins": ECE_BINS}
     result.update(test_ece_before=expected_calibration_error(before, test_targets),
                   test_ece_after=expected_calibration_error(after, test_targets))
-    plot_reliability(reliability_bins(before, test_targets),
-                     reliability_bins(after, test_targets), temperature, out)
-    fitted = "fitted on the validation split" if fewest >= MIN_PER_CLASS else "none fitted"
-    print(f"Temperature scaling ({fitted}): T = {temperature:.3f}, "
-          f"validation NLL {result['val_nll_before']:.3f} -> {result['val_nll_after']:.3f}")
+    plot_reliability(before, after, test_targets, temperature, out)
+    print(f"Temperature scaling ({'fitted on the validation split' if fitted else 'none fitted'})"
+          f": T = {temperature:.3f}, validation NLL {result['val_nll_before']:.3f} -> "
+          f"{result['val_nll_after']:.3f}")
     if temperature > 0.99 * TEMPERATURE_RANGE[1] or temperature < 1.01 * TEMPERATURE_RANGE[0]:
         result["temperature_at_bound"] = True
         print(f"note: T is at the end of the range searched {TEMPERATURE_RANGE}: the model's "
@@ -154,9 +146,8 @@ def calibrate(model, loaders, device, names, target_fpr, out):
         val_scores = torch.softmax(val_logits / temperature, dim=-1)[:, 1].tolist()
         result.update(operating_point(val_scores, val_targets.tolist(), after[:, 1].tolist(),
                                       test_targets.tolist(), names, target_fpr, out))
-    kept = {"temperature": temperature, "threshold": result.get("threshold"),
-            "target_fpr": target_fpr if len(names) == 2 else None}
-    return result, kept
+    return result, {"temperature": temperature, "threshold": result.get("threshold"),
+                    "target_fpr": target_fpr if len(names) == 2 else None}
 
 
 def operating_point(val_scores, val_targets, test_scores, test_targets, names, target_fpr,
@@ -186,12 +177,12 @@ def operating_point(val_scores, val_targets, test_scores, test_targets, names, t
             "test_fpr": test_fpr, "test_recall": test_recall}
 
 
-def plot_reliability(bins_before, bins_after, temperature, out):
+def plot_reliability(before, after, targets, temperature, out):
     """The reliability diagram: each bin's accuracy against its mean confidence."""
-    before, after = ([row[1:] for row in rows if row] for rows in (bins_before, bins_after))
+    before, after = ([row[1:] for row in reliability_bins(probas, targets) if row]
+                     for probas in (before, after))
     plot_unit_square(Path(out) / "reliability-plot.svg",
-                     f"Reliability on the test split, {ECE_BINS} bins", "Confidence",
-                     "accuracy",
+                     f"Reliability on the test split, {ECE_BINS} bins", "Confidence", "accuracy",
                      [("Perfect calibration", [(0, 0), (1, 1)], CHANCE_STYLE),
                       ("T = 1", before, TRAIN_STYLE),
                       (f"T = {temperature:.2f}", after, VALIDATION_STYLE)],

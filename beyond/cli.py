@@ -24,8 +24,7 @@ class StdoutAfterProgress:
     """sys.stdout while a progress line may be drawn: a printed line clears it first."""
 
     def __init__(self, stream):
-        self.stream = stream
-        self.line_drawn = False
+        self.stream, self.line_drawn = stream, False
 
     def write(self, text):
         if self.line_drawn and text:
@@ -91,23 +90,20 @@ MAX_JSON_NUMBER = 40   # characters of one number: an int of 5,000 digits costs 
 def parse_json(text):
     """json.loads with bounded nesting and number size, and no NaN or infinity: every
     failure is one ValueError saying what is wrong (the caller names the file)."""
-    def number(kind):
-        def parse(digits):
-            if len(digits) > MAX_JSON_NUMBER:
-                raise ValueError(f"a number of {len(digits):,} characters")
-            value = kind(digits)
-            if not math.isfinite(value):
-                raise ValueError(f"the number {digits} is out of range")
-            return value
-        return parse
+    def number(kind, digits):
+        if len(digits) > MAX_JSON_NUMBER:
+            raise ValueError(f"a number of {len(digits):,} characters")
+        if not math.isfinite(value := kind(digits)):
+            raise ValueError(f"the number {digits} is out of range")
+        return value
 
     def refuse(constant):
         raise ValueError(f"{constant} is not a JSON number")
 
     deep = ValueError(f"it is nested more than {MAX_JSON_DEPTH} levels deep")
     try:
-        value = json.loads(text, parse_int=number(int), parse_float=number(float),
-                           parse_constant=refuse)
+        value = json.loads(text, parse_int=lambda digits: number(int, digits),
+                           parse_float=lambda digits: number(float, digits), parse_constant=refuse)
     except RecursionError:  # json's parser stops at Python's recursion limit
         raise deep from None
     if nesting(value) > MAX_JSON_DEPTH:

@@ -44,8 +44,7 @@ class WithProgress:
             progress(f"{self.name} batches", i, len(self.data_loader), start)
 
 
-def with_progress(loaders):
-    """The training, validation and test loaders, each with its progress line."""
+def with_progress(loaders):  # the training, validation and test loaders
     return list(map(WithProgress, loaders, ["training", "validation", "test"]))
 
 
@@ -97,8 +96,8 @@ def said_by_rank_0(rank):
 
 
 def join_process_group(args, device, world, local_rank, cleanup):
-    """Under torchrun (world > 1), this process in a process group that `cleanup` (an
-    ExitStack) ends with the run. Returns this process's device (in one process, the one given)."""
+    """Under torchrun (world > 1), this process in a process group that `cleanup` ends with
+    the run. Returns this process's device (in one process, the one given)."""
     if world == 1:
         return device
     if args.weights == "pretrained":

@@ -18,9 +18,8 @@ import torch
 
 
 def cache_frozen_prefix(classifier, args, datasets, device, work, cleanup):
-    """Where it applies (not --plain, --cache-memory not 0): the frozen prefix's output of
-    every message, computed up front, within the budget in memory and the rest in a file in
-    `work` (freed by `cleanup`). Returns what the cache was allowed, needed, and its fill."""
+    """Where it applies (not --plain, --cache-memory not 0): every message's frozen prefix,
+    cached up front, past the budget in a file in `work`. Returns its budget, need and fill."""
     cleanup.callback(lambda: classifier.prefix_cache.close())  # frees the spill file
     classifier.round_frozen_prefix()  # bf16/fp16: where the cache stores, in both modes
     budget, source = cache_budget(args.cache_memory, device)
@@ -41,17 +40,13 @@ def cache_frozen_prefix(classifier, args, datasets, device, work, cleanup):
 
 class GPTClassifier(torch.nn.Module):
     """GPT-2 with its new head, as the listings call it: model(input_batch)[:, -1, :] is the
-    class logits (b, num_classes) read at the `pool` position. forward returns every position
-    where the chapter's pass computes them (--plain, pool "last", fp32), else only the pooled
-    one: (b, 1, num_classes). fast=True: the same with less work (the module's docstring)."""
+    class logits (b, num_classes) at the `pool` position; every position where the chapter's
+    pass computes them (--plain, pool "last", fp32), else (b, 1, num_classes)."""
 
     def __init__(self, gpt, pool="last", pad_token_id=PAD_TOKEN_ID, fast=True,
                  precision="fp32"):
         super().__init__()
-        self.gpt = gpt
-        self.pool = pool
-        self.pad_token_id = pad_token_id
-        self.fast = fast
+        self.gpt, self.pool, self.pad_token_id, self.fast = gpt, pool, pad_token_id, fast
         self.precision = precision  # "fp32" (the chapter), "bf16" or "fp16": see forward
         self.n_cached = None  # set by enable_prefix_cache
         self.prefix_cache = PrefixCache()
@@ -74,7 +69,7 @@ class GPTClassifier(torch.nn.Module):
             else:  # the plain pass, then --pool's position
                 logits = self.pool_outputs(self.gpt(input_batch), input_batch)
         if self.precision != "fp32":
-            logits = logits.float()  # the logits in float32
+            logits = logits.float()  # a half-precision model's own dtype stays, under fp32
         logits = logits[:, None, :]  # (b, 1, num_classes)
         if self.grad_scaler is not None and logits.requires_grad:
             # fp16's loss scaling, applied to the gradient where it enters the
@@ -109,17 +104,15 @@ class GPTClassifier(torch.nn.Module):
     def autocast(self, input_batch):
         """--precision bf16/fp16's autocast on the batch's device (fp32: none)."""
         dtype = PRECISIONS[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(input_batch.device.type, dtype=dtype)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(
+            input_batch.device.type, dtype=dtype)
 
     # ------------------------------------ the same result with less work
 
     def enable_prefix_cache(self, budget=None, spill_dir=None):
-        """Caches the frozen prefix's output from now on where it applies (frozen
-        embeddings and first block, no dropout, budget not 0); returns whether it
-        does. budget: bytes on the device (None: no limit), the rest spilled to a
-        temporary file in spill_dir (None: recomputed)."""
+        """Caches the frozen prefix's output from now on where it applies (frozen embeddings
+        and first block, no dropout, budget not 0); returns whether it does. PrefixCache
+        says what budget and spill_dir mean."""
         self.n_cached = frozen_prefix_length(self.gpt) if self.fast and budget != 0 else None
         self.prefix_cache.close()
         self.prefix_cache = PrefixCache(budget, spill_dir)
@@ -134,18 +127,16 @@ class GPTClassifier(torch.nn.Module):
         if positions is None or len(blocks) == 0:
             x = self.gpt.final_norm(blocks(x))
             return self.gpt.out_head(self.pool_outputs(x, input_batch))
-        x = blocks[:-1](x)
-        x = last_block_at(blocks[-1], x, positions)  # (b, 1, emb_dim)
+        x = last_block_at(blocks[-1], blocks[:-1](x), positions)  # (b, 1, emb_dim)
         if self.rounds_after == len(self.gpt.trf_blocks) - 1:
             # every block frozen, no cache: the hook on the last one is bypassed here
             x = x.to(PRECISIONS[self.precision]).to(x.dtype)
         return self.gpt.out_head(self.gpt.final_norm(x[:, 0, :]))
 
     def fill_prefix_cache(self, datasets, rank=0, world=1, batch_size=32):
-        """The frozen prefix of every message, once, up front, in batches of similar
-        length (the shortest first, so a budget keeps as many as it can). Under
-        torchrun each process computes every world-th batch and broadcasts it.
-        Returns the seconds it took, the batches, and how many were computed here."""
+        """The frozen prefix of every message, once, the shortest first (a budget keeps as
+        many as it can). Under torchrun each process computes every world-th batch and
+        broadcasts it. Returns the seconds it took, the batches, how many computed here."""
         start_time = time.time()
         # each distinct message once: the SMS data repeats some texts word for word
         distinct = {tuple(ids.tolist()): ids for dataset in datasets for ids, _ in dataset}
@@ -176,19 +167,15 @@ class GPTClassifier(torch.nn.Module):
         """Each row's cache key (its token ids) and how many positions it keeps: all
         for pool "last" (it reads a padding position), else the real tokens (the
         causal mask keeps later padding from changing them)."""
-        b, num_tokens = input_batch.shape
-        if self.pool == "last":
-            keep = [num_tokens] * b
-        else:
-            keep = real_lengths(input_batch, self.pad_token_id).tolist()
+        keep = ([input_batch.shape[1]] * len(input_batch) if self.pool == "last"
+                else real_lengths(input_batch, self.pad_token_id).tolist())
         return [tuple(ids[:n]) for ids, n in zip(input_batch.tolist(), keep)], keep
 
     def prefix_hidden(self, input_batch):
         """The frozen prefix's output, (b, T, emb_dim), in the cache's dtype."""
         # outside inference mode: cached tensors are later used in training
         with torch.inference_mode(False), torch.no_grad(), self.autocast(input_batch):
-            hidden = embed(self.gpt, input_batch.clone())
-            hidden = self.gpt.trf_blocks[:self.n_cached](hidden)
+            hidden = self.gpt.trf_blocks[:self.n_cached](embed(self.gpt, input_batch.clone()))
         return hidden.to(self.cache_dtype())
 
     def frozen_prefix(self, input_batch):
@@ -226,18 +213,14 @@ def frozen_prefix_length(gpt):
     if (any(p.requires_grad for p in [gpt.tok_emb.weight, gpt.pos_emb.weight])
             or any(m.p > 0 for m in gpt.modules() if isinstance(m, torch.nn.Dropout))):
         return None
-    n = 0
-    while n < len(gpt.trf_blocks) and not any(
-            p.requires_grad for p in gpt.trf_blocks[n].parameters()):
-        n += 1
-    return n or None
+    return next((n for n, block in enumerate(gpt.trf_blocks)
+                 if any(p.requires_grad for p in block.parameters())), len(gpt.trf_blocks)) or None
 
 
 def last_block_at(block, x, positions):
     """block(x)[i, positions[i]] for each row, (b, T, d) -> (b, 1, d): the chapter's
-    TransformerBlock.forward itself, run on the pooled rows, on a view of the block
-    whose attention still reads every position. A view, not the block changed for
-    the call: threads may share the model."""
+    TransformerBlock.forward on the pooled rows, through a view of the block whose attention
+    reads every position (a view, not the block changed: threads may share the model)."""
     att, normed = block.att, block.norm1(x)  # normed: (b, T, d), for the keys and values
 
     def attention(rows):  # (b, 1, d): each row's query, up to the row's own position
@@ -261,11 +244,10 @@ ARENA_BYTES = 64 * 2**20  # the prefix cache's buffers: large enough to be few
 
 class PrefixCache:
     """The frozen prefix's hidden states, one (tokens, emb_dim) tensor per message: on the
-    device up to `budget` bytes, the rest appended to a spill file in `spill_dir` and read
-    back per message (no file: recomputed). In memory, views into a few large buffers: a
-    tensor each, thousands of small allocations between the fill's large temporaries, left
-    the allocator holding gigabytes more than the cache. The file has no name on disk
-    (tempfile.TemporaryFile): nothing is left there, whatever ends the run."""
+    device up to `budget` bytes (None: no limit), the rest in a spill file in `spill_dir`
+    (None: recomputed) that has no name on disk, so nothing is left whatever ends the run.
+    In memory, views into a few large buffers: a tensor each, thousands of small allocations
+    between the fill's large temporaries, left the allocator holding gigabytes more."""
 
     def __init__(self, budget=None, spill_dir=None):
         self.budget, self.spill_dir = budget, spill_dir
@@ -320,11 +302,8 @@ class PrefixCache:
         if key in self.in_memory:
             return self.in_memory[key]
         offset, shape, dtype = self.in_file[key]
-        nbytes = math.prod(shape) * dtype.itemsize
-        raw = bytearray(os.pread(self.file.fileno(), nbytes, offset))
-        if len(raw) != nbytes:
-            raise InputError(f"the prefix cache's temporary file in {self.spill_dir} lost "
-                             f"data: {len(raw):,} of {nbytes:,} bytes read back.")
+        # write_all wrote every byte of it to this file, which no other process can open
+        raw = bytearray(os.pread(self.file.fileno(), math.prod(shape) * dtype.itemsize, offset))
         return torch.frombuffer(raw, dtype=dtype).view(shape).to(device)
 
     def close(self):

@@ -6,14 +6,10 @@ from beyond.cli import InputError
 import torch
 
 
-def all_finite(tensors):
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
 def check_finite_weights(model, source):
     """Once, when weights have loaded: NaN or infinity in them is an error naming them."""
     for name, param in model.named_parameters():
-        if not all_finite([param]):
+        if not torch.isfinite(param).all():
             raise InputError(f"{source}: {name} holds NaN or infinite values: the weights "
                              f"are damaged.")
 
@@ -21,7 +17,7 @@ def check_finite_weights(model, source):
 def refuse_non_finite_outputs(model, source):
     """gpt.py's continuation: logits that are not finite numbers are an error, not text."""
     def check(module, inputs, output):
-        if not all_finite([output]):
+        if not torch.isfinite(output).all():
             raise InputError(f"{source}: the model's logits are not all finite numbers (NaN "
                              f"or infinity): the weights are damaged or out of range.")
     model.register_forward_hook(check)
@@ -37,7 +33,7 @@ def stops_if_diverged(model, steps_per_epoch, args):
     def check(module, inputs, output):
         trained[0] += module.training  # an evaluation is named after the step it follows
         step = trained[0]
-        if not all_finite([output]):
+        if not torch.isfinite(output).all():
             raise InputError(
                 f"training diverged in epoch {step // steps_per_epoch + 1}, at step "
                 f"{step:06d}: the model's outputs are no longer finite numbers (NaN or "

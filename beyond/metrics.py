@@ -11,11 +11,9 @@ from beyond.overlap import held_out_figures, overlap_metrics, shown
 TARGET_FPR = 0.01  # --target-fpr: one real message in a hundred flagged
 
 
-def metrics_beyond_accuracy(model, loaders, splits, label_ids, device, names,
-                            train_accuracy):
-    """The test set's per-class precision, recall, F1 and confusion matrix, then the
-    messages seen in training and every accuracy's interval (beyond/overlap.py),
-    printed and kept; the validation and test sets are classified once for both."""
+def metrics_beyond_accuracy(model, loaders, splits, label_ids, device, names, train_accuracy):
+    """The test set's per-class precision, recall, F1 and confusion matrix, then overlap.py's
+    figures, printed and kept; the validation and test sets are classified once for both."""
     predicted = [collect_logits(loader, model, device)[0].argmax(dim=-1).tolist()
                  for loader in loaders[1:]]
     labels = [[label_ids[label] for label, _ in split] for split in splits[1:]]
@@ -109,14 +107,14 @@ def naive_bayes_baseline(label_ids, splits):
     labels = [[label_ids[label] for label, _ in split] for split in splits[1:]]
     predicted = [[predict_naive_bayes(baseline, text) for _, text in split]
                  for split in splits[1:]]
-    result = {f"{name}_accuracy": sum(p == y for p, y in zip(guess, truth)) / len(truth)
-              for name, truth, guess in zip(("val", "test"), labels, predicted)}
+    val, test = (sum(p == y for p, y in zip(guess, truth)) / len(truth)
+                 for truth, guess in zip(labels, predicted))
     figures, unseen = held_out_figures(splits, labels, predicted)
     print(f"Naive Bayes baseline (word counts, same split): validation accuracy "
-          f"{result['val_accuracy']*100:.2f}%, test accuracy {result['test_accuracy']*100:.2f}%")
+          f"{val*100:.2f}%, test accuracy {test*100:.2f}%")
     print(f"Naive Bayes on the messages not seen in training: validation "
           f"{shown(*unseen[0])}, test {shown(*unseen[1])}")
-    return dict(result, **figures)
+    return {"val_accuracy": val, "test_accuracy": test, **figures}
 
 
 def check_target_fpr(target_fpr, label_ids):

@@ -12,8 +12,7 @@ def wilson_interval(correct, total, z=Z95):
     """(low, high): the Wilson score interval of the proportion correct/total."""
     if total == 0:
         return 0.0, 1.0
-    p = correct / total
-    denominator = 1 + z * z / total
+    p, denominator = correct / total, 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denominator
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
     return max(0.0, centre - half), min(1.0, centre + half)
@@ -30,12 +29,11 @@ def add_dedup_option(parser):
 def drop_repeated(rows):
     """rows without the texts seen before in them; prints how many were dropped, and
     how many of those had another label than the text's first."""
-    first, kept = {}, []
+    first = {}  # stripped text -> its first row
     for label, text in rows:
-        if text.strip() not in first:
-            first[text.strip()] = label
-            kept.append((label, text))
-    relabelled = sum(first[text.strip()] != label for label, text in rows)
+        first.setdefault(text.strip(), (label, text))
+    kept = list(first.values())
+    relabelled = sum(first[text.strip()][0] != label for label, text in rows)
     other = f" ({relabelled} of them labelled unlike the first)" if relabelled else ""
     print(f"Dropped {len(rows) - len(kept)} repeated messages (--dedup){other}: "
           f"{len(kept)} left")
@@ -55,9 +53,8 @@ def unseen_accuracy(labels, predicted, seen):
 
 
 def held_out_figures(splits, labels, predicted):
-    """For validation and test, predictions against labels: each accuracy's interval and
-    the accuracy on the messages not seen in training (a record for metrics.json), and
-    those messages' (correct, total)."""
+    """For validation and test: each accuracy's interval and the accuracy on the messages
+    not seen in training (a record for metrics.json), and those messages' (correct, total)."""
     record, unseen = {}, []
     for name, split, truth, guess in zip(("val", "test"), splits[1:], labels, predicted):
         correct = sum(p == y for p, y in zip(guess, truth))
@@ -71,23 +68,21 @@ def held_out_figures(splits, labels, predicted):
 
 
 def overlap_metrics(splits, labels, predicted, train_loader, train_accuracy):
-    """After the chapter's final accuracies: how many validation and test messages
-    were seen in training, the accuracy on the others and every interval, printed
-    and returned for metrics.json. labels, predicted: validation's and test's."""
+    """After the chapter's final accuracies: how many validation and test messages were seen
+    in training, the accuracy on the others and every interval, printed and returned."""
     seen = [sum(seen_in(splits[0], split)) for split in splits[1:]]
     print(f"Seen in training: {seen[0]} of the {len(splits[1])} validation messages "
           f"and {seen[1]} of the {len(splits[2])} test messages (the same text, "
           f"leading and trailing whitespace aside)")
     # the training loader drops its last, incomplete batch: every batch counted is full
     counted = len(train_loader) * train_loader.data_loader.batch_size
-    record = {"train_accuracy_interval95": list(
-        wilson_interval(round(train_accuracy * counted), counted)),
-        "val_seen_in_training": seen[0], "test_seen_in_training": seen[1]}
     figures, unseen = held_out_figures(splits, labels, predicted)
     for title, counts in zip(["Validation", "Test"], unseen):
         print(f"{title} accuracy on the {counts[1]} messages not seen in training: "
               + shown(*counts))
-    return dict(record, **figures)
+    return {"train_accuracy_interval95": list(
+        wilson_interval(round(train_accuracy * counted), counted)),
+        "val_seen_in_training": seen[0], "test_seen_in_training": seen[1], **figures}
 
 
 def shown(correct, total):

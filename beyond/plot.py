@@ -35,29 +35,6 @@ def scales(x_ticks, y_ticks):
             / (y_ticks[-1] - y_ticks[0]))
 
 
-def svg_figure(epochs_seen, examples_seen, curves, x_label, y_label, top_label):
-    """plot_values' figure as SVG text: curves [(values, name, style)] against epochs,
-    examples seen on the top axis (the book's ax1.twiny()), a legend."""
-    values = [v for curve, _, _ in curves for v in curve if math.isfinite(v)]
-    y_ticks = nice_ticks(min(values, default=0.0), max(values, default=1.0))
-    x_ticks = nice_ticks(0.0, epochs_seen[-1] if epochs_seen[-1] > 0 else 1.0)
-    sx, sy = scales(x_ticks, y_ticks)
-    # the top axis: examples seen grow linearly with the epochs
-    per_epoch = examples_seen[-1] / epochs_seen[-1] if epochs_seen[-1] else 0
-    top_ticks = [(sx(n / per_epoch), n) for n in nice_ticks(0.0, max(per_epoch * x_ticks[-1], 1))
-                 if n <= per_epoch * x_ticks[-1] + 1e-9] if per_epoch else []
-    ends = [v[-1] for v, _, _ in curves if len(v) and math.isfinite(v[-1])]
-    curves_end_high = bool(ends) and sum(ends) / len(ends) > (y_ticks[0] + y_ticks[-1]) / 2
-    svg = svg_axes(escape(y_label), [(sx(x), x) for x in x_ticks], top_ticks,
-                   [(sy(y), y) for y in y_ticks], escape(x_label), escape(top_label))
-    for curve, _, style in curves:
-        svg.append(svg_curve([(sx(x), sy(y)) for x, y in zip(epochs_seen, curve)
-                              if math.isfinite(y)], style))
-    svg += svg_key([(escape(name), style) for _, name, style in curves],
-                   "bottom right" if curves_end_high else "top right", first_row=13)
-    return "\n".join(svg + ["</svg>"]) + "\n"
-
-
 def svg_axes(y_label, bottom_ticks, top_ticks, left_ticks, x_label, top_label):
     """The frame, ticks and axis labels; ticks are (position, value) pairs."""
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
@@ -134,7 +111,7 @@ class Axes:
         self.labels["y"] = text
 
     def legend(self):
-        pass  # svg_figure draws a legend of the labelled curves
+        pass  # savefig draws a legend of the labelled curves
 
     def twiny(self):
         return Axes(self.figure)
@@ -151,11 +128,30 @@ class PyPlot:
         pass  # the SVG's margins are fixed
 
     def savefig(self, path):
-        # the curves against epochs (the first axes), examples seen on the top axis (the second)
+        """The curves against epochs (the first axes), examples seen on the top axis (the
+        second: the book's ax1.twiny()), a legend."""
         first, top = self.axes
-        write_atomically(path, svg_figure(first.lines[0][0], top.lines[0][0],
-                                          [line[1:] for line in first.lines], first.labels["x"],
-                                          first.labels["y"], top.labels["x"]))
+        epochs_seen, examples_seen = first.lines[0][0], top.lines[0][0]
+        values = [v for _, curve, _, _ in first.lines for v in curve if math.isfinite(v)]
+        y_ticks = nice_ticks(min(values, default=0.0), max(values, default=1.0))
+        x_ticks = nice_ticks(0.0, epochs_seen[-1] if epochs_seen[-1] > 0 else 1.0)
+        sx, sy = scales(x_ticks, y_ticks)
+        # the top axis: examples seen grow linearly with the epochs
+        per_epoch = examples_seen[-1] / epochs_seen[-1] if epochs_seen[-1] else 0
+        top_ticks = [(sx(n / per_epoch), n)
+                     for n in nice_ticks(0.0, max(per_epoch * x_ticks[-1], 1))
+                     if n <= per_epoch * x_ticks[-1] + 1e-9] if per_epoch else []
+        ends = [v[-1] for _, v, _, _ in first.lines if len(v) and math.isfinite(v[-1])]
+        curves_end_high = bool(ends) and sum(ends) / len(ends) > (y_ticks[0] + y_ticks[-1]) / 2
+        svg = svg_axes(escape(first.labels["y"]), [(sx(x), x) for x in x_ticks], top_ticks,
+                       [(sy(y), y) for y in y_ticks], escape(first.labels["x"]),
+                       escape(top.labels["x"]))
+        for _, curve, _, style in first.lines:
+            svg.append(svg_curve([(sx(x), sy(y)) for x, y in zip(epochs_seen, curve)
+                                  if math.isfinite(y)], style))
+        svg += svg_key([(escape(name), style) for _, _, name, style in first.lines],
+                       "bottom right" if curves_end_high else "top right", first_row=13)
+        write_atomically(path, "\n".join(svg + ["</svg>"]) + "\n")
 
 
 plt = PyPlot()

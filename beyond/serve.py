@@ -22,8 +22,8 @@ import traceback
 import types
 from pathlib import Path
 from beyond.cli import InputError, parse_json, port_number
-from beyond.explain import MAX_EXPLAINED, explain_texts
-from beyond.stream import NonFiniteLogits, classify_texts, predicted_class, result_record
+from beyond.explain import EXPLAIN_DEFAULT, MAX_EXPLAINED
+from beyond.stream import NonFiniteLogits, classify_and_explain, result_record
 
 
 MAX_BODY = 1_000_000     # bytes of one /classify request
@@ -133,8 +133,7 @@ class Connection:
         else:
             await self.answer(200, PAGE if self.path == "/" else self.server.description)
 
-    async def read_head(self):
-        """The request line and headers: self.method, self.path, self.headers."""
+    async def read_head(self):  # self.method, self.path, self.headers
         head = bytearray()
         try:
             while not head.endswith((b"\n\n", b"\n\r\n")):  # EOFError if the client closes
@@ -224,8 +223,7 @@ class ClassifierServer:
         if soft != resource.RLIM_INFINITY and soft < wanted + 64:
             soft = wanted + 64 if hard == resource.RLIM_INFINITY else min(hard, wanted + 64)
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        self.max_connections = min(wanted, soft - 64) if soft != resource.RLIM_INFINITY \
-            else wanted
+        self.max_connections = wanted if soft == resource.RLIM_INFINITY else min(wanted, soft - 64)
         self.open = 0  # connections, counted on the loop's thread
         self.waiting = {False: [], True: []}  # by explain: appended here, popped there
         self.job_added = threading.Semaphore(0)
@@ -335,17 +333,12 @@ def classifier(model, info, device, checkpoint, tokenizer):
     between() runs between an explanation's batches of passes."""
     def classify(texts, explain, between):
         try:
-            probabilities = classify_texts(texts, model, tokenizer, device,
-                                           info["max_length"], info["pad_token_id"],
-                                           temperature=info["temperature"])
+            answers = classify_and_explain(texts, model, tokenizer, device, info,
+                                           method=explain and EXPLAIN_DEFAULT, between=between)
         except NonFiniteLogits as e:  # the name only: a client is not told paths
             raise RequestError(500, f"{Path(checkpoint).name}: {e}") from None
-        targets = [predicted_class(p) for p in probabilities]
-        explanations = explain_texts(texts, targets, model, tokenizer, info["max_length"],
-                                     info["pad_token_id"], between=between) \
-            if explain else [None] * len(texts)
-        return [result_record(t, p, info["labels"], explanation=e)
-                for t, p, e in zip(texts, probabilities, explanations)]
+        return [result_record(text, probas, info["labels"], explanation=explanation)
+                for text, (probas, explanation) in zip(texts, answers)]
 
     return classify
 

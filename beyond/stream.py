@@ -1,5 +1,6 @@
 """Many texts at once: classify.py's batches, its lines from stdin as they
 arrive, and the lines it prints."""
+import itertools
 import json
 import os
 import queue
@@ -92,17 +93,12 @@ def stdin_batches(stream):
 
 def text_batches(args_texts, stdin):
     """The texts to classify in lists: the TEXTs, and for "-" each line of stdin."""
-    texts = []
-    for text in args_texts:
-        if text != "-":
-            texts.append(text)
-            continue
-        if texts:
-            yield texts
-            texts = []
-        yield from stdin_batches(stdin)
-    if texts:
-        yield texts
+    for from_stdin, texts in itertools.groupby(args_texts, lambda text: text == "-"):
+        if from_stdin:
+            for _ in texts:  # each "-" reads stdin to its end
+                yield from stdin_batches(stdin)
+        else:
+            yield list(texts)
 
 
 def printable(text):
@@ -127,23 +123,30 @@ def print_result(text, probas, explanation, labels, args, threshold):
         print("\n".join(explanation_lines(explanation, names[best], sys.stdout.isatty())))
 
 
+def classify_and_explain(texts, model, tokenizer, device, info, threshold=None, method=None,
+                         between=lambda: None):
+    """[(probabilities, explanation toward the predicted class by method, or None)] per text."""
+    probabilities = classify_texts(texts, model, tokenizer, device, info["max_length"],
+                                   info["pad_token_id"], temperature=info["temperature"])
+    if not method:
+        return [(probas, None) for probas in probabilities]
+    targets = [predicted_class(p, threshold) for p in probabilities]
+    return list(zip(probabilities, explain_texts(texts, targets, model, tokenizer,
+                                                 info["max_length"], info["pad_token_id"],
+                                                 method, between)))
+
+
 def classify_and_print(batches, model, tokenizer, device, info, args, threshold):
     """Classifies (and explains) each list of texts, prints a line per text; how many."""
     done = 0
     for texts in batches:
-        messages = [text for text in texts if text.strip()]
-        probabilities = classify_texts(messages, model, tokenizer, device, info["max_length"],
-                                       info["pad_token_id"], temperature=info["temperature"])
-        targets = [predicted_class(p, threshold) for p in probabilities]
-        explanations = (explain_texts(messages, targets, model, tokenizer, info["max_length"],
-                                      info["pad_token_id"], args.explain_method)
-                        if args.explain else [None] * len(messages))
-        answers = zip(probabilities, explanations)
+        answers = iter(classify_and_explain([text for text in texts if text.strip()], model,
+                                            tokenizer, device, info, threshold,
+                                            args.explain and args.explain_method))
         try:
             for text in texts:
                 if text.strip():
-                    probas, explanation = next(answers)
-                    print_result(text, probas, explanation, info["labels"], args, threshold)
+                    print_result(text, *next(answers), info["labels"], args, threshold)
                 else:  # a blank line gets a line too: output line N answers input line N
                     print(json.dumps({"text": text, "error": BLANK}) if args.json
                           else f"-\t{BLANK}\t{printable(text)}")
