@@ -51,6 +51,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import finetune  # noqa: E402
 import classify  # noqa: E402
+import bench  # noqa: E402
 from beyond.cli import InputError  # noqa: E402
 import beyond.distributed  # noqa: E402
 from beyond import (calibrate as bcalibrate, cli as bcli, download as bdownload,  # noqa: E402
@@ -83,21 +84,45 @@ def sample_tsv(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def chapter_splits():
+    """The chapter's train, validation and test rows of the SMS data."""
+    return data.random_split(data.create_balanced_dataset(data.read_tsv(SMS)), 0.7, 0.1)
+
+
 def run(*args, cwd=HERE, env=None, stdin=None):
     """A CLI of this project as a subprocess: (returncode, stdout, stderr)."""
-    full_env = dict(os.environ, **(env or {}))
-    done = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, input=stdin, timeout=300)
+    done = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True,
+                          env=dict(os.environ, **(env or {})), text=True, input=stdin, timeout=300)
     return done.returncode, done.stdout, done.stderr
+
+
+def output(result):
+    """The stdout of a command line (run or cli) that succeeded."""
+    code, stdout, stderr = result
+    assert code == 0, stderr
+    return stdout
+
+
+def exit_status(main):
+    """The exit status of run_cli(main). run_cli sets its own SIGTERM handler (the
+    default would kill pytest); the one before it is put back."""
+    def unhandled(signum, frame):
+        raise AssertionError("run_cli left SIGTERM to its default: the process would die")
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        bcli.run_cli(main)
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture
 def cli(capsys, monkeypatch):
-    """A command line of this project run in this process, as its __main__ runs
-    it (through run_cli), without a Python start-up: (exit status, stdout, stderr).
-    An unexpected exception is not caught: it fails the test with its traceback."""
-    import bench  # only the bench tests need it
-
+    """A command line of this project run in this process through run_cli, as its
+    __main__ runs it: (exit status, stdout, stderr). Other exceptions fail the test."""
     def run_in_process(script, *args, cwd=None, env=None):
         module = {"finetune.py": finetune, "classify.py": classify, "gpt.py": gpt,
                   "bench.py": bench}[Path(script).name]
@@ -107,17 +132,9 @@ def cli(capsys, monkeypatch):
         if cwd is not None:
             monkeypatch.chdir(cwd)
         monkeypatch.setattr(sys, "argv", [Path(script).name, *argv])  # bench reads it
-        sigterm = signal.getsignal(signal.SIGTERM)  # run_cli sets its own
         capsys.readouterr()
-        try:
-            bcli.run_cli(module.main if module is bench else lambda: module.main(argv))
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-        finally:
-            signal.signal(signal.SIGTERM, sigterm)
-        out, err = capsys.readouterr()
-        return code, out, err
+        code = exit_status(module.main if module is bench else lambda: module.main(argv))
+        return (code, *capsys.readouterr())
     return run_in_process
 
 
@@ -128,8 +145,7 @@ OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:
 
 
 def assert_error_names_file(read, path, content, problem):
-    """read(path) of a file holding content fails with the project's error,
-    naming the file and the problem."""
+    """read(path) of a file of content is the project's error naming the file and problem."""
     path.write_bytes(content)
     with pytest.raises(InputError, match=re.escape(problem)) as error:
         read(path)
@@ -156,19 +172,16 @@ def mini_config():
 
 # ------------------------------------------------------------------------ gpt.py
 
-@pytest.fixture(scope="module")
-def hub_state():
-    return gpt.build_gpt(weights=str(MINI_WEIGHTS))[0].state_dict()
-
-
-@pytest.mark.parametrize("weights", [MINI_WEIGHTS, MINI_TF, MINI_BOOK])
-def test_each_weights_form_reproduces_the_reference_implementations_logits(
-        weights, tokenizer, hub_state):
+def test_each_weights_form_gives_the_reference_implementations_logits_and_greedy_text(
+        tokenizer, capsys, monkeypatch):
     """The Hub's safetensors, OpenAI's TF checkpoint and the book's .pth of one model."""
-    model, config = gpt.build_gpt(weights=str(weights))
+    model, config = gpt.build_gpt(weights=str(MINI_WEIGHTS))
     assert (config["emb_dim"], config["n_layers"], config["n_heads"],
             config["context_length"]) == (16, 2, 2, 128)
-    assert all(torch.equal(t, hub_state[n]) for n, t in model.state_dict().items())
+    for weights in (MINI_TF, MINI_BOOK):
+        other, other_config = gpt.build_gpt(weights=str(weights))
+        assert other_config == config
+        assert all(torch.equal(t, model.state_dict()[n]) for n, t in other.state_dict().items())
     expected, _ = bst.load_safetensors(MINI / "expected.safetensors")
     reference = json.loads((MINI / "expected.json").read_text())
     assert expected["input_ids"].tolist() == [tokenizer.encode(t) for t in reference["texts"]]
@@ -178,18 +191,13 @@ def test_each_weights_form_reproduces_the_reference_implementations_logits(
     assert torch.allclose(logits[:, -1], expected["logits_last"], atol=1e-4)
     assert torch.allclose(logits[..., :1024], expected["logits_first_1024"], atol=1e-4)
     assert logits[:, -1].argmax(-1).tolist() == reference["argmax_last"]
-
-
-def test_gpt_prints_the_reference_greedy_continuation_from_each_form(
-        capsys, monkeypatch, tokenizer):
-    expected = json.loads((MINI / "expected.json").read_text())["greedy_8_new_tokens"]
-    code, out, err = run("gpt.py", "--weights", MINI_WEIGHTS,
-                         "--max-new-tokens", "8", expected["prompt"])
-    assert code == 0, err
-    assert out.strip() == expected["prompt"] + expected["continuation"]
+    expected = reference["greedy_8_new_tokens"]  # as gpt.py prints it
+    flags = ["--max-new-tokens", "8", expected["prompt"]]
+    code, out, err = run("gpt.py", "--weights", MINI_WEIGHTS, *flags)
+    assert (code, out.strip()) == (0, expected["prompt"] + expected["continuation"]), err
     monkeypatch.setattr(gpt, "get_tokenizer", lambda: tokenizer)  # loaded once per session
     for weights in (MINI_TF, MINI_BOOK):  # in this process, without a Python start-up
-        gpt.main(["--weights", str(weights), "--max-new-tokens", "8", expected["prompt"]])
+        gpt.main(["--weights", str(weights), *flags])
         assert capsys.readouterr().out.strip() == expected["prompt"] + expected["continuation"]
 
 
@@ -206,8 +214,7 @@ def test_the_model_has_the_chapters_module_names_forward_signatures_and_paramete
         assert list(inspect.signature(module.forward).parameters) == ["self", "x"]
     with torch.device("meta"):
         model = gpt.GPTModel(gpt.model_config("gpt2-small"))
-    total = sum(p.numel() for p in model.parameters())
-    tied = total - model.out_head.weight.numel()
+    tied = sum(p.numel() for p in model.parameters()) - model.out_head.weight.numel()
     assert tied == 124_439_808  # GPT-2 small with its output layer tied to tok_emb
     assert gpt.model_config("gpt2-xl")["n_heads"] == 25
 
@@ -251,15 +258,12 @@ def test_plain_path_is_the_chapters_last_token_the_fast_one_equals_it_and_flexib
     one = bfast.last_block_at(block, x, positions)
     assert one.shape == (4, 1, 16)
     assert torch.allclose(one[:, 0], block(x)[torch.arange(4), positions], atol=1e-5)
-
     model = tiny_classifier(pool="flexible").eval()  # the last real token, whatever the padding
     ids = torch.tensor([[5, 6, 7, 50256, 50256], [8, 9, 10, 11, 12]])
-    positions = bpooling.pool_positions(ids, "flexible", 50256)
-    assert positions.tolist() == [2, 4]
+    assert bpooling.pool_positions(ids, "flexible", 50256).tolist() == [2, 4]
     more_padding = torch.cat([ids, torch.full((2, 6), 50256)], dim=1)
     with torch.no_grad():
-        alone = model(ids[:1, :3])[:, -1, :]
-        assert torch.allclose(model(ids)[0, -1], alone[0], atol=1e-5)
+        assert torch.allclose(model(ids)[0, -1], model(ids[:1, :3])[0, -1], atol=1e-5)
         assert torch.allclose(model(more_padding)[:, -1, :], model(ids)[:, -1, :], atol=1e-5)
         model.fast = False  # the same through the full forward pass
         assert torch.allclose(model(more_padding)[:, -1, :], model(ids)[:, -1, :], atol=1e-5)
@@ -308,25 +312,29 @@ def test_loader_names_a_missing_tensor_or_one_of_the_wrong_rank_before_copying_a
     assert torch.equal(model.tok_emb.weight, before)
 
 
-def test_weights_of_another_size_name_the_tensor_shapes_and_the_right_model():
+def test_weights_of_another_size_name_the_shapes_and_the_right_model_a_config_json_the_size(
+        tmp_path):
     params = bweights.params_from_hub(bst.load_safetensors(MINI_WEIGHTS)[0])
-    config = gpt.model_config("gpt2-small")
-    with pytest.raises(InputError) as error:
-        bweights.check_gpt2_size(params, dict(config, context_length=128), "w.safetensors",
-                                       KNOWN_SIZES)
-    assert "wte (the token embedding)" in str(error.value)
-    assert "(50257, 16)" in str(error.value) and "(50257, 768)" in str(error.value)
-    with pytest.raises(InputError, match=r"wpe \(the position embedding\) has shape "
-                                         r"\(128, 16\), but the model needs \(64, 16\)"):
-        bweights.check_gpt2_size(params, dict(mini_config(), context_length=64), "w.safetensors",
-                                       KNOWN_SIZES)
-    # gpt2-medium's shapes against --model gpt2-small: the error suggests gpt2-medium
-    with torch.device("meta"):  # shapes without memory
+    with torch.device("meta"):  # gpt2-medium's shapes, without memory
         medium = {"wte": torch.empty(50257, 1024), "wpe": torch.empty(1024, 1024),
                   "blocks": [{"ln_1": {"g": torch.empty(1024)}} for _ in range(24)]}
-    with pytest.raises(InputError, match="use --model gpt2-medium"):
-        bweights.check_gpt2_size(medium, gpt.model_config("gpt2-small"), "w.safetensors",
-                                       KNOWN_SIZES)
+    small = gpt.model_config("gpt2-small")
+    for found, config, problem in [
+            (params, dict(small, context_length=128), r"wte \(the token embedding\).*"
+             r"\(50257, 16\).*\(50257, 768\)"),
+            (params, dict(mini_config(), context_length=64), r"wpe \(the position embedding\) "
+             r"has shape \(128, 16\), but the model needs \(64, 16\)"),
+            (medium, small, "use --model gpt2-medium")]:  # the error suggests the right size
+        with pytest.raises(InputError, match=problem):
+            bweights.check_gpt2_size(found, config, "w.safetensors", KNOWN_SIZES)
+    shutil.copy(MINI_WEIGHTS, tmp_path / "x.safetensors")  # beside the book's config.json
+    shutil.copy(TESTDATA / "gpt2-mini-book" / "config.json", tmp_path / "config.json")
+    assert gpt.load_gpt2(tmp_path / "x.safetensors")[0] == mini_config()
+    (tmp_path / "config.json").unlink()  # without one, --model sets the size
+    shutil.copy(MINI_BOOK, tmp_path / "gpt2-mini-book.pth")
+    with pytest.raises(InputError, match=r"has shape \(50257, 16\) and there are 2 layers, "
+                                         r"but the model needs \(50257, 768\) and 12 layers"):
+        gpt.build_gpt("gpt2-small", str(tmp_path / "gpt2-mini-book.pth"))
 
 
 def test_safetensors_round_trip_of_f32_f16_bf16_and_metadata(tmp_path):
@@ -343,6 +351,13 @@ def test_safetensors_round_trip_of_f32_f16_bf16_and_metadata(tmp_path):
 def safetensors_bytes(header, data=b""):
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
     return struct.pack("<Q", len(raw)) + raw + data
+
+
+def lowered_into_padding(shift):
+    """A header padded with 3 spaces, as writers align it, its length lowered by shift:
+    the JSON still parses, and the tensor would move."""
+    raw = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    return struct.pack("<Q", len(raw) + 3 - shift) + raw + b"   " + b"\0" * 4
 
 
 def tensors_file(data_bytes, **tensors):
@@ -368,6 +383,8 @@ def tensors_file(data_bytes, **tensors):
     (tensors_file(12, x=("F32", [1], [0, 4]), y=("F32", [1], [8, 12])),
      "4 bytes of the data area after tensor 'x' belong to no tensor"),
     (tensors_file(8, x=("F32", [1], [0, 4])), "the file has 4 bytes after the last tensor"),
+    (lowered_into_padding(1), "the file has 1 bytes after the last tensor"),
+    (lowered_into_padding(3), "the file has 3 bytes after the last tensor"),
 ])
 def test_broken_safetensors_files_name_the_file_and_the_problem(tmp_path, content, problem):
     assert_error_names_file(bst.read_safetensors_header, tmp_path / "broken.safetensors",
@@ -482,9 +499,8 @@ def save_tiny(path, labels=("not spam", "spam"), model=None, **kwargs):
 @pytest.mark.parametrize("kind", ["hub weights", "checkpoint", "lora checkpoint"])
 def test_safetensors_headers_with_values_of_the_wrong_type_raise_the_projects_error(
         kind, tmp_path):
-    """Some mutations still load (a label or a format note that is another string, a
-    value replaced by an equal one, the Hub file's unused __metadata__); the rest
-    are the project's error."""
+    """Some mutations still load (another string as a label or format note, a value
+    replaced by an equal one, the Hub file's unused __metadata__), the rest are refused."""
     original = {"hub weights": lambda p: MINI_WEIGHTS, "checkpoint": save_tiny,
                 "lora checkpoint": save_lora_checkpoint}[kind](tmp_path / "c.safetensors")
     read = classify.load_classifier
@@ -562,7 +578,8 @@ def test_a_download_stopped_by_ctrl_c_or_a_full_disk_leaves_no_partial_file(
 
 # ------------------------------------- weights: OpenAI's TF checkpoint, the book's .pth
 
-def test_weights_paths_name_a_file_a_folder_or_any_file_of_openais_checkpoint(tmp_path):
+def test_weights_paths_name_any_file_or_folder_of_each_form_and_each_gives_the_books_params(
+        tmp_path):
     data = MINI_TF / "model.ckpt.data-00000-of-00001"
     for path in [MINI_TF, MINI_TF / "model.ckpt", MINI_TF / "model.ckpt.index", data,
                  MINI_TF / "model.ckpt.meta", MINI_TF / "checkpoint", MINI_TF / "hparams.json"]:
@@ -575,21 +592,6 @@ def test_weights_paths_name_a_file_a_folder_or_any_file_of_openais_checkpoint(tm
     assert bweights.find_weights(renamed) == ("pth", renamed)
     with pytest.raises(InputError, match="has neither a model.safetensors nor OpenAI's"):
         bweights.find_weights(tmp_path)
-
-
-def flat_params(params, keys=()):
-    """The book's nested params as {("blocks", 0, "attn", "c_attn", "w"): tensor}."""
-    items = params.items() if isinstance(params, dict) else enumerate(params)
-    flat = {}
-    for key, value in items:
-        if isinstance(value, (dict, list)):
-            flat.update(flat_params(value, keys + (key,)))
-        else:
-            flat[keys + (key,)] = value
-    return flat
-
-
-def test_every_file_gives_the_books_nested_params():
     flats = {}
     for weights in (MINI_TF, MINI_BOOK, MINI_WEIGHTS):
         settings, params = gpt.download_and_load_gpt2(weights=str(weights))
@@ -606,20 +608,16 @@ def test_every_file_gives_the_books_nested_params():
     assert flats[MINI_TF][("wte",)].dtype == torch.float16  # as stored: no copy made
 
 
-def test_a_fine_tune_starts_alike_from_each_form_and_its_lora_base_is_found(tmp_path, capsys):
-    data = three_class_tsv(tmp_path / "t.tsv", per_class=6)
-    lines = {}
-    for weights in (MINI_TF, MINI_BOOK):  # their weights equal the Hub copy's (above)
-        out = tmp_path / weights.name
-        fine_tune(data, out, "--trainable", "lora", "--lora-rank", "2", "--epochs", "1",
-                  "--batch-size", "4", "--no-baseline", weights=weights)
-        lines[weights] = chapter_lines(capsys.readouterr().out)
-        lora = json.loads(bst.read_safetensors_header(out / CHECKPOINT)[1]["lora"])
-        assert lora["path"] == str(bweights.weights_file(weights).resolve())
-        classify.load_classifier(out / CHECKPOINT)  # the base rebuilt from the same file
-    assert any(line.startswith("Ep 1 (Step 000000): Train loss") for line in lines[MINI_TF])
-    assert lines[MINI_TF] == lines[MINI_BOOK]
-    assert bweights.weights_file(MINI_TF) == MINI_TF / "model.ckpt.data-00000-of-00001"
+def flat_params(params, keys=()):
+    """The book's nested params as {("blocks", 0, "attn", "c_attn", "w"): tensor}."""
+    items = params.items() if isinstance(params, dict) else enumerate(params)
+    flat = {}
+    for key, value in items:
+        if isinstance(value, (dict, list)):
+            flat.update(flat_params(value, keys + (key,)))
+        else:
+            flat[keys + (key,)] = value
+    return flat
 
 
 def with_data_block(index, change):
@@ -651,11 +649,11 @@ def flip(content, rng):
     return content
 
 
-def rezipped(path, change):
-    """The zip archive at path (a .pth) with each member's bytes changed by
+def rezipped(content, change):
+    """The zip archive content (a .pth's bytes) with each member's bytes changed by
     change(name, bytearray), its checksums and sizes written anew."""
     out = io.BytesIO()
-    with zipfile.ZipFile(path) as source, zipfile.ZipFile(out, "w") as target:
+    with zipfile.ZipFile(io.BytesIO(content)) as source, zipfile.ZipFile(out, "w") as target:
         for info in source.infolist():
             target.writestr(info, bytes(change(info.filename, bytearray(source.read(info)))))
     return out.getvalue()
@@ -671,19 +669,18 @@ def test_fuzzed_openai_checkpoints_and_pth_files_load_or_raise_the_projects_erro
     cases += [bytes(flip(bytearray(index), rng)) for _ in range(50)]  # checksums broken
     parsed, refused = outcomes(folder / INDEX, cases, lambda path: gpt.load_gpt2(folder))
     assert 0 < parsed < refused  # past the checksum, a flip in a name or padding may read
-
     tiny = dict(TINY_CONFIG, vocab_size=10, context_length=4, emb_dim=4, n_layers=1, n_heads=1)
     (tmp_path / "config.json").write_text(json.dumps(tiny))  # beside the .pth: its size
     torch.save(gpt.GPTModel(tiny).state_dict(), tmp_path / "valid.pth")
     valid = (tmp_path / "valid.pth").read_bytes()
-    pickle_flips = [rezipped(tmp_path / "valid.pth", lambda name, data: flip(data, rng)
+    pickle_flips = [rezipped(valid, lambda name, data: flip(data, rng)
                              if name.endswith("data.pkl") else data) for _ in range(150)]
     cases = [bytes(flip(bytearray(valid), rng)) for _ in range(100)] + pickle_flips
     parsed, refused = outcomes(tmp_path / "w.pth", cases,
                                lambda path: gpt.build_gpt(weights=str(path)))
     assert 0 < parsed < refused
     cuts = [valid[:size] for size in range(0, len(valid), 97)]  # cut anywhere, or one record
-    cuts += [rezipped(tmp_path / "valid.pth", lambda name, data: data[:rng.randrange(len(data))]
+    cuts += [rezipped(valid, lambda name, data: data[:rng.randrange(len(data))]
                       if name.endswith(f"/data/{n}") else data) for n in range(21)]
     assert outcomes(tmp_path / "w.pth", cuts, gpt.load_gpt2) == (0, len(cuts))
 
@@ -709,14 +706,18 @@ HPARAMS = {"n_vocab": 50257, "n_ctx": 128, "n_embd": 16, "n_head": 2, "n_layer":
     ("hparams.json", lambda b: b"[" * 100_000 + b"]" * 100_000, "nested more than 32 levels"),
     ("hparams.json", lambda b: b'{"n_layer": ' + b"9" * 5000 + b"}", "a number of 5,000 char"),
     (INDEX, lambda b: b.replace(b"model/h0", b"model/h7", 1), "fails its crc32c check"),
+    # torch.load(mmap=True) gave the tensor the bytes after its record: garbage weights
+    (MINI_BOOK.name, lambda b: rezipped(b, lambda name, data: data[:-4] if name.endswith(
+        "/data/2") else data), "gpt2-mini-book.pth is damaged: its record gpt2-mini-book/data/2 "
+     "has 65,532 bytes, its tensors need 65,536; save it again with torch.save("),
 ])
-def test_a_damaged_openai_checkpoint_is_a_one_line_error_naming_the_file(
+def test_a_damaged_openai_checkpoint_or_pth_is_a_one_line_error_naming_the_file(
         tmp_path, name, damage, problem):
-    folder = tmp_path / "gpt2-mini-tf"
-    shutil.copytree(MINI_TF, folder)
+    folder = tmp_path / "weights"
+    shutil.copytree(MINI_BOOK.parent if name == MINI_BOOK.name else MINI_TF, folder)
     (folder / name).write_bytes(damage((folder / name).read_bytes()))
     with pytest.raises(InputError) as error:
-        gpt.build_gpt(weights=str(folder))
+        gpt.build_gpt(weights=str(folder / name))  # any file of OpenAI's names the checkpoint
     message = str(error.value)
     assert problem in message and str(folder) in message and "\n" not in message
     assert btf.crc32c(b"123456789") == 0xE3069283  # the standard check value of crc32c
@@ -760,45 +761,27 @@ def test_an_openai_index_naming_one_block_many_times_is_refused_having_checked_i
     ("pth", "trf_blocks.0.att.W_query.bias", torch.ones(16, dtype=torch.int32), "torch.int32"),
     ("pth", "trf_blocks.0.att.W_query.weight", torch.ones(16, 16, dtype=torch.bool),
      "are torch.bool (16, 16), torch.float32 (16, 16), torch.float32 (16, 16), not floats"),
+    ("hub", "h.0.mlp.c_fc.weight", lambda t: t.T.contiguous(), "has shape (64, 16) ((16, 64) "
+     "once split or transposed), but the model needs (64, 16)"),
+    ("hub", "wte.weight", lambda t: t.view(torch.int16),  # F16's bytes relabelled I16
+     "params['wte'] holds torch.int16, not floats"),
 ])
-def test_a_tensor_name_or_w_query_the_loader_cannot_place_is_one_error_naming_both(
+def test_a_tensor_the_loader_cannot_place_or_use_is_one_error_naming_it_and_the_file(
         tmp_path, form, name, value, problem):
     """Layer 100000000000 grew a list at 1.4 GB/s until memory ran out, int() reads "١"
     as 1, a name inside a tensor's and a W_query torch.cat cannot join were tracebacks,
     and torch.cat made an integer W_query floats."""
     if form == "hub":
         path, tensors = tmp_path / "model.safetensors", bst.load_safetensors(MINI_WEIGHTS)[0]
-        bst.save_safetensors(dict(tensors, **{name: value}), path)
     else:
-        path, state = tmp_path / "w.pth", torch.load(MINI_BOOK, weights_only=True)
-        torch.save(dict(state, **{name: value}), path)
+        path, tensors = tmp_path / "w.pth", torch.load(MINI_BOOK, weights_only=True)
+    tensors[name] = value(tensors[name]) if callable(value) else value
+    (bst.save_safetensors if form == "hub" else torch.save)(tensors, path)
     shutil.copy((MINI if form == "hub" else MINI_BOOK.parent) / "config.json", tmp_path)
     with pytest.raises(InputError) as error:
         gpt.build_gpt(weights=str(path))
     message = str(error.value)
     assert problem in message and str(path) in message and "\n" not in message
-
-
-def test_a_pth_whose_record_is_shorter_than_its_tensor_is_refused(tmp_path):
-    """torch.load(mmap=True) gave the tensor the bytes after its record: garbage weights."""
-    shutil.copy(MINI_BOOK.parent / "config.json", tmp_path)
-    (tmp_path / "w.pth").write_bytes(rezipped(MINI_BOOK, lambda name, data: data[:-4]
-                                              if name.endswith("/data/2") else data))
-    with pytest.raises(InputError, match=r"w\.pth is damaged: its record \S+/data/2 has "
-                                         r"[0-9,]+ bytes, its tensors need [0-9,]+; save it "):
-        gpt.build_gpt(weights=str(tmp_path / "w.pth"))
-
-
-def test_a_config_json_in_the_books_naming_sets_the_size_and_without_one_model_does(tmp_path):
-    shutil.copy(MINI_WEIGHTS, tmp_path / "x.safetensors")
-    shutil.copy(TESTDATA / "gpt2-mini-book" / "config.json", tmp_path / "config.json")
-    settings, _ = gpt.load_gpt2(tmp_path / "x.safetensors")
-    assert settings == mini_config()
-    (tmp_path / "config.json").unlink()
-    shutil.copy(MINI_BOOK, tmp_path / "gpt2-mini-book.pth")
-    with pytest.raises(InputError, match=r"has shape \(50257, 16\) and there are 2 layers, "
-                                         r"but the model needs \(50257, 768\) and 12 layers"):
-        gpt.build_gpt("gpt2-small", str(tmp_path / "gpt2-mini-book.pth"))
 
 
 class RunsWhenUnpickled:
@@ -845,24 +828,21 @@ def test_pretrained_falls_back_to_openais_files_and_reads_them_where_chapter_5_l
     monkeypatch.setattr(bdownload.urllib.request, "urlopen", no_network)
     again, _ = gpt.build_gpt("gpt2-small", "pretrained", models_dir)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
-    assert bweights.weights_file("pretrained", "gpt2-small", models_dir) == \
-        folder / "model.ckpt.data-00000-of-00001"
+    assert bweights.weights_file("pretrained", "gpt2-small", models_dir) == folder / DATA
 
 
 def test_help_documents_every_flag_its_chapter_reference_and_the_three_weight_forms(cli):
     helps = {}
     for script in ("gpt.py", "finetune.py", "classify.py"):
-        code, out, _ = cli(script, "--help")
-        assert code == 0
-        helps[script] = " ".join(out.split())  # argparse wraps to the terminal's width
+        # argparse wraps to the terminal's width
+        helps[script] = " ".join(output(cli(script, "--help")).split())
         for words in ["model.safetensors", "the book's .pth", "OpenAI's model.ckpt",
                       "a folder holding a model.safetensors", "OpenAI's checkpoint"]:
             assert words in helps[script], (script, words)
-    flags = re.findall(r"--[a-z-]+", helps["finetune.py"])
-    for flag in ["--device", "--model", "--weights", "--data", "--out", "--epochs",
-                 "--batch-size", "--lr", "--seed", "--max-length", "--trainable", "--pool",
-                 "--lora-rank", "--lora-alpha", "--no-balance", "--no-baseline", "--plain"]:
-        assert flag in flags
+    assert {"--device", "--model", "--weights", "--data", "--out", "--epochs", "--batch-size",
+            "--lr", "--seed", "--max-length", "--trainable", "--pool", "--lora-rank",
+            "--lora-alpha", "--no-balance", "--no-baseline", "--plain"} <= set(
+        re.findall(r"--[a-z-]+", helps["finetune.py"]))
     for reference in ["Exercise 6.1", "Exercise 6.2", "Exercise 6.3", "appendix E",
                       "listing 6.2", "section 6.4"]:
         assert reference in helps["finetune.py"]
@@ -890,7 +870,6 @@ def test_real_tsv_reads_balances_and_splits_row_for_row_as_the_chapters_pandas(c
     assert [label for label, _ in test[:5]] == ["spam", "spam", "spam", "ham", "spam"]
     assert test[0][1] == "85233 FREE>Ringtone!Reply REAL"
     assert test[-1][1].startswith("Your unique user ID is 1172. For removal send STOP to 87239")
-
     # the sample order: np.random.RandomState(seed).permutation(n), as printed by NumPy 2.4.6
     assert bsampling.sample_order(10, 123) == [4, 0, 7, 5, 8, 3, 1, 6, 9, 2]
     assert bsampling.sample_order(8, 0) == [6, 2, 1, 7, 3, 0, 5, 4]
@@ -998,7 +977,6 @@ def test_tricky_texts_round_trip_through_csv_and_the_dataset_pads_truncates_and_
             ("ham", "emoji 😀 and 日本語"), ("spam", "carriage\r\nreturn")]
     data.write_csv(rows, tmp_path / "t.csv")
     assert data.read_csv(tmp_path / "t.csv") == [(data.SPAM_LABELS[l], t) for l, t in rows]
-
     data.write_csv([("ham", "Hi"), ("spam", "This is a longer message, really")],
                    tmp_path / "t.csv")
     longest = len(tokenizer.encode("This is a longer message, really"))
@@ -1015,18 +993,16 @@ def test_tricky_texts_round_trip_through_csv_and_the_dataset_pads_truncates_and_
     assert 50256 not in data.SpamDataset(tmp_path / "t.csv", tokenizer)[0][0].tolist()
 
 
-def test_data_loaders_give_the_chapters_batch_counts_shapes_and_shuffle(tmp_path, tokenizer):
-    balanced = data.create_balanced_dataset(data.read_tsv(SMS))
-    for name, rows in zip(["train", "validation", "test"], data.random_split(balanced, 0.7, 0.1)):
+def test_data_loaders_give_the_chapters_batch_counts_shapes_and_shuffle(
+        tmp_path, tokenizer, chapter_splits):
+    for name, rows in zip(["train", "validation", "test"], chapter_splits):
         data.write_csv(rows, tmp_path / f"{name}.csv")
     train = data.SpamDataset(tmp_path / "train.csv", tokenizer)
     val = data.SpamDataset(tmp_path / "validation.csv", tokenizer, max_length=train.max_length)
     test = data.SpamDataset(tmp_path / "test.csv", tokenizer, max_length=train.max_length)
     loaders = data.create_data_loaders(train, val, test)
     assert [len(loader) for loader in loaders] == [130, 19, 38]
-    inputs, labels = next(iter(loaders[0]))
     assert train.max_length == 120  # the chapter prints 120 and torch.Size([8, 120])
-    assert inputs.shape == (8, 120) and labels.shape == (8,)
     # The chapter's loaders after torch.manual_seed(123), on pandas' splits, give these
     # first batches (labels, first token ids), in this order:
     torch.manual_seed(123)
@@ -1034,7 +1010,7 @@ def test_data_loaders_give_the_chapters_batch_counts_shapes_and_shuffle(tmp_path
             ([0, 0, 1, 0, 0, 0, 1, 0], [56, 40, 45048, 1135, 35, 25206, 5122, 8491]),
             ([1, 1, 1, 0, 0, 0, 1, 0], [4805, 39, 32945, 3987, 41856, 18690, 16827, 40])]:
         inputs, labels = next(iter(loaders[0]))
-        assert labels.tolist() == expected_labels
+        assert inputs.shape == (8, 120) and labels.tolist() == expected_labels
         assert inputs[:, 0].tolist() == expected_first_ids
 
 
@@ -1073,15 +1049,6 @@ def train_briefly(model, batches, epochs=3):
                                             num_epochs=epochs, eval_freq=2, eval_iter=2)
 
 
-def test_a_short_training_run_lowers_the_loss(capsys):
-    model = tiny_classifier()
-    batches = random_batches(6)
-    before = finetune.calc_loss_loader(batches, model, "cpu")
-    train_losses, *_ = train_briefly(model, batches, epochs=6)
-    assert finetune.calc_loss_loader(batches, model, "cpu") < before - 0.05
-    assert "Ep 1 (Step 000000): Train loss" in capsys.readouterr().out
-
-
 def test_ranks_sharing_uneven_batches_give_one_processs_loss_and_accuracy(monkeypatch):
     """3 simulated ranks (threads, all_gather over a barrier): batches of 5, 5 and 2
     rows shared 1/2/2 and 0/1/1, a rank with no row at all in the last."""
@@ -1101,7 +1068,7 @@ def test_ranks_sharing_uneven_batches_give_one_processs_loss_and_accuracy(monkey
 
     monkeypatch.setattr(beyond.distributed, "ranks", lambda: (local.rank, world))
     monkeypatch.setattr(beyond.distributed.dist, "all_gather", all_gather)
-    results, rows = {}, {}
+    rows = {}
 
     def this_ranks_model(input_batch):
         rows[local.rank].append(len(input_batch))
@@ -1110,18 +1077,13 @@ def test_ranks_sharing_uneven_batches_give_one_processs_loss_and_accuracy(monkey
     def rank_main(rank):
         local.rank, rows[rank] = rank, []
         whole = beyond.distributed.WholeBatches(this_ranks_model)
-        results[rank] = (finetune.calc_loss_loader(batches, whole, "cpu"),
-                         finetune.calc_accuracy_loader(batches, whole, "cpu"))
+        return (finetune.calc_loss_loader(batches, whole, "cpu"),
+                finetune.calc_accuracy_loader(batches, whole, "cpu"))
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with ThreadPoolExecutor(world) as pool:  # all three at once, each rank's errors raised
+        results = list(pool.map(rank_main, range(world)))
     assert rows == {0: [1, 1, 0] * 2, 1: [2, 2, 1] * 2, 2: [2, 2, 1] * 2}
-    for rank in range(world):
-        assert results[rank][0] == pytest.approx(expected[0], abs=1e-6)
-        assert results[rank][1] == expected[1]
+    assert results == [(pytest.approx(expected[0], abs=1e-6), expected[1])] * world
 
 
 @pytest.mark.parametrize("pool, trainable", [("last", "last_block"), ("flexible", "last_block"),
@@ -1192,18 +1154,15 @@ def test_any_cache_budget_prints_the_plain_runs_lines_bf16_its_own_and_a_rerun_t
     # it classifies in fp32 and bf16 alike, and explains in bf16
     probabilities = {}
     for precision in ("fp32", "bf16"):
-        code, stdout, stderr = cli("classify.py", "--checkpoint", tmp_path / "bf16" / CHECKPOINT,
-                                   "--precision", precision, "--json", SPAM_TEXT, "Hi there")
-        assert code == 0, stderr
+        stdout = output(cli("classify.py", "--checkpoint", tmp_path / "bf16" / CHECKPOINT,
+                            "--precision", precision, "--json", SPAM_TEXT, "Hi there"))
         probabilities[precision] = [json.loads(line)["probabilities"]
                                     for line in stdout.splitlines()]
     for fp32, bf16 in zip(probabilities["fp32"], probabilities["bf16"]):
-        for name in fp32:
-            assert bf16[name] == pytest.approx(fp32[name], abs=0.01)
-    code, stdout, stderr = cli("classify.py", "--checkpoint", tmp_path / "bf16" / CHECKPOINT,
-                               "--precision", "bf16", "--explain", "--json", SPAM_TEXT)
-    assert code == 0, stderr
-    explanation = json.loads(stdout)["explanation"]
+        assert bf16 == pytest.approx(fp32, abs=0.01)
+    explanation = json.loads(output(cli(
+        "classify.py", "--checkpoint", tmp_path / "bf16" / CHECKPOINT, "--precision", "bf16",
+        "--explain", "--json", SPAM_TEXT)))["explanation"]
     assert "".join(t["token"] for t in explanation) == SPAM_TEXT
     assert all(math.isfinite(t["score"]) for t in explanation)
 
@@ -1260,9 +1219,13 @@ def precision_classifier(precision):
     return classifier
 
 
-def test_bf16_learns_as_fp32_does_where_one_autocast_around_training_does_not(capsys):
+def test_training_lowers_the_loss_and_bf16_learns_as_fp32_where_one_autocast_does_not(capsys):
     train, val = separable_batches(20), separable_batches(6, seed=1)
-    fp32 = fit(precision_classifier("fp32"), train, val)
+    model = precision_classifier("fp32")
+    before = finetune.calc_loss_loader(val, model, "cpu")
+    fp32 = fit(model, train, val)
+    assert finetune.calc_loss_loader(val, model, "cpu") < before - 0.05
+    assert "Ep 1 (Step 000000): Train loss" in capsys.readouterr().out
     bf16 = fit(precision_classifier("bf16"), train, val)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the naive design: stale weights
         naive = fit(precision_classifier("fp32"), train, val)
@@ -1307,21 +1270,12 @@ def test_in_bf16_the_fast_path_rounds_where_the_plain_pass_does(trainable, budge
         assert not torch.equal(fast(batches[0][0]), plain(batches[0][0]))
 
 
-@pytest.mark.parametrize("script, flags, message", [
-    ("finetune.py", ["--precision", "fp16", "--device", "cpu"],
-     "error: --precision fp16 does not run on --device cpu here; it can run fp32 or bf16."),
-    ("classify.py", ["--precision", "fp16", "--device", "cpu", "text"],
-     "error: --precision fp16 does not run on --device cpu here; it can run fp32 or bf16."),
-    ("finetune.py", ["--precision", "fp64"], "argument --precision: invalid choice: 'fp64'"),
-    ("classify.py", ["--precision", "half", "text"], "invalid choice: 'half'"),
-])
-def test_a_precision_the_device_cannot_run_is_one_error_line(
-        script, flags, message, tmp_path, sample_tsv, cli):
-    data_flags = ["--data", sample_tsv, "--weights", "random", "--out", tmp_path / "out"]
-    code, stdout, stderr = cli(script, *(data_flags if script == "finetune.py" else []), *flags)
-    assert code in (1, 2) and message in stderr and "Traceback" not in stderr
-    if code == 1:
-        assert stderr.strip() == message
+def test_a_precision_the_device_cannot_run_is_one_error_line(tmp_path, sample_tsv, cli):
+    for script, flags in [("classify.py", ["text"]), ("finetune.py", [
+            "--data", sample_tsv, "--weights", "random", "--out", tmp_path / "out"])]:
+        code, _, stderr = cli(script, *flags, "--precision", "fp16", "--device", "cpu")
+        assert (code, stderr.strip()) == (1, "error: --precision fp16 does not run on --device "
+                                             "cpu here; it can run fp32 or bf16.")
     assert not (tmp_path / "out").exists()
 
 
@@ -1423,7 +1377,6 @@ def test_a_saved_checkpoint_loads_with_the_same_logits_classifies_in_batches_or_
             with torch.no_grad():
                 expected = torch.softmax(model(torch.tensor([ids]))[:, -1, :], dim=-1)[0]
             assert torch.allclose(torch.tensor(probas), expected, atol=1e-5)
-
     with pytest.raises(InputError, match="Fine-tune one first"):  # missing, then truncated
         classify.load_classifier(tmp_path / "nothing.safetensors")
     path.write_bytes(path.read_bytes()[:-100])
@@ -1432,10 +1385,15 @@ def test_a_saved_checkpoint_loads_with_the_same_logits_classifies_in_batches_or_
 
 
 def checkpoint_with(tmp_path, **changes):
+    """A checkpoint of tiny_classifier() with these metadata, and tensors for callables."""
     path = save_tiny(tmp_path / "c.safetensors")
     tensors, metadata = bst.load_safetensors(path)
     tensors = {k: v.clone() for k, v in tensors.items()}
-    metadata.update(changes)
+    for name, change in changes.items():
+        if callable(change):
+            tensors[name] = change(tensors[name])
+        else:
+            metadata[name] = change
     bst.save_safetensors(tensors, path, metadata)
     return path
 
@@ -1458,6 +1416,8 @@ def checkpoint_with(tmp_path, **changes):
     ({"labels": "9" * 5000}, "ValueError: a number of 5,000 characters"),
     ({"lora": "[" * 100_000 + "]" * 100_000}, "its LoRA description is malformed"),
     ({"calibration": "[" * 100_000 + "]" * 100_000}, "its calibration is malformed"),
+    ({"out_head.weight": lambda t: t.view(torch.int32)},  # F32's bytes relabelled I32
+     "tensor out_head.weight has dtype I32, but weights are floating point"),
 ] + [({"calibration": json.dumps({"temperature": t, "threshold": None, "target_fpr": None})},
       "is outside 0.05..20.0") for t in (1e-300, 0.01, 21)])
 def test_bad_checkpoints_fail_before_allocating(tmp_path, changes, problem):
@@ -1468,12 +1428,19 @@ def test_bad_checkpoints_fail_before_allocating(tmp_path, changes, problem):
 
 # ---------------------------------------------------------------------- the CLIs
 
-def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokenizer, cli):
-    out = tmp_path / "run"
-    code, stdout, stderr = run("finetune.py", "--data", sample_tsv, "--weights",
-                               MINI_WEIGHTS, "--epochs", "2", "--device", "cpu",
-                               "--out", out)
-    assert code == 0, stderr
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, sample_tsv):
+    """python finetune.py, 1 epoch, batches of 8, on the test model: (flags, out, stdout);
+    the reference of the runs under torchrun."""
+    out = tmp_path_factory.mktemp("one-process")
+    flags = ["--data", sample_tsv, "--weights", MINI_WEIGHTS, "--epochs", "1",
+             "--batch-size", "8", "--device", "cpu"]
+    return flags, out, output(run("finetune.py", *flags, "--out", out,
+                                  env={"OMP_NUM_THREADS": "1"}))
+
+
+def test_finetune_then_classify_on_the_command_line(one_process_run, cli):
+    _, out, stdout = one_process_run
     for line in ["10 training batches", "2 validation batches", "3 test batches",
                  "Ep 1 (Step 000000): Train loss"]:
         assert line in stdout
@@ -1489,14 +1456,12 @@ def test_finetune_then_classify_on_the_command_line(tmp_path, sample_tsv, tokeni
     assert calibration["val_fpr"] <= calibration["target_fpr"] == 0.01
     assert re.search(r"Test ECE \(15 bins\): \d\.\d{3} before, \d\.\d{3} after", stdout)
     checkpoint = out / "review_classifier.safetensors"
-    code, stdout, stderr = run("classify.py", "--checkpoint", checkpoint, SPAM_TEXT, "hi there")
-    assert code == 0, stderr
-    lines = stdout.strip().split("\n")
+    lines = output(run("classify.py", "--checkpoint", checkpoint, SPAM_TEXT, "hi there"))
+    lines = lines.splitlines()
     assert len(lines) == 2 and re.match(r"(spam|not spam)\tP\(spam\)=0\.\d{3}\t", lines[0])
-    code, stdout, stderr = run("classify.py", "--checkpoint", checkpoint, "--json", "-",
-                               stdin="first message\n\nsecond 😀\n" + "long " * 4000 + "\n")
-    assert code == 0, stderr
-    results = [json.loads(line) for line in stdout.strip().split("\n")]
+    results = [json.loads(line) for line in output(run(
+        "classify.py", "--checkpoint", checkpoint, "--json", "-",
+        stdin="first message\n\nsecond 😀\n" + "long " * 4000 + "\n")).splitlines()]
     assert [r["text"][:6] for r in results] == ["first ", "", "second", "long l"]
     assert results[1] == {"text": "", "error": bstream.BLANK}
     for blank in ["", "   "]:
@@ -1523,6 +1488,7 @@ def flag_cases(script, cases):
     (["--target-fpr", "1"], "--target-fpr: must be a rate from 0 up to (not including) 1"),
     (["--target-fpr=-0.1"], "--target-fpr: must be a rate from 0 up to (not including) 1"),
     (["--target-fpr", "often"], "--target-fpr: "),
+    (["--precision", "fp64"], "argument --precision: invalid choice: 'fp64'"),
 ]) + flag_cases("bench.py", [
     (["--epochs", "0"], "--epochs: must be at least 1"),
     (["--modes", "plain,fast"], "--modes: unknown mode 'fast'"),
@@ -1552,6 +1518,7 @@ def flag_cases(script, cases):
     (["--port", "70000", "hello"], "'70000' is not a port"),
     (["--explain-method", "gradient", "hi"], "--explain-method goes with --explain"),
     (["--explain-method", "shap", "hi"], "invalid choice: 'shap'"),
+    (["--precision", "half", "text"], "invalid choice: 'half'"),
 ]))
 def test_bad_flags_are_one_argparse_error_before_anything_runs(
         script, flags, message, tmp_path, sample_tsv, cli):
@@ -1566,12 +1533,11 @@ def test_bad_flags_are_one_argparse_error_before_anything_runs(
 def test_finetune_without_network_or_local_files_names_what_is_missing(
         tmp_path, sample_tsv, cli):
     code, _, stderr = cli("finetune.py", "--weights", "random", cwd=tmp_path, env=OFFLINE)
-    assert code == 1 and "Traceback" not in stderr
-    assert "SMS Spam Collection" in stderr and "--data PATH" in stderr
+    assert code == 1 and "SMS Spam Collection" in stderr and "--data PATH" in stderr
     assert not list(tmp_path.rglob("*.part")) and not list(tmp_path.glob("sms_spam_collection*"))
     code, _, stderr = cli("finetune.py", "--data", sample_tsv, cwd=tmp_path, env=OFFLINE)
     assert code == 1 and "gpt2-small weights" in stderr and "--weights PATH" in stderr
-    assert "Traceback" not in stderr and not list(tmp_path.glob("gpt2/124M/*"))
+    assert not list(tmp_path.glob("gpt2/124M/*"))
 
 
 def test_ctrl_c_during_fine_tuning_says_what_was_saved_and_keeps_the_checkpoint(
@@ -1611,15 +1577,14 @@ def test_bad_paths_and_files_are_one_line_errors_found_before_anything_is_writte
              f"weights folder {tmp_path} has neither a model.safetensors nor OpenAI's"),
             (["--data", sample_tsv, "--weights", broken, "--out", out], 1, "truncated"),
             (["--data", tsv, "--out", out], 1, f"{tsv}, line 121: the message is empty")]:
-        flags = ["--weights", MINI_WEIGHTS, *flags]  # the last --weights counts
-        returned, stdout, stderr = cli("finetune.py", *flags)
-        assert (returned, "Traceback" in stderr) == (code, False)
-        assert message in stderr and "Dataset" not in stdout  # before the data is read
+        # the last --weights counts; "Dataset" is printed once the data is read
+        returned, stdout, stderr = cli("finetune.py", "--weights", MINI_WEIGHTS, *flags)
+        assert returned == code and message in stderr and "Dataset" not in stdout
         assert not out.exists()
     for flags, message in [(["--checkpoint", tmp_path, "hello"], f"{tmp_path} is a folder"),
                            (["hello"], "python finetune.py")]:  # none in the working folder
         code, _, stderr = cli("classify.py", *flags, cwd=tmp_path)
-        assert code == 1 and message in stderr and "Traceback" not in stderr
+        assert code == 1 and message in stderr
 
 
 def test_progress_shows_on_a_terminal_never_in_a_pipe_and_a_pipe_closed_early_is_no_error(
@@ -1643,7 +1608,6 @@ def test_progress_shows_on_a_terminal_never_in_a_pipe_and_a_pipe_closed_early_is
     assert shown.endswith(b"\r\x1b[K")  # the line is cleared at the end
     code, stdout, stderr = run(*command[1:], stdin=stdin)
     assert code == 0 and "classifying" not in stderr + stdout and "\r" not in stderr + stdout
-
     messages = tmp_path / "many.txt"  # into a pipe closed early: no traceback
     messages.write_text("".join(f"message number {i} about a prize\n" for i in range(4000)))
     done = subprocess.run(
@@ -1715,8 +1679,8 @@ def test_control_characters_are_escaped_and_an_argument_not_utf8_gets_replacemen
     assert re.fullmatch(r"P\(\\x1b\[31mred\)=0\.\d{3}  P\(two\\nlines\)=0\.\d{3}", columns[1])
     # how Python hands over the argument bytes b"\xff win": a lone surrogate
     code, out, err = cli("classify.py", "--checkpoint", checkpoint, "--json", "\udcff win")
-    assert code == 0 and json.loads(out)["text"] == "\ufffd win"
-    assert set(json.loads(out)["probabilities"]) == set(labels)
+    result = json.loads(out)
+    assert (code, result["text"], set(result["probabilities"])) == (0, "\ufffd win", set(labels))
     assert err == "note: TEXT 1 is not UTF-8: its undecodable bytes are classified as U+FFFD.\n"
 
 
@@ -1730,21 +1694,29 @@ def test_nan_logits_are_an_error_naming_the_checkpoint_never_an_answer(tmp_path,
         classify.main(["--checkpoint", str(checkpoint), "--json", "hello"])
     assert str(error.value).startswith(f"{checkpoint}: ") and capsys.readouterr().out == ""
     model, info = classify.load_classifier(checkpoint)
-    server = bserve.make_server("127.0.0.1", 0, bserve.classifier(
-        model, info, "cpu", checkpoint, gpt.get_tokenizer()), {})
-    with serving(server) as url:
+    with serving(classify=bserve.classifier(model, info, "cpu", checkpoint,
+                                            gpt.get_tokenizer())) as (_, url):
         status, _, body = request(url, "POST", "/classify", '{"texts": ["hello"]}')
     answer = json.loads(body, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
     assert status == 500 and answer["error"].startswith("broken.safetensors: its logits")
 
 
-def test_tokenizer_falls_back_to_the_repositorys_files_without_network(tmp_path):
-    code, out, err = run("-c", "import gpt, os; print(gpt.get_tokenizer().encode('Hello world'), "
-                               "os.environ['TIKTOKEN_CACHE_DIR'])",
-                         env=dict(OFFLINE, TIKTOKEN_CACHE_DIR=str(tmp_path)))
-    assert code == 0, err
+def test_the_tokenizer_and_bench_children_fall_back_to_the_repositorys_files_offline(
+        tmp_path, monkeypatch):
+    out = output(run("-c", "import gpt, os; print(gpt.get_tokenizer().encode('Hello world'), "
+                           "os.environ['TIKTOKEN_CACHE_DIR'])",
+                     env=dict(OFFLINE, TIKTOKEN_CACHE_DIR=str(tmp_path))))
     assert out.split() == ["[15496,", "995]", str(tmp_path)]  # the setting is left as it was
     assert not list(tmp_path.iterdir())
+    # bench.py's import timing child once died offline: tiktoken itself only downloads
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR")
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
+    for name, value in dict(OFFLINE, TMPDIR=str(tmp_path)).items():  # tiktoken's cache: empty
+        monkeypatch.setenv(name, value)
+    assert "Traceback" not in bench.run_child(bench.IMPORTS, tmp_path / "log.txt")[2]
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # a setting of one's own is kept
+    with pytest.raises(InputError, match=r"^python -c .* failed \(exit status 1\): "):
+        bench.run_child(bench.IMPORTS, tmp_path / "log.txt")
 
 
 # ------------------------------------------- beyond the chapter: own data, LoRA, metrics
@@ -1760,8 +1732,8 @@ def three_class_tsv(path, per_class=30):
     return path
 
 
-def test_own_labels_become_sorted_class_ids_a_three_class_fine_tune_and_its_classify(
-        tmp_path, tokenizer, capsys):
+def test_own_labels_become_sorted_class_ids_and_a_three_class_run_takes_every_flag(
+        tmp_path, capsys, monkeypatch, cli):
     tsv = three_class_tsv(tmp_path / "topics.tsv")
     rows = data.load_messages(tsv)
     assert blabels.class_ids(rows) == {"politics": 0, "sports": 1, "tech": 2}
@@ -1778,28 +1750,46 @@ def test_own_labels_become_sorted_class_ids_a_three_class_fine_tune_and_its_clas
         data.random_split([("ham", "a"), ("spam", "b"), ("ham", "c"), ("spam", "d")], 0.7, 0.1)
     with pytest.raises(InputError, match="--target-fpr is for two classes.*has 3"):
         fine_tune(tsv, tmp_path / "run", "--target-fpr", "0.05")  # before any training
-
-    result = fine_tune(tsv, tmp_path / "run", "--epochs", "3", "--batch-size", "4", "--lr", "1e-3")
+    calls, forward = [], gpt.GPTModel.forward  # --plain: the chapter's GPTModel.forward
+    monkeypatch.setattr(gpt.GPTModel, "forward", lambda self, in_idx: (
+        calls.append(self.training), forward(self, in_idx))[1])
+    out = tmp_path / "run"
+    result = fine_tune(tsv, out, "--pool", "flexible", "--max-length", 6, "--seed", 7, "--plain",
+                       "--no-balance", "--trainable", "last_two_blocks", "--batch-size", 4,
+                       "--epochs", 1)
     printed = capsys.readouterr().out
     assert "Confusion matrix" in printed and "Naive Bayes baseline" in printed
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "Caching" not in printed and "Balanced" not in printed
+    assert "Longest training sequence (max_length): 6 tokens" in printed
+    batches = int(re.search(r"^(\d+) training batches$", printed, re.M)[1])
+    assert sum(calls) == batches > 0  # in training mode: once per step of the one epoch
+    assert len(calls) > batches  # and in eval mode for every evaluation
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["labels"] == ["politics", "sports", "tech"]
     assert metrics["model"] == f"{MINI_WEIGHTS} (2 layers, emb_dim 16)"  # not --model's name
     assert len(metrics["test_confusion_matrix"]) == 3
-    assert sum(map(sum, metrics["test_confusion_matrix"])) == 90 - int(90 * 0.7) - int(90 * 0.1)
+    assert sum(map(sum, metrics["test_confusion_matrix"])) == 91 - int(91 * 0.7) - int(91 * 0.1)
     assert metrics["test_accuracy"] == result["test_accuracy"]
     assert set(metrics["test_per_class"]["tech"]) == {"precision", "recall", "f1", "support"}
-    code, out, err = run("classify.py", "--checkpoint", tmp_path / "run" / CHECKPOINT, "--all",
-                         "the striker scored a goal in the match")
-    assert code == 0, err
+    label_ids = blabels.class_ids(rows)  # no balancing, split with seed 7
+    expected = data.random_split(rows, 0.7, 0.1, seed=7)[0]
+    assert data.read_csv(out / "train.csv", 3) == [(label_ids[l], t) for l, t in expected]
+    assert expected != data.random_split(rows, 0.7, 0.1)[0]
+    _, metadata = bst.read_safetensors_header(out / CHECKPOINT)
+    assert (metadata["pool"], metadata["max_length"]) == ("flexible", "6")
+    assert metadata["trainable"] == "last_two_blocks"
+    assert classify.load_classifier(out / CHECKPOINT)[0].pool == "flexible"
+    printed = output(cli("classify.py", "--checkpoint", out / CHECKPOINT, "--all",
+                         "the striker scored a goal in the match"))
     assert re.match(r"(politics|sports|tech)\tP\(politics\)=0\.\d{3}  P\(sports\)=0\.\d{3}  "
-                    r"P\(tech\)=0\.\d{3}\t", out)
+                    r"P\(tech\)=0\.\d{3}\t", printed)
 
 
 CHECKPOINT = classify.CHECKPOINT_NAME
 
 
-def test_per_class_metrics_and_naive_bayes_which_gets_285_of_the_chapters_300_test_messages():
+def test_per_class_metrics_and_naive_bayes_which_gets_285_of_the_chapters_300_test_messages(
+        chapter_splits):
     metrics = bmetrics.per_class_metrics([[8, 2], [1, 9]], ["not spam", "spam"])
     assert metrics["spam"]["precision"] == pytest.approx(9 / 11)
     assert metrics["spam"]["recall"] == pytest.approx(0.9)
@@ -1812,11 +1802,8 @@ def test_per_class_metrics_and_naive_bayes_which_gets_285_of_the_chapters_300_te
     assert bmetrics.predict_naive_bayes(model, "cash prize now") == 1
     assert bmetrics.predict_naive_bayes(model, "lunch today") == 0
     assert bmetrics.naive_bayes_accuracy(model, train) == 1.0
-    # on the chapter's split: 285 of its 300 test messages
-    balanced = data.create_balanced_dataset(data.read_tsv(SMS))
-    train, validation, test = data.random_split(balanced, 0.7, 0.1)
-    as_ids = [[(data.SPAM_LABELS[l], t) for l, t in split] for split in (train, validation, test)]
-    model = bmetrics.fit_naive_bayes(as_ids[0])
+    as_ids = [[(data.SPAM_LABELS[l], t) for l, t in split] for split in chapter_splits]
+    model = bmetrics.fit_naive_bayes(as_ids[0])  # 285 of the chapter's 300 test messages:
     assert bmetrics.naive_bayes_accuracy(model, as_ids[2]) == 285 / 300
 
 
@@ -1840,20 +1827,27 @@ def test_lora_starts_at_the_base_model_and_trains_only_adapters_and_head():
     assert torch.allclose(layer(x), 2.0 * (x @ layer.A @ layer.B))  # alpha / rank = 2
 
 
-def test_a_lora_checkpoint_holds_only_adapters_and_finds_its_base_even_moved(tmp_path, capsys):
-    base = tmp_path / "base" / "model.safetensors"
-    base.parent.mkdir()
-    shutil.copy(MINI_WEIGHTS, base)
-    shutil.copy(MINI / "config.json", base.parent / "config.json")
-    checkpoint = tmp_path / "lora" / CHECKPOINT
-    fine_tune(three_class_tsv(tmp_path / "t.tsv"), checkpoint.parent, "--trainable", "lora",
-              "--lora-rank", "4", "--lora-alpha", "8", "--epochs", "1", "--batch-size", "4",
-              "--no-baseline", weights=base)
-    assert "Naive Bayes" not in capsys.readouterr().out
-    entries, metadata = bst.read_safetensors_header(checkpoint)
+def test_a_lora_fine_tune_starts_alike_from_each_form_keeps_adapters_and_finds_its_base_moved(
+        tmp_path, capsys, cli):
+    base = tmp_path / "base" / "model.safetensors"  # a copy of the Hub's files, moved below
+    shutil.copytree(MINI, base.parent)
+    data, printed = three_class_tsv(tmp_path / "t.tsv", per_class=6), {}
+    for weights in (MINI_TF, MINI_BOOK, base):  # their weights are equal (above)
+        fine_tune(data, tmp_path / weights.name, "--trainable", "lora", "--lora-rank", "4",
+                  "--lora-alpha", "8", "--epochs", "1", "--batch-size", "4", "--no-baseline",
+                  weights=weights)
+        printed[weights] = capsys.readouterr().out
+        checkpoint = tmp_path / weights.name / CHECKPOINT
+        lora = json.loads(bst.read_safetensors_header(checkpoint)[1]["lora"])
+        assert lora["path"] == str(bweights.weights_file(weights).resolve())
+        classify.load_classifier(checkpoint)  # the base rebuilt from the same file
+    assert "Ep 1 (Step 000000): Train loss" in printed[base] and "Naive" not in printed[base]
+    assert len({tuple(chapter_lines(out)) for out in printed.values()}) == 1
+    assert bweights.weights_file(MINI_TF) == MINI_TF / "model.ckpt.data-00000-of-00001"
+    entries, metadata = bst.read_safetensors_header(checkpoint)  # the Hub copy's
     assert entries and all(".lora." in n or n.startswith("out_head.") for n in entries)
     lora = json.loads(metadata["lora"])
-    assert lora["path"] == str(base.resolve()) and (lora["rank"], lora["alpha"]) == (4, 8.0)
+    assert (lora["rank"], lora["alpha"]) == (4, 8.0)
     assert (lora["bytes"], lora["sha256"]) == (1693464, hashlib.sha256(
         MINI_WEIGHTS.read_bytes()).hexdigest())
     loaded, info = classify.load_classifier(checkpoint)
@@ -1874,12 +1868,10 @@ def test_a_lora_checkpoint_holds_only_adapters_and_finds_its_base_even_moved(tmp
     changed = bytearray(moved.read_bytes())
     changed[-1] ^= 1  # one bit of the last weight
     moved.write_bytes(bytes(changed))
-    code, _, stderr = run("classify.py", "--checkpoint", checkpoint, "--base-weights", moved,
+    code, _, stderr = cli("classify.py", "--checkpoint", checkpoint, "--base-weights", moved,
                           "a goal in the match")
-    assert code == 1 and "Traceback" not in stderr
-    assert f"{moved} is not the base {checkpoint} was fine-tuned on" in stderr
-    flags = set(re.findall(r"--[a-z-]+", stderr))
-    assert flags == {"--base-weights"}  # no flag that classify.py does not have
+    assert code == 1 and f"{moved} is not the base {checkpoint} was fine-tuned on" in stderr
+    assert set(re.findall(r"--[a-z-]+", stderr)) == {"--base-weights"}  # classify.py's only
     plain = save_tiny(tmp_path / "plain.safetensors")
     with pytest.raises(InputError, match="--base-weights is only for checkpoints of "
                                          "--trainable lora"):
@@ -1905,9 +1897,6 @@ def test_a_lora_base_is_hashed_once_and_one_that_cannot_be_found_names_base_weig
     assert hashed == [MINI_WEIGHTS]
     wte = bst.load_safetensors(MINI_WEIGHTS)[0]["wte.weight"]
     assert torch.equal(model.gpt.tok_emb.weight, wte.float())
-    save_lora_checkpoint(checkpoint, sha256="0" * 64)
-    with pytest.raises(InputError, match="is not the base .* was fine-tuned on"):
-        classify.load_classifier(checkpoint)
 
 
 @pytest.mark.parametrize("name", ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"])
@@ -1924,28 +1913,6 @@ def test_every_model_size_composes_with_every_trainable_choice(name):
         if cached:
             expected = {"last_layer": 0, "last_block": 1, "last_two_blocks": 2}[trainable]
             assert classifier.n_cached == config["n_layers"] - expected
-
-
-def test_pool_max_length_seed_plain_no_balance_and_trainable_flags_reach_the_run(
-        tmp_path, capsys):
-    out = tmp_path / "run"
-    fine_tune(three_class_tsv(tmp_path / "t.tsv"), out, "--pool", "flexible", "--max-length", 6,
-              "--seed", 7, "--plain", "--no-balance", "--trainable", "last_two_blocks",
-              "--epochs", 1, "--batch-size", 4)
-    printed = capsys.readouterr().out
-    assert "Caching" not in printed and "Balanced" not in printed
-    assert "Longest training sequence (max_length): 6 tokens" in printed
-    rows = data.load_messages(tmp_path / "t.tsv")  # no balancing, split with seed 7
-    assert len(rows) == 91
-    label_ids = blabels.class_ids(rows)
-    expected = data.random_split(rows, 0.7, 0.1, seed=7)[0]
-    assert data.read_csv(out / "train.csv", 3) == [(label_ids[l], t) for l, t in expected]
-    assert expected != data.random_split(rows, 0.7, 0.1)[0]
-    _, metadata = bst.read_safetensors_header(out / CHECKPOINT)
-    assert (metadata["pool"], metadata["max_length"]) == ("flexible", "6")
-    assert metadata["trainable"] == "last_two_blocks"
-    model, _ = classify.load_classifier(out / CHECKPOINT)
-    assert model.pool == "flexible"
 
 
 # ------------------------------------------------------ classify.py --serve, a page to try it
@@ -2001,22 +1968,19 @@ def test_served_page_info_head_and_classify_match_the_checkpoint_and_command_lin
         "checkpoint": checkpoint.name, "labels": ["not spam", "spam"], "model": "a custom size",
         "layers": 2, "emb_dim": 16, "max_length": 20, "pool": "last", "trainable": "last_block"}
     port = int(url.rsplit(":", 1)[1])
-    for path, status in [("/", 200), ("/info", 200), ("/classify", 405)]:
+    for path, status, header in [("/", 200, f"Content-Length: {len(page)}\r\n"),
+                                 ("/info", 200, "Content-Length: "),
+                                 ("/classify", 405, "Allow: POST")]:
         answer = exchange(("127.0.0.1", port),
                           f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
         head, _, body = answer.partition(b"\r\n\r\n")  # the headers of GET, no body
         assert head.startswith(f"HTTP/1.0 {status} ".encode()) and body == b"", answer
-        if path == "/":
-            assert f"Content-Length: {len(page)}".encode() in head
-        if path == "/classify":
-            assert b"Allow: POST" in head
-
+        assert header.encode() in head + b"\r\n"
     texts = [SPAM_TEXT, "see you at lunch?", "😀 日本語", "long " * 300]
     status, _, body = request(url, "POST", "/classify", json.dumps({"texts": texts}))
-    assert status == 200
-    code, stdout, stderr = cli("classify.py", "--checkpoint", checkpoint, "--json", *texts)
-    assert code == 0, stderr
-    assert json.loads(body)["results"] == [json.loads(line) for line in stdout.splitlines()]
+    stdout = output(cli("classify.py", "--checkpoint", checkpoint, "--json", *texts))
+    assert (status, json.loads(body)["results"]) == (200, [json.loads(line)
+                                                           for line in stdout.splitlines()])
     status, _, body = request(url, "POST", "/classify", json.dumps({"texts": ["win a prize"],
                                                                      "explain": True}))
     result = json.loads(body)["results"][0]
@@ -2070,7 +2034,6 @@ def test_a_hundred_concurrent_requests_succeed_and_each_oversized_body_gets_413(
     with ThreadPoolExecutor(100) as pool:
         answers = list(pool.map(ask, range(100)))
     assert answers == [(200, f"m {i}") for i in range(100)]
-
     for size in [1_100_000] * 10 + [12_000_000]:  # 12 MB: more than the sockets buffer
         body = json.dumps({"texts": ["z" * size]})
         assert request(url, "POST", "/classify", body)[::2] == (
@@ -2087,11 +2050,9 @@ def test_a_burst_of_connections_waits_in_the_listen_queue_and_one_over_the_cap_g
         for client in clients:
             with client:
                 assert client.makefile("rb").readline() == b"HTTP/1.0 200 OK\r\n"
-
     # over the cap of connections: a 503
-    server = bserve.make_server("127.0.0.1", 0, echo, {}, timeout=60, max_connections=1)
-    with serving(server) as url, socket.create_connection(server.server_address,
-                                                          timeout=60):
+    with serving(timeout=60, max_connections=1) as (server, url), socket.create_connection(
+            server.server_address, timeout=60):
         status, headers, body = request(url, "GET", "/info")  # behind the silent one
         assert status == 503 and "try again" in json.loads(body)["error"]
 
@@ -2114,23 +2075,26 @@ def test_serve_stops_on_ctrl_c_and_a_port_in_use_is_one_error(tmp_path, cli):
     assert f"error: cannot listen on 127.0.0.1 port {port}" in stderr and "--port" in stderr
 
 
+def echo(texts, explain=False, between=None):
+    """A stand-in for the model in servers that test the HTTP side."""
+    return [{"text": text, "label": "a", "probabilities": {"a": 1.0}} for text in texts]
+
+
 @contextlib.contextmanager
-def serving(server):
-    """Runs a bserve.make_server server in a thread: its URL."""
+def serving(server=None, classify=echo, host="127.0.0.1", info=None, **options):
+    """server (by default a bserve.make_server server of classify on host, made with
+    options) served from a thread: (server, its URL)."""
+    if server is None:
+        server = bserve.make_server(host, 0, classify, info or {}, **options)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     host = server.server_address[0]
     try:
-        yield f"http://[{host}]:{server.server_port}" if ":" in host else \
-            f"http://{host}:{server.server_port}"
+        yield server, (f"http://[{host}]:{server.server_port}" if ":" in host else
+                       f"http://{host}:{server.server_port}")
     finally:
         server.server_close()
         thread.join()
-
-
-def echo(texts, explain=False, between=None):
-    """A stand-in for the model in servers that test the HTTP side."""
-    return [{"text": text, "label": "a", "probabilities": {"a": 1.0}} for text in texts]
 
 
 def test_the_server_refuses_what_another_site_makes_a_browser_send(server):
@@ -2175,9 +2139,8 @@ def exchange(address, raw):
 
 
 def test_a_silent_client_is_dropped_after_the_timeout_while_others_are_served():
-    server = bserve.make_server("127.0.0.1", 0, echo, {}, timeout=0.5)
-    with serving(server) as url, socket.create_connection(server.server_address,
-                                                          timeout=60) as silent:
+    with serving(timeout=0.5) as (server, url), socket.create_connection(
+            server.server_address, timeout=60) as silent:
         silent.sendall(b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
         status, _, body = request(url, "POST", "/classify", '{"texts": ["meanwhile"]}')
@@ -2187,9 +2150,8 @@ def test_a_silent_client_is_dropped_after_the_timeout_while_others_are_served():
 
 def test_a_client_trickling_its_request_is_cut_at_the_deadline_while_others_are_served():
     # each read waits up to 60 s, so only the whole request's deadline can end this one
-    server = bserve.make_server("127.0.0.1", 0, echo, {}, timeout=60, deadline=0.5)
-    with serving(server) as url, socket.create_connection(server.server_address,
-                                                          timeout=60) as trickle:
+    with serving(timeout=60, deadline=0.5) as (server, url), socket.create_connection(
+            server.server_address, timeout=60) as trickle:
         trickle.sendall(b"POST /classify HTTP/1.1\r\n")
         cut = False
         for i in range(600):  # a header line every 0.05 s, far within the 60 s per read
@@ -2212,9 +2174,8 @@ def test_a_client_trickling_its_request_is_cut_at_the_deadline_while_others_are_
     (["Content-Length: " + "9" * 5000], 400),  # int() would raise
 ])
 def test_a_body_length_is_plain_digits_and_chunked_bodies_are_refused(headers, status):
-    server = bserve.make_server("127.0.0.1", 0, echo, {})
     head = "".join(f"{header}\r\n" for header in headers)
-    with serving(server):
+    with serving() as (server, _):
         answer = exchange(server.server_address, (
             f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"{head}\r\n").encode() + b'{"texts": ["a m"]}     ')  # 23 bytes
@@ -2222,9 +2183,7 @@ def test_a_body_length_is_plain_digits_and_chunked_bodies_are_refused(headers, s
 
 
 def test_the_server_listens_on_ipv6_and_a_wrong_host_is_named_not_the_port():
-    server = bserve.make_server("::1", 0, echo, {"labels": ["a"]})
-    with serving(server) as url:
-        assert url.startswith("http://[::1]:")
+    with serving(host="::1", info={"labels": ["a"]}) as (_, url):
         assert request(url, "GET", "/info")[::2] == (200, b'{"labels": ["a"]}')
     with pytest.raises(InputError, match=r"^cannot listen on 192\.0\.2\.1: .*--host") as error:
         bserve.make_server("192.0.2.1", 0, echo, {})  # a documentation address: not ours
@@ -2237,8 +2196,7 @@ def test_clients_that_go_away_are_no_traceback_but_a_bug_is(capsys):
             raise ValueError("a bug")
         return echo(texts)
 
-    server = bserve.make_server("127.0.0.1", 0, classify, {})
-    with serving(server) as url:
+    with serving(classify=classify) as (server, url):
         for end in [20, 60, 200] * 5:  # reset in the request line, the headers, the body
             with socket.create_connection(server.server_address, timeout=60) as client:
                 client.sendall(b"POST /classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
@@ -2264,10 +2222,9 @@ def until(condition):
 def test_a_thousand_idle_and_trickling_connections_leave_a_request_answered_within_a_second():
     # issue 26: 300 idle sockets, or 130 sending a byte now and then, once took
     # all 128 connections served at a time, and a real request got 503
-    server = bserve.make_server("127.0.0.1", 0, echo, {}, timeout=60, deadline=60)
-    if server.max_connections < 1001:  # sized from the limit on file descriptors
-        pytest.skip(f"this process may open {server.max_connections} connections at a time")
-    with serving(server) as url, contextlib.ExitStack() as stack:
+    with serving(timeout=60, deadline=60) as (server, url), contextlib.ExitStack() as stack:
+        if server.max_connections < 1001:  # sized from the limit on file descriptors
+            pytest.skip(f"this process may open {server.max_connections} connections at a time")
         idle = [stack.enter_context(socket.create_connection(server.server_address, timeout=60))
                 for _ in range(1000)]
         for client in idle[:130]:
@@ -2302,9 +2259,8 @@ def test_a_classification_waits_behind_one_batch_of_explanations_and_few_explana
             batches.append(1)
         return echo(texts)
 
-    server = bserve.make_server("127.0.0.1", 0, explainer, {})
     explain = json.dumps({"texts": ["why?"], "explain": True})
-    with serving(server) as url, ThreadPoolExecutor(5) as pool:
+    with serving(classify=explainer) as (server, url), ThreadPoolExecutor(5) as pool:
         explaining = [pool.submit(request, url, "POST", "/classify", explain)]
         until(lambda: batches)  # one at work
         explaining += [pool.submit(request, url, "POST", "/classify", explain) for _ in range(4)]
@@ -2320,30 +2276,21 @@ def test_a_classification_waits_behind_one_batch_of_explanations_and_few_explana
         503, '4 requests with "explain" are waiting already; try again in a moment')
 
 
-@pytest.fixture(scope="module")
-def compact(tmp_path_factory):
-    """A classifier of the compact test model (2 layers, 128 positions): its checkpoint."""
-    model, config = gpt.build_gpt(weights=str(MINI_WEIGHTS))
-    finetune.prepare_for_classification(model, 2, trainable="last_block", seed=0)
-    checkpoint = tmp_path_factory.mktemp("compact") / "compact.safetensors"
-    classify.save_classifier(bfast.GPTClassifier(model), checkpoint, config, 128,
-                             ["not spam", "spam"])
-    return checkpoint
-
-
 def test_an_explanation_is_cut_at_its_share_of_model_time_and_stops_when_its_client_leaves(
-        compact, monkeypatch):
+        tmp_path, monkeypatch):
+    model, config = gpt.build_gpt(weights=str(MINI_WEIGHTS))  # 2 layers, 128 positions
+    finetune.prepare_for_classification(model, 2, trainable="last_block", seed=0)
+    compact = tmp_path / "compact.safetensors"
+    classify.save_classifier(bfast.GPTClassifier(model), compact, config, 128, ["no", "yes"])
     model, info = classify.load_classifier(compact)
     texts = [f"{i} " + "win a prize " * 60 for i in range(16)]  # 16 texts of 128 tokens
     explain = json.dumps({"texts": texts, "explain": True})
-    server = bserve.make_server("127.0.0.1", 0, bserve.classifier(
-        model, info, "cpu", compact, gpt.get_tokenizer()), {})
-    with serving(server) as url:
+    with serving(classify=bserve.classifier(model, info, "cpu", compact,
+                                            gpt.get_tokenizer())) as (server, url):
         start = time.monotonic()  # the most one request may ask: a fraction of a second
         status, _, body = request(url, "POST", "/classify", explain)
         assert status == 200 and time.monotonic() - start < 10
         assert len(json.loads(body)["results"][15]["explanation"]) == 128
-
         server.explain_seconds, explained = 1.0, []  # the same at 0.2 s a text: cut at 1 s
         score = bexplain.SCORERS["integrated"]
         monkeypatch.setitem(bexplain.SCORERS, "integrated", lambda *args, **kwargs: (
@@ -2353,7 +2300,6 @@ def test_an_explanation_is_cut_at_its_share_of_model_time_and_stops_when_its_cli
             "explaining these texts takes more than the 1 s of the model thread a request "
             "may have; explain fewer or shorter texts"))
         assert len(explained) <= 8  # 5 where not busy
-
         explained.clear()  # a client that leaves after its first text
         with socket.create_connection(server.server_address, timeout=60) as leaving:
             leaving.sendall(f"POST /classify HTTP/1.0\r\nHost: localhost\r\nContent-Type: "
@@ -2402,27 +2348,40 @@ def browser(server, tmp_path):
 
 @pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
                     reason="needs a browser: Debian's chromium and chromium-driver")
-def test_a_real_browser_types_two_messages_and_sees_two_labels(browser):
+def test_a_real_browser_types_two_messages_sees_two_labels_and_why_in_highlighted_tokens(
+        browser):
     base, at = browser
 
-    def find(css):
-        found = webdriver(base, "POST", at + "/element", {"using": "css selector",
-                                                           "value": css})
-        return next(iter(found.values()))
+    def element(css):
+        found = webdriver(base, "POST", at + "/element", {"using": "css selector", "value": css})
+        return at + f"/element/{next(iter(found.values()))}"
 
-    webdriver(base, "POST", at + f"/element/{find('#texts')}/value",
+    def wait_for(script):
+        for _ in range(300):
+            if value := webdriver(base, "POST", at + "/execute/sync", {"script": script,
+                                                                       "args": []}):
+                return value
+            time.sleep(0.1)
+        return value
+
+    webdriver(base, "POST", element("#texts") + "/value",
               {"text": "WINNER! Claim your free prize now\nAre we still on for lunch?"})
-    webdriver(base, "POST", at + f"/element/{find('#go')}/click", {})
-    for _ in range(300):
-        shown = webdriver(base, "POST", at + "/execute/sync", {"script": (
-            "return [...document.querySelectorAll('.result')].map(r => r.innerText)"),
-            "args": []})
-        if len(shown) == 2:
-            break
-        time.sleep(0.1)
-    assert len(shown) == 2 and "WINNER! Claim your free prize now" in shown[0]
+    webdriver(base, "POST", element("#go") + "/click", {})
+    shown = wait_for("const shown = [...document.querySelectorAll('.result')].map("
+                     "r => r.innerText); return shown.length == 2 && shown")
+    assert shown and "WINNER! Claim your free prize now" in shown[0]
     for text in shown:
         assert re.search(r"\n(spam|not spam)\n", text) and len(re.findall(r"\d+\.\d%", text)) == 2
+    webdriver(base, "POST", element(".result .ask") + "/click", {})  # why, for the first
+    tokens = wait_for("return [...document.querySelectorAll('.why .tok')].map("
+                      "t => [t.textContent, getComputedStyle(t).backgroundColor, t.title])")
+    assert "".join(text for text, _, _ in tokens) == "WINNER! Claim your free prize now"
+    assert len(tokens) > 3 and all(re.fullmatch(r"[+-]\d+\.\d{3}", title)
+                                   for _, _, title in tokens)
+    assert any(colour.startswith(("rgba(220, 40, 40", "rgba(40, 80, 220"))
+               for _, colour, _ in tokens)
+    legend = wait_for("return document.querySelector('.why .legend').innerText")
+    assert "toward" in legend and "against it" in legend
 
 
 # ------------------------------------------------- several processes: torchrun and DDP
@@ -2446,18 +2405,6 @@ def torchrun(*args, nodes=None):
     return subprocess.Popen([*launcher, "finetune.py", *map(str, args)], cwd=HERE, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-
-@pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory, sample_tsv):
-    """The reference: python finetune.py, 1 epoch, batches of 8, on the test model."""
-    out = tmp_path_factory.mktemp("one-process")
-    flags = ["--data", sample_tsv, "--weights", MINI_WEIGHTS, "--epochs", "1",
-             "--batch-size", "8"]
-    code, stdout, stderr = run("finetune.py", *flags, "--out", out,
-                               env={"OMP_NUM_THREADS": "1"})
-    assert code == 0, stderr
-    return flags, out, stdout
 
 
 def assert_same_run(reference, out, stdout):
@@ -2506,9 +2453,8 @@ def test_two_torchrun_processes_in_bf16_print_what_one_process_does(tmp_path, sa
     flags = ["--data", sample_tsv, "--weights", MINI_WEIGHTS, "--epochs", "1",
              "--precision", "bf16", "--no-baseline"]
     process = torchrun(*flags, "--out", tmp_path / "two")  # meanwhile, one process:
-    code, one_stdout, stderr = run("finetune.py", *flags, "--out", tmp_path / "one",
-                                   env={"OMP_NUM_THREADS": "1"})
-    assert code == 0, stderr
+    one_stdout = output(run("finetune.py", *flags, "--out", tmp_path / "one",
+                            env={"OMP_NUM_THREADS": "1"}))
     stdout, stderr = process.communicate(timeout=400)
     assert process.returncode == 0, stderr
     assert len(chapter_lines(stdout)) > 10 and chapter_lines(stdout) == chapter_lines(one_stdout)
@@ -2524,7 +2470,6 @@ def test_bad_data_a_batch_size_processes_cannot_share_or_mps_under_torchrun_are_
     assert len(ours) == 1 and "data file no-such-file.tsv does not exist" in ours[0]
     assert 'finetune.py", line' not in stderr  # no traceback of ours (torchrun adds its own)
     assert not out.exists()
-
     # what torchrun sets; the flags are refused before any process group starts
     said = {}
     for rank in ("0", "1"):
@@ -2532,7 +2477,7 @@ def test_bad_data_a_batch_size_processes_cannot_share_or_mps_under_torchrun_are_
         said[rank] = cli("finetune.py", "--data", sample_tsv, "--weights", MINI_WEIGHTS,
                          "--out", out, "--batch-size", "7", env=env)
     code, stdout, stderr = said["0"]
-    assert code == 2 and stdout == ""
+    assert (code, stdout) == (2, "")
     assert "--batch-size 7 does not divide among 2 processes" in stderr
     assert said["1"] == (2, "", "")
     monkeypatch.setattr(finetune, "select_device", lambda name: torch.device("mps"))
@@ -2560,20 +2505,25 @@ def disk_full_after(monkeypatch, name, allowed):
     monkeypatch.setattr(os, name, write)
 
 
-@pytest.mark.parametrize("fails", ["reading a tensor's bytes", "writing after 1000 bytes"])
-def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_keeps_the_old_one(
-        fails, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", ["full disk reading a tensor", "full disk writing", "SIGTERM"])
+def test_a_full_disk_or_sigterm_while_a_checkpoint_is_written_keeps_the_old_one_and_no_tmp(
+        stop, tmp_path, monkeypatch, capsys):
     path = checkpoint_with(tmp_path)
-    before = path.read_bytes()
-    if fails == "writing after 1000 bytes":
-        disk_full_after(monkeypatch, "write", 1000)
-    else:
-        def fail(*args):
+    before, real_tensor_bytes = path.read_bytes(), bst.tensor_bytes
+
+    def tensor_bytes(t):
+        if stop == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives with the file half written
+        if stop == "full disk reading a tensor":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        monkeypatch.setattr(bst.ctypes, "string_at", fail)
-    with pytest.raises(InputError, match=f"cannot write {re.escape(str(path))}: No space left "
-                                         f"on device; {re.escape(str(path))} is unchanged"):
-        save_tiny(path, model=tiny_classifier(seed=5))
+        return real_tensor_bytes(t)
+    monkeypatch.setattr(bst, "tensor_bytes", tensor_bytes)
+    if stop == "full disk writing":
+        disk_full_after(monkeypatch, "write", 1000)
+    said = "interrupted." if stop == "SIGTERM" else (
+        f"error: cannot write {path}: No space left on device; {path} is unchanged.")
+    status = exit_status(lambda: save_tiny(path, model=tiny_classifier(seed=5)))
+    assert (status, capsys.readouterr().err.strip()) == (143 if stop == "SIGTERM" else 1, said)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
 
@@ -2582,29 +2532,24 @@ OUTPUT_NAMES = ["accuracy-plot.svg", "loss-plot.svg", "metrics.json",
                 "review_classifier.safetensors", "test.csv", "train.csv", "validation.csv"]
 
 
-def test_a_run_that_fails_writing_its_checkpoint_leaves_the_earlier_outputs_as_they_were(
-        tmp_path, sample_tsv, monkeypatch):
+@pytest.mark.parametrize("failure, flags, problem", [
+    ("full disk", ["--trainable", "last_layer", "--no-baseline"],
+     "review_classifier.safetensors: No space left on device; .*Nothing in OUT was replaced"),
+    ("read-only out", [], "OUT.*: Permission denied"),
+    ("divergence", ["--lr", "1e30"],
+     r"training diverged in epoch 1, at step \d{6}: .*Lower --lr \(now 1e\+30\)"),
+])
+def test_a_run_that_diverges_or_cannot_write_is_one_error_and_leaves_the_earlier_outputs(
+        failure, flags, problem, tmp_path, sample_tsv, monkeypatch, capsys):
     out = tmp_path / "run"
     out.mkdir()
     for name in OUTPUT_NAMES:
         (out / name).write_text(f"the earlier {name}")
-    disk_full_after(monkeypatch, "write", 0)  # only the checkpoint is written with os.write
-    with pytest.raises(InputError, match=f"review_classifier.safetensors: No space left on "
-                                         f"device; .*Nothing in {re.escape(str(out))} was "
-                                         f"replaced"):
-        fine_tune(sample_tsv, out, "--epochs", "1", "--trainable", "last_layer", "--no-baseline")
-    assert sorted(p.name for p in out.iterdir()) == OUTPUT_NAMES  # no work folder left
-    for name in OUTPUT_NAMES:
-        assert (out / name).read_text() == f"the earlier {name}"
-
-
-def test_an_unwritable_out_folder_is_one_error_naming_it_and_changes_nothing(
-        tmp_path, sample_tsv, monkeypatch):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "train.csv").write_text("the earlier split")
-    out.chmod(0o555)
-    if os.geteuid() == 0:
+    if failure == "full disk":
+        disk_full_after(monkeypatch, "write", 0)  # only the checkpoint is written with os.write
+    if failure == "read-only out":
+        out.chmod(0o555)
+    if failure == "read-only out" and os.geteuid() == 0:
         # root may write anywhere: give what the kernel gives everyone else
         def refused(real):
             def call(path, *args, **kwargs):
@@ -2616,12 +2561,14 @@ def test_an_unwritable_out_folder_is_one_error_naming_it_and_changes_nothing(
         monkeypatch.setattr(os, "open", refused(os.open))
         monkeypatch.setattr(bfiles, "open", refused(open), raising=False)
     try:
-        with pytest.raises(InputError, match=f"{re.escape(str(out))}.*: Permission denied"):
-            fine_tune(sample_tsv, out, "--epochs", "1")
-        assert [p.name for p in out.iterdir()] == ["train.csv"]
-        assert (out / "train.csv").read_text() == "the earlier split"
+        with pytest.raises(InputError, match=problem.replace("OUT", re.escape(str(out)))):
+            fine_tune(sample_tsv, out, "--epochs", "1", *flags)
     finally:
         out.chmod(0o755)
+    assert not re.search(r"\bnan\b", capsys.readouterr().out)  # it stops before a NaN loss
+    assert sorted(p.name for p in out.iterdir()) == OUTPUT_NAMES  # no work folder left
+    for name in OUTPUT_NAMES:
+        assert (out / name).read_text() == f"the earlier {name}"
 
 
 def publish_with(tmp_path, monkeypatch, after_a_move):
@@ -2639,13 +2586,7 @@ def publish_with(tmp_path, monkeypatch, after_a_move):
         if Path(destination).parent == out:
             after_a_move(Path(destination))
     monkeypatch.setattr(os, "replace", replace)
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # run_cli must set its own
-    try:
-        with pytest.raises(SystemExit) as exit:
-            bcli.run_cli(lambda: bfiles.publish_run({"a": 1}, work, out / CHECKPOINT, "ab"))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return out, exit.value.code
+    return out, exit_status(lambda: bfiles.publish_run({"a": 1}, work, out / CHECKPOINT, "ab"))
 
 
 def test_sigterm_between_two_moves_into_out_lets_the_moves_finish_then_exits_143(
@@ -2667,62 +2608,6 @@ def test_a_move_into_out_that_fails_puts_the_earlier_outputs_back(
     assert not (out / "metrics.json").exists()
     for name in set(OUTPUT_NAMES) - {"metrics.json"}:
         assert (out / name).read_text() == f"the earlier {name}"
-
-
-def test_sigterm_while_a_checkpoint_is_written_exits_143_and_leaves_no_tmp_file(
-        tmp_path, monkeypatch, capsys):
-    path = tmp_path / "c.safetensors"
-    path.write_bytes(b"an earlier checkpoint")
-    real_tensor_bytes = bst.tensor_bytes
-
-    def tensor_bytes(t):
-        os.kill(os.getpid(), signal.SIGTERM)  # arrives with the file half written
-        return real_tensor_bytes(t)
-    monkeypatch.setattr(bst, "tensor_bytes", tensor_bytes)
-
-    class Unhandled(Exception):
-        pass
-
-    def unhandled(signum, frame):
-        raise Unhandled("run_cli left SIGTERM to its default: the process would die")
-    previous = signal.signal(signal.SIGTERM, unhandled)  # run_cli must set its own
-    try:
-        with pytest.raises(SystemExit) as exit:
-            bcli.run_cli(lambda: bst.save_safetensors({"w": torch.zeros(4)}, path))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert exit.value.code == 143 and capsys.readouterr().err.strip() == "interrupted."
-    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
-    assert path.read_bytes() == b"an earlier checkpoint"
-
-
-def test_a_header_length_lowered_into_its_padding_or_a_weight_relabelled_is_refused(tmp_path):
-    for note in range(64):  # a note long enough to leave some padding in the header
-        path = checkpoint_with(tmp_path, note="x" * note)
-        content = path.read_bytes()
-        (length,) = struct.unpack("<Q", content[:8])
-        padding = len(content[8:8 + length]) - len(content[8:8 + length].rstrip(b" "))
-        if padding >= 3:
-            break
-    for shift in (1, padding):  # the JSON still parses: every tensor would move
-        path.write_bytes(struct.pack("<Q", length - shift) + content[8:])
-        with pytest.raises(InputError, match=f"the file has {shift} bytes after the last "
-                                             f"tensor"):
-            classify.load_classifier(path)
-    content = checkpoint_with(tmp_path).read_bytes()
-    relabelled = re.sub(rb'("out_head\.weight":\{"dtype":")F32', rb"\1I32", content, count=1)
-    assert relabelled != content
-    path.write_bytes(relabelled)
-    with pytest.raises(InputError, match="tensor out_head.weight has dtype I32, but weights "
-                                         "are floating point"):
-        classify.load_classifier(path)
-    (length,) = struct.unpack("<Q", MINI_WEIGHTS.read_bytes()[:8])
-    header = json.loads(MINI_WEIGHTS.read_bytes()[8:8 + length])
-    header["wte.weight"]["dtype"] = "I16"  # F16 in the file: the same size
-    base = tmp_path / "model.safetensors"
-    base.write_bytes(safetensors_bytes(header, MINI_WEIGHTS.read_bytes()[8 + length:]))
-    with pytest.raises(InputError, match=r"params\['wte'\] holds torch.int16, not floats"):
-        gpt.load_gpt2_file(base, mini_config())
 
 
 def test_devices_unavailable_are_named_each_is_asked_its_memory_and_torchrun_shares_ram(
@@ -2795,8 +2680,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def rule_model():
-    """A tiny classifier trained for a moment to the rule, and 60 messages it has
-    not seen."""
+    """A tiny classifier trained for a moment to the rule; 60 messages it has not seen."""
     torch.manual_seed(0)
     model = gpt.GPTModel(RULE_CONFIG)
     finetune.prepare_for_classification(model, 2, trainable="all", seed=0)
@@ -2819,7 +2703,6 @@ def test_the_rule_word_tops_nine_in_ten_spam_and_occlusion_is_the_fall_in_log_od
                 tops.append(ids[max(range(len(ids)), key=lambda i: scores[i])] == RULE_WORD)
     assert len(tops) >= 25  # the model learnt the rule: most of the 30 spam found
     assert sum(tops) >= 0.9 * len(tops)
-
     ids = messages[0][0]  # occlusion: the fall in log-odds without each token
     target, scores = bexplain.explain_ids(model, ids, 12, RULE_PAD, "occlusion")
     with torch.no_grad():
@@ -2833,7 +2716,6 @@ def test_the_rule_word_tops_nine_in_ten_spam_and_occlusion_is_the_fall_in_log_od
 
 
 def test_the_default_method_beats_a_random_ranking_on_erasers_faithfulness(rule_model):
-    import bench
     model, messages = rule_model
     sequences = [ids for ids, _ in messages]
     with one_thread():
@@ -2854,7 +2736,7 @@ def test_explanation_tokens_join_to_the_classified_text_and_print_as_json_or_tex
         ids = tokenizer.encode(text)[:20]
         assert "".join(p["token"] for p in explanation) == tokenizer.decode(ids)
         assert all(isinstance(p["score"], float) for p in explanation)
-    assert "".join(p["token"] for p in pieces[1]) == "😀 日本語 привет"  # whole characters
+    assert "".join(p["token"] for p in pieces[1]) == texts[1]  # whole characters
     assert len(pieces[1]) < len(tokenizer.encode(texts[1]))  # split ones merged
     path = save_tiny(tmp_path / "c.safetensors", model=model)  # json tokens, text in a pipe
     classify.main(["--checkpoint", str(path), "--explain", "--json", SPAM_TEXT])
@@ -2884,7 +2766,7 @@ def test_fitting_a_temperature_recovers_it_and_never_raises_the_nll():
     assert bcalibrate.fit_temperature(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)) == 1.0
 
 
-def test_roc_auc_equals_a_count_of_correctly_ordered_pairs():
+def test_roc_auc_counts_correctly_ordered_pairs_and_pr_and_ece_equal_hand_computations():
     rng = random.Random(0)
     scores = [rng.choice([0.1, 0.2, 0.3, 0.5, 0.8, 0.9]) for _ in range(40)]
     positives = [rng.random() < 0.5 for _ in range(40)]
@@ -2896,9 +2778,18 @@ def test_roc_auc_equals_a_count_of_correctly_ordered_pairs():
     points, average_precision = bcalibrate.pr_curve([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0])
     assert average_precision == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
     assert bcalibrate.roc_curve([0.1, 0.2], [1, 1]) == ([], None)
+    probas = torch.tensor([[0.95, 0.05], [0.9, 0.1], [0.3, 0.7], [0.38, 0.62], [0.5, 0.5]])
+    targets = torch.tensor([0, 1, 1, 0, 0])
+    # one message per bin of width 1/15: (14/15, 1] 0.95 right, (13/15, 14/15] 0.9 wrong,
+    # (10/15, 11/15] 0.7 right, (9/15, 10/15] 0.62 wrong, (7/15, 8/15] 0.5 right (argmax 0)
+    expected = (abs(1 - 0.95) + abs(0 - 0.9) + abs(1 - 0.7) + abs(0 - 0.62) + abs(1 - 0.5)) / 5
+    assert bcalibrate.expected_calibration_error(probas, targets) == pytest.approx(expected)
+    bins = bcalibrate.reliability_bins(probas, targets)
+    assert [i for i, row in enumerate(bins) if row] == [7, 9, 10, 13, 14]
 
 
-def test_the_threshold_keeps_the_validation_false_positive_rate_within_the_target():
+def test_the_threshold_keeps_the_validation_fpr_within_the_target_or_is_none_without_ham(
+        tmp_path, capsys):
     rng = random.Random(1)
     ham = [round(rng.random(), 2) for _ in range(300)]  # ties included
     for target in (0.0, 0.01, 0.05, 0.5):
@@ -2908,26 +2799,11 @@ def test_the_threshold_keeps_the_validation_false_positive_rate_within_the_targe
         lower = max(score for score in ham + [-1.0] if score < threshold)
         assert bcalibrate.rates_at(lower, ham, [0] * len(ham))[0] > target  # the lowest such
     assert bcalibrate.rates_at(0.5, [0.4, 0.6, 0.7, 0.2], [1, 1, 0, 0]) == (0.5, 0.5)
-
-
-def test_a_validation_split_without_a_negative_message_chooses_no_threshold_and_says_so(
-        tmp_path, capsys):
     result = bcalibrate.operating_point([0.9, 0.8], [1, 1], [0.7, 0.2], [1, 0],
                                         ["not spam", "spam"], 0.01, tmp_path)
     assert result["threshold"] is None and result["roc_auc"] == 1.0
     assert ("the validation split has no not spam message, so no threshold for --target-fpr "
             "is chosen") in capsys.readouterr().out
-
-
-def test_ece_equals_a_hand_computation():
-    probas = torch.tensor([[0.95, 0.05], [0.9, 0.1], [0.3, 0.7], [0.38, 0.62], [0.5, 0.5]])
-    targets = torch.tensor([0, 1, 1, 0, 0])
-    # one message per bin of width 1/15: (14/15, 1] 0.95 right, (13/15, 14/15] 0.9 wrong,
-    # (10/15, 11/15] 0.7 right, (9/15, 10/15] 0.62 wrong, (7/15, 8/15] 0.5 right (argmax 0)
-    expected = (abs(1 - 0.95) + abs(0 - 0.9) + abs(1 - 0.7) + abs(0 - 0.62) + abs(1 - 0.5)) / 5
-    assert bcalibrate.expected_calibration_error(probas, targets) == pytest.approx(expected)
-    bins = bcalibrate.reliability_bins(probas, targets)
-    assert [i for i, row in enumerate(bins) if row] == [7, 9, 10, 13, 14]
 
 
 def test_calibration_writes_metrics_svgs_what_the_checkpoint_keeps_and_no_t_for_few_messages(
@@ -2947,7 +2823,6 @@ def test_calibration_writes_metrics_svgs_what_the_checkpoint_keeps_and_no_t_for_
         assert root.findall(".//{http://www.w3.org/2000/svg}polyline")
     bcalibrate.plot_roc_pr([], None, [], None, "<b>&", tmp_path)  # one class only: still XML
     ET.parse(tmp_path / "roc-plot.svg")
-
     model = tiny_classifier().eval()  # on a few messages no temperature is fitted
     batches = random_batches(3, batch_size=6, seed=2)  # 6 validation messages
     result, kept = bcalibrate.calibrate(model, [batches, batches[:1], batches[1:]], "cpu",
@@ -2986,37 +2861,6 @@ def test_classify_applies_the_checkpoints_temperature_and_validated_threshold(
         classify.main(["--checkpoint", str(three), "--threshold", "validated", "hello"])
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
-                    reason="needs a browser: Debian's chromium and chromium-driver")
-def test_a_real_browser_shows_why_with_highlighted_tokens_and_a_legend(browser):
-    base, at = browser
-
-    def run_script(script):
-        return webdriver(base, "POST", at + "/execute/sync", {"script": script, "args": []})
-
-    def wait_for(script):
-        for _ in range(300):
-            value = run_script(script)
-            if value:
-                return value
-            time.sleep(0.1)
-        return value
-
-    run_script("document.getElementById('texts').value = 'WINNER! Claim your prize'; "
-               "document.getElementById('go').click();")
-    assert wait_for("return document.querySelector('.result .ask') !== null")
-    run_script("document.querySelector('.result .ask').click();")
-    tokens = wait_for("return [...document.querySelectorAll('.why .tok')].map("
-                      "t => [t.textContent, getComputedStyle(t).backgroundColor, t.title])")
-    assert "".join(text for text, _, _ in tokens) == "WINNER! Claim your prize"
-    assert len(tokens) > 3 and all(re.fullmatch(r"[+-]\d+\.\d{3}", title)
-                                   for _, _, title in tokens)
-    assert any(colour.startswith("rgba(220, 40, 40") for _, colour, _ in tokens) or any(
-        colour.startswith("rgba(40, 80, 220") for _, colour, _ in tokens)
-    legend = run_script("return document.querySelector('.why .legend').innerText")
-    assert "toward" in legend and "against it" in legend
-
-
 def test_nothing_in_beyond_imports_the_chapters_files_and_imports_run_one_way():
     import ast
     chapter = {"gpt", "data", "finetune", "classify"}
@@ -3039,24 +2883,6 @@ def test_nothing_in_beyond_imports_the_chapters_files_and_imports_run_one_way():
         assert not imported(HERE / f"{name}.py") & set(order[i:]), name
 
 
-def test_a_plain_run_steps_through_the_chapters_gpt_model_forward(sample_tsv, tmp_path,
-                                                                   monkeypatch):
-    calls = []
-    forward = gpt.GPTModel.forward
-
-    def counted(self, in_idx):
-        calls.append(self.training)
-        return forward(self, in_idx)
-
-    monkeypatch.setattr(gpt.GPTModel, "forward", counted)
-    with contextlib.redirect_stdout(io.StringIO()) as out:
-        finetune.main(["--data", str(sample_tsv), "--weights", str(MINI_WEIGHTS), "--plain",
-                       "--epochs", "1", "--no-baseline", "--out", str(tmp_path)])
-    batches = int(re.search(r"^(\d+) training batches$", out.getvalue(), re.M)[1])
-    assert sum(calls) == batches > 0  # in training mode: once per step of the one epoch
-    assert len(calls) > batches  # and in eval mode for every evaluation
-
-
 def test_a_checkpoint_written_before_the_beyond_split_classifies_as_it_did(capsys):
     """testdata/checkpoint-2b3c524: LoRA adapters (rank 2) and head, pool flexible,
     calibrated, written by finetune.py at commit 2b3c524; the lines below are what
@@ -3072,7 +2898,7 @@ def test_a_checkpoint_written_before_the_beyond_split_classifies_as_it_did(capsy
         '"probabilities": {"not spam": 0.4966579079627991, "spam": 0.5033420920372009}}']
 
 
-def test_wilson_intervals_match_hand_computations():
+def test_unseen_accuracy_leaves_out_messages_seen_in_training_with_wilson_intervals():
     z2 = 1.959963984540054 ** 2
     cases = {(0, 10): (0.0, z2 / (10 + z2)),  # k = 0: the upper end is z^2 / (n + z^2)
              (10, 10): (10 / (10 + z2), 1.0),  # k = n: the lower end is n / (n + z^2)
@@ -3080,9 +2906,6 @@ def test_wilson_intervals_match_hand_computations():
              (287, 300): (0.927283, 0.974504)}  # the chapter's 95.67% test accuracy
     for (k, n), expected in cases.items():
         assert boverlap.wilson_interval(k, n) == pytest.approx(expected, abs=1e-6)
-
-
-def test_messages_seen_in_training_are_counted_and_left_out_of_the_unseen_accuracy():
     train = [("ham", "see you at 5"), ("spam", "WIN a prize"), ("ham", "ok")]
     test = [("ham", "see you at 5"),    # copied from training: seen
             ("spam", "WIN a prize \n"),  # trailing whitespace only: the same message
@@ -3114,21 +2937,18 @@ def test_dedup_leaves_no_evaluation_message_in_training_and_refuses_to_leave_one
     assert baseline["test_unseen"]["total"] == len(splits[2])
     assert baseline["test_unseen"]["accuracy"] == baseline["test_accuracy"]
     assert "Naive Bayes on the messages not seen in training: validation" in out
-
     tsv = tmp_path / "same.tsv"  # dedup that leaves one class: the single class error
     tsv.write_text("".join(f"{label}\tmessage {i}\n" for i in range(20)
                            for label in ("ham", "spam")), encoding="utf-8")
     with pytest.raises(InputError, match="single class"):
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            fine_tune(tsv, tmp_path / "out", "--dedup", "--no-balance")
-    assert "Dropped 20 repeated messages (--dedup) (20 of them labelled unlike the first)" \
-        in out.getvalue()
+        fine_tune(tsv, tmp_path / "out", "--dedup", "--no-balance")
+    assert "Dropped 20 repeated messages (--dedup) (20 of them labelled unlike the first)" in (
+        capsys.readouterr().out)
     assert not (tmp_path / "out").exists()
 
 
-def test_bench_seeds_fine_tunes_once_per_seed_and_reports_the_mean_stdev_and_range(
+def test_bench_seeds_fine_tunes_once_per_seed_reports_the_spread_and_a_failed_one_is_an_error(
         tmp_path, monkeypatch, cli):
-    import bench
     # deviations from the mean 0.93: -0.03, -0.01, 0.04; squares summed 0.0026, over n - 1
     assert bench.spread([0.90, 0.92, 0.97]) == pytest.approx(
         {"mean": 0.93, "stdev": math.sqrt(0.0026 / 2), "min": 0.90, "max": 0.97})
@@ -3142,10 +2962,9 @@ def test_bench_seeds_fine_tunes_once_per_seed_and_reports_the_mean_stdev_and_ran
                      (out_dir / "test.csv").read_text()))
         return result
     monkeypatch.setattr(bench, "run_finetune", recording)
-    code, stdout, stderr = cli("bench.py", "--seeds", "123,124", "--quick", "--json",
-                               tmp_path / "seeds.json", "--", "--weights", MINI_WEIGHTS,
-                               "--trainable", "all", "--lr", "1e-3", "--no-baseline")
-    assert code == 0, stderr
+    stdout = output(cli("bench.py", "--seeds", "123,124", "--quick", "--json",
+                        tmp_path / "seeds.json", "--", "--weights", MINI_WEIGHTS,
+                        "--trainable", "all", "--lr", "1e-3", "--no-baseline"))
     report = json.loads((tmp_path / "seeds.json").read_text())
     assert [r["seed"] for r in report["runs"]] == [123, 124]
     assert report["test_accuracy"] == bench.spread([r["test_accuracy"] for r in report["runs"]])
@@ -3155,29 +2974,13 @@ def test_bench_seeds_fine_tunes_once_per_seed_and_reports_the_mean_stdev_and_ran
                                                                            (124, 1, "all")]
     assert runs[0][1] != runs[1][1] and sorted(tmp_path.iterdir()) == [tmp_path / "seeds.json"]
     assert "seed        124: test accuracy" in stdout and "2 seeds: mean" in stdout
-
-
-def test_a_failing_bench_child_is_one_error_and_its_work_folder_is_removed(
-        tmp_path, monkeypatch, cli):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # bench.py's work folder
+    (tmp_path / "seeds.json").unlink()  # a child that fails: one error, no work folder left
     code, stdout, stderr = cli("bench.py", "--seeds", "1,2", "--quick", "--", "--weights",
                                tmp_path / "none.safetensors")
-    assert code == 1 and "Traceback" not in stderr and stderr.count("error:") == 1
+    assert code == 1 and stderr.count("error:") == 1
     assert stderr.startswith("error: python finetune.py --out ") and "--seed 1 failed (exit " \
         f"status 1): weights file {tmp_path / 'none.safetensors'} does not exist" in stderr
     assert list(tmp_path.iterdir()) == []
-
-
-def test_bench_children_find_the_repositorys_tokenizer_files_offline(tmp_path, monkeypatch):
-    import bench  # its import timing once died offline: tiktoken itself only downloads
-    monkeypatch.delenv("TIKTOKEN_CACHE_DIR")
-    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
-    for name, value in dict(OFFLINE, TMPDIR=str(tmp_path)).items():  # tiktoken's cache: empty
-        monkeypatch.setenv(name, value)
-    assert "Traceback" not in bench.run_child(bench.IMPORTS, tmp_path / "log.txt")[2]
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # a setting of one's own is kept
-    with pytest.raises(InputError, match=r"^python -c .* failed \(exit status 1\): "):
-        bench.run_child(bench.IMPORTS, tmp_path / "log.txt")
 
 
 def test_bench_stopped_by_sigterm_stops_its_child_and_removes_its_work_folder(tmp_path):
@@ -3197,20 +3000,15 @@ def test_bench_stopped_by_sigterm_stops_its_child_and_removes_its_work_folder(tm
     assert not Path(f"/proc/{finetune_pid}").exists() and list(tmp_path.iterdir()) == []
 
 
-def test_a_diverging_run_stops_naming_its_step_and_publishes_nothing(sample_tsv, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "review_classifier.safetensors").write_bytes(b"the earlier run's")
-    with pytest.raises(InputError, match=r"training diverged in epoch 1, at step \d{6}: .*"
-                                         r"Lower --lr \(now 1e\+30\)"):
-        with contextlib.redirect_stdout(io.StringIO()) as stdout:
-            fine_tune(sample_tsv, out, "--lr", "1e30", "--epochs", "1")
-    assert "nan" not in stdout.getvalue()  # stopped before a NaN loss is printed
-    assert sorted(p.name for p in out.iterdir()) == ["review_classifier.safetensors"]
-    assert (out / "review_classifier.safetensors").read_bytes() == b"the earlier run's"
-
-
-def test_gpt_py_refuses_logits_that_are_not_finite_numbers(monkeypatch):
+def test_weights_holding_nan_and_logits_that_are_not_finite_numbers_are_refused(
+        tmp_path, monkeypatch):
+    tensors, _ = bst.load_safetensors(MINI_WEIGHTS)
+    tensors["h.1.mlp.c_fc.weight"] = tensors["h.1.mlp.c_fc.weight"].index_fill(
+        0, torch.tensor([0]), float("nan"))
+    bst.save_safetensors(tensors, tmp_path / "model.safetensors")
+    shutil.copy(MINI / "config.json", tmp_path)
+    with pytest.raises(InputError, match=r"trf_blocks\.1\.ff\.layers\.0\.weight holds NaN"):
+        gpt.build_gpt(weights=str(tmp_path))
     model, config = gpt.build_gpt(weights=str(MINI))
     with torch.no_grad():
         model.out_head.weight.fill_(3e38)  # finite, but the logits overflow
@@ -3230,23 +3028,6 @@ def test_the_default_splits_are_byte_for_byte_those_written_before_dedup_existed
         "train": "c89a1156b8476e6f4c0bfa4bc944f3d934e3db2942c5dc2a1456a65a795afcde",
         "validation": "0ac7a07215729476975e070029ced8452a3d4e49fcdd8b17c167a317150b5439",
         "test": "a5764d4eed041dada859601e1715bc68885aa5e74713e127968ead8ddf6a9e04"}
-
-
-@pytest.mark.parametrize("name, change, problem", [
-    ("h.1.mlp.c_fc.weight", lambda t: t.index_fill(0, torch.tensor([0]), float("nan")),
-     r"trf_blocks\.1\.ff\.layers\.0\.weight holds NaN"),
-    ("h.0.mlp.c_fc.weight", lambda t: t.T.contiguous(), r"has shape \(64, 16\) \(\(16, 64\) "
-     r"once split or transposed\), but the model needs \(64, 16\)"),
-])
-def test_weights_holding_nan_or_a_transposed_tensor_are_refused_when_they_load(
-        tmp_path, name, change, problem):
-    tensors, _ = bst.load_safetensors(MINI_WEIGHTS)
-    tensors = {n: t.float().clone() for n, t in tensors.items()}
-    tensors[name] = change(tensors[name])
-    bst.save_safetensors(tensors, tmp_path / "model.safetensors")
-    shutil.copy(MINI / "config.json", tmp_path / "config.json")
-    with pytest.raises(InputError, match=problem):
-        gpt.build_gpt(weights=str(tmp_path / "model.safetensors"))
 
 
 def test_a_huge_message_is_cut_before_it_is_tokenized_with_the_same_tokens(tokenizer):
