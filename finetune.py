@@ -225,6 +225,7 @@ def main(argv=None):
                                    precision=args.precision).to(device)
         cache = cache_frozen_prefix(classifier, args, datasets, device, work, cleanup)
         model = on_every_rank(classifier, device)  # torchrun: each rank a share of a batch
+        stops_if_diverged(model, len(loaders[0]), args)  # outputs not finite: an error
         print_initial_metrics(model, loaders, device, args.seed)
 
         # 6.7 Fine-tuning the model on supervised data: listings 6.10 and 6.11
@@ -307,8 +308,7 @@ def fine_tune(model, loaders, device, args, checkpoint):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     if args.precision == "fp16":  # not the chapter's: float16's gradients need scaling
         optimizer = loss_scaled(optimizer, model, device)
-    # not the chapter's: outputs that stop being finite numbers end the run at that step
-    with said_if_interrupted(checkpoint), stops_if_diverged(model, len(loaders[0]), args):
+    with said_if_interrupted(checkpoint):
         results = train_classifier_simple(model, loaders[0], loaders[1], optimizer, device,
                                           num_epochs=args.epochs, eval_freq=50, eval_iter=5)
     end_time = time.time()

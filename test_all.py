@@ -1453,7 +1453,8 @@ def test_finetune_then_classify_on_the_command_line(one_process_run, cli):
         "train.csv", "validation.csv"]
     calibration = json.loads((out / "metrics.json").read_text())["calibration"]
     assert calibration["val_nll_after"] <= calibration["val_nll_before"]
-    assert calibration["val_fpr"] <= calibration["target_fpr"] == 0.01
+    assert calibration["threshold"] is None and calibration["target_fpr"] == 0.01  # 8 ham:
+    assert "not spam message(s), fewer than 20: no threshold for --target-fpr" in stdout
     assert re.search(r"Test ECE \(15 bins\): \d\.\d{3} before, \d\.\d{3} after", stdout)
     checkpoint = out / "review_classifier.safetensors"
     lines = output(run("classify.py", "--checkpoint", checkpoint, SPAM_TEXT, "hi there"))
@@ -1684,7 +1685,8 @@ def test_control_characters_are_escaped_and_an_argument_not_utf8_gets_replacemen
     assert err == "note: TEXT 1 is not UTF-8: its undecodable bytes are classified as U+FFFD.\n"
 
 
-def test_nan_logits_are_an_error_naming_the_checkpoint_never_an_answer(tmp_path, capsys):
+def test_nan_logits_or_explanations_are_an_error_naming_the_checkpoint_never_an_answer(
+        tmp_path, capsys, monkeypatch):
     checkpoint = tmp_path / "broken.safetensors"
     model = tiny_classifier()
     with torch.no_grad():
@@ -1699,6 +1701,13 @@ def test_nan_logits_are_an_error_naming_the_checkpoint_never_an_answer(tmp_path,
         status, _, body = request(url, "POST", "/classify", '{"texts": ["hello"]}')
     answer = json.loads(body, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
     assert status == 500 and answer["error"].startswith("broken.safetensors: its logits")
+    # finite logits, but scores that overflow (weights out of range): no NaN printed either
+    monkeypatch.setattr(bstream, "explain_texts", lambda texts, *args: [
+        [{"token": text, "score": math.nan}] for text in texts])
+    checkpoint = save_tiny(tmp_path / "fine.safetensors")
+    with pytest.raises(InputError, match="explanation's scores are not all finite numbers"):
+        classify.main(["--checkpoint", str(checkpoint), "--json", "--explain", "hello"])
+    assert capsys.readouterr().out == ""
 
 
 def test_the_tokenizer_and_bench_children_fall_back_to_the_repositorys_files_offline(
@@ -2172,6 +2181,7 @@ def test_a_client_trickling_its_request_is_cut_at_the_deadline_while_others_are_
     (["Content-Length: 5", "Content-Length: 23"], 400),  # two different lengths
     (["Transfer-Encoding: chunked"], 411),
     (["Content-Length: " + "9" * 5000], 400),  # int() would raise
+    (["Content-Length: " + "0" * 60000 + "5"], 400),  # zeros: int() would raise too
 ])
 def test_a_body_length_is_plain_digits_and_chunked_bodies_are_refused(headers, status):
     head = "".join(f"{header}\r\n" for header in headers)
@@ -2274,6 +2284,35 @@ def test_a_classification_waits_behind_one_batch_of_explanations_and_few_explana
     assert status == 200 and took < 1.0  # not behind five explanations
     assert (refused[0], json.loads(refused[2])["error"]) == (
         503, '4 requests with "explain" are waiting already; try again in a moment')
+
+
+def test_requests_whose_clients_left_are_never_run_and_at_most_64_wait():
+    seen, go = [], threading.Event()
+
+    def holding(texts, explain=False, between=None):  # an explanation holds the model thread
+        seen.extend(texts)
+        if explain:
+            go.wait(60)
+            between()  # runs what waits: its clients have left
+        return echo(texts)
+
+    with serving(classify=holding) as (server, url), ThreadPoolExecutor(1) as pool:
+        explaining = pool.submit(request, url, "POST", "/classify",
+                                 json.dumps({"texts": ["why?"], "explain": True}))
+        until(lambda: seen)
+        for i in range(64):  # sent, then the client goes
+            body = json.dumps({"texts": [f"gone {i}"]}).encode()
+            with socket.create_connection(server.server_address[:2]) as client:
+                client.sendall(b"POST /classify HTTP/1.0\r\nHost: localhost\r\nContent-Type: "
+                               b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                               % (len(body), body))
+        until(lambda: len(server.waiting[False]) == 64
+              and all(job.gone for job in server.waiting[False]))
+        status, _, body = request(url, "POST", "/classify", '{"texts": ["one too many"]}')
+        assert (status, json.loads(body)["error"]) == (
+            503, "64 requests to classify are waiting already; try again in a moment")
+        go.set()
+        assert explaining.result()[0] == 200 and seen == ["why?"]
 
 
 def test_an_explanation_is_cut_at_its_share_of_model_time_and_stops_when_its_client_leaves(
@@ -2538,6 +2577,7 @@ OUTPUT_NAMES = ["accuracy-plot.svg", "loss-plot.svg", "metrics.json",
     ("read-only out", [], "OUT.*: Permission denied"),
     ("divergence", ["--lr", "1e30"],
      r"training diverged in epoch 1, at step \d{6}: .*Lower --lr \(now 1e\+30\)"),
+    ("weights out of range", [], "not finite .* before any training step: the weights are out"),
 ])
 def test_a_run_that_diverges_or_cannot_write_is_one_error_and_leaves_the_earlier_outputs(
         failure, flags, problem, tmp_path, sample_tsv, monkeypatch, capsys):
@@ -2547,6 +2587,15 @@ def test_a_run_that_diverges_or_cannot_write_is_one_error_and_leaves_the_earlier
         (out / name).write_text(f"the earlier {name}")
     if failure == "full disk":
         disk_full_after(monkeypatch, "write", 0)  # only the checkpoint is written with os.write
+    if failure == "weights out of range":  # loaded, then made so: not the learning rate's doing
+        build = finetune.build_gpt
+
+        def infinite(*args):
+            model, config = build(*args)
+            with torch.no_grad():
+                model.final_norm.scale.fill_(math.inf)
+            return model, config
+        monkeypatch.setattr(finetune, "build_gpt", infinite)
     if failure == "read-only out":
         out.chmod(0o555)
     if failure == "read-only out" and os.geteuid() == 0:
@@ -2571,31 +2620,37 @@ def test_a_run_that_diverges_or_cannot_write_is_one_error_and_leaves_the_earlier
         assert (out / name).read_text() == f"the earlier {name}"
 
 
-def publish_with(tmp_path, monkeypatch, after_a_move):
-    """publish_run of a work folder of new outputs over an --out of earlier ones, with
-    after_a_move(destination) called after each rename into --out; (out, run_cli's exit)."""
+def publish_with(tmp_path, monkeypatch, after_a_move, names="ab"):
+    """publish_run of a work folder of new outputs over an --out of earlier ones (a
+    two-class run's), with after_a_move(destination) called after each rename into --out;
+    (out, run_cli's exit)."""
     out, real_replace = tmp_path / "out", os.replace
     work = out / ".finetune-rank0-x"
     work.mkdir(parents=True)
     for name in set(OUTPUT_NAMES) - {"metrics.json"}:  # metrics.json: publish_run's own
         (out / name).write_text(f"the earlier {name}")
         (work / name).write_text(f"this run's {name}")
+    (out / "roc-plot.svg").write_text("the earlier roc-plot.svg")
 
     def replace(source, destination):
         real_replace(source, destination)
         if Path(destination).parent == out:
             after_a_move(Path(destination))
     monkeypatch.setattr(os, "replace", replace)
-    return out, exit_status(lambda: bfiles.publish_run({"a": 1}, work, out / CHECKPOINT, "ab"))
+    return out, exit_status(lambda: bfiles.publish_run({"a": 1}, work, out / CHECKPOINT, names))
 
 
 def test_sigterm_between_two_moves_into_out_lets_the_moves_finish_then_exits_143(
         tmp_path, monkeypatch, capsys):
     out, status = publish_with(tmp_path, monkeypatch, lambda destination: os.kill(
         os.getpid(), signal.SIGTERM) if destination.name == "accuracy-plot.svg" else None)
-    assert status == 143 and capsys.readouterr().err.strip() == "interrupted."
+    printed = capsys.readouterr()
+    assert status == 143 and printed.err.strip() == "interrupted."
+    assert printed.out.startswith(f"Saved {out / CHECKPOINT}")  # what was done, then stopped
     for name in OUTPUT_NAMES:  # all of this run's: no mix of two runs
         assert (out / name).read_text().startswith(("this run's", "{"))
+    out, status = publish_with(tmp_path / "three", monkeypatch, lambda destination: None, "abc")
+    assert status == 0 and not (out / "roc-plot.svg").exists()  # a two-class run's plot goes
 
 
 def test_a_move_into_out_that_fails_puts_the_earlier_outputs_back(
@@ -2606,7 +2661,7 @@ def test_a_move_into_out_that_fails_puts_the_earlier_outputs_back(
     out, status = publish_with(tmp_path, monkeypatch, fail)
     assert status == 1 and "Nothing in" in capsys.readouterr().err
     assert not (out / "metrics.json").exists()
-    for name in set(OUTPUT_NAMES) - {"metrics.json"}:
+    for name in set(OUTPUT_NAMES) - {"metrics.json"} | {"roc-plot.svg"}:
         assert (out / name).read_text() == f"the earlier {name}"
 
 
@@ -2788,7 +2843,7 @@ def test_roc_auc_counts_correctly_ordered_pairs_and_pr_and_ece_equal_hand_comput
     assert [i for i, row in enumerate(bins) if row] == [7, 9, 10, 13, 14]
 
 
-def test_the_threshold_keeps_the_validation_fpr_within_the_target_or_is_none_without_ham(
+def test_the_threshold_keeps_the_validation_fpr_within_the_target_or_is_none_on_few_ham(
         tmp_path, capsys):
     rng = random.Random(1)
     ham = [round(rng.random(), 2) for _ in range(300)]  # ties included
@@ -2799,11 +2854,16 @@ def test_the_threshold_keeps_the_validation_fpr_within_the_target_or_is_none_wit
         lower = max(score for score in ham + [-1.0] if score < threshold)
         assert bcalibrate.rates_at(lower, ham, [0] * len(ham))[0] > target  # the lowest such
     assert bcalibrate.rates_at(0.5, [0.4, 0.6, 0.7, 0.2], [1, 1, 0, 0]) == (0.5, 0.5)
-    result = bcalibrate.operating_point([0.9, 0.8], [1, 1], [0.7, 0.2], [1, 0],
+    for val_ham in (0, 19):  # none, or too few to measure a rate of 1% on
+        result = bcalibrate.operating_point([0.9, 0.8] + ham[:val_ham], [1, 1] + [0] * val_ham,
+                                            [0.7, 0.2], [1, 0], ["not spam", "spam"], 0.01,
+                                            tmp_path)
+        assert result["threshold"] is None and result["roc_auc"] == 1.0
+        assert (f"the validation split has {val_ham} not spam message(s), fewer than 20: no "
+                f"threshold for --target-fpr is chosen") in capsys.readouterr().out
+    result = bcalibrate.operating_point(ham[:20], [0] * 20, [0.7, 0.2], [1, 0],
                                         ["not spam", "spam"], 0.01, tmp_path)
-    assert result["threshold"] is None and result["roc_auc"] == 1.0
-    assert ("the validation split has no not spam message, so no threshold for --target-fpr "
-            "is chosen") in capsys.readouterr().out
+    assert result["threshold"] == max(ham[:20])  # 20 ham: 1% of them is none
 
 
 def test_calibration_writes_metrics_svgs_what_the_checkpoint_keeps_and_no_t_for_few_messages(

@@ -123,7 +123,7 @@ def calibrate(model, loaders, device, names, target_fpr, out):
     fitted = fewest >= MIN_PER_CLASS
     temperature = fit_temperature(val_logits, val_targets) if fitted else 1.0
     if not fitted:
-        print(f"note: the validation split has {fewest} messages of a class, fewer than "
+        print(f"note: the validation split has {fewest} message(s) of a class, fewer than "
               f"{MIN_PER_CLASS}: no temperature is fitted (T = 1)")
     # the probabilities as classify.py computes them, so that a threshold means the same there
     before, after = (torch.softmax(test_logits / t, dim=-1) for t in (1.0, temperature))
@@ -156,18 +156,20 @@ def operating_point(val_scores, val_targets, test_scores, test_targets, names, t
     target_fpr, with the test split's rates at it."""
     roc, roc_auc = roc_curve(test_scores, test_targets)
     pr, pr_auc = pr_curve(test_scores, test_targets)
-    threshold = threshold_for_fpr([s for s, y in zip(val_scores, val_targets) if not y],
-                                  target_fpr)
+    negatives = [s for s, y in zip(val_scores, val_targets) if not y]
+    # a rate measured on a few negatives says little: as for the temperature, none then
+    few = len(negatives) < MIN_PER_CLASS
+    threshold = None if few else threshold_for_fpr(negatives, target_fpr)
     val_fpr, _ = rates_at(threshold, val_scores, val_targets)
     test_fpr, test_recall = rates_at(threshold, test_scores, test_targets)
     plot_roc_pr(roc, roc_auc, pr, pr_auc, names[1], out)
     if roc_auc is not None:
         print(f"Test ROC AUC {roc_auc:.3f}, PR AUC (average precision) {pr_auc:.3f}, "
               f"{names[1]} as the positive class")
-    if threshold is None:
-        print(f"note: the validation split has no {names[0]} message, so no threshold for "
-              f"--target-fpr is chosen: classify.py --threshold validated will refuse this "
-              f"checkpoint")
+    if few:
+        print(f"note: the validation split has {len(negatives)} {names[0]} message(s), fewer "
+              f"than {MIN_PER_CLASS}: no threshold for --target-fpr is chosen (classify.py "
+              f"--threshold validated will refuse this checkpoint)")
     elif None not in (test_fpr, test_recall):
         print(f"Threshold P({names[1]}) > {threshold:.4f} for a validation false-positive "
               f"rate <= {target_fpr:.1%} (there: {val_fpr:.1%}); on the test split: "

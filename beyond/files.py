@@ -67,19 +67,22 @@ def publish_run(metrics, work, checkpoint, names):
             raise InputError("a metric of this run is not a finite number (NaN or infinity): "
                              "nothing is saved.") from None
         write_atomically(work / "metrics.json", text + "\n")
+    two = ["roc-plot.svg", "pr-plot.svg"]  # two classes only: an earlier run's go then
     with signals_held():  # Ctrl-C or SIGTERM now: the moves finish first, then it stops
-        replace_all(work, out)
-    plots = "reliability-plot.svg" + (", roc-plot.svg, pr-plot.svg" if len(names) == 2 else "")
-    print(f"Saved {checkpoint}, metrics.json, loss-plot.svg, accuracy-plot.svg, "
-          f"{plots} and the CSV splits in {out}")
+        replace_all(work, out, stale=[] if len(names) == 2 else two)
+        plots = ", ".join(["reliability-plot.svg"] + (two if len(names) == 2 else []))
+        print(f"Saved {checkpoint}, metrics.json, loss-plot.svg, accuracy-plot.svg, "
+              f"{plots} and the CSV splits in {out}")
 
 
-def replace_all(work, out):
+def replace_all(work, out, stale=()):
     """Every file of work moved into out over the earlier run's: renames within one file
-    system, each file whole. The earlier files are set aside first; if a move fails,
-    they are put back and this run's removed, so out is the one run's or the other's."""
+    system, each file whole. The earlier files (and those named in stale, which this run
+    has none of) are set aside first; if a move fails, they are put back and this run's
+    removed, so out is the one run's or the other's."""
     # the checkpoint last: should the process be killed, out keeps the earlier model
-    paths = sorted(work.iterdir(), key=lambda path: (path.suffix == ".safetensors", path.name))
+    paths = sorted([*work.iterdir(), *(work / name for name in stale)],
+                   key=lambda path: (path.suffix == ".safetensors", path.name))
     earlier = work / ".earlier"
     earlier.mkdir()
     moved = []
@@ -88,7 +91,8 @@ def replace_all(work, out):
             if (out / path.name).exists():
                 os.replace(out / path.name, earlier / path.name)
             moved.append(path.name)
-            os.replace(path, out / path.name)
+            if path.exists():
+                os.replace(path, out / path.name)
     except OSError as e:
         for name in reversed(moved):
             with contextlib.suppress(OSError):

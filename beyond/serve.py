@@ -36,6 +36,7 @@ REQUEST_DEADLINE = 30.0  # seconds a client has to send its whole request
 MAX_DRAIN = 16_000_000   # bytes of an unread body read and dropped after an error answer
 EXPLAIN_SECONDS = 30.0   # of the model thread for a request with explanations; more: 413
 MAX_EXPLAINS_WAITING = 4  # requests with "explain" waiting for the model; more get 503
+MAX_WAITING = 64         # requests to classify waiting for the model; more get 503
 # The page at /: one text box, a button, a bar per class; inline, nothing to fetch.
 PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 # the CSP sources of the page's inline <script> and <style> (their sha256): nothing else runs
@@ -175,9 +176,10 @@ class Connection:
             raise RequestError(411, "send the body with a Content-Length, not a Transfer-Encoding")
         lengths = {value.strip() for value in self.headers.get_all("Content-Length") or []}
         # plain digits, and not so many that int() refuses them (it does 5,000)
-        if len(lengths) != 1 or not re.fullmatch(r"0*[0-9]{1,15}", digits := lengths.pop()):
+        digits = re.fullmatch(r"0*([0-9]{1,15})", lengths.pop()) if len(lengths) == 1 else None
+        if not digits:
             raise RequestError(400, "the request has no valid Content-Length")
-        if (length := int(digits)) > MAX_BODY:
+        if (length := int(digits[1])) > MAX_BODY:
             raise RequestError(413, f"the body has {length:,} bytes; at most {MAX_BODY:,}")
         self.body_read = True
         return await self.in_time(self.reader.readexactly(length))  # EOFError if cut short
@@ -252,16 +254,17 @@ class ClassifierServer:
 
     async def results(self, texts, explain, reader):
         """The model thread's results for texts; its work stops if the client leaves."""
-        if explain and len(self.waiting[True]) >= MAX_EXPLAINS_WAITING:
-            raise RequestError(503, f"{MAX_EXPLAINS_WAITING} requests with \"explain\" are "
-                                    f"waiting already; try again in a moment")
+        most = MAX_EXPLAINS_WAITING if explain else MAX_WAITING
+        if len(self.waiting[explain]) >= most:
+            kind = 'with "explain"' if explain else "to classify"
+            raise RequestError(503, f"{most} requests {kind} are waiting already; try again "
+                                    f"in a moment")
         job = types.SimpleNamespace(texts=texts, explain=explain, gone=False,
                                     future=concurrent.futures.Future())
         self.waiting[explain].append(job)
         self.job_added.release()
 
-        # a client that leaves (an HTTP/1.0 client waits with its connection open) stops
-        # its explanation at the next batch; what it sends meanwhile is dropped
+        # a client that leaves (closes its connection) stops its work, before or between batches
         async def until_closed():
             with contextlib.suppress(ConnectionError):
                 while await reader.read(65536):
@@ -281,6 +284,8 @@ class ClassifierServer:
     def run(self, job):
         if not job.future.set_running_or_notify_cancel():
             return  # the server stops
+        if job.gone:  # its client has left: no work for nobody
+            return job.future.set_exception(ConnectionAbortedError("the client has left"))
         job.started = time.monotonic()
         try:
             job.future.set_result(self.classify(job.texts, job.explain,
@@ -291,8 +296,10 @@ class ClassifierServer:
     def between(self, job):
         """Runs between batches of job's explanation: the classifications waiting, then
         job stops if its client has left or it has had its share of the model thread."""
+        paused = time.monotonic()
         while self.waiting[False]:
             self.run(self.waiting[False].pop(0))
+        job.started += time.monotonic() - paused  # the others' work is not job's share
         if job.gone or self.stopping.is_set():
             raise ConnectionAbortedError("the client has left, or the server stops")
         if time.monotonic() - job.started > self.explain_seconds:

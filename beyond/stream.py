@@ -2,6 +2,7 @@
 arrive, and the lines it prints."""
 import itertools
 import json
+import math
 import os
 import queue
 import sys
@@ -131,9 +132,13 @@ def classify_and_explain(texts, model, tokenizer, device, info, threshold=None, 
     if not method:
         return [(probas, None) for probas in probabilities]
     targets = [predicted_class(p, threshold) for p in probabilities]
-    return list(zip(probabilities, explain_texts(texts, targets, model, tokenizer,
-                                                 info["max_length"], info["pad_token_id"],
-                                                 method, between)))
+    explanations = explain_texts(texts, targets, model, tokenizer, info["max_length"],
+                                 info["pad_token_id"], method, between)
+    if not all(math.isfinite(piece["score"]) for pieces in explanations for piece in pieces):
+        raise NonFiniteLogits("its explanation's scores are not all finite numbers (NaN or "
+                              "infinity): its weights are out of range. Leave out --explain, "
+                              "or fine-tune it again.")
+    return list(zip(probabilities, explanations))
 
 
 def classify_and_print(batches, model, tokenizer, device, info, args, threshold):
