@@ -36,7 +36,7 @@ REQUEST_DEADLINE = 30.0  # seconds a client has to send its whole request
 MAX_DRAIN = 16_000_000   # bytes of an unread body read and dropped after an error answer
 EXPLAIN_SECONDS = 30.0   # of the model thread for a request with explanations; more: 413
 MAX_EXPLAINS_WAITING = 4  # requests with "explain" waiting for the model; more get 503
-MAX_WAITING = 64         # requests to classify waiting for the model; more get 503
+MAX_WAITING = 256        # requests to classify waiting for the model; more get 503
 # The page at /: one text box, a button, a bar per class; inline, nothing to fetch.
 PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 # the CSP sources of the page's inline <script> and <style> (their sha256): nothing else runs

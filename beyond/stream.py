@@ -248,9 +248,9 @@ def classify_arguments(args, model, info, device, tokenizer):
                          f"validated is for two (a threshold on P(class 1)); leave it out.")
     if validated and info["threshold"] is None:
         raise InputError(f"{args.checkpoint} has no validated threshold: it was saved before "
-                         f"finetune.py chose one, or its validation split had no message of "
-                         f"class 0 ({info['labels'][0]}) to choose one on. Fine-tune again, "
-                         f"or leave out --threshold validated.")
+                         f"finetune.py chose one, or its validation split had fewer than 20 "
+                         f"messages of class 0 ({info['labels'][0]}) to choose one on. "
+                         f"Fine-tune again, or leave out --threshold validated.")
     threshold = info["threshold"] if validated else None
     # a TEXT's bytes that are not UTF-8 (Python keeps them as lone surrogates, which no
     # JSON reader takes) become U+FFFD, as on stdin
