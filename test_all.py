@@ -706,6 +706,7 @@ HPARAMS = {"n_vocab": 50257, "n_ctx": 128, "n_embd": 16, "n_head": 2, "n_layer":
     ("hparams.json", lambda b: b"[" * 100_000 + b"]" * 100_000, "nested more than 32 levels"),
     ("hparams.json", lambda b: b'{"n_layer": ' + b"9" * 5000 + b"}", "a number of 5,000 char"),
     (INDEX, lambda b: b.replace(b"model/h0", b"model/h7", 1), "fails its crc32c check"),
+    (INDEX, lambda b: b + bytes(1_000_000), "has 1,000,940 bytes; GPT-2's has a few thousand"),
     # torch.load(mmap=True) gave the tensor the bytes after its record: garbage weights
     (MINI_BOOK.name, lambda b: rezipped(b, lambda name, data: data[:-4] if name.endswith(
         "/data/2") else data), "gpt2-mini-book.pth is damaged: its record gpt2-mini-book/data/2 "
