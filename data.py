@@ -4,6 +4,7 @@ that stand in for pandas."""
 import csv
 import io
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -23,7 +24,6 @@ ZIP_MEMBER = "SMSSpamCollection"
 SPAM_LABELS = {"ham": 0, "spam": 1}     # the chapter's map of string labels to ids
 SPAM_CLASS_NAMES = ["not spam", "spam"]  # what classify_review returns for 0 and 1
 SEED = 123                               # the chapter's random_state and manual_seed
-# An empty text has no token for the classifier's head to read.
 EMPTY_TEXT = "the message is empty (or only whitespace); remove the line or give it a text."
 
 
@@ -31,8 +31,6 @@ EMPTY_TEXT = "the message is empty (or only whitespace); remove the line or give
 
 # Listing 6.1 Downloading and unzipping the dataset
 def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
-    # extracted_path: the folder that holds data_file_path, kept from the book's signature
-    data_file_path = Path(data_file_path)  # not the book's: a str works too
     if data_file_path.exists():
         print(f"{data_file_path} already exists. Skipping download and extraction.")
         return
@@ -42,12 +40,20 @@ def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path):
     download_file(url, zip_path, "the SMS Spam Collection",
                   "pass a local copy of SMSSpamCollection (or the UCI zip) with --data PATH")
 
-    # Unzipping the file and adding the .tsv: not extractall and os.rename; the one member
-    # read and written whole, so that ranks unzipping at once never read half a file
+    # Unzipping the file, into a folder of this process's own for the same reason
+    unzipped = Path(extracted_path) / f".unzipped-{os.getpid()}"
     try:
-        write_atomically(data_file_path, read_member(zip_path))
-    finally:
-        zip_path.unlink()  # not the book's: the zip is not kept
+        with zipfile.ZipFile(zip_path, "r") as zip_ref:
+            zip_ref.extractall(unzipped)
+
+        # Add .tsv file extension: a rename is atomic, so no rank reads half a file
+        original_file_path = unzipped / "SMSSpamCollection"
+        os.rename(original_file_path, data_file_path)
+    except (zipfile.BadZipFile, FileNotFoundError) as e:  # not the zip the chapter reads
+        raise InputError(f"{url} did not give the UCI zip of SMSSpamCollection ({e}).") from None
+    finally:  # not the book's: neither the zip nor its other files are kept
+        zip_path.unlink()
+        shutil.rmtree(unzipped, ignore_errors=True)
     print(f"File downloaded and saved as {data_file_path}")
 
 
@@ -151,8 +157,7 @@ def create_data_loaders(train_dataset, val_dataset, test_dataset, batch_size=8,
 # ------------------------------- what the book gets from pandas and zipfile, by hand
 
 def load_messages(path):
-    """[(label, text)] from --data: the SMS collection (TSV, or the UCI zip), whose
-    labels must be ham or spam, or your own label<TAB>text TSV or Label,Text CSV."""
+    """[(label, text)] from --data: the SMS data (TSV or UCI zip) or a TSV or CSV of yours."""
     path = Path(path)
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
@@ -198,11 +203,9 @@ def read_member(zip_file):
 
 
 def read_tsv(path, labels=None, raw=None):
-    """[(label, text)] from label<TAB>text lines, read as the chapter's pd.read_csv(path,
-    sep="\\t", header=None) reads them: a text opening with a double quote is a quoted field
-    that may run over lines (the SMS data has one: 5,572 messages, as in the book); a line
-    without a tab, an unknown label, an empty text or bytes not UTF-8 are errors. raw: the
-    bytes, already read (path then only names them in errors, as zip:member)."""
+    """[(label, text)] as the chapter's pd.read_csv(path, sep="\\t", header=None) reads them:
+    a text opening with a quote may run over lines (the SMS data has one: 5,572 messages, as
+    in the book); raw: the bytes, already read (path then only names them, as zip:member)."""
     try:
         raw = Path(path).read_bytes() if raw is None else raw
     except OSError as e:

@@ -26,8 +26,7 @@ model_configs = {
     "gpt2-large (774M)": {"emb_dim": 1280, "n_layers": 36, "n_heads": 20},
     "gpt2-xl (1558M)": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25},
 }
-# The short names the command lines take: "gpt2-small" -> "gpt2-small (124M)".
-MODEL_NAMES = {key.split(" ")[0]: key for key in model_configs}
+MODEL_NAMES = {key.split(" ")[0]: key for key in model_configs}  # the flags: "gpt2-small"
 
 
 def model_config(name):
