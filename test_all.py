@@ -1758,8 +1758,9 @@ def test_own_labels_become_sorted_class_ids_and_a_three_class_run_takes_every_fl
         blabels.class_ids([("ham", "a"), ("ham", "b")])
     with pytest.raises(InputError, match="too few"):
         data.random_split([("ham", "a"), ("spam", "b"), ("ham", "c"), ("spam", "d")], 0.7, 0.1)
-    with pytest.raises(InputError, match="--target-fpr is for two classes.*has 3"):
-        fine_tune(tsv, tmp_path / "run", "--target-fpr", "0.05")  # before any training
+    for rate in ("0.05", "0.01"):  # given, even as the default's value: refused
+        with pytest.raises(InputError, match="--target-fpr is for two classes.*has 3"):
+            fine_tune(tsv, tmp_path / "run", "--target-fpr", rate)  # before any training
     calls, forward = [], gpt.GPTModel.forward  # --plain: the chapter's GPTModel.forward
     monkeypatch.setattr(gpt.GPTModel, "forward", lambda self, in_idx: (
         calls.append(self.training), forward(self, in_idx))[1])

@@ -119,7 +119,8 @@ def naive_bayes_baseline(label_ids, splits):
 
 def check_target_fpr(target_fpr, label_ids):
     """Before training: --target-fpr sets a threshold on P(class 1), a two-class decision."""
-    if len(label_ids) > 2 and target_fpr != TARGET_FPR:
+    # `is not`: argparse keeps its default object; a rate given, even 0.01, is a new float
+    if len(label_ids) > 2 and target_fpr is not TARGET_FPR:
         raise InputError(f"--target-fpr is for two classes (a threshold on P(class 1)); the "
                          f"data has {len(label_ids)}: leave it out.")
 
