@@ -2485,7 +2485,12 @@ def test_two_torchrun_processes_or_nodes_split_the_cache_fill_and_print_what_one
     port = free_port()  # two nodes of one process each, on this machine
     nodes = [torchrun(*one_process_run[0], "--out", tmp_path / f"node{rank}",
                       nodes=(rank, 2, port)) for rank in (0, 1)]
-    (stdout, stderr), (other_stdout, other_stderr) = [n.communicate(timeout=400) for n in nodes]
+    try:
+        (stdout, stderr), (other_stdout, other_stderr) = [n.communicate(timeout=400)
+                                                          for n in nodes]
+    finally:  # a node left waiting would outlive the test: SIGTERM, which stops its worker
+        for node in nodes:
+            node.terminate()
     assert [n.returncode for n in nodes] == [0, 0], stderr + other_stderr
     assert_same_run(one_process_run, tmp_path / "node0", stdout)
     assert other_stdout == "" and not (tmp_path / "node1").exists()
