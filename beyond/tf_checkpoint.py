@@ -147,9 +147,8 @@ def tf_data_file(prefix, shard, num_shards):
 def read_tf_index(index):
     """model.ckpt.index -> ({name: (dtype, shape, shard, offset, size)}, data files)."""
     try:
-        if index.stat().st_size > 1_000_000:  # its checksums take a second a megabyte here
-            raise DamagedFile(f"it has {index.stat().st_size:,} bytes; GPT-2's has a few "
-                              f"thousand")
+        if (size := index.stat().st_size) > 1_000_000:  # checksums: a second a megabyte here
+            raise DamagedFile(f"it has {size:,} bytes; GPT-2's has a few thousand")
         table = read_table(index.read_bytes())
         header = proto_fields(table.pop(b"", b""))  # BundleHeaderProto
         num_shards = first_field(header, 1, int) or 1
